@@ -1,0 +1,3 @@
+from mixchat.cli import main
+
+raise SystemExit(main())

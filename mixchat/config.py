@@ -1,0 +1,172 @@
+"""Model configuration read from a release folder's params.json.
+
+Every derived value and every default lives here and nowhere else. `ModelArgs.defaulted` records
+which fields params.json did not give, so `mixchat inspect` can show them.
+
+Defaults (each documented because the release files disagree about what they spell out):
+- head_dim     = dim // n_heads
+- n_kv_heads   = n_heads (plain multi-head attention)
+- norm_eps     = 1e-5
+- sliding_window = None (full attention); Mixtral's torrent omits it, later releases write null
+- rope_theta   = 1e6 when there is no sliding window, else 1e4. This is Mistral's own reference
+                 rule of Dec 2023: Mistral-7B-v0.1 (window 4096) was trained with 1e4 and the Mixtral
+                 torrent (no window, no rope_theta) only works with 1e6.
+- max_seq_len  = 32768, the longest context these releases were trained for (Mixtral's 32k). With
+                 a sliding window the KV cache stays W tokens long whatever this says.
+- moe          = None (dense feed-forward)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mixchat.errors import ConfigError
+
+REQUIRED = ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size")
+DEFAULT_MAX_SEQ_LEN = 32768
+
+
+@dataclass(frozen=True)
+class MoeArgs:
+    num_experts: int
+    num_experts_per_tok: int
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    hidden_dim: int
+    n_heads: int
+    vocab_size: int
+    head_dim: int
+    n_kv_heads: int
+    norm_eps: float
+    rope_theta: float
+    sliding_window: int | None = None
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    moe: MoeArgs | None = None
+    defaulted: tuple[str, ...] = ()
+    # Keys of params.json mixchat does not use; kept so `inspect` can show them.
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any], source: str = "params.json") -> ModelArgs:
+        if not isinstance(params, dict):
+            raise ConfigError(f"{source}: expected a JSON object, found {type(params).__name__}")
+        missing = [k for k in REQUIRED if k not in params]
+        if missing:
+            raise ConfigError(
+                f"{source}: missing required field(s) {', '.join(missing)}; "
+                "use the params.json that came with these weights"
+            )
+        get_int = _reader(params, source)
+        dim, n_heads = get_int("dim"), get_int("n_heads")
+        defaulted: list[str] = []
+
+        def opt(key: str, default: Any, kind: type = int) -> Any:
+            if params.get(key) is None:
+                defaulted.append(key)
+                return default
+            return get_int(key) if kind is int else _float(params, key, source)
+
+        head_dim = opt("head_dim", dim // n_heads)
+        n_kv_heads = opt("n_kv_heads", n_heads)
+        norm_eps = opt("norm_eps", 1e-5, float)
+        if isinstance(params.get("sliding_window"), list):
+            raise ConfigError(f"{source}: per-layer sliding windows (a list) are not supported by mixchat")
+        sliding_window = None if params.get("sliding_window") is None else get_int("sliding_window")
+        if "sliding_window" not in params:
+            defaulted.append("sliding_window")
+        rope_theta = opt("rope_theta", 1e6 if sliding_window is None else 1e4, float)
+        max_seq_len = opt("max_seq_len", DEFAULT_MAX_SEQ_LEN)
+
+        moe = None
+        if params.get("moe") is not None:
+            raw = params["moe"]
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{source}: 'moe' must be an object with num_experts and num_experts_per_tok")
+            moe_int = _reader(raw, f"{source} (moe)")
+            moe = MoeArgs(moe_int("num_experts"), moe_int("num_experts_per_tok"))
+            if moe.num_experts_per_tok > moe.num_experts:
+                raise ConfigError(
+                    f"{source}: moe.num_experts_per_tok ({moe.num_experts_per_tok}) exceeds "
+                    f"moe.num_experts ({moe.num_experts})"
+                )
+        if n_heads % n_kv_heads:
+            raise ConfigError(f"{source}: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if head_dim % 2:
+            raise ConfigError(f"{source}: head_dim ({head_dim}) must be even for rotary embeddings")
+
+        used = set(REQUIRED) | {
+            "head_dim", "n_kv_heads", "norm_eps", "sliding_window", "rope_theta", "max_seq_len", "moe",
+        }
+        return cls(
+            dim=dim,
+            n_layers=get_int("n_layers"),
+            hidden_dim=get_int("hidden_dim"),
+            n_heads=n_heads,
+            vocab_size=get_int("vocab_size"),
+            head_dim=head_dim,
+            n_kv_heads=n_kv_heads,
+            norm_eps=norm_eps,
+            rope_theta=rope_theta,
+            sliding_window=sliding_window,
+            max_seq_len=max_seq_len,
+            moe=moe,
+            defaulted=tuple(defaulted),
+            extra={k: v for k, v in params.items() if k not in used},
+        )
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelArgs:
+        if not path.is_file():
+            raise ConfigError(f"{path}: not found; a release folder needs the params.json shipped with its weights")
+        try:
+            params = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc}); restore the params.json from the release") from None
+        return cls.from_dict(params, source=str(path))
+
+    def to_params(self) -> dict[str, Any]:
+        """The params.json a release with these dimensions would carry (used by test/bench writers)."""
+        out: dict[str, Any] = {
+            "dim": self.dim, "n_layers": self.n_layers, "head_dim": self.head_dim,
+            "hidden_dim": self.hidden_dim, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+            "norm_eps": self.norm_eps, "vocab_size": self.vocab_size, "rope_theta": self.rope_theta,
+            "sliding_window": self.sliding_window,
+        }
+        if self.moe is not None:
+            out["moe"] = {"num_experts": self.moe.num_experts, "num_experts_per_tok": self.moe.num_experts_per_tok}
+        return out
+
+
+def _reader(params: dict[str, Any], source: str):
+    def get_int(key: str) -> int:
+        if key not in params:
+            raise ConfigError(f"{source}: missing required field {key}")
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{source}: {key} must be a positive integer, found {value!r}")
+        return value
+
+    return get_int
+
+
+def _float(params: dict[str, Any], key: str, source: str) -> float:
+    value = params[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{source}: {key} must be a positive number, found {value!r}")
+    return float(value)

@@ -1,0 +1,33 @@
+"""Errors a user can cause and fix. Each message is one line that names the file and the fix.
+
+The CLI prints `mixchat: error: <message>` and exits with `exit_code`; anything that is not a
+MixchatError is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MixchatError(Exception):
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        # Collapse newlines so the user always sees exactly one line.
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(MixchatError):
+    """params.json is missing, unreadable or inconsistent."""
+
+
+class ReleaseError(MixchatError):
+    """A release folder's weights, tokenizer or RELEASE file cannot be used."""
+
+
+class ChecksumError(MixchatError):
+    """A file does not match the md5 sum listed in RELEASE."""
+
+    exit_code = 1
+
+
+class ContextError(MixchatError):
+    """A prompt or conversation does not fit the model's context or the cache budget."""

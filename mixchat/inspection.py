@@ -1,0 +1,243 @@
+"""`mixchat inspect` (what is in a release folder, from headers and shapes only) and
+`mixchat verify` (md5 sums against RELEASE). Named so it does not shadow the stdlib `inspect`."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixchat.config import ModelArgs
+from mixchat.errors import ChecksumError, MixchatError, ReleaseError
+from mixchat.progress import Progress, human_bytes
+from mixchat.release import Release, detect_layout, open_release, open_weights, parse_release_md5, validate
+
+INT4_GROUP = 128
+
+
+def _role(name: str) -> str:
+    return re.sub(r"experts\.\d+\.", "experts.J.", re.sub(r"^layers\.\d+\.", "layers.N.", name))
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def implied_by_shapes(sd: dict[str, torch.Tensor], layout: str) -> dict[str, Any]:
+    """What the tensor shapes alone say about the architecture (for checking params.json)."""
+    out: dict[str, Any] = {}
+    if "tok_embeddings.weight" in sd:
+        out["vocab_size"], out["dim"] = map(int, sd["tok_embeddings.weight"].shape)
+    layer_ids = {int(m[1]) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))}
+    out["n_layers"] = max(layer_ids) + 1 if layer_ids else 0
+    wq, wk = sd.get("layers.0.attention.wq.weight"), sd.get("layers.0.attention.wk.weight")
+    if wq is not None:
+        out["n_heads * head_dim"] = int(wq.shape[0])
+    if wk is not None:
+        out["n_kv_heads * head_dim"] = int(wk.shape[0])
+    if layout == "dense" and "layers.0.feed_forward.w1.weight" in sd:
+        out["hidden_dim"] = int(sd["layers.0.feed_forward.w1.weight"].shape[0])
+    elif layout == "experts" and "layers.0.feed_forward.gate.weight" in sd:
+        out["moe.num_experts"] = int(sd["layers.0.feed_forward.gate.weight"].shape[0])
+        if "layers.0.feed_forward.experts.0.w1.weight" in sd:
+            out["hidden_dim"] = int(sd["layers.0.feed_forward.experts.0.w1.weight"].shape[0])
+    elif layout == "torrent" and "layers.0.block_sparse_moe.gate.weight" in sd:
+        e = int(sd["layers.0.block_sparse_moe.gate.weight"].shape[0])
+        out["moe.num_experts"] = e
+        if "layers.0.block_sparse_moe.w1" in sd:
+            out["hidden_dim"] = int(sd["layers.0.block_sparse_moe.w1"].shape[0]) // e
+    return out
+
+
+def _declared(args: ModelArgs) -> dict[str, Any]:
+    d = {"vocab_size": args.vocab_size, "dim": args.dim, "n_layers": args.n_layers,
+         "n_heads * head_dim": args.n_heads * args.head_dim,
+         "n_kv_heads * head_dim": args.n_kv_heads * args.head_dim, "hidden_dim": args.hidden_dim}
+    if args.moe:
+        d["moe.num_experts"] = args.moe.num_experts
+    return d
+
+
+def inspect_release(folder: str | Path) -> dict[str, Any]:
+    """Everything `mixchat inspect` shows, as plain data (the --json output)."""
+    release = Release.find(folder)
+    args = release.args()
+    sd = open_weights(release.weights)
+    layout = detect_layout(sd)
+
+    namespaces = Counter(k.split(".")[0] for k in sd)
+    per_layer = Counter(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    roles: dict[tuple, int] = Counter((_role(k), tuple(t.shape), _dtype_name(t.dtype)) for k, t in sd.items())
+    n_params = sum(t.numel() for t in sd.values())
+    n_bytes = sum(t.numel() * t.element_size() for t in sd.values())
+    # Weight-only quantisation touches the big matrices; embeddings' rows are gathered, norms are tiny.
+    matrices = sum(t.numel() for k, t in sd.items() if t.dim() == 2 and not k.startswith(("tok_embeddings", "norm")))
+    rest = n_params - matrices
+    estimates = {
+        "bf16": n_params * 2,
+        "int8": matrices + matrices // args.dim * 2 + rest * 2,  # + a bf16 scale per output row
+        "int4": matrices // 2 + matrices // INT4_GROUP * 4 + rest * 2,  # + bf16 scale and zero per group
+    }
+
+    try:
+        validate(sd, args, release.weights, release.params)
+        problem = None
+    except ReleaseError as exc:
+        problem = str(exc)
+    implied = implied_by_shapes(sd, layout)
+    declared = _declared(args)
+    checks = [{"field": f, "params_json": declared.get(f), "shapes": implied.get(f),
+               "ok": declared.get(f) == implied.get(f)} for f in declared]
+
+    kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2
+    cache_tokens = min(args.sliding_window or args.max_seq_len, args.max_seq_len)
+    if args.moe:
+        expert_params = sum(t.numel() for k, t in sd.items() if ".experts." in k or ".block_sparse_moe.w" in k)
+        active = n_params - expert_params + expert_params * args.moe.num_experts_per_tok // args.moe.num_experts
+        arch = f"Mixtral (sparse MoE: {args.moe.num_experts} experts, top-{args.moe.num_experts_per_tok})"
+    else:
+        active, arch = n_params, "Mistral (dense)"
+
+    tok: dict[str, Any] = {"path": release.tokenizer.name, "present": release.tokenizer.is_file()}
+    if tok["present"]:
+        from mixchat.tokenizer import Tokenizer
+
+        try:
+            t = Tokenizer(release.tokenizer)
+            tok.update(vocab_size=t.vocab_size, version=t.version, matches_params=t.vocab_size == args.vocab_size)
+        except MixchatError as exc:
+            tok["error"] = str(exc)
+    release_sums = parse_release_md5(release.release_file) if release.release_file.is_file() else {}
+
+    return {
+        "folder": str(release.folder),
+        "weights": {"file": release.weights.name, "bytes": release.weights.stat().st_size},
+        "tokenizer": tok,
+        "release_md5_entries": len(release_sums),
+        "architecture": arch,
+        "layout": layout,
+        "params": {
+            "dim": args.dim, "n_layers": args.n_layers, "head_dim": args.head_dim, "hidden_dim": args.hidden_dim,
+            "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "norm_eps": args.norm_eps,
+            "vocab_size": args.vocab_size, "rope_theta": args.rope_theta, "sliding_window": args.sliding_window,
+            "max_seq_len": args.max_seq_len,
+            "moe": None if args.moe is None else {"num_experts": args.moe.num_experts,
+                                                  "num_experts_per_tok": args.moe.num_experts_per_tok},
+        },
+        "defaulted": list(args.defaulted),
+        "unknown_params": sorted(args.extra),
+        "tensors": len(sd),
+        "namespaces": dict(namespaces),
+        "layers": len(per_layer),
+        "tensors_per_layer": sorted(set(per_layer.values())),
+        "roles": [{"role": r, "shape": list(s), "dtype": d, "count": c} for (r, s, d), c in roles.items()],
+        "dtypes": dict(Counter(_dtype_name(t.dtype) for t in sd.values())),
+        "parameters": n_params,
+        "active_parameters_per_token": active,
+        "bytes": n_bytes,
+        "shape_check": checks,
+        "problem": problem,
+        "memory_estimate_bytes": estimates,
+        "kv_cache_bytes_per_token_bf16": kv_per_token,
+        "kv_cache_max_tokens": cache_tokens,
+        "kv_cache_max_bytes_bf16": kv_per_token * cache_tokens,
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    p = r["params"]
+    lines = [
+        f"{r['folder']}",
+        f"  architecture   {r['architecture']}, {r['layout']} layout",
+        f"  weights        {r['weights']['file']} ({human_bytes(r['weights']['bytes'])}), "
+        f"{r['tensors']} tensors, dtypes {', '.join(f'{k}×{v}' for k, v in r['dtypes'].items())}",
+        f"  parameters     {r['parameters'] / 1e9:.3f} B ({human_bytes(r['bytes'])})"
+        + (f", {r['active_parameters_per_token'] / 1e9:.3f} B active per token"
+           if r["active_parameters_per_token"] != r["parameters"] else ""),
+    ]
+    tok = r["tokenizer"]
+    if not tok["present"]:
+        lines.append("  tokenizer      MISSING tokenizer.model")
+    elif "error" in tok:
+        lines.append(f"  tokenizer      ERROR {tok['error']}")
+    else:
+        note = "" if tok["matches_params"] else f"  MISMATCH: params.json says {p['vocab_size']}"
+        lines.append(f"  tokenizer      {tok['path']}: {tok['vocab_size']} pieces ({tok['version']}){note}")
+    lines.append(f"  RELEASE        {r['release_md5_entries']} md5 entries (check them with `mixchat verify`)")
+    lines.append("")
+    lines.append("params.json (* = not in the file, default used)")
+    for k, v in p.items():
+        mark = "*" if k in r["defaulted"] or (k == "moe" and "moe" in r["defaulted"]) else " "
+        lines.append(f"  {mark} {k:<15} {v}")
+    if r["unknown_params"]:
+        lines.append(f"    ignored keys:   {', '.join(r['unknown_params'])}")
+    lines.append("")
+    ns = ", ".join(f"{k} {v}" for k, v in r["namespaces"].items())
+    lines.append(f"tensors by namespace: {ns}; {r['layers']} layers × {'/'.join(map(str, r['tensors_per_layer']))} "
+                 "tensors per layer")
+    width = max(len(x["role"]) for x in r["roles"])
+    lines.append(f"  {'role':<{width}}  {'shape':<18} {'dtype':<9} count")
+    for x in r["roles"]:
+        lines.append(f"  {x['role']:<{width}}  {str(x['shape']):<18} {x['dtype']:<9} {x['count']}")
+    lines.append("")
+    lines.append("params.json against the shapes")
+    for c in r["shape_check"]:
+        lines.append(f"  {'ok ' if c['ok'] else 'BAD'} {c['field']:<22} params.json {c['params_json']!s:<8} "
+                     f"shapes {c['shapes']}")
+    lines.append("  verdict: " + ("consistent" if r["problem"] is None else r["problem"]))
+    lines.append("")
+    est = r["memory_estimate_bytes"]
+    lines.append("memory: weights " + ", ".join(f"{k} {human_bytes(v)}" for k, v in est.items())
+                 + f"; KV cache {human_bytes(r['kv_cache_bytes_per_token_bf16'])}/token in bf16, "
+                 f"at most {human_bytes(r['kv_cache_max_bytes_bf16'])} ({r['kv_cache_max_tokens']} tokens)")
+    return "\n".join(lines)
+
+
+def md5_file(path: Path, show: bool | None = None) -> str:
+    h = hashlib.md5()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with Progress(f"md5 {path.name}", path.stat().st_size, enabled=show) as bar, open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            bar.advance(n)
+    return h.hexdigest()
+
+
+def verify_release(folder: str | Path, out=print, show_progress: bool | None = None) -> None:
+    """Check that the folder loads (params.json, names and shapes, tokenizer), then every md5 sum
+    RELEASE lists. Raises ReleaseError (exit 2) for an unusable folder and ChecksumError (exit 1)
+    if a listed file is missing or differs."""
+    opened = open_release(folder)
+    a = opened.args
+    out(f"OK        params.json, {opened.release.weights.name} and tokenizer.model fit together "
+        f"({opened.layout} layout, {a.n_layers} layers, vocab {a.vocab_size})")
+    release_file = opened.release.release_file
+    if not release_file.is_file():
+        raise ReleaseError(f"{release_file}: missing, so there are no checksums to verify against")
+    sums = parse_release_md5(release_file)
+    if not sums:
+        raise ReleaseError(f"{release_file}: holds no md5 lines ('<32 hex digits>  <file name>')")
+    bad = []
+    for name, expected in sums.items():
+        path = opened.release.folder / name
+        if not path.is_file():
+            out(f"MISSING   {name}")
+            bad.append(name)
+            continue
+        found = md5_file(path, show_progress)
+        if found == expected:
+            out(f"OK        {name}  {found}")
+        else:
+            out(f"MISMATCH  {name}  expected {expected}, found {found}")
+            bad.append(name)
+    if bad:
+        raise ChecksumError(
+            f"{release_file}: {len(bad)} of {len(sums)} files missing or not matching ({', '.join(bad)}); "
+            "download them again"
+        )
+    out(f"all {len(sums)} files match RELEASE")

@@ -1,0 +1,191 @@
+"""Mistral and Mixtral in plain PyTorch, for one sequence at a time.
+
+Parameter names equal the release's own (mistral-inference's experts layout for MoE), so loading is
+a name-for-name assignment. The model owns no state besides its weights: the KV cache is passed in.
+Norms, rotary embeddings and softmax run in fp32 whatever the weight dtype, as the reference does
+and because CPU bf16 reductions are both slow and lossy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixchat.cache import KVCache, Step
+from mixchat.config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each [T, head_dim/2], of position * theta^(-2i/head_dim), in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as the complex number x[2i] + i*x[2i+1].
+
+    This is the layout Mistral's weights were trained with; Hugging Face's half-split rotate_half
+    only gives the same result after permuting the rows of wq and wk.
+    """
+    t, h, d = x.shape  # [T, heads, head_dim]
+    pairs = x.float().view(t, h, d // 2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, head_dim/2]
+    return torch.stack((re * c - im * s, re * s + im * c), dim=-1).view(t, h, d).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step,
+                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        t = x.shape[0]
+        nkv, rep, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        q = apply_rotary(self.wq(x).view(t, self.n_heads, hd), *rope)  # [T, H, hd]
+        k = apply_rotary(self.wk(x).view(t, nkv, hd), *rope)  # [T, Hkv, hd]
+        v = self.wv(x).view(t, nkv, hd)
+        cache_k, cache_v = kv  # [Hkv, capacity, hd]
+        cache_k[:, step.slots] = k.transpose(0, 1)
+        cache_v[:, step.slots] = v.transpose(0, 1)
+        keys, values = cache_k[:, : step.length], cache_v[:, : step.length]  # [Hkv, S, hd]
+
+        # Grouped-query attention without repeating keys: the `rep` query heads that share a kv
+        # head become extra rows of one matmul. Query head h uses kv head h // rep.
+        q = q.view(t, nkv, rep, hd).permute(1, 2, 0, 3).reshape(nkv, rep * t, hd)  # [Hkv, rep*T, hd]
+        scores = (q @ keys.transpose(1, 2)).float() * hd**-0.5  # [Hkv, rep*T, S]
+        if step.mask is not None:
+            scores = scores.view(nkv, rep, t, -1).masked_fill(~step.mask, float("-inf")).view(nkv, rep * t, -1)
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = (probs @ values).view(nkv, rep, t, hd).permute(2, 0, 1, 3).reshape(t, -1)  # [T, H*hd]
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoeFeedForward(nn.Module):
+    """Sparse mixture of experts: each token goes to the top-k experts by gate logit, mixed with a
+    softmax over those k logits (equal to softmax-over-all then renormalising the chosen k)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.top_k = args.moe.num_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        top_logits, chosen = torch.topk(self.gate(x), self.top_k, dim=-1)  # [T, k] best first
+        weights = torch.softmax(top_logits.float(), dim=-1)  # [T, k]
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            tokens, rank = torch.where(chosen == e)
+            y = self.experts[e](x[tokens]) * weights[tokens, rank, None].to(x.dtype)
+            out.index_add_(0, tokens, y)
+        return out, chosen, weights
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = MoeFeedForward(args) if args.is_moe else FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x, rope, step, kv):
+        h = x + self.attention(self.attention_norm(x), rope, step, kv)
+        ff = self.feed_forward(self.ffn_norm(h))
+        if isinstance(ff, tuple):
+            return h + ff[0], ff[1], ff[2]
+        return h + ff, None, None
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [T, vocab] fp32 (only the last row when last_only)
+    experts: torch.Tensor | None  # [T, n_layers, top_k] expert ids, best first (MoE only)
+    expert_weights: torch.Tensor | None  # [T, n_layers, top_k] fp32 mixing weights (MoE only)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> Output:
+        """Run `tokens` ([T] ids) after what `cache` holds, in chunks of cache.chunk_size tokens,
+        so a long prompt needs chunk x window memory, never T x T."""
+        logits, experts, weights = [], [], []
+        total = tokens.shape[0]
+        for start in range(0, total, cache.chunk_size):
+            chunk = tokens[start : start + cache.chunk_size]
+            is_last = start + chunk.shape[0] >= total
+            out = self._step(chunk, cache, "all" if not last_only else "last" if is_last else "none")
+            if out.logits is not None:
+                logits.append(out.logits)
+            if out.experts is not None:
+                experts.append(out.experts)
+                weights.append(out.expert_weights)
+            if progress is not None:
+                progress(start + chunk.shape[0], total)
+        return Output(
+            logits=torch.cat(logits),
+            experts=torch.cat(experts) if experts else None,
+            expert_weights=torch.cat(weights) if weights else None,
+        )
+
+    def _step(self, tokens: torch.Tensor, cache: KVCache, rows: str) -> Output:
+        step = cache.prepare(tokens.shape[0])
+        rope = rotary_angles(step.positions, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)  # [T, D]
+        experts, weights = [], []
+        for i, layer in enumerate(self.layers):
+            h, chosen, w = layer(h, rope, step, cache.layer(i))
+            if chosen is not None:
+                experts.append(chosen)
+                weights.append(w)
+        cache.advance(tokens.shape[0])
+        # Only the rows that are asked for go through the vocab projection (a [T, 32000] matmul).
+        logits = None if rows == "none" else self.output(self.norm(h if rows == "all" else h[-1:])).float()
+        return Output(
+            logits=logits,
+            experts=torch.stack(experts, dim=1) if experts else None,
+            expert_weights=torch.stack(weights, dim=1) if weights else None,
+        )
