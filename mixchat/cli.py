@@ -18,7 +18,8 @@ def _inspect(ns: argparse.Namespace) -> int:
 
     report = inspect_release(ns.folder)
     print(json.dumps(report, indent=2) if ns.json else format_report(report))
-    return 0
+    # The report is printed either way; the exit status lets scripts tell a usable folder.
+    return 0 if report["problem"] is None else 1
 
 
 def _verify(ns: argparse.Namespace) -> int:

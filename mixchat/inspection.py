@@ -148,6 +148,13 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
     }
 
 
+def human_count(n: int) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(n)
+
+
 def format_report(r: dict[str, Any]) -> str:
     p = r["params"]
     lines = [
@@ -155,8 +162,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"  architecture   {r['architecture']}, {r['layout']} layout",
         f"  weights        {r['weights']['file']} ({human_bytes(r['weights']['bytes'])}), "
         f"{r['tensors']} tensors, dtypes {', '.join(f'{k}×{v}' for k, v in r['dtypes'].items())}",
-        f"  parameters     {r['parameters'] / 1e9:.3f} B ({human_bytes(r['bytes'])})"
-        + (f", {r['active_parameters_per_token'] / 1e9:.3f} B active per token"
+        f"  parameters     {human_count(r['parameters'])} ({human_bytes(r['bytes'])})"
+        + (f", {human_count(r['active_parameters_per_token'])} active per token"
            if r["active_parameters_per_token"] != r["parameters"] else ""),
     ]
     tok = r["tokenizer"]

@@ -147,7 +147,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the cache may grow inside forward, and inference tensors could
+    # not be updated in place afterwards (rewind, restore).
+    @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> Output:
         """Run `tokens` ([T] ids) after what `cache` holds, in chunks of cache.chunk_size tokens,

@@ -1,0 +1,72 @@
+"""Load time, memory and inspect time for a release folder (the figures in the closing notes).
+
+    python benchmarks/load.py /data/mistral-7b-random [--drop-caches] [--dtype bf16]
+
+Reports: `mixchat inspect` wall time (fresh process), Engine.load wall time (including the
+sequential read that fills the page cache), time of the first forward token, peak RSS and how much
+of it is anonymous memory (zero-copy loading keeps that near zero for the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--drop-caches", action="store_true", help="drop the page cache first (needs root)")
+    ap.add_argument("--no-warm", action="store_true", help="skip the sequential read; page in on demand")
+    ns = ap.parse_args()
+
+    if ns.drop_caches:
+        subprocess.run(["sync"])
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mixchat", "inspect", str(ns.folder)], check=True, capture_output=True)
+    inspect_s = time.perf_counter() - start
+
+    import torch
+
+    from mixchat.engine import Engine
+
+    start = time.perf_counter()
+    engine = Engine.load(ns.folder, dtype=ns.dtype, warm=not ns.no_warm)
+    load_s = time.perf_counter() - start
+    anon_after_load = status_kb("RssAnon")
+    cache = engine.new_cache()
+    start = time.perf_counter()
+    engine.model(torch.tensor([1]), cache, last_only=True)
+    first_s = time.perf_counter() - start
+    result = {
+        "folder": str(ns.folder),
+        "weights_gb": engine.release.weights.stat().st_size / 1e9,
+        "dtype": str(engine.dtype),
+        "inspect_s": round(inspect_s, 2),
+        "load_s": round(load_s, 2),
+        "first_forward_s": round(first_s, 2),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        "anon_rss_after_load_gb": round(anon_after_load / 1e6, 2),
+        "anon_rss_after_first_token_gb": round(status_kb("RssAnon") / 1e6, 2),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
