@@ -9,12 +9,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mixchat.config import ModelArgs
 from mixchat.errors import ChecksumError, MixchatError, ReleaseError
 from mixchat.progress import Progress, human_bytes
-from mixchat.release import Release, detect_layout, open_release, open_weights, parse_release_md5, validate
+from mixchat.release import Release, TensorInfo, detect_layout, open_release, parse_release_md5, read_header, validate
 
 INT4_GROUP = 128
 
@@ -23,11 +21,7 @@ def _role(name: str) -> str:
     return re.sub(r"experts\.\d+\.", "experts.J.", re.sub(r"^layers\.\d+\.", "layers.N.", name))
 
 
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
-
-
-def implied_by_shapes(sd: dict[str, torch.Tensor], layout: str) -> dict[str, Any]:
+def implied_by_shapes(sd: dict[str, TensorInfo], layout: str) -> dict[str, Any]:
     """What the tensor shapes alone say about the architecture (for checking params.json)."""
     out: dict[str, Any] = {}
     if "tok_embeddings.weight" in sd:
@@ -66,16 +60,16 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
     """Everything `mixchat inspect` shows, as plain data (the --json output)."""
     release = Release.find(folder)
     args = release.args()
-    sd = open_weights(release.weights)
+    sd = read_header(release.weights)
     layout = detect_layout(sd)
 
     namespaces = Counter(k.split(".")[0] for k in sd)
     per_layer = Counter(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
-    roles: dict[tuple, int] = Counter((_role(k), tuple(t.shape), _dtype_name(t.dtype)) for k, t in sd.items())
-    n_params = sum(t.numel() for t in sd.values())
-    n_bytes = sum(t.numel() * t.element_size() for t in sd.values())
+    roles: dict[tuple, int] = Counter((_role(k), t.shape, t.dtype) for k, t in sd.items())
+    n_params = sum(t.numel for t in sd.values())
+    n_bytes = sum(t.nbytes for t in sd.values())
     # Weight-only quantisation touches the big matrices; embeddings' rows are gathered, norms are tiny.
-    matrices = sum(t.numel() for k, t in sd.items() if t.dim() == 2 and not k.startswith(("tok_embeddings", "norm")))
+    matrices = sum(t.numel for k, t in sd.items() if len(t.shape) == 2 and not k.startswith(("tok_embeddings", "norm")))
     rest = n_params - matrices
     estimates = {
         "bf16": n_params * 2,
@@ -96,7 +90,7 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
     kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2
     cache_tokens = min(args.sliding_window or args.max_seq_len, args.max_seq_len)
     if args.moe:
-        expert_params = sum(t.numel() for k, t in sd.items() if ".experts." in k or ".block_sparse_moe.w" in k)
+        expert_params = sum(t.numel for k, t in sd.items() if ".experts." in k or ".block_sparse_moe.w" in k)
         active = n_params - expert_params + expert_params * args.moe.num_experts_per_tok // args.moe.num_experts
         arch = f"Mixtral (sparse MoE: {args.moe.num_experts} experts, top-{args.moe.num_experts_per_tok})"
     else:
@@ -135,7 +129,7 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
         "layers": len(per_layer),
         "tensors_per_layer": sorted(set(per_layer.values())),
         "roles": [{"role": r, "shape": list(s), "dtype": d, "count": c} for (r, s, d), c in roles.items()],
-        "dtypes": dict(Counter(_dtype_name(t.dtype) for t in sd.values())),
+        "dtypes": dict(Counter(t.dtype for t in sd.values())),
         "parameters": n_params,
         "active_parameters_per_token": active,
         "bytes": n_bytes,

@@ -16,6 +16,7 @@ and the torrent is cut into per-expert *views* of the mapped file.
 
 from __future__ import annotations
 
+import collections
 import json
 import pickle
 import re
@@ -23,20 +24,50 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mixchat.config import ModelArgs
 from mixchat.errors import ReleaseError
 
+if TYPE_CHECKING:  # torch is imported where weights are opened, so `inspect` never pays for it
+    import torch
+
 WEIGHT_NAMES = ("consolidated.safetensors", "consolidated.00.pth", "consolidated.pth")
 LAYOUTS = ("dense", "torrent", "experts")
 
-_SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# dtype name -> (bytes per element, is floating point); names as torch spells them.
+DTYPES = {"bfloat16": (2, True), "float16": (2, True), "float32": (4, True), "float64": (8, True),
+          "int64": (8, False), "int32": (4, False), "int16": (2, False), "int8": (1, False), "uint8": (1, False),
+          "bool": (1, False)}
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+# The legacy storage classes torch.save still names in its pickles.
+_PTH_STORAGES = {"BFloat16Storage": "bfloat16", "HalfStorage": "float16", "FloatStorage": "float32",
+                 "DoubleStorage": "float64", "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
+                 "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a weights file's header says about one tensor; enough to inspect and validate."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype][0]
+
+    @property
+    def is_float(self) -> bool:
+        return DTYPES[self.dtype][1]
 
 
 @dataclass(frozen=True)
@@ -85,7 +116,7 @@ def open_weights(path: Path) -> dict[str, torch.Tensor]:
     return _open_pth(path)
 
 
-def _open_pth(path: Path) -> dict[str, torch.Tensor]:
+def _check_zip(path: Path) -> None:
     if path.stat().st_size == 0:
         raise ReleaseError(f"{path}: file is empty; download it again (`mixchat verify` checks it against RELEASE)")
     if not zipfile.is_zipfile(path):
@@ -93,15 +124,25 @@ def _open_pth(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: not a PyTorch zip checkpoint (truncated, corrupt or the legacy format); "
             "download it again and check it with `mixchat verify`"
         )
+
+
+def _unsafe(path: Path, reason: str) -> ReleaseError:
+    return ReleaseError(
+        f"{path}: refusing to load, the file needs unsafe unpickling that could run code ({reason}); "
+        "mixchat only loads plain tensors, re-save the state dict with torch.save"
+    )
+
+
+def _open_pth(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
+    _check_zip(path)
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         reason = next((line for line in first if "Unsupported" in line or "GLOBAL" in line), first[0] if first else "")
-        raise ReleaseError(
-            f"{path}: refusing to load, the file needs unsafe unpickling that could run code ({reason.strip()}); "
-            "mixchat only loads plain tensors, re-save the state dict with torch.save"
-        ) from None
+        raise _unsafe(path, reason.strip()) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ReleaseError(
             f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
@@ -137,14 +178,14 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 
 
 def _open_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     header, base = read_safetensors_header(path)
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
     blob = torch.empty(0, dtype=torch.uint8).set_(storage)
     out = {}
     for name, meta in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
-        if dtype is None:
-            raise ReleaseError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        dtype = getattr(torch, _safetensors_dtype(path, name, meta))
         start, end = (base + int(o) for o in meta["data_offsets"])
         raw = blob[start:end]
         itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -152,6 +193,59 @@ def _open_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raw = raw.clone()
         out[name] = raw.view(dtype).view(meta["shape"])
     return out
+
+
+def _safetensors_dtype(path: Path, name: str, meta: dict) -> str:
+    if meta.get("dtype") not in _SAFETENSORS_DTYPES:
+        raise ReleaseError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+    return _SAFETENSORS_DTYPES[meta["dtype"]]
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """Reads torch.save's data.pkl for names, shapes and dtypes only. It knows the three globals a
+    plain state dict uses and refuses every other, so nothing in the file can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, *_: TensorInfo(tuple(size), storage)
+        if module == "torch" and name in _PTH_STORAGES:
+            return _PTH_STORAGES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
+
+    def persistent_load(self, pid: Any) -> str:
+        # ('storage', dtype name (via find_class), key, location, numel): keep the dtype.
+        return pid[1]
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes of a weights file without importing torch or reading the data:
+    milliseconds even for 87 GB."""
+    if path.suffix == ".safetensors":
+        header, _ = read_safetensors_header(path)
+        return {k: TensorInfo(tuple(v["shape"]), _safetensors_dtype(path, k, v)) for k, v in header.items()}
+    _check_zip(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if pkl is None:
+                raise ReleaseError(f"{path}: no data.pkl inside, so not a torch.save checkpoint")
+            sd = _HeaderUnpickler(z.open(pkl)).load()
+    except pickle.UnpicklingError as exc:
+        raise _unsafe(path, str(exc)) from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError, IndexError) as exc:
+        raise ReleaseError(
+            f"{path}: cannot read the checkpoint ({exc or type(exc).__name__}); "
+            "the file is truncated or corrupt, download it again and check it with `mixchat verify`"
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, TensorInfo) for v in sd.values()):
+        raise ReleaseError(f"{path}: expected a flat dict of named tensors, as Mistral releases ship")
+    return dict(sd)
+
+
+def describe(sd: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    return {k: TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in sd.items()}
 
 
 def detect_layout(keys) -> str:
@@ -191,7 +285,7 @@ def expected_shapes(args: ModelArgs, layout: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate(sd: dict[str, torch.Tensor], args: ModelArgs, source: Path, params: Path) -> str:
+def validate(sd: dict[str, TensorInfo], args: ModelArgs, source: Path, params: Path) -> str:
     """Check names and shapes against params.json before anything is built; returns the layout."""
     layout = detect_layout(sd)
     if layout == "dense" and args.is_moe:
@@ -227,9 +321,9 @@ def validate(sd: dict[str, torch.Tensor], args: ModelArgs, source: Path, params:
             f"{source}: tensor {name} has shape {list(sd[name].shape)} but {params.name} implies {list(shape)}{more}; "
             "use the params.json that came with these weights"
         )
-    floats = {t.dtype for t in sd.values()}
-    if any(not dt.is_floating_point for dt in floats):
-        raise ReleaseError(f"{source}: holds non-float tensors ({sorted(map(str, floats))}); not a Mistral release")
+    if not all(t.is_float for t in sd.values()):
+        dtypes = sorted({t.dtype for t in sd.values()})
+        raise ReleaseError(f"{source}: holds non-float tensors ({', '.join(dtypes)}); not a Mistral release")
     return layout
 
 
@@ -291,6 +385,8 @@ def open_release(folder: str | Path) -> OpenedRelease:
     args = release.args()
     tokenizer = Tokenizer(release.tokenizer)
     tokenizer.check_vocab(args.vocab_size, release.params)
+    # Names and shapes are checked from the header first: a mismatch is reported before torch loads anything.
+    layout = validate(read_header(release.weights), args, release.weights, release.params)
     state = open_weights(release.weights)
-    layout = validate(state, args, release.weights, release.params)
+    validate(describe(state), args, release.weights, release.params)  # the same file, read by torch
     return OpenedRelease(release, args, state, layout, tokenizer)

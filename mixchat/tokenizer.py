@@ -31,10 +31,19 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.vocab_size()
 
+    def control_id(self, piece: str) -> int | None:
+        """The id of a control piece such as [INST], or None if the model has no such piece."""
+        i = self.sp.piece_to_id(piece)
+        return i if i != self.sp.unk_id() and self.sp.is_control(i) else None
+
     @property
     def version(self) -> str:
-        """'v3' for the 32768-piece instruct tokenizer with [INST] control pieces, else 'v1'."""
-        return "v3" if self.vocab_size == 32768 and self.sp.piece_to_id("[INST]") != self.sp.unk_id() else "v1"
+        """Which instruct format the file implies, told by its pieces as mistral-common's files differ:
+        'v1' writes [INST] as plain text (Mistral-7B, Mixtral); 'v2' and 'v3' (32768 pieces) have
+        [INST]/[/INST] control pieces, and v3 adds [IMG]."""
+        if self.control_id("[INST]") is None:
+            return "v1"
+        return "v3" if self.control_id("[IMG]") is not None else "v2"
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.sp.encode(text)
@@ -49,3 +58,36 @@ class Tokenizer:
                 f"{self.path}: has {self.vocab_size} pieces but {params} says vocab_size {vocab_size}; "
                 "this tokenizer belongs to another model, use the one shipped with these weights"
             )
+
+
+class StreamDecoder:
+    """Turns ids into text deltas whose concatenation is exactly tokenizer.decode(all ids).
+
+    Decoding piece by piece is wrong for SentencePiece twice over: the leading "▁" of the first
+    piece is dropped only at the start of a text, and byte-fallback pieces (<0xE2><0x82><0xAC>)
+    form a character only together. So each step decodes a short window of recent ids twice, with
+    and without the new ones, and emits the difference; while the window ends in a partial UTF-8
+    character (decoded as U+FFFD) it waits for more ids.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: context ids whose text was already emitted
+        self.read = 0  # ids up to here have been emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+    def flush(self) -> str:
+        """Whatever is held back (a byte sequence the model never completed)."""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]
