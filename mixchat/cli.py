@@ -1,4 +1,5 @@
-"""Command line: `mixchat inspect DIR`, `mixchat verify DIR`, and chat (later issues).
+"""Command line. `mixchat` with a question on stdin or -p answers once on stdout; subcommands
+inspect, verify and bench work on a release folder.
 
 Expected failures are MixchatError: one line on stderr and a non-zero exit, never a traceback.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from mixchat import __version__
@@ -29,28 +31,89 @@ def _verify(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(ns: argparse.Namespace) -> int:
+    from mixchat import bench
+
+    ns.model = _model_folder(ns)
+    return bench.run(ns)
+
+
+def _model_folder(ns: argparse.Namespace) -> str:
+    folder = ns.model or os.environ.get("MIXCHAT_MODEL")
+    if not folder:
+        raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
+    return folder
+
+
+def _chat(ns: argparse.Namespace) -> int:
+    from mixchat import oneshot
+
+    if ns.prompt is not None:
+        text = ns.prompt
+        if not text.strip():
+            raise MixchatError("-p/--prompt is empty; give the question to ask")
+    elif not sys.stdin.isatty():
+        text = oneshot.read_stdin()
+    else:
+        raise MixchatError("interactive chat is not built yet: pipe a question in (echo hi | mixchat --model DIR) "
+                           "or pass -p TEXT")
+    ns.model = _model_folder(ns)
+    return oneshot.run(ns, text)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", metavar="DIR", help="release folder (default: $MIXCHAT_MODEL)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weight dtype; auto = bf16 (see README: decode is memory-bound)")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mixchat", description="Chat with Mistral and Mixtral release folders, with mixchat's own model code."
+        prog="mixchat",
+        description="Chat with Mistral and Mixtral release folders, with mixchat's own model code. "
+        "Pipe a question in (echo hi | mixchat -m DIR) or pass -p; the answer streams to stdout.",
     )
     parser.add_argument("--version", action="version", version=f"mixchat {__version__}")
+    _model_options(parser)
+    c = parser.add_argument_group("one-shot answer")
+    c.add_argument("-p", "--prompt", help="the message to answer (default: all of stdin, which must be UTF-8)")
+    c.add_argument("--system", help="system prompt, placed where mistral-common places it")
+    c.add_argument("--raw", action="store_true", help="no chat format: BOS + the text, plain completion")
+    c.add_argument("--json", action="store_true", help="one JSON object per token, then a summary line")
+    c.add_argument("--stats", action="store_true", help="print speed and token counts to stderr (default: if a tty)")
+    s = parser.add_argument_group("sampling")
+    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    s.add_argument("--repeat-penalty", type=float, default=1.1,
+                   help="penalise the last 64 tokens' ids; 1 = off (default 1.1)")
+    s.add_argument("--seed", type=int, help="same seed and settings give the same text")
+    s.add_argument("--max-tokens", type=int, default=512, help="stop after this many new tokens (default 512)")
+    parser.set_defaults(func=_chat)
+
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("inspect", help="show what a release folder holds (shapes, params, memory) in seconds")
+    p = sub.add_parser("inspect", help="show what a release folder holds (shapes, params, memory) in a blink")
     p.add_argument("folder", help="release folder (params.json, consolidated.00.pth, tokenizer.model)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_inspect)
-    p = sub.add_parser("verify", help="check the files against the md5 sums in RELEASE")
+    p = sub.add_parser("verify", help="check the folder loads, then its files against the md5 sums in RELEASE")
     p.add_argument("folder", help="release folder with a RELEASE file")
     p.set_defaults(func=_verify)
+    p = sub.add_parser("bench", help="load time, peak RSS, prefill and decode tokens/sec against the memory ceiling")
+    _model_options(p)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3, help="report the median of this many runs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    if not getattr(ns, "func", None):
-        parser.print_help()
-        return 0
+    ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
     except MixchatError as exc:
@@ -60,4 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print("", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        # The reader went away (mixchat ... | head): stop quietly, as Unix tools do, and point
+        # stdout at /dev/null so the interpreter's final flush does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -110,11 +110,19 @@ class Session:
         todo = prompt[cached:]
         done = Done(prompt_tokens=list(prompt), cached_tokens=cached, prefilled_tokens=len(todo))
 
-        progress: list[PrefillProgress] = []
-        out = model(torch.tensor(todo, device=device), self.cache, last_only=True,
-                    progress=lambda d, t: progress.append(PrefillProgress(d, t)) if t > self.cache.chunk_size else None)
-        self.tokens.extend(todo)
-        yield from progress  # chunks of one forward call; the TUI shows the last
+        # Prefill chunk by chunk so a long prompt reports progress and can be stopped between chunks.
+        step = self.cache.chunk_size
+        for begin in range(0, len(todo), step):
+            if begin and cancel is not None and cancel.is_set():
+                done.prefill_seconds = time.perf_counter() - start
+                done.stop = "interrupted"
+                yield done
+                return
+            piece = todo[begin : begin + step]
+            out = model(torch.tensor(piece, device=device), self.cache, last_only=True)
+            self.tokens.extend(piece)
+            if len(todo) > step:
+                yield PrefillProgress(begin + len(piece), len(todo))
         done.prefill_seconds = time.perf_counter() - start
 
         stream = StreamDecoder(tokenizer)

@@ -1,0 +1,146 @@
+"""The one-shot command end to end, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tiny_args
+from mistral_common.protocol.instruct.messages import UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from mixchat.tokenizer import Tokenizer
+
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+
+
+@pytest.fixture
+def mixtral(make_release):
+    return make_release(tiny_args(moe=MOE, n_layers=3), "torrent", seed=1, std=0.15)
+
+
+def mixchat(*args, stdin: bytes | None = b"", timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mixchat", *args], input=stdin, capture_output=True, timeout=timeout)
+
+
+def one_error_line(proc) -> str:
+    err = proc.stderr.decode()
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mixchat: error: ")
+    return lines[0]
+
+
+def test_piped_stdin_answers_on_stdout(mixtral):
+    proc = mixchat("--model", str(mixtral), "--max-tokens", "12", "--seed", "3", stdin=b"What is a dragon?\n")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode()
+    assert out.endswith("\n") and len(out.strip()) > 0
+    assert proc.stderr == b""  # stats only for a terminal or with --stats
+
+
+def test_json_lines_and_summary(mixtral):
+    text = "Tell me about the sea 🌊"
+    proc = mixchat("--model", str(mixtral), "--json", "--temperature", "0", "--max-tokens", "10", "--stats",
+                   stdin=text.encode())
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    tokens, done = lines[:-1], lines[-1]
+    expected_prompt = MistralTokenizer.v1().encode_chat_completion(
+        ChatCompletionRequest(messages=[UserMessage(content=text)])).tokens
+    assert done["done"] is True and done["prompt_tokens"] == expected_prompt
+    assert done["cached_tokens"] == 0 and done["prefilled_tokens"] == len(expected_prompt)
+    assert done["generated_tokens"] == len(tokens) and done["stop"] in ("eos", "length")
+    assert done["prefill_tokens_per_second"] > 0 and done["decode_tokens_per_second"] > 0
+    for t in tokens:
+        assert set(t) == {"token", "text", "experts"}
+        assert len(t["experts"]) == 3 and all(len(pair) == 2 and pair[0] != pair[1] for pair in t["experts"])
+    tok = Tokenizer(mixtral / "tokenizer.model")
+    assert "".join(t["text"] for t in tokens) == tok.decode([t["token"] for t in tokens])
+    stats = proc.stderr.decode().strip().splitlines()
+    assert len(stats) == 1 and "tok/s" in stats[0] and "stop:" in stats[0]
+
+
+def test_dense_json_has_no_experts(make_release):
+    folder = make_release(tiny_args(sliding_window=8))
+    proc = mixchat("-m", str(folder), "-p", "hi", "--json", "--max-tokens", "3", stdin=None)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in proc.stdout.decode().splitlines()]
+    assert len(lines) >= 2 and lines[-1]["done"]
+    assert all(set(t) == {"token", "text"} for t in lines[:-1])
+
+
+def test_raw_is_bos_plus_text(mixtral):
+    proc = mixchat("-m", str(mixtral), "--raw", "-p", "Once upon a time", "--json", "--max-tokens", "2")
+    done = json.loads(proc.stdout.decode().splitlines()[-1])
+    tok = Tokenizer(mixtral / "tokenizer.model")
+    assert done["prompt_tokens"] == [1] + tok.encode("Once upon a time", bos=False)
+
+
+def test_system_prompt_goes_where_mistral_common_puts_it(mixtral):
+    from mistral_common.protocol.instruct.messages import SystemMessage
+
+    proc = mixchat("-m", str(mixtral), "--system", "Be brief.", "-p", "Hi", "--json", "--max-tokens", "1")
+    done = json.loads(proc.stdout.decode().splitlines()[-1])
+    assert done["prompt_tokens"] == MistralTokenizer.v1().encode_chat_completion(
+        ChatCompletionRequest(messages=[SystemMessage(content="Be brief."), UserMessage(content="Hi")])).tokens
+
+
+def test_same_seed_same_answer(mixtral):
+    a = mixchat("-m", str(mixtral), "--seed", "7", "--max-tokens", "15", stdin=b"hello")
+    b = mixchat("-m", str(mixtral), "--seed", "7", "--max-tokens", "15", stdin=b"hello")
+    assert a.stdout == b.stdout and a.returncode == b.returncode == 0
+
+
+@pytest.mark.parametrize("stdin, words", [
+    (b"", "stdin is empty"),
+    (b"  \n\t\n", "stdin is empty"),
+    (b"caf\xe9 au lait", "stdin is not UTF-8 (byte 0xe9 at offset 3)"),
+])
+def test_bad_stdin(mixtral, stdin, words):
+    proc = mixchat("-m", str(mixtral), stdin=stdin)
+    assert proc.returncode == 2 and words in one_error_line(proc)
+    assert proc.stdout == b""
+
+
+def test_prompt_over_the_context(make_release):
+    args = tiny_args(sliding_window=8)
+    params = {**args.to_params(), "max_seq_len": 32}
+    folder = make_release(args, params=params)
+    proc = mixchat("-m", str(folder), stdin=("word " * 100).encode())
+    assert proc.returncode == 2 and "tokens of context; shorten it" in one_error_line(proc)
+
+
+def test_no_model_and_bad_flags(mixtral, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MIXCHAT_MODEL"}
+    proc = subprocess.run([sys.executable, "-m", "mixchat", "-p", "hi"], capture_output=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "no model given" in one_error_line(proc)
+    proc = mixchat("-m", str(mixtral), "-p", "hi", "--top-p", "1.5")
+    assert proc.returncode == 2 and "--top-p 1.5" in one_error_line(proc)
+    proc = mixchat("-m", str(tmp_path / "nowhere"), "-p", "hi")
+    assert proc.returncode == 2 and "nowhere: no such folder" in one_error_line(proc)
+
+
+def test_sigint_stops_keeps_the_partial_answer_and_exits_130(mixtral):
+    proc = subprocess.Popen([sys.executable, "-m", "mixchat", "-m", str(mixtral), "--json", "--max-tokens", "100000",
+                             "--temperature", "1", "-p", "go on forever"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = []
+    deadline = time.time() + 60
+    while len(lines) < 5 and time.time() < deadline:
+        lines.append(proc.stdout.readline())
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err
+    all_lines = [json.loads(x) for x in b"".join(lines + [rest]).decode().splitlines()]
+    done = all_lines[-1]
+    assert done["done"] and done["stop"] == "interrupted"
+    assert done["generated_tokens"] == len(all_lines) - 1 >= 5
