@@ -5,7 +5,6 @@ Never imports Textual: every front end (one-shot CLI, line REPL, TUI) drives thi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,21 +65,32 @@ def _available_memory() -> int:
 
 
 def warm_page_cache(path: Path, show: bool | None = None) -> None:
-    """Read the file once, sequentially, so the page cache holds it before the first token.
+    """Fault the whole file into the page cache before the first token, with a progress bar.
 
-    The mapped weights would be paged in anyway by the first forward pass, but in random order and
-    with no sign of life; a sequential read is the fastest way from disk and can show progress.
-    Skipped when the file would not fit in free memory (the mmap then pages on demand).
+    The mapped weights would be paged in anyway by the first forward pass, but in layer order
+    with no sign of life. Touching one byte per page of a read-only mapping, chunk by chunk after
+    asking the kernel to read ahead, runs at disk speed from a cold cache and takes a fraction of a
+    second from a warm one (a read() loop copies every byte: 6 s for 14.5 GB even when cached).
+    Skipped when the file would not fit in free memory: the mmap then pages on demand.
     """
+    import mmap
+    import warnings
+
     size = path.stat().st_size
-    if size > 0.9 * _available_memory():
+    if size == 0 or size > 0.9 * _available_memory():
         return
-    buf = bytearray(16 << 20)
-    with Progress(f"reading {path.name}", size, enabled=show) as bar, open(path, "rb", buffering=0) as f:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        while n := f.readinto(buf):
-            bar.advance(n)
+    step = 256 << 20
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm, \
+            Progress(f"reading {path.name}", size, enabled=show) as bar:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "buffer is not writable": it is only read here
+            data = torch.frombuffer(mm, dtype=torch.uint8)
+        for start in range(0, size, step):
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_WILLNEED, start, min(2 * step, size - start))
+            data[start : start + step : mmap.PAGESIZE].sum()  # one byte per page
+            bar.update(min(start + step, size))
+        del data
 
 
 @dataclass
