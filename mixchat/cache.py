@@ -124,28 +124,35 @@ class KVCache:
         self.pos = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        used = self.capacity if self.window else self.pos
+        """Only the filled slots, with their positions: a 2,000-token conversation saves 2,000
+        tokens' keys, not the whole preallocated or rolling buffer."""
+        filled = (self.slot_pos >= 0).nonzero().squeeze(1)
         return {
-            "k": self.k[:, :, :used].clone(),
-            "v": self.v[:, :, :used].clone(),
-            "slot_pos": self.slot_pos[:used].clone(),
-            "pos": torch.tensor(self.pos),
+            "k": self.k[:, :, filled].contiguous(),
+            "v": self.v[:, :, filled].contiguous(),
+            "positions": self.slot_pos[filled].clone(),
+            "pos": torch.tensor([self.pos]),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        a, k, pos = self.args, state["k"], int(state["pos"])
-        used = k.shape[2]
-        expect = (a.n_layers, a.n_kv_heads, used, a.head_dim)
-        if tuple(k.shape) != expect or tuple(state["v"].shape) != expect or state["slot_pos"].shape != (used,):
+        a = self.args
+        k, v, positions, pos = state["k"], state["v"], state["positions"].long(), int(state["pos"][0])
+        n = positions.shape[0]
+        expect = (a.n_layers, a.n_kv_heads, n, a.head_dim)
+        if tuple(k.shape) != expect or tuple(v.shape) != expect:
             raise ValueError(f"saved cache has shape {list(k.shape)}, this model needs {list(expect)}")
-        if self.window and used != self.capacity:
-            raise ValueError(f"saved cache has {used} slots, this cache has {self.capacity}")
-        if not self.window and (used != pos or pos > self.max_tokens):
-            raise ValueError(f"saved cache covers {used} slots for {pos} tokens")
-        if not self.window and used > self.capacity:
-            self._allocate(used)
+        if n and (int(positions.min()) < 0 or int(positions.max()) >= pos) or pos > self.max_tokens:
+            raise ValueError(f"saved cache positions do not fit its length {pos}")
+        if self.window and n > self.capacity:
+            raise ValueError(f"saved cache has {n} slots, this cache has {self.capacity}")
+        if not self.window and pos > self.capacity:
+            self._allocate(min(self.max_tokens, max(pos, 2 * self.capacity)))
         self.reset()
-        self.k[:, :, :used] = k.to(self.device, self.dtype)
-        self.v[:, :, :used] = state["v"].to(self.device, self.dtype)
-        self.slot_pos[:used] = state["slot_pos"].to(self.device)
+        slots = positions % self.capacity if self.window else positions
+        self.k[:, :, slots] = k.to(self.device, self.dtype)
+        self.v[:, :, slots] = v.to(self.device, self.dtype)
+        self.slot_pos[slots] = positions.to(self.device)
         self.pos = pos
+        if self.window and not self.can_rewind(pos):
+            self.reset()
+            raise ValueError("saved cache lacks keys its sliding window needs")

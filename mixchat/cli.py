@@ -38,6 +38,46 @@ def _bench(ns: argparse.Namespace) -> int:
     return bench.run(ns)
 
 
+def _store():
+    from mixchat import paths
+    from mixchat.store import Store
+
+    return Store(paths.store_path())
+
+
+def _list(ns: argparse.Namespace) -> int:
+    from mixchat.transcript import format_list
+
+    print(format_list(_store().list()))
+    return 0
+
+
+def _show(ns: argparse.Namespace) -> int:
+    from mixchat.transcript import to_json, to_markdown
+
+    store = _store()
+    conv = store.get(ns.id)
+    messages = store.messages(conv.id)
+    print(to_json(conv, messages) if getattr(ns, "format", "markdown") == "json" else to_markdown(conv, messages),
+          end="")
+    return 0
+
+
+def _rm(ns: argparse.Namespace) -> int:
+    from mixchat import paths
+
+    conv = _store().delete(ns.id)
+    (paths.kv_dir() / f"{conv.id}.safetensors").unlink(missing_ok=True)
+    print(f"deleted {conv.id} ({conv.title})")
+    return 0
+
+
+def _rename(ns: argparse.Namespace) -> int:
+    conv = _store().rename(ns.id, ns.title)
+    print(f"{conv.id}: {conv.title}")
+    return 0
+
+
 def _model_folder(ns: argparse.Namespace) -> str:
     folder = ns.model or os.environ.get("MIXCHAT_MODEL")
     if not folder:
@@ -57,7 +97,10 @@ def _chat(ns: argparse.Namespace) -> int:
     else:
         raise MixchatError("interactive chat is not built yet: pipe a question in (echo hi | mixchat --model DIR) "
                            "or pass -p TEXT")
-    ns.model = _model_folder(ns)
+    if not (ns.cont or ns.cid):
+        ns.model = _model_folder(ns)
+    else:
+        ns.model = ns.model or os.environ.get("MIXCHAT_MODEL")  # else the conversation's own model
     return oneshot.run(ns, text)
 
 
@@ -77,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Pipe a question in (echo hi | mixchat -m DIR) or pass -p; the answer streams to stdout.",
     )
     parser.add_argument("--version", action="version", version=f"mixchat {__version__}")
+    parser.add_argument("--home", metavar="DIR", help="keep conversations and caches here (default: $MIXCHAT_HOME, "
+                        "else the per-user data folder)")
     _model_options(parser)
     c = parser.add_argument_group("one-shot answer")
     c.add_argument("-p", "--prompt", help="the message to answer (default: all of stdin, which must be UTF-8)")
@@ -84,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--raw", action="store_true", help="no chat format: BOS + the text, plain completion")
     c.add_argument("--json", action="store_true", help="one JSON object per token, then a summary line")
     c.add_argument("--stats", action="store_true", help="print speed and token counts to stderr (default: if a tty)")
+    c.add_argument("-c", "--continue", dest="cont", action="store_true",
+                   help="add this turn to the most recent conversation (its KV cache is re-used)")
+    c.add_argument("--cid", metavar="ID", help="add this turn to conversation ID (or a unique prefix of it)")
+    c.add_argument("--no-save", action="store_true", help="do not save this exchange as a conversation")
     s = parser.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
@@ -102,6 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check the folder loads, then its files against the md5 sums in RELEASE")
     p.add_argument("folder", help="release folder with a RELEASE file")
     p.set_defaults(func=_verify)
+    p = sub.add_parser("list", help="saved conversations, newest first")
+    p.set_defaults(func=_list)
+    p = sub.add_parser("show", help="print a conversation's transcript")
+    p.add_argument("id", help="conversation id or a unique prefix")
+    p.set_defaults(func=_show)
+    p = sub.add_parser("export", help="write a conversation as markdown or JSON to stdout")
+    p.add_argument("id", help="conversation id or a unique prefix")
+    p.add_argument("--format", choices=["markdown", "json"], default="markdown")
+    p.set_defaults(func=_show)
+    p = sub.add_parser("rm", help="delete a conversation and its saved KV cache")
+    p.add_argument("id", help="conversation id or a unique prefix")
+    p.set_defaults(func=_rm)
+    p = sub.add_parser("rename", help="change a conversation's title")
+    p.add_argument("id", help="conversation id or a unique prefix")
+    p.add_argument("title")
+    p.set_defaults(func=_rename)
     p = sub.add_parser("bench", help="load time, peak RSS, prefill and decode tokens/sec against the memory ceiling")
     _model_options(p)
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -114,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.home:
+        os.environ["MIXCHAT_HOME"] = ns.home
     try:
         return ns.func(ns)
     except MixchatError as exc:

@@ -93,6 +93,19 @@ def warm_page_cache(path: Path, show: bool | None = None) -> None:
         del data
 
 
+def model_fingerprint(release: Release) -> str:
+    """Identifies a model cheaply: params.json and tokenizer.model by content, the weights by
+    name, size and modification time (hashing 14 GB at every start would take a minute)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in (release.params, release.tokenizer):
+        h.update(path.read_bytes() if path.is_file() else b"")
+    st = release.weights.stat()
+    h.update(f"{release.weights.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class Engine:
     release: Release
@@ -102,6 +115,7 @@ class Engine:
     tokenizer: Tokenizer
     device: torch.device
     dtype: torch.dtype
+    fingerprint: str
 
     @classmethod
     def load(cls, folder: str | Path, dtype: str = "auto", device: str = "cpu", threads: int | None = None,
@@ -128,7 +142,7 @@ class Engine:
         # assign=True makes the parameters *be* the mapped tensors instead of copying into fresh ones.
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()
-        return cls(release, args, layout, model, opened.tokenizer, dev, dt)
+        return cls(release, args, layout, model, opened.tokenizer, dev, dt, model_fingerprint(release))
 
     def new_cache(self, chunk_size: int = DEFAULT_CHUNK, max_tokens: int | None = None) -> KVCache:
         return KVCache(self.args, self.dtype, self.device, chunk_size=chunk_size, max_tokens=max_tokens)

@@ -64,24 +64,90 @@ def format_stats(done) -> str:
             f"stop: {done.stop}")
 
 
+SAVE_EVERY_TOKENS = 8
+SAVE_EVERY_SECONDS = 1.0
+
+
+def _resolve_conversation(ns: Namespace, store):
+    """The conversation -c/--cid continues, or None for a new one."""
+    if ns.cid:
+        return store.get(ns.cid)
+    if ns.cont:
+        conv = store.latest()
+        if conv is None:
+            raise MixchatError("no conversation to continue yet; run without -c to start one")
+        return conv
+    return None
+
+
 def run(ns: Namespace, text: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    import time
+
+    from mixchat import kvstore, paths
     from mixchat.chat_format import Message, encode_chat
     from mixchat.engine import Engine
     from mixchat.generation import Done, Session, TokenEvent
+    from mixchat.store import Store
 
     settings = sampling_from(ns)
-    engine = Engine.load(ns.model, dtype=ns.dtype, device=ns.device, threads=ns.threads)
+    continuing = bool(ns.cont or ns.cid)
+    if ns.raw and continuing:
+        raise MixchatError("--raw is a plain completion, not a conversation: it cannot continue one (-c/--cid)")
+    save = not (ns.no_save or ns.raw)  # plain completions are not conversations
+    store = Store(paths.store_path()) if (save or continuing) else None
+    conv = _resolve_conversation(ns, store) if continuing else None
+    model = ns.model or (conv.model_path if conv else None)
+    if not model:
+        raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
+
+    engine = Engine.load(model, dtype=ns.dtype, device=ns.device, threads=ns.threads)
     tok = engine.tokenizer
-    prompt = tok.encode(text, bos=True) if ns.raw else encode_chat(tok, [Message("user", text)], ns.system)
-    session = Session(engine)
+    system = ns.system if ns.system is not None else (conv.system if conv else None)
+    history = []
+    if conv:
+        if conv.model_fingerprint != engine.fingerprint:
+            err.write(f"note: conversation {conv.id} was held with another model ({conv.model_path}); "
+                      f"continuing it with {model}\n")
+        history = [Message(m.role, m.content, ids=m.token_ids if m.role == "assistant" else None)
+                   for m in store.messages(conv.id)]
+    if ns.raw:
+        prompt = tok.encode(text, bos=True)
+    else:
+        prompt = encode_chat(tok, history + [Message("user", text)], system)
+
+    pool = kvstore.SessionPool(engine, paths.kv_dir())
+    session = pool.get(conv.id) if conv else Session(engine)
+    for note in pool.notes:
+        err.write(note + "\n")
     if len(prompt) >= session.context_limit:
-        raise ContextError(f"the prompt is {len(prompt)} tokens but {ns.model} holds {session.context_limit} "
-                           "tokens of context; shorten it")
+        raise ContextError(f"the prompt is {len(prompt)} tokens but {model} holds {session.context_limit} "
+                           "tokens of context; shorten it" + (" or start a new conversation" if history else ""))
+
+    reply_id = None
+    if save:
+        if conv is None:
+            conv = store.create(str(engine.release.folder), engine.fingerprint, system, vars(settings))
+            pool.adopt(conv.id, session)
+        elif ns.system is not None and ns.system != conv.system:
+            store.update_settings(conv.id, system, vars(settings))
+        # The user's message is safe on disk before the model starts.
+        store.add_message(conv.id, "user", text)
+        reply_id = store.add_message(conv.id, "assistant", "", [])
+
     show_stats = ns.stats or err.isatty()
     done = None
+    ids: list[int] = []
+    experts: list = []
+    reply = ""
+    last_save = time.monotonic()
     with _StopOnSigint() as cancel:
         for event in session.generate(prompt, settings, cancel):
             if isinstance(event, TokenEvent):
+                reply += event.text
+                if event.id >= 0:
+                    ids.append(event.id)
+                    if event.experts is not None:
+                        experts.append(event.experts)
                 if ns.json:
                     line = {"token": event.id, "text": event.text}
                     if event.experts is not None:
@@ -90,19 +156,29 @@ def run(ns: Namespace, text: str, out: TextIO = sys.stdout, err: TextIO = sys.st
                 else:
                     out.write(event.text)
                 out.flush()
+                due = len(ids) % SAVE_EVERY_TOKENS == 0 or time.monotonic() - last_save > SAVE_EVERY_SECONDS
+                if reply_id and due:
+                    store.update_message(reply_id, reply, ids, experts or None)
+                    last_save = time.monotonic()
             elif isinstance(event, Done):
                 done = event
+    timings = {"prefill_tokens_per_second": round(done.prefill_tokens_per_second, 3),
+               "decode_tokens_per_second": round(done.decode_tokens_per_second, 3),
+               "time_to_first_token": round(done.time_to_first_token, 3),
+               "cached_tokens": done.cached_tokens, "prefilled_tokens": done.prefilled_tokens}
+    if save:
+        store.update_message(reply_id, done.text, done.generated, experts or None, done.stop, timings)
+        pool.save(conv.id)
     if ns.json:
         out.write(json.dumps({
             "done": True, "prompt_tokens": done.prompt_tokens, "cached_tokens": done.cached_tokens,
             "prefilled_tokens": done.prefilled_tokens, "generated_tokens": len(done.generated), "stop": done.stop,
-            "prefill_tokens_per_second": round(done.prefill_tokens_per_second, 3),
-            "decode_tokens_per_second": round(done.decode_tokens_per_second, 3),
-            "time_to_first_token": round(done.time_to_first_token, 3),
+            **{k: v for k, v in timings.items() if k.endswith(("second", "token"))},
+            "conversation": conv.id if save else None,
         }) + "\n")
     elif not done.text.endswith("\n"):
         out.write("\n")
     out.flush()
     if show_stats:
-        err.write(format_stats(done) + "\n")
+        err.write(format_stats(done) + (f", saved as {conv.id}" if save else "") + "\n")
     return 130 if done.stop == "interrupted" else 0
