@@ -13,7 +13,7 @@ from hf_oracle import hf_model
 from mixchat.chat_format import Message, encode_chat
 from mixchat.engine import Engine
 from mixchat.errors import ContextError
-from mixchat.generation import Done, PrefillProgress, Session, TokenEvent
+from mixchat.generation import Done, PrefillProgress, Session, TokenEvent, common_prefix
 from mixchat.release import open_weights
 from mixchat.sampling import SamplingSettings, apply_repeat_penalty, sample
 
@@ -165,3 +165,31 @@ def test_repeat_penalty_makes_seen_tokens_less_likely():
     logits = torch.tensor([2.0, -1.0, 3.0])
     out = apply_repeat_penalty(logits, [0, 1], 2.0)
     assert out.tolist() == [1.0, -2.0, 3.0]
+
+
+def test_editing_a_message_rewinds_to_where_it_differs(engine):
+    tok = engine.tokenizer
+    session = Session(engine)
+    first = [Message("user", "Tell me about cats.")]
+    _, d1 = run(session, encode_chat(tok, first))
+    base = first + [Message("assistant", d1.text, ids=d1.generated)]
+    dogs = encode_chat(tok, base + [Message("user", "And dogs?")])
+    run(session, dogs)
+    edited = encode_chat(tok, base + [Message("user", "And birds?")])  # the user edits the last message
+    got, done = run(session, edited)
+    fresh, _ = run(Session(engine), edited)
+    assert [t.id for t in got] == [t.id for t in fresh]
+    assert done.cached_tokens == common_prefix(dogs, edited) > len(encode_chat(tok, base))
+
+
+def test_rewind_past_the_window_rebuilds_and_still_matches(make_release):
+    args = tiny_args(sliding_window=6)
+    engine = Engine.load(make_release(args, seed=5, std=0.15), dtype="fp32", warm=False)
+    session = Session(engine)
+    session.cache = engine.new_cache(chunk_size=4)  # a rolling buffer of 6 + 4 - 1 = 9 slots
+    long_prompt = list(range(3, 40))
+    run(session, long_prompt)
+    edited = long_prompt[:10] + [99, 98]  # differs long before what the buffer still holds
+    got, done = run(session, edited)
+    fresh, _ = run(Session(engine), edited)
+    assert done.cached_tokens == 0 and [t.id for t in got] == [t.id for t in fresh]

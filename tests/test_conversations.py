@@ -1,0 +1,157 @@
+"""Saved conversations through the command line: continue with the cache, crash safety, and the
+list / show / export / rm / rename commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tiny_args
+from test_cli import mixchat, one_error_line
+
+from mixchat.chat_format import Message, encode_chat
+from mixchat.engine import Engine
+from mixchat.generation import Session
+from mixchat.sampling import SamplingSettings
+from mixchat.store import Store
+
+ARGS = ["--dtype", "fp32", "--temperature", "0", "--repeat-penalty", "1", "--json"]
+
+
+@pytest.fixture
+def model(make_release):
+    return make_release(tiny_args(sliding_window=24), seed=31, std=0.15)
+
+
+def ask(*args, text: str) -> tuple[list[dict], dict, subprocess.CompletedProcess]:
+    proc = mixchat(*args, stdin=text.encode())
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in proc.stdout.decode().splitlines()]
+    return lines[:-1], lines[-1], proc
+
+
+def store() -> Store:
+    return Store(__import__("mixchat.paths", fromlist=["x"]).store_path())
+
+
+def test_continue_reuses_the_saved_cache_and_matches_a_fresh_run(model):
+    t1, d1, _ = ask("-m", str(model), *ARGS, "--max-tokens", "10", text="Where do rivers go?")
+    t2, d2, _ = ask("-c", *ARGS, "--max-tokens", "10", text="And the rain?")
+    first_exchange = len(d1["prompt_tokens"]) + d1["generated_tokens"]
+    assert d2["conversation"] == d1["conversation"]
+    assert d2["cached_tokens"] == first_exchange
+    assert d2["prefilled_tokens"] == len(d2["prompt_tokens"]) - first_exchange
+    assert d2["prefilled_tokens"] < 20
+
+    engine = Engine.load(model, dtype="fp32", warm=False)
+    reply1 = [t["token"] for t in t1]
+    history = [Message("user", "Where do rivers go?"), Message("assistant", "", ids=reply1),
+               Message("user", "And the rain?")]
+    prompt = encode_chat(engine.tokenizer, history)
+    assert prompt == d2["prompt_tokens"]
+    fresh = list(Session(engine).generate(prompt, SamplingSettings(temperature=0, repeat_penalty=1.0,
+                                                                   max_tokens=10)))[-1]
+    assert fresh.generated == [t["token"] for t in t2]
+
+    s = store()
+    msgs = s.messages(d1["conversation"])
+    assert [m.role for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[1].token_ids == reply1 and msgs[3].stop in ("eos", "length") and msgs[3].timings
+
+
+def test_cid_with_another_model_discards_the_cache_with_a_note(model, make_release):
+    _, d1, _ = ask("-m", str(model), *ARGS, "--max-tokens", "4", text="hello")
+    other = make_release(tiny_args(sliding_window=24), seed=99, std=0.15)
+    _, d2, proc = ask("--cid", d1["conversation"][:12], "-m", str(other), *ARGS, "--max-tokens", "4", text="again")
+    err = proc.stderr.decode()
+    assert "was held with another model" in err and "made by another model" in err
+    assert d2["cached_tokens"] == 0 and d2["prefilled_tokens"] == len(d2["prompt_tokens"])
+
+
+def test_truncated_cache_file_is_rebuilt(model):
+    from mixchat import paths
+
+    _, d1, _ = ask("-m", str(model), *ARGS, "--max-tokens", "4", text="hello")
+    kv = paths.kv_dir() / f"{d1['conversation']}.safetensors"
+    kv.write_bytes(kv.read_bytes()[:100])
+    _, d2, proc = ask("-c", *ARGS, "--max-tokens", "4", text="again")
+    assert "unreadable" in proc.stderr.decode() and d2["cached_tokens"] == 0
+    assert kv.exists()  # written anew after the turn
+
+
+def test_kill_9_mid_reply_keeps_every_message(model):
+    _, d1, _ = ask("-m", str(model), *ARGS, "--max-tokens", "5", text="first question")
+    proc = subprocess.Popen([sys.executable, "-m", "mixchat", "-c", "--dtype", "fp32", "--json", "--temperature", "1",
+                             "--seed", "1", "--max-tokens", "100000", "-p", "second question"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    seen = []
+    deadline = time.time() + 60
+    while len(seen) < 30 and time.time() < deadline:
+        seen.append(json.loads(proc.stdout.readline())["token"])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    msgs = store().messages(d1["conversation"])
+    assert [m.content for m in msgs[:3] if m.role == "user"] == ["first question", "second question"]
+    assert msgs[1].stop in ("eos", "length")
+    partial = msgs[3]
+    assert partial.role == "assistant" and partial.stop is None
+    n = min(len(partial.token_ids), len(seen))
+    assert partial.token_ids[:n] == seen[:n] and len(partial.token_ids) >= len(seen) - 8
+    shown = mixchat("show", d1["conversation"]).stdout.decode()
+    assert "[unfinished: the process stopped while writing]" in shown and "second question" in shown
+
+
+def test_ctrl_c_saves_the_partial_reply_as_stopped(model):
+    proc = subprocess.Popen([sys.executable, "-m", "mixchat", "-m", str(model), "--json", "--temperature", "1",
+                             "--max-tokens", "100000", "-p", "talk"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(5):
+        proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    done = json.loads(out.decode().splitlines()[-1])
+    reply = store().messages(done["conversation"])[-1]
+    assert reply.stop == "interrupted" and len(reply.token_ids) == done["generated_tokens"] >= 5
+
+
+def test_list_show_export_rename_rm(model):
+    from mixchat import paths
+
+    _, d, _ = ask("-m", str(model), *ARGS, "--max-tokens", "3", "--system", "Be kind.", text="Tell me a joke")
+    cid = d["conversation"]
+    listing = mixchat("list").stdout.decode()
+    assert cid in listing and "Tell me a joke" in listing and model.name in listing
+
+    md = mixchat("export", cid, "--format", "markdown").stdout.decode()
+    assert md.startswith("# Tell me a joke") and "## user\n\nTell me a joke" in md and "system prompt: Be kind." in md
+    js = json.loads(mixchat("export", cid[:10], "--format", "json").stdout)
+    assert js["id"] == cid and [m["role"] for m in js["messages"]] == ["user", "assistant"]
+    assert js["messages"][1]["token_ids"] and js["system"] == "Be kind."
+
+    assert mixchat("rename", cid, "Jokes").returncode == 0
+    assert "Jokes" in mixchat("list").stdout.decode()
+    kv = paths.kv_dir() / f"{cid}.safetensors"
+    assert kv.exists()
+    assert mixchat("rm", cid).returncode == 0
+    assert not kv.exists() and cid not in mixchat("list").stdout.decode()
+    proc = mixchat("show", cid)
+    assert proc.returncode == 2 and "no conversation" in one_error_line(proc)
+
+
+def test_no_save_and_corrupt_store(model):
+    from mixchat import paths
+
+    _, d, _ = ask("-m", str(model), *ARGS, "--max-tokens", "2", "--no-save", text="private")
+    assert d["conversation"] is None and not paths.store_path().exists()
+    proc = mixchat("-c", "-p", "x")
+    assert proc.returncode == 2
+    paths.store_path().parent.mkdir(parents=True, exist_ok=True)
+    paths.store_path().write_bytes(b"garbage" * 200)
+    proc = mixchat("list")
+    assert proc.returncode == 2 and "cannot open the conversation store" in one_error_line(proc)
