@@ -81,13 +81,66 @@ def _rename(ns: argparse.Namespace) -> int:
 def _model_folder(ns: argparse.Namespace) -> str:
     folder = ns.model or os.environ.get("MIXCHAT_MODEL")
     if not folder:
-        raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
+        from mixchat import paths
+
+        demo = paths.demo_model()
+        if demo is None:
+            raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) "
+                               "or set MIXCHAT_MODEL")
+        folder = str(demo)
     return folder
+
+
+DEMO_NOTE = ("This is mixchat's small demo model (a 4-layer Mixtral trained on Jane Austen): expect "
+             "Austen-flavoured sentences, not answers. Point mixchat at a real release folder with "
+             "--model DIR or in the settings (F2).")
+
+
+def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
+    """The TUI, or line mode when asked for or when the terminal cannot draw it."""
+    from mixchat import settings as settings_mod
+
+    configured = settings_mod.load().model
+    model = ns.model or os.environ.get("MIXCHAT_MODEL") or configured or None
+    note = None
+    if not model:
+        from mixchat import paths
+
+        demo = paths.demo_model()
+        model, note = (str(demo), DEMO_NOTE) if demo else (None, None)
+    from mixchat import repl
+
+    if ns.plain or repl.wants_plain():
+        ns.model = model
+        if not model:
+            raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder)")
+        if note:
+            print(note)
+        return repl.run(ns)
+    from mixchat.tui.app import MixchatApp
+
+    MixchatApp(model=model, first_message=first_message, demo_note=note).run()
+    return 0
+
+
+def _reattach_terminal() -> None:
+    """`cat notes | mixchat -i`: stdin was the notes; the chat goes on in the terminal."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR)
+    except OSError:
+        raise MixchatError("-i needs a terminal to keep chatting in, and /dev/tty cannot be opened") from None
+    os.dup2(fd, 0)
+    os.close(fd)
+    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 - stays open for the app's life
 
 
 def _chat(ns: argparse.Namespace) -> int:
     from mixchat import oneshot
 
+    if ns.interactive:
+        first = oneshot.read_stdin() if not sys.stdin.isatty() else ns.prompt
+        _reattach_terminal()
+        return _interactive(ns, first)
     if ns.prompt is not None:
         text = ns.prompt
         if not text.strip():
@@ -95,8 +148,7 @@ def _chat(ns: argparse.Namespace) -> int:
     elif not sys.stdin.isatty():
         text = oneshot.read_stdin()
     else:
-        raise MixchatError("interactive chat is not built yet: pipe a question in (echo hi | mixchat --model DIR) "
-                           "or pass -p TEXT")
+        return _interactive(ns, None)
     if not (ns.cont or ns.cid):
         ns.model = _model_folder(ns)
     else:
@@ -133,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add this turn to the most recent conversation (its KV cache is re-used)")
     c.add_argument("--cid", metavar="ID", help="add this turn to conversation ID (or a unique prefix of it)")
     c.add_argument("--no-save", action="store_true", help="do not save this exchange as a conversation")
+    i = parser.add_argument_group("interactive")
+    i.add_argument("-i", "--interactive", action="store_true",
+                   help="send stdin (or -p) as the first message, then keep chatting in the terminal")
+    i.add_argument("--plain", action="store_true", help="line mode instead of the full-screen app")
     s = parser.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")

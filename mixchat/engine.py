@@ -5,6 +5,7 @@ Never imports Textual: every front end (one-shot CLI, line REPL, TUI) drives thi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def _available_memory() -> int:
     return 0
 
 
-def warm_page_cache(path: Path, show: bool | None = None) -> None:
+def warm_page_cache(path: Path, show: bool | None = None,
+                    on_progress: Callable[[int, int], None] | None = None) -> None:
     """Fault the whole file into the page cache before the first token, with a progress bar.
 
     The mapped weights would be paged in anyway by the first forward pass, but in layer order
@@ -90,6 +92,8 @@ def warm_page_cache(path: Path, show: bool | None = None) -> None:
                 mm.madvise(mmap.MADV_WILLNEED, start, min(2 * step, size - start))
             data[start : start + step : mmap.PAGESIZE].sum()  # one byte per page
             bar.update(min(start + step, size))
+            if on_progress is not None:
+                on_progress(min(start + step, size), size)
         del data
 
 
@@ -119,7 +123,10 @@ class Engine:
 
     @classmethod
     def load(cls, folder: str | Path, dtype: str = "auto", device: str = "cpu", threads: int | None = None,
-             warm: bool = True, show_progress: bool | None = None) -> Engine:
+             warm: bool = True, show_progress: bool | None = None,
+             on_progress: Callable[[int, int], None] | None = None) -> Engine:
+        """`on_progress(bytes_done, bytes_total)` reports reading or converting the weights (the
+        TUI's progress bar); `show_progress` draws a bar on stderr (default: when it is a tty)."""
         set_threads(threads)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -128,7 +135,7 @@ class Engine:
         state = model_state(opened.state, args, layout)
         if all(t.dtype == dt for t in state.values()) and dev.type == "cpu":
             if warm:
-                warm_page_cache(release.weights, show_progress)
+                warm_page_cache(release.weights, show_progress, on_progress)
         else:
             # A dtype or device change copies every tensor: show it, it takes a while on 14 GB.
             total = sum(t.numel() * torch.empty(0, dtype=dt).element_size() for t in state.values())
@@ -137,6 +144,8 @@ class Engine:
                 for name, t in state.items():
                     state[name] = t.to(device=dev, dtype=dt)
                     bar.advance(state[name].nbytes)
+                    if on_progress is not None:
+                        on_progress(int(bar.done), int(bar.total))
         with torch.device("meta"):
             model = Transformer(args)
         # assign=True makes the parameters *be* the mapped tensors instead of copying into fresh ones.

@@ -47,6 +47,7 @@ class Done:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0
+    timings: dict = field(default_factory=dict)  # the figures saved with the reply (filled by Chat)
 
     @property
     def prefill_tokens_per_second(self) -> float:

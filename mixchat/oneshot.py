@@ -9,7 +9,7 @@ import threading
 from argparse import Namespace
 from typing import TextIO
 
-from mixchat.errors import ContextError, MixchatError
+from mixchat.errors import MixchatError
 
 
 def read_stdin(stream: TextIO | None = None) -> str:
@@ -64,10 +64,6 @@ def format_stats(done) -> str:
             f"stop: {done.stop}")
 
 
-SAVE_EVERY_TOKENS = 8
-SAVE_EVERY_SECONDS = 1.0
-
-
 def _resolve_conversation(ns: Namespace, store):
     """The conversation -c/--cid continues, or None for a new one."""
     if ns.cid:
@@ -80,13 +76,17 @@ def _resolve_conversation(ns: Namespace, store):
     return None
 
 
-def run(ns: Namespace, text: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    import time
+def _raw(engine, text: str, settings, cancel):
+    from mixchat.generation import Session
 
+    return Session(engine).generate(engine.tokenizer.encode(text, bos=True), settings, cancel)
+
+
+def run(ns: Namespace, text: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     from mixchat import kvstore, paths
-    from mixchat.chat_format import Message, encode_chat
+    from mixchat.chat import Chat
     from mixchat.engine import Engine
-    from mixchat.generation import Done, Session, TokenEvent
+    from mixchat.generation import Done, TokenEvent
     from mixchat.store import Store
 
     settings = sampling_from(ns)
@@ -101,53 +101,20 @@ def run(ns: Namespace, text: str, out: TextIO = sys.stdout, err: TextIO = sys.st
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
 
     engine = Engine.load(model, dtype=ns.dtype, device=ns.device, threads=ns.threads)
-    tok = engine.tokenizer
-    system = ns.system if ns.system is not None else (conv.system if conv else None)
-    history = []
-    if conv:
-        if conv.model_fingerprint != engine.fingerprint:
-            err.write(f"note: conversation {conv.id} was held with another model ({conv.model_path}); "
-                      f"continuing it with {model}\n")
-        history = [Message(m.role, m.content, ids=m.token_ids if m.role == "assistant" else None)
-                   for m in store.messages(conv.id)]
-    if ns.raw:
-        prompt = tok.encode(text, bos=True)
-    else:
-        prompt = encode_chat(tok, history + [Message("user", text)], system)
-
-    pool = kvstore.SessionPool(engine, paths.kv_dir())
-    session = pool.get(conv.id) if conv else Session(engine)
-    for note in pool.notes:
-        err.write(note + "\n")
-    if len(prompt) >= session.context_limit:
-        raise ContextError(f"the prompt is {len(prompt)} tokens but {model} holds {session.context_limit} "
-                           "tokens of context; shorten it" + (" or start a new conversation" if history else ""))
-
-    reply_id = None
-    if save:
-        if conv is None:
-            conv = store.create(str(engine.release.folder), engine.fingerprint, system, vars(settings))
-            pool.adopt(conv.id, session)
-        elif ns.system is not None and ns.system != conv.system:
-            store.update_settings(conv.id, system, vars(settings))
-        # The user's message is safe on disk before the model starts.
-        store.add_message(conv.id, "user", text)
-        reply_id = store.add_message(conv.id, "assistant", "", [])
-
     show_stats = ns.stats or err.isatty()
     done = None
-    ids: list[int] = []
-    experts: list = []
-    reply = ""
-    last_save = time.monotonic()
     with _StopOnSigint() as cancel:
-        for event in session.generate(prompt, settings, cancel):
+        if ns.raw:
+            chat, events = None, _raw(engine, text, settings, cancel)
+        else:
+            chat = Chat(engine, kvstore.SessionPool(engine, paths.kv_dir()), store, conv, ns.system)
+            for note in chat.notes:
+                err.write(note + "\n")
+            if conv and ns.system is not None and ns.system != conv.system:
+                store.update_settings(conv.id, ns.system, conv.settings)
+            events = chat.send(text, settings, cancel, save=save)
+        for event in events:
             if isinstance(event, TokenEvent):
-                reply += event.text
-                if event.id >= 0:
-                    ids.append(event.id)
-                    if event.experts is not None:
-                        experts.append(event.experts)
                 if ns.json:
                     line = {"token": event.id, "text": event.text}
                     if event.experts is not None:
@@ -156,29 +123,21 @@ def run(ns: Namespace, text: str, out: TextIO = sys.stdout, err: TextIO = sys.st
                 else:
                     out.write(event.text)
                 out.flush()
-                due = len(ids) % SAVE_EVERY_TOKENS == 0 or time.monotonic() - last_save > SAVE_EVERY_SECONDS
-                if reply_id and due:
-                    store.update_message(reply_id, reply, ids, experts or None)
-                    last_save = time.monotonic()
             elif isinstance(event, Done):
                 done = event
-    timings = {"prefill_tokens_per_second": round(done.prefill_tokens_per_second, 3),
-               "decode_tokens_per_second": round(done.decode_tokens_per_second, 3),
-               "time_to_first_token": round(done.time_to_first_token, 3),
-               "cached_tokens": done.cached_tokens, "prefilled_tokens": done.prefilled_tokens}
-    if save:
-        store.update_message(reply_id, done.text, done.generated, experts or None, done.stop, timings)
-        pool.save(conv.id)
+    cid = chat.id if chat and save else None
     if ns.json:
         out.write(json.dumps({
             "done": True, "prompt_tokens": done.prompt_tokens, "cached_tokens": done.cached_tokens,
             "prefilled_tokens": done.prefilled_tokens, "generated_tokens": len(done.generated), "stop": done.stop,
-            **{k: v for k, v in timings.items() if k.endswith(("second", "token"))},
-            "conversation": conv.id if save else None,
+            "prefill_tokens_per_second": round(done.prefill_tokens_per_second, 3),
+            "decode_tokens_per_second": round(done.decode_tokens_per_second, 3),
+            "time_to_first_token": round(done.time_to_first_token, 3),
+            "conversation": cid,
         }) + "\n")
     elif not done.text.endswith("\n"):
         out.write("\n")
     out.flush()
     if show_stats:
-        err.write(format_stats(done) + (f", saved as {conv.id}" if save else "") + "\n")
+        err.write(format_stats(done) + (f", saved as {cid}" if cid else "") + "\n")
     return 130 if done.stop == "interrupted" else 0

@@ -40,3 +40,10 @@ def kv_dir() -> Path:
 def input_history_path() -> Path:
     """What the user typed at the prompt (line mode and TUI), for Up-arrow recall."""
     return data_dir() / "input-history"
+
+
+def demo_model() -> Path | None:
+    """The small demo Mixtral shipped in the repository's assets/ (present in a checkout or an
+    editable install)."""
+    folder = Path(__file__).resolve().parent.parent / "assets" / "demo"
+    return folder if (folder / "params.json").is_file() else None

@@ -1,0 +1,73 @@
+"""User settings for the interactive front ends, saved as JSON in platformdirs' config folder.
+
+Sampling and the system prompt are also stored with each conversation (they belong to it); these
+are the defaults new conversations start from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from mixchat import paths
+from mixchat.errors import MixchatError
+from mixchat.sampling import SamplingSettings
+
+
+@dataclass
+class Settings:
+    model: str = ""
+    system: str = ""
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0
+    repeat_penalty: float = 1.1
+    max_tokens: int = 512
+    seed: int | None = None
+    dtype: str = "auto"
+    threads: int = 0  # 0 = torch's choice
+    kv_memory_gb: float = 4.0
+    expert_layer: int = 0
+
+    def sampling(self) -> SamplingSettings:
+        s = SamplingSettings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                             repeat_penalty=self.repeat_penalty, max_tokens=self.max_tokens, seed=self.seed)
+        s.check()
+        return s
+
+    def check(self) -> None:
+        self.sampling()
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise MixchatError(f"dtype {self.dtype!r}: use auto, bf16, fp16 or fp32")
+        if self.threads < 0 or self.kv_memory_gb <= 0 or self.expert_layer < 0:
+            raise MixchatError("threads and expert layer must be 0 or more, the KV memory budget more than 0")
+
+
+def settings_path() -> Path:
+    return paths.config_dir() / "settings.json"
+
+
+def load() -> Settings:
+    path = settings_path()
+    if not path.is_file():
+        return Settings()
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        known = {f.name for f in fields(Settings)}
+        s = Settings(**{k: v for k, v in raw.items() if k in known})
+        s.check()
+        return s
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError, MixchatError):
+        # A broken settings file must not keep the app from starting; the defaults are used and
+        # the file is only replaced when the user saves settings again.
+        return Settings()
+
+
+def save(s: Settings) -> None:
+    s.check()
+    path = settings_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(s), indent=2), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,624 @@
+"""MixchatApp: the Textual front end. It holds the engine for the worker threads but never touches
+tensors: it sends turns through mixchat.chat.Chat in a worker thread, and the worker reports
+back only by posting messages (post_message never waits, so drawing cannot slow decoding)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, Input, ListItem, ListView, ProgressBar, Static, TabbedContent, TabPane
+
+from mixchat import settings as settings_mod
+from mixchat.errors import MixchatError
+from mixchat.settings import Settings
+from mixchat.tui.messages import (
+    GenerationFailed,
+    GenerationFinished,
+    ModelFailed,
+    ModelLoaded,
+    ModelProgress,
+    Prefilling,
+    TokenStreamed,
+)
+from mixchat.tui.screens import ConfirmScreen, HelpScreen, RenameScreen, SettingsScreen
+from mixchat.tui.widgets import ChatLog, ExpertPanel, MessageView, PromptInput, Sidebar, StatusBar, gauge
+
+CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+
+
+class ChatPane(TabPane):
+    """One open conversation: its messages on screen, its Chat (engine side) and its live figures."""
+
+    def __init__(self, pane_id: str, title: str, cid: str | None = None) -> None:
+        super().__init__(title[:24] or "new chat", id=pane_id)
+        self.cid = cid
+        self.chat = None  # mixchat.chat.Chat, made once the model is loaded
+        self.cancel = threading.Event()
+        self.busy = False
+        self.reply: MessageView | None = None
+        self.usage: list[Counter] = []
+        self.last_token: tuple | None = None
+        self.stats: dict = {}
+        self.phase = ""
+        self.editing: int | None = None
+
+    def compose(self) -> ComposeResult:
+        yield ChatLog()
+
+    @property
+    def log_view(self) -> ChatLog:
+        return self.query_one(ChatLog)
+
+    def views(self) -> list[MessageView]:
+        return list(self.query(MessageView))
+
+    def count_usage(self, experts: list | None) -> None:
+        if not experts:
+            return
+        while len(self.usage) < len(experts):
+            self.usage.append(Counter())
+        for layer, chosen in enumerate(experts):
+            self.usage[layer].update(chosen)
+
+
+class MixchatApp(App):
+    TITLE = "mixchat"
+    CSS = """
+    #main { height: 1fr; }
+    #center { width: 1fr; }
+    #load { height: 1; display: none; }
+    #load.active { display: block; }
+    ExpertPanel { display: none; }
+    ExpertPanel.shown { display: block; }
+    Sidebar.hidden { display: none; }
+    TabbedContent { height: 1fr; }
+    TabPane { padding: 0; }
+    """
+    BINDINGS = [
+        ("escape", "stop", "Stop"),
+        ("ctrl+r", "regenerate", "Regenerate"),
+        ("ctrl+e", "edit_last", "Edit last"),
+        ("ctrl+y", "copy_reply", "Copy reply"),
+        ("ctrl+k", "copy_code", "Copy code"),
+        ("ctrl+n", "new_chat", "New"),
+        ("ctrl+w", "close_tab", "Close tab"),
+        ("ctrl+b", "toggle_sidebar", "Sidebar"),
+        ("f1", "help", "Help"),
+        ("f2", "settings", "Settings"),
+        ("f3", "toggle_experts", "Experts"),
+        ("f4", "next_layer", "Layer+"),
+        ("ctrl+q", "quit", "Quit"),
+    ]
+
+    def __init__(self, model: str | None = None, settings: Settings | None = None, first_message: str | None = None,
+                 store=None, demo_note: str | None = None) -> None:
+        super().__init__()
+        self.settings = settings or settings_mod.load()
+        self.model_folder = model or self.settings.model
+        self.first_message = first_message
+        self.demo_note = demo_note
+        if store is None:
+            from mixchat import paths
+            from mixchat.store import Store
+
+            store = Store(paths.store_path())
+        self.store = store
+        self.engine = None
+        self.pool = None
+        self.model_error: str | None = None
+        self.show_experts = False
+        self._panes = 0
+        self._filter = ""
+        self._history = self._load_history()
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        # Kept as attributes: App.query_one searches the active screen, which is a modal one
+        # while the settings or help are open, and the workers' messages keep arriving then.
+        self.sidebar, self.conversations = Sidebar(), ListView(id="conversations")
+        self.tabs, self.load_bar = TabbedContent(id="tabs"), ProgressBar(id="load", total=100, show_eta=False)
+        self.prompt = PromptInput(self._history, id="prompt")
+        self.expert_panel, self.status_bar = ExpertPanel(id="experts"), StatusBar(id="status")
+        with Horizontal(id="main"):
+            with self.sidebar:
+                yield Input(placeholder="filter conversations", id="filter")
+                yield self.conversations
+            with Vertical(id="center"):
+                yield self.tabs
+                yield self.load_bar
+                yield self.prompt
+            yield self.expert_panel
+        yield self.status_bar
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        self.refresh_sidebar()
+        await self.new_pane()
+        self.prompt.focus()
+        self.set_interval(0.25, self.update_status)
+        if self.model_folder:
+            self.load_model(self.model_folder)
+        else:
+            self.model_error = "no model: press F2 and set the model folder (a Mistral/Mixtral release)"
+        if self.demo_note:
+            self.notify(self.demo_note, timeout=12)
+        self.update_status()
+
+    # -- model loading (worker thread) -----------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="load")
+    def load_model(self, folder: str) -> None:
+        from mixchat.engine import Engine
+
+        try:
+            engine = Engine.load(folder, dtype=self.settings.dtype, threads=self.settings.threads or None,
+                                 show_progress=False,
+                                 on_progress=lambda d, t: self.post_message(ModelProgress(d, t)))
+        except MixchatError as exc:
+            self.post_message(ModelFailed(str(exc)))
+            return
+        self.post_message(ModelLoaded(engine))
+
+    def on_model_progress(self, msg: ModelProgress) -> None:
+        bar = self.load_bar
+        bar.add_class("active")
+        bar.update(total=msg.total, progress=msg.done)
+
+    async def on_model_loaded(self, msg: ModelLoaded) -> None:
+        from mixchat import kvstore, paths
+
+        self.load_bar.remove_class("active")
+        self.engine, self.model_error = msg.engine, None
+        self.pool = kvstore.SessionPool(self.engine, paths.kv_dir(), int(self.settings.kv_memory_gb * 1e9))
+        for pane in self.tabs.query(ChatPane):
+            self.attach_chat(pane)
+        self.update_status()
+        self.refresh_experts()
+        if self.first_message:
+            text, self.first_message = self.first_message, None
+            self.send(text)
+
+    def on_model_failed(self, msg: ModelFailed) -> None:
+        self.load_bar.remove_class("active")
+        self.model_error = msg.error
+        self.notify(msg.error, title="the model could not be loaded", severity="error", timeout=15)
+        self.update_status()
+
+    def attach_chat(self, pane: ChatPane) -> None:
+        from mixchat.chat import Chat
+
+        conv = self.store.get(pane.cid) if pane.cid else None
+        pane.chat = Chat(self.engine, self.pool, self.store, conv, self.settings.system or None)
+        for note in pane.chat.notes:
+            self.notify(note, timeout=10)
+
+    # -- panes and the sidebar -------------------------------------------------------------------
+
+    @property
+    def pane(self) -> ChatPane | None:
+        tabs = self.tabs
+        return tabs.active_pane if isinstance(tabs.active_pane, ChatPane) else None
+
+    async def new_pane(self, cid: str | None = None, title: str = "new chat") -> ChatPane:
+        self._panes += 1
+        pane = ChatPane(f"pane{self._panes}", title, cid)
+        tabs = self.tabs
+        await tabs.add_pane(pane)
+        tabs.active = pane.id
+        if cid:
+            for i, m in enumerate(self.store.messages(cid)):
+                tokens = None
+                if m.experts and m.token_ids and len(m.experts) == len(m.token_ids) and self.engine_tokenizer():
+                    tokens = self._token_texts(m.token_ids, m.experts)
+                await pane.log_view.mount(MessageView(m.role, m.content, i, m.stop, tokens))
+                if m.experts:
+                    for e in m.experts:
+                        pane.count_usage(e)
+            pane.log_view.scroll_end(animate=False)
+        if self.engine is not None:
+            self.attach_chat(pane)
+        return pane
+
+    def engine_tokenizer(self):
+        return self.engine.tokenizer if self.engine else None
+
+    def _token_texts(self, ids: list[int], experts: list) -> list:
+        from mixchat.tokenizer import StreamDecoder
+
+        dec = StreamDecoder(self.engine.tokenizer)
+        return [(dec.push(t), e, None) for t, e in zip(ids, experts, strict=False)]
+
+    def refresh_sidebar(self) -> None:
+        view = self.conversations
+        view.clear()
+        for s in self.store.list():
+            if self._filter and self._filter.lower() not in s.title.lower():
+                continue
+            item = ListItem(Static(f"{s.title or '(untitled)'}\n[dim]{s.turns} turns · {s.id[-6:]}[/dim]"))
+            item.cid = s.id
+            view.append(item)
+
+    @on(Input.Changed, "#filter")
+    def filter_changed(self, event: Input.Changed) -> None:
+        self._filter = event.value.strip()
+        self.refresh_sidebar()
+
+    @on(ListView.Selected, "#conversations")
+    async def open_selected(self, event: ListView.Selected) -> None:
+        cid = event.item.cid
+        for pane in self.tabs.query(ChatPane):
+            if pane.cid == cid or (pane.chat and pane.chat.id == cid):
+                self.tabs.active = pane.id
+                return
+        await self.new_pane(cid, self.store.get(cid).title)
+        self.prompt.focus()
+
+    def on_key(self, event) -> None:
+        view = self.conversations
+        if self.focused is not view or view.highlighted_child is None:
+            return
+        cid = view.highlighted_child.cid
+        if event.key == "r":
+            self.push_screen(RenameScreen(self.store.get(cid).title), lambda t: self._rename(cid, t))
+        elif event.key == "d":
+            self.push_screen(ConfirmScreen(f"Delete “{self.store.get(cid).title}” and its saved KV cache?"),
+                             lambda yes: self._delete(cid) if yes else None)
+
+    def _rename(self, cid: str, title: str | None) -> None:
+        if title:
+            self.store.rename(cid, title)
+            self.refresh_sidebar()
+
+    def _delete(self, cid: str) -> None:
+        self.store.delete(cid)
+        if self.pool:
+            self.pool.forget(cid)
+        else:
+            from mixchat import paths
+
+            (paths.kv_dir() / f"{cid}.safetensors").unlink(missing_ok=True)
+        self.refresh_sidebar()
+        self.notify("conversation deleted")
+
+    # -- sending and streaming -------------------------------------------------------------------
+
+    @on(PromptInput.Submitted)
+    def prompt_submitted(self, event: PromptInput.Submitted) -> None:
+        self._save_history(event.text)
+        self.send(event.text)
+
+    def send(self, text: str) -> None:
+        pane = self.pane
+        if pane is None:
+            return
+        if pane.busy:
+            self.notify("the model is still writing: Esc stops it")
+            return
+        if pane.chat is None:
+            self.notify(self.model_error or "the model is still loading", severity="warning")
+            return
+        editing, pane.editing = pane.editing, None
+        self._start(pane, "edit" if editing is not None else "send", text, editing)
+
+    def _start(self, pane: ChatPane, kind: str, text: str, index: int | None) -> None:
+        try:
+            settings = self.settings.sampling()
+        except MixchatError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        if index is not None:  # edit / regenerate: the views from that message on go away
+            for view in pane.views()[index:]:
+                view.remove()
+        n = len(pane.views()) - (0 if index is None else len(pane.views()[index:]))
+        pane.log_view.mount(MessageView("user", text, n))
+        pane.reply = MessageView("assistant", "", n + 1, None)
+        pane.reply.streaming = True
+        pane.reply.expert_layer = self.settings.expert_layer if self.show_experts else None
+        pane.log_view.mount(pane.reply)
+        pane.log_view.scroll_end(animate=False)
+        pane.cancel.clear()
+        pane.busy = True
+        pane.phase = "prefilling"
+        pane.stats = {"started": time.monotonic(), "count": 0}
+        self.generate(pane, kind, text, index, settings)
+
+    @work(thread=True, group="generate")
+    def generate(self, pane: ChatPane, kind: str, text: str, index: int | None, settings) -> None:
+        from mixchat.generation import Done, PrefillProgress, TokenEvent
+
+        chat, pid = pane.chat, pane.id
+        first = None
+        count = 0
+        try:
+            events = chat.edit(index, text, settings, pane.cancel) if kind == "edit" else \
+                chat.send(text, settings, pane.cancel)
+            for ev in events:
+                if isinstance(ev, TokenEvent):
+                    count += 1
+                    now = time.monotonic()
+                    first = first or now
+                    tps = (count - 1) / (now - first) if count > 1 and now > first else 0.0
+                    self.post_message(TokenStreamed(pid, ev.id, ev.text, ev.experts, ev.expert_weights, tps, count))
+                elif isinstance(ev, PrefillProgress):
+                    self.post_message(Prefilling(pid, ev.done, ev.total))
+                elif isinstance(ev, Done):
+                    self.post_message(GenerationFinished(pid, ev.text, ev.stop, {
+                        "ttft": ev.time_to_first_token, "prefill_tps": ev.prefill_tokens_per_second,
+                        "decode_tps": ev.decode_tokens_per_second, "cached": ev.cached_tokens,
+                        "prefilled": ev.prefilled_tokens, "generated": len(ev.generated)}, chat.id))
+        except MixchatError as exc:
+            self.post_message(GenerationFailed(pid, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a bug must show in the app, not kill the worker silently
+            self.post_message(GenerationFailed(pid, f"{type(exc).__name__}: {exc}"))
+
+    def _pane(self, pane_id: str) -> ChatPane | None:
+        try:
+            return self.tabs.query_one(f"#{pane_id}", ChatPane)
+        except Exception:  # noqa: BLE001 - the tab was closed while the worker ran
+            return None
+
+    def on_prefilling(self, msg: Prefilling) -> None:
+        pane = self._pane(msg.pane_id)
+        if pane:
+            pane.phase = f"prefill {msg.done}/{msg.total}"
+
+    def on_token_streamed(self, msg: TokenStreamed) -> None:
+        pane = self._pane(msg.pane_id)
+        if pane is None or pane.reply is None:
+            return
+        pane.phase = "writing"
+        pane.reply.append(msg.text, msg.experts, msg.weights)
+        pane.count_usage(msg.experts)
+        pane.last_token = (msg.text, msg.experts, msg.weights)
+        pane.stats.update(tps=msg.tokens_per_second, count=msg.count, last=time.monotonic())
+        if msg.count == 1:
+            pane.stats["ttft"] = time.monotonic() - pane.stats["started"]
+        pane.log_view.scroll_end(animate=False)
+        if self.show_experts and pane is self.pane:
+            self.refresh_experts()
+
+    async def on_generation_finished(self, msg: GenerationFinished) -> None:
+        pane = self._pane(msg.pane_id)
+        if pane is None:
+            return
+        pane.busy, pane.phase = False, msg.reason
+        pane.stats.update(msg.stats, tps=msg.stats["decode_tps"])
+        if pane.reply is not None:
+            pane.reply.streaming = False
+            pane.reply.stop = msg.reason
+            pane.reply.text = msg.text
+            await pane.reply.refresh_body()
+        if msg.conversation_id and pane.cid != msg.conversation_id:
+            pane.cid = msg.conversation_id
+        if pane.cid:
+            self.tabs.get_tab(pane.id).label = self.store.get(pane.cid).title[:24]
+        self.refresh_sidebar()
+        self.update_status()
+
+    def on_generation_failed(self, msg: GenerationFailed) -> None:
+        pane = self._pane(msg.pane_id)
+        if pane is not None:
+            pane.busy, pane.phase = False, "error"
+            if pane.reply is not None and not pane.reply.text:
+                pane.reply.remove()
+                pane.reply = None
+        self.notify(msg.error, severity="error", timeout=10)
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def update_status(self) -> None:
+        pane = self.pane
+        if self.engine is None:
+            left = f"[b]model[/b] {self.model_error}" if self.model_error else f"loading {self.model_folder} …"
+            self.status_bar.update(left)
+            return
+        e = self.engine
+        name = Path(str(e.release.folder)).name
+        line1 = f"[b]{name}[/b] · {str(e.dtype).removeprefix('torch.')} on {e.device}"
+        line2 = ""
+        if pane is not None and pane.chat is not None:
+            s = pane.stats
+            if pane.busy and s.get("count"):
+                # Live: tokens so far over the time since the first, refreshed four times a second.
+                elapsed = time.monotonic() - s.get("started", 0) - s.get("ttft", 0)
+                tps = (s["count"] - 1) / elapsed if elapsed > 0 and s["count"] > 1 else s.get("tps", 0)
+                line1 += f" · [b]{tps:.2f} tok/s[/b] · {s['count']} tokens"
+            elif pane.busy:
+                line1 += f" · {pane.phase} …"
+            elif s.get("decode_tps") is not None:
+                line1 += (f" · {s['decode_tps']:.2f} tok/s · first token {s['ttft']:.2f} s · prefill "
+                          f"{s['prefill_tps']:.1f} tok/s · {pane.phase}")
+            used, limit = pane.chat.context_used(), pane.chat.session.context_limit
+            warn = " [b red]nearly full: the reply will stop when it is; start a new conversation[/]" \
+                if used > 0.9 * limit else " (when full, replies stop; start a new chat)"
+            cache = f" · cache re-used {s['cached']} tokens" if "cached" in s else ""
+            line2 = f"context {gauge(used, limit)} {used}/{limit}{warn}{cache}"
+        self.status_bar.update(line1 + "\n" + line2)
+
+    def refresh_experts(self) -> None:
+        panel = self.expert_panel
+        pane = self.pane
+        if self.engine is None or pane is None:
+            return
+        a = self.engine.args
+        n = a.moe.num_experts if a.moe else 0
+        usage = pane.usage or [Counter() for _ in range(a.n_layers)]
+        panel.show(a.moe is not None, n, min(self.settings.expert_layer, a.n_layers - 1),
+                   getattr(self, "_selected", None) or pane.last_token, usage,
+                   "selected token" if getattr(self, "_selected", None) else "last token")
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    def action_stop(self) -> None:
+        pane = self.pane
+        if pane and pane.busy:
+            pane.cancel.set()
+
+    def action_regenerate(self) -> None:
+        pane = self.pane
+        if not pane or pane.busy or pane.chat is None:
+            return
+        msgs = pane.chat.messages
+        if not msgs or msgs[-1].role != "assistant":
+            self.notify("there is no reply to regenerate")
+            return
+        self._start(pane, "edit", msgs[-2].content, len(msgs) - 2)
+
+    def action_edit_last(self) -> None:
+        pane = self.pane
+        if not pane or pane.busy or pane.chat is None:
+            return
+        users = [i for i, m in enumerate(pane.chat.messages) if m.role == "user"]
+        if not users:
+            return
+        pane.editing = users[-1]
+        prompt = self.prompt
+        prompt.load_text(pane.chat.messages[users[-1]].content)
+        prompt.focus()
+        self.notify("editing your last message: Enter resends it, the replies after it are replaced")
+
+    def _last_reply(self) -> str:
+        pane = self.pane
+        views = [v for v in pane.views() if v.role == "assistant"] if pane else []
+        return views[-1].text if views else ""
+
+    def copy(self, text: str, what: str) -> None:
+        if not text:
+            self.notify(f"no {what} to copy")
+            return
+        ways = []
+        try:
+            self.copy_to_clipboard(text)  # OSC 52: works over ssh in most terminals
+            ways.append("OSC 52")
+        except Exception:  # noqa: BLE001 - a terminal that cannot take it must not crash the app
+            pass
+        for tool in (["wl-copy"], ["xclip", "-selection", "clipboard"], ["xsel", "-ib"], ["pbcopy"]):
+            if shutil.which(tool[0]):
+                try:
+                    subprocess.run(tool, input=text.encode(), timeout=3, check=True, capture_output=True)
+                    ways.append(tool[0])
+                    break
+                except (OSError, subprocess.SubprocessError):
+                    continue
+        if ways:
+            self.notify(f"copied the {what} ({len(text)} characters) via {' and '.join(ways)}")
+        else:
+            self.notify(f"could not copy the {what}: the terminal refused OSC 52 and no clipboard tool "
+                        "(wl-copy, xclip, xsel, pbcopy) is installed", severity="warning")
+
+    def action_copy_reply(self) -> None:
+        self.copy(self._last_reply(), "reply")
+
+    def action_copy_code(self) -> None:
+        blocks = CODE_BLOCK.findall(self._last_reply())
+        self.copy(blocks[-1] if blocks else "", "code block")
+
+    async def action_new_chat(self) -> None:
+        await self.new_pane()
+        self.prompt.focus()
+
+    async def action_close_tab(self) -> None:
+        pane = self.pane
+        if pane is None:
+            return
+        pane.cancel.set()
+        await self.tabs.remove_pane(pane.id)
+        if not list(self.tabs.query(ChatPane)):
+            await self.new_pane()
+
+    def action_toggle_sidebar(self) -> None:
+        self.sidebar.toggle_class("hidden")
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_settings(self) -> None:
+        self.push_screen(SettingsScreen(self.settings), self._settings_saved)
+
+    def _settings_saved(self, new: Settings | None) -> None:
+        if new is None:
+            return
+        old, self.settings = self.settings, new
+        settings_mod.save(new)
+        pane = self.pane
+        if pane and pane.chat:
+            pane.chat.system = new.system or None  # the open conversation takes the new system prompt
+            if pane.chat.id:
+                self.store.update_settings(pane.chat.id, pane.chat.system, vars(new.sampling()))
+        if (new.model, new.dtype, new.threads) != (old.model, old.dtype, old.threads) and new.model:
+            self.model_folder, self.engine = new.model, None
+            for p in self.tabs.query(ChatPane):
+                p.chat = None
+            self.load_model(new.model)
+        if self.pool:
+            self.pool.memory_budget = int(new.kv_memory_gb * 1e9)
+        self.refresh_experts()
+        self.notify("settings saved")
+
+    async def action_toggle_experts(self) -> None:
+        self.show_experts = not self.show_experts
+        self.expert_panel.set_class(self.show_experts, "shown")
+        await self._recolour()
+        self.refresh_experts()
+
+    async def action_next_layer(self) -> None:
+        if self.engine is None:
+            return
+        self.settings.expert_layer = (self.settings.expert_layer + 1) % self.engine.args.n_layers
+        await self._recolour()
+        self.refresh_experts()
+        self.notify(f"expert view: layer {self.settings.expert_layer}")
+
+    async def _recolour(self) -> None:
+        pane = self.pane
+        if pane is None:
+            return
+        for view in pane.views():
+            if view.role == "assistant":
+                view.expert_layer = self.settings.expert_layer if self.show_experts else None
+                if not view.streaming:
+                    await view.refresh_body()
+
+    def action_select_token(self, message_index: int, token_index: int) -> None:
+        pane = self.pane
+        views = pane.views() if pane else []
+        if message_index < len(views) and token_index < len(views[message_index].tokens):
+            self._selected = views[message_index].tokens[token_index]
+            self.refresh_experts()
+
+    # -- input history (shared with line mode; prompt_toolkit's FileHistory format) ---------------
+
+    def _load_history(self) -> list[str]:
+        from mixchat import paths
+
+        path = paths.input_history_path()
+        if not path.is_file():
+            return []
+        entries, current = [], []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("+"):
+                current.append(line[1:])
+            elif current:
+                entries.append("\n".join(current))
+                current = []
+        if current:
+            entries.append("\n".join(current))
+        return entries[-500:]
+
+    def _save_history(self, text: str) -> None:
+        from mixchat import paths
+
+        path = paths.input_history_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + "".join(f"+{x}\n" for x in text.split("\n")))

@@ -1,0 +1,203 @@
+"""Modal screens: settings sheet, confirmation, rename, help."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from textual.app import ComposeResult
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Markdown, Static
+
+from mixchat.errors import MixchatError
+from mixchat.settings import Settings
+
+FIELD_HELP = {
+    "model": "release folder (params.json, consolidated.00.pth, tokenizer.model)",
+    "system": "system prompt (placed as mistral-common places it)",
+    "temperature": "0 = greedy", "top_p": "nucleus mass, (0, 1]", "top_k": "0 = off",
+    "repeat_penalty": "1 = off; last 64 tokens", "max_tokens": "new tokens per reply",
+    "seed": "empty = random", "dtype": "auto, bf16, fp16, fp32", "threads": "0 = torch's choice",
+    "kv_memory_gb": "live KV caches across open conversations",
+    "expert_layer": "layer whose routing colours the tokens",
+}
+
+
+def validate_model_folder(folder: str) -> str | None:
+    """The loader's own verdict on a folder (names, shapes, tokenizer), without loading weights."""
+    if not folder:
+        return None
+    from mixchat.release import open_release
+
+    try:
+        opened = open_release(folder)
+    except MixchatError as exc:
+        return str(exc)
+    a = opened.args
+    return f"ok: {opened.layout} layout, {a.n_layers} layers, dim {a.dim}" + (
+        f", {a.moe.num_experts} experts top-{a.moe.num_experts_per_tok}" if a.moe else "")
+
+
+class SettingsScreen(ModalScreen[Settings | None]):
+    DEFAULT_CSS = """
+    SettingsScreen { align: center middle; }
+    SettingsScreen > Vertical {
+        width: 90%; max-width: 100; height: 90%; border: thick $primary; background: $surface;
+    }
+    SettingsScreen Grid { grid-size: 2; grid-columns: 16 1fr; grid-rows: auto; height: auto; grid-gutter: 0 1; }
+    SettingsScreen Label { padding: 1 0 0 0; }
+    SettingsScreen #model-check { color: $text-muted; padding: 0 1; height: auto; }
+    SettingsScreen #error { color: $error; height: auto; padding: 0 1; }
+    SettingsScreen Horizontal { height: auto; align: right middle; }
+    """
+    BINDINGS = [("escape", "cancel", "Cancel"), ("ctrl+s", "save", "Save")]
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static("[b]Settings[/b]  (saved for new conversations; sampling and system prompt also "
+                         "apply to the open one)")
+            with VerticalScroll():
+                with Grid():
+                    for f in fields(Settings):
+                        value = getattr(self.settings, f.name)
+                        yield Label(f.name)
+                        yield Input("" if value is None else str(value), id=f"set-{f.name}",
+                                    placeholder=FIELD_HELP.get(f.name, ""), tooltip=FIELD_HELP.get(f.name))
+                yield Static(validate_model_folder(self.settings.model) or "", id="model-check")
+                yield Static("", id="error")
+            with Horizontal():
+                yield Button("Cancel", id="cancel")
+                yield Button("Save", id="save", variant="primary")
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "set-model":
+            self.query_one("#model-check", Static).update(validate_model_folder(event.value.strip()) or "")
+
+    def collect(self) -> Settings:
+        values = {}
+        for f in fields(Settings):
+            raw = self.query_one(f"#set-{f.name}", Input).value.strip()
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            try:
+                if "int" in kind and "None" in kind:
+                    values[f.name] = int(raw) if raw else None
+                elif kind.startswith("int"):
+                    values[f.name] = int(raw or 0)
+                elif kind.startswith("float"):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError:
+                raise MixchatError(f"{f.name}: {raw!r} is not a number") from None
+        s = Settings(**values)
+        s.check()
+        return s
+
+    def action_save(self) -> None:
+        try:
+            self.dismiss(self.collect())
+        except MixchatError as exc:
+            self.query_one("#error", Static).update(str(exc))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.action_save() if event.button.id == "save" else self.action_cancel()
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    DEFAULT_CSS = """
+    ConfirmScreen { align: center middle; }
+    ConfirmScreen > Vertical { width: 60; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    ConfirmScreen Horizontal { height: auto; align: right middle; margin-top: 1; }
+    """
+    BINDINGS = [("escape", "no", "No"), ("y", "yes", "Yes")]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(self.question)
+            with Horizontal():
+                yield Button("No", id="no")
+                yield Button("Yes, delete", id="yes", variant="error")
+
+    def action_yes(self) -> None:
+        self.dismiss(True)
+
+    def action_no(self) -> None:
+        self.dismiss(False)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+
+class RenameScreen(ModalScreen[str | None]):
+    DEFAULT_CSS = """
+    RenameScreen { align: center middle; }
+    RenameScreen > Vertical { width: 70; height: auto; border: thick $primary; background: $surface; padding: 1 2; }
+    """
+    BINDINGS = [("escape", "cancel", "Cancel")]
+
+    def __init__(self, title: str) -> None:
+        super().__init__()
+        self.title_text = title
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static("New title (Enter to save, Esc to cancel)")
+            yield Input(self.title_text, id="title")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+HELP = """\
+# mixchat
+
+Type a message and press **Enter** to send it; **Ctrl+J** starts a new line; **Up** recalls what
+you typed before.
+
+| key | does |
+|---|---|
+| Esc | stop the reply (the partial text is kept, marked *stopped*, and saved) |
+| Ctrl+R | regenerate the last reply (the KV cache rewinds; the history is not recomputed) |
+| Ctrl+E | edit your last message: it comes back into the input; Enter resends it |
+| Ctrl+Y / Ctrl+K | copy the last reply / its last code block |
+| Ctrl+N | new conversation (in a new tab) · Ctrl+W closes the tab |
+| F2 | settings · F3 expert view · F4 next expert layer · F1 this help |
+| sidebar | type to filter · Enter opens · r renames · d deletes |
+| Ctrl+Q | quit (conversations are saved as you go) |
+
+The status bar shows the speed while the model writes (tokens per second, time to first token,
+prefill speed), how much of the context is used, and how many tokens the KV cache re-used.
+When the context is full, the reply stops (`cut at the token limit`): start a new conversation.
+
+The expert view (Mixtral-style models) colours each generated token by the expert it went to at
+the chosen layer, like the routing figure of the Mixtral paper; click a token to see its experts
+and weights at every layer; the heat-map shows how often each expert was used in this conversation.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll {
+        width: 90%; max-width: 100; height: 90%; border: thick $primary; background: $surface;
+    }
+    """
+    BINDINGS = [("escape", "dismiss", "Close"), ("f1", "dismiss", "Close"), ("q", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Markdown(HELP)

@@ -1,0 +1,189 @@
+"""The widgets of the chat screen. They show text and numbers they are given; none runs the model."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.style import Style
+from rich.table import Table
+from rich.text import Text
+from textual import events
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Markdown, Static, TextArea
+
+EXPERT_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
+                 "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000"]
+
+
+def expert_color(e: int) -> str:
+    return EXPERT_COLORS[e % len(EXPERT_COLORS)]
+
+
+class MessageView(Vertical):
+    """One message. Assistant text streams in as plain text and settles into Markdown; with the
+    expert view on, it shows each token coloured by the expert it went to at the chosen layer,
+    and each token is clickable to show its routing at every layer."""
+
+    DEFAULT_CSS = """
+    MessageView { height: auto; margin: 0 0 1 0; padding: 0 1; }
+    MessageView.user { background: $boost; border-left: thick $accent; }
+    MessageView.assistant { border-left: thick $success; }
+    MessageView > .role { color: $text-muted; text-style: bold; }
+    MessageView > Markdown { margin: 0; padding: 0; }
+    MessageView > Static.body { height: auto; }
+    """
+
+    def __init__(self, role: str, text: str = "", index: int = 0, stop: str | None = "eos",
+                 tokens: list | None = None) -> None:
+        super().__init__(classes=role)
+        self.role, self.text, self.index, self.stop = role, text, index, stop
+        # (text, experts per layer, weights per layer) for each generated token, when known
+        self.tokens: list[tuple[str, list | None, list | None]] = tokens or []
+        self.streaming = False
+        self.expert_layer: int | None = None  # None: expert colouring off
+
+    def compose(self):
+        yield Static(self._label(), classes="role")
+        if self.role == "assistant" and not self.streaming and self.expert_layer is None:
+            yield Markdown(self.text)
+        else:
+            yield Static(self._body(), classes="body")
+
+    def _label(self) -> str:
+        marks = {"interrupted": " · stopped", "length": " · cut at the token limit",
+                 None: " · unfinished"}
+        mark = "" if self.streaming or self.role == "user" else marks.get(self.stop, "")
+        return ("you" if self.role == "user" else "assistant") + mark
+
+    def _body(self) -> Text:
+        if self.expert_layer is None or not self.tokens or self.tokens[0][1] is None:
+            return Text(self.text)
+        out = Text()
+        for i, (piece, experts, _) in enumerate(self.tokens):
+            layer = min(self.expert_layer, len(experts) - 1)
+            e = experts[layer][0]
+            out.append(piece, Style(color=expert_color(e), meta={"@click": f"app.select_token({self.index},{i})"}))
+        return out
+
+    async def refresh_body(self) -> None:
+        await self.remove_children()
+        await self.mount_all(list(self.compose()))
+
+    def append(self, piece: str, experts, weights) -> None:
+        """Streaming: cheap update of a single Static, no re-mount."""
+        self.text += piece
+        self.tokens.append((piece, experts, weights))
+        self.query_one(".body", Static).update(self._body())
+
+
+class ChatLog(VerticalScroll):
+    DEFAULT_CSS = "ChatLog { height: 1fr; padding: 0 1; }"
+
+
+class PromptInput(TextArea):
+    """Multi-line input: Enter sends, Ctrl+J (or Shift+Enter where the terminal reports it) starts
+    a new line, Up on the first line recalls earlier inputs."""
+
+    DEFAULT_CSS = "PromptInput { height: auto; max-height: 10; min-height: 3; }"
+
+    class Submitted(Message):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    def __init__(self, history: list[str] | None = None, **kw) -> None:
+        super().__init__(soft_wrap=True, show_line_numbers=False, **kw)
+        self.inputs = history or []
+        self._recall = len(self.inputs)
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            text = self.text.strip()
+            if text:
+                self.inputs.append(self.text)
+                self._recall = len(self.inputs)
+                self.post_message(self.Submitted(self.text))
+                self.clear()
+            return
+        if event.key in ("ctrl+j", "shift+enter"):
+            event.stop()
+            event.prevent_default()
+            self.insert("\n")
+            return
+        if event.key == "up" and self.cursor_location[0] == 0 and self.inputs and self._recall > 0:
+            event.stop()
+            event.prevent_default()
+            self._recall -= 1
+            self.load_text(self.inputs[self._recall])
+            return
+        if event.key == "down" and self._recall < len(self.inputs) and \
+                self.cursor_location[0] == self.document.line_count - 1:
+            event.stop()
+            event.prevent_default()
+            self._recall += 1
+            self.load_text(self.inputs[self._recall] if self._recall < len(self.inputs) else "")
+            return
+        await super()._on_key(event)
+
+
+class StatusBar(Static):
+    DEFAULT_CSS = "StatusBar { height: 2; background: $panel; color: $text; padding: 0 1; }"
+
+
+def gauge(used: int, limit: int, width: int = 12) -> str:
+    frac = min(used / limit, 1.0) if limit else 0.0
+    return "█" * round(frac * width) + "░" * (width - round(frac * width))
+
+
+class ExpertPanel(Static):
+    """Per layer: the experts the current/selected token used, with weights; and the running
+    layer × expert usage heat-map of the conversation."""
+
+    DEFAULT_CSS = "ExpertPanel { width: 46; height: 1fr; border-left: solid $primary; padding: 0 1; overflow-y: auto; }"
+
+    def show(self, moe: bool, n_experts: int, layer: int, token: tuple | None, usage: list[Counter],
+             title: str = "last token") -> None:
+        if not moe:
+            self.update(Text("Expert view\n\nThis is a dense model: every token goes through the same "
+                             "feed-forward block, so there is no routing to show.", style="italic"))
+            return
+        out = Table.grid(padding=(0, 1))
+        out.add_column()
+        out.add_row(Text(f"Expert view · colour = top expert at layer {layer}", style="bold"))
+        tok_table = Table("layer", "experts (weight)", box=None, padding=(0, 1), title=f"{title}: "
+                          f"{token[0]!r}" if token else title)
+        if token and token[1] is not None:
+            experts, weights = token[1], token[2]
+            for i, ids in enumerate(experts):
+                cells = Text()
+                for k, e in enumerate(ids):
+                    cells.append(f"e{e}", Style(color=expert_color(e), bold=True))
+                    cells.append(f" {weights[i][k]:.2f}  " if weights else "  ")
+                tok_table.add_row(Text(f"{i}", style="reverse" if i == layer else ""), cells)
+        out.add_row(tok_table)
+        heat = Table(box=None, padding=(0, 0), title="usage this conversation (share of tokens)")
+        heat.add_column("L")
+        for e in range(n_experts):
+            heat.add_column(Text(f"e{e}".rjust(6), style=expert_color(e)))
+        shades = " ░▒▓█"
+        for i, counts in enumerate(usage):
+            total = sum(counts.values()) or 1
+            cells = []
+            for e in range(n_experts):
+                share = counts.get(e, 0) / total
+                cells.append(Text(shades[min(4, round(share * 2 * 4))] * 2 + f"{share:.0%}".rjust(4),
+                                  style=expert_color(e)))
+            heat.add_row(str(i), *cells)
+        out.add_row(heat)
+        self.update(out)
+
+
+class Sidebar(Vertical):
+    DEFAULT_CSS = """
+    Sidebar { width: 32; border-right: solid $primary; }
+    Sidebar > Input { margin: 0; }
+    Sidebar > ListView { height: 1fr; }
+    """

@@ -1,0 +1,197 @@
+"""The Textual app driven by Pilot on small random checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+from conftest import tiny_args
+
+from mixchat.settings import Settings
+from mixchat.tui.app import ChatPane, MixchatApp
+from mixchat.tui.widgets import ExpertPanel, MessageView, PromptInput, StatusBar
+
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+
+
+async def wait_until(pilot, condition, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting")
+        await pilot.pause(0.05)
+
+
+def settings(**kw) -> Settings:
+    base = dict(dtype="fp32", temperature=1.0, top_p=1.0, repeat_penalty=1.0, max_tokens=100000, seed=1)
+    base.update(kw)
+    return Settings(**base)
+
+
+async def send(pilot, app, text: str) -> None:
+    prompt = app.query_one(PromptInput)
+    prompt.focus()
+    prompt.load_text(text)
+    await pilot.press("enter")
+
+
+def plain(widget) -> str:
+    """What a Static shows, as plain text (Rich renderables are printed to a recording console)."""
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(widget.content)
+    return console.export_text()
+
+
+def status(app) -> str:
+    return plain(app.query_one(StatusBar))
+
+
+@pytest.fixture
+def mixtral(make_release):
+    return make_release(tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15)
+
+
+def test_send_stream_stop_and_the_sidebar(mixtral):
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings())
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await send(pilot, app, "Hello there")
+            pane = app.pane
+            await wait_until(pilot, lambda: pane.stats.get("count", 0) >= 20)
+            app.update_status()
+            assert "tok/s" in status(app)
+            reply = pane.reply
+            assert reply.text and reply.streaming
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: not pane.busy)
+            assert reply.stop == "interrupted" and "stopped" in plain(reply.query_one(".role"))
+            saved = app.store.messages(pane.cid)
+            assert [m.role for m in saved] == ["user", "assistant"]
+            assert saved[1].stop == "interrupted" and saved[1].content == reply.text
+            items = app.query_one("#conversations").children
+            assert len(items) == 1 and items[0].cid == pane.cid
+            assert "Hello there" in plain(items[0].query_one("Static"))
+            # the status keeps the final figures and the cache state
+            assert "context" in status(app) and "cache re-used 0 tokens" in status(app)
+
+    asyncio.run(scenario())
+
+
+def test_second_turn_reuses_the_cache_and_regenerate_rewinds(mixtral):
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(max_tokens=6, temperature=0))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await send(pilot, app, "first")
+            pane = app.pane
+            await wait_until(pilot, lambda: not pane.busy and pane.phase in ("eos", "length"))
+            await send(pilot, app, "second")
+            await wait_until(pilot, lambda: not pane.busy and len(pane.views()) == 4)
+            assert pane.stats["cached"] > 0
+            before = pane.views()[-1].text
+            await pilot.press("ctrl+r")
+            await wait_until(pilot, lambda: not pane.busy and len(pane.views()) == 4 and pane.stats.get("cached"))
+            assert pane.views()[-1].text == before  # greedy: same reply, from the rewound cache
+            assert [m.role for m in app.store.messages(pane.cid)] == ["user", "assistant"] * 2
+
+    asyncio.run(scenario())
+
+
+def test_expert_view_colours_tokens_and_shows_routing(mixtral):
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(max_tokens=8))
+        async with app.run_test(size=(140, 40)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await pilot.press("f3")
+            await send(pilot, app, "route me")
+            pane = app.pane
+            await wait_until(pilot, lambda: not pane.busy and pane.reply is not None and not pane.reply.streaming)
+            panel = plain(app.query_one(ExpertPanel))
+            assert "Expert view" in panel and "usage this conversation" in panel
+            assert sum(sum(c.values()) for c in pane.usage) == 3 * 2 * len(pane.reply.tokens)
+            app.action_select_token(1, 0)
+            assert "selected token" in plain(app.query_one(ExpertPanel))
+            await pilot.press("f4")
+            assert app.settings.expert_layer == 1
+
+    asyncio.run(scenario())
+
+
+def test_dense_model_says_the_expert_view_does_not_apply(make_release):
+    folder = make_release(tiny_args(sliding_window=8))
+
+    async def scenario():
+        app = MixchatApp(model=str(folder), settings=settings(max_tokens=2))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await pilot.press("f3")
+            assert "dense model" in plain(app.query_one(ExpertPanel))
+
+    asyncio.run(scenario())
+
+
+def test_bad_model_folder_shows_the_error_and_the_app_stays_up(tmp_path):
+    async def scenario():
+        app = MixchatApp(model=str(tmp_path / "missing"), settings=settings())
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.model_error is not None)
+            assert "no such folder" in status(app)
+            await send(pilot, app, "anyone?")
+            await pilot.pause(0.1)
+            assert app.is_running and len(app.pane.views()) == 0
+            await pilot.press("f1")
+            assert app.screen.__class__.__name__ == "HelpScreen"
+
+    asyncio.run(scenario())
+
+
+def test_settings_change_takes_effect_and_is_saved(mixtral):
+    from mixchat import settings as settings_mod
+
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings())
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await pilot.press("f2")
+            screen = app.screen
+            screen.query_one("#set-temperature").value = "0"
+            screen.query_one("#set-max_tokens").value = "3"
+            screen.query_one("#set-system").value = "Be terse."
+            await pilot.press("ctrl+s")
+            await pilot.pause(0.1)
+            assert app.settings.temperature == 0 and app.settings.max_tokens == 3
+            assert settings_mod.load().max_tokens == 3
+            await send(pilot, app, "hi")
+            pane = app.pane
+            await wait_until(pilot, lambda: not pane.busy and len(pane.views()) == 2)
+            assert len(pane.reply.tokens) <= 3
+            assert pane.chat.system == "Be terse."
+
+    asyncio.run(scenario())
+
+
+def test_reopen_a_saved_conversation_from_the_sidebar(mixtral):
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(max_tokens=4))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await send(pilot, app, "remember me")
+            await wait_until(pilot, lambda: not app.pane.busy and app.pane.cid)
+            cid = app.pane.cid
+        app2 = MixchatApp(model=str(mixtral), settings=settings(max_tokens=4))
+        async with app2.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app2.engine is not None)
+            view = app2.query_one("#conversations")
+            view.focus()
+            view.index = 0
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: isinstance(app2.pane, ChatPane) and app2.pane.cid == cid)
+            texts = [v.text for v in app2.pane.query(MessageView)]
+            assert texts[0] == "remember me" and len(texts) == 2
+
+    asyncio.run(scenario())
