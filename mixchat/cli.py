@@ -119,7 +119,16 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
         return repl.run(ns)
     from mixchat.tui.app import MixchatApp
 
-    MixchatApp(model=model, first_message=first_message, demo_note=note).run()
+    settings = settings_mod.load()
+    for key in ("temperature", "top_p", "top_k", "repeat_penalty", "seed", "max_tokens", "system"):
+        if getattr(ns, key, None) is not None:  # flags given now win over the saved settings
+            setattr(settings, key, getattr(ns, key))
+    if ns.dtype != "auto":
+        settings.dtype = ns.dtype
+    if ns.threads:
+        settings.threads = ns.threads
+    settings.check()
+    MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note).run()
     return 0
 
 
@@ -190,13 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send stdin (or -p) as the first message, then keep chatting in the terminal")
     i.add_argument("--plain", action="store_true", help="line mode instead of the full-screen app")
     s = parser.add_argument_group("sampling")
-    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
-    s.add_argument("--repeat-penalty", type=float, default=1.1,
-                   help="penalise the last 64 tokens' ids; 1 = off (default 1.1)")
+    # Defaults are None so an interactive session can tell a flag given now from its saved settings.
+    s.add_argument("--temperature", type=float, help="0 = greedy (default 0.7)")
+    s.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")
+    s.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 = off (default)")
+    s.add_argument("--repeat-penalty", type=float, help="penalise the last 64 tokens' ids; 1 = off (default 1.1)")
     s.add_argument("--seed", type=int, help="same seed and settings give the same text")
-    s.add_argument("--max-tokens", type=int, default=512, help="stop after this many new tokens (default 512)")
+    s.add_argument("--max-tokens", type=int, help="stop after this many new tokens (default 512)")
     parser.set_defaults(func=_chat)
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -31,8 +31,9 @@ def read_stdin(stream: TextIO | None = None) -> str:
 def sampling_from(ns: Namespace):
     from mixchat.sampling import SamplingSettings
 
-    s = SamplingSettings(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                         repeat_penalty=ns.repeat_penalty, max_tokens=ns.max_tokens, seed=ns.seed)
+    given = {k: getattr(ns, k, None) for k in ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens",
+                                                 "seed")}
+    s = SamplingSettings(**{k: v for k, v in given.items() if v is not None})
     s.check()
     return s
 

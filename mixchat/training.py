@@ -58,17 +58,25 @@ def attention_train(attn: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, 
 
 
 def moe_train(moe: MoeFeedForward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MoeFeedForward's routing over flattened tokens [N, D]; returns (out, router logits, chosen)."""
+    """MoeFeedForward's routing over flattened tokens [N, D]; returns (out, router logits, chosen).
+
+    The same math as MoeFeedForward.forward, dispatched for training: the N*k (token, slot) pairs
+    are sorted by expert so one gather feeds every expert a contiguous slice and one index_add
+    brings the results back (per-expert gathers and scatters cost as much as the experts' matmuls).
+    """
+    n, k = x.shape[0], moe.top_k
     logits = moe.gate(x)  # [N, E]
-    top_logits, chosen = torch.topk(logits, moe.top_k, dim=-1)
+    top_logits, chosen = torch.topk(logits, k, dim=-1)
     weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)  # [N, k]
-    out = torch.zeros_like(x)
-    for e, expert in enumerate(moe.experts):
-        tokens, rank = torch.where(chosen == e)
-        if tokens.numel() == 0:
-            continue
-        y = expert(x[tokens]) * weights[tokens, rank, None]
-        out = out.index_add(0, tokens, y)
+    flat = chosen.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tokens = order // k
+    counts = torch.bincount(flat, minlength=len(moe.experts)).tolist()
+    xs = x[tokens]  # [N*k, D], grouped by expert
+    ys = torch.cat([expert(part) for expert, part in zip(moe.experts, xs.split(counts), strict=True) if len(part)])
+    ys = ys * weights.reshape(-1)[order, None]
+    out = torch.zeros_like(x).index_add_(0, tokens, ys)
+    assert out.shape[0] == n
     return out, logits, chosen
 
 

@@ -92,6 +92,7 @@ class MixchatApp(App):
         ("ctrl+n", "new_chat", "New"),
         ("ctrl+w", "close_tab", "Close tab"),
         ("ctrl+b", "toggle_sidebar", "Sidebar"),
+        ("ctrl+o", "focus_sidebar", "Conversations"),
         ("f1", "help", "Help"),
         ("f2", "settings", "Settings"),
         ("f3", "toggle_experts", "Experts"),
@@ -119,6 +120,7 @@ class MixchatApp(App):
         self._panes = 0
         self._filter = ""
         self._history = self._load_history()
+        self._queued: list[str] = []  # typed before the model was loaded
 
     # -- layout ----------------------------------------------------------------------------------
 
@@ -185,8 +187,13 @@ class MixchatApp(App):
         self.update_status()
         self.refresh_experts()
         if self.first_message:
-            text, self.first_message = self.first_message, None
-            self.send(text)
+            self._queued.insert(0, self.first_message)
+            self.first_message = None
+        if self._queued:
+            self.send(self._queued.pop(0))  # one at a time: the rest were typed while it loaded
+            if self._queued:
+                self.prompt.load_text("\n\n".join(self._queued))
+                self._queued.clear()
 
     def on_model_failed(self, msg: ModelFailed) -> None:
         self.load_bar.remove_class("active")
@@ -305,7 +312,12 @@ class MixchatApp(App):
             self.notify("the model is still writing: Esc stops it")
             return
         if pane.chat is None:
-            self.notify(self.model_error or "the model is still loading", severity="warning")
+            if self.model_error:
+                self.notify(self.model_error, severity="error")
+                self.prompt.load_text(text)  # nothing typed is lost
+            else:
+                self._queued.append(text)
+                self.notify("the model is still loading: your message is sent as soon as it is ready")
             return
         editing, pane.editing = pane.editing, None
         self._start(pane, "edit" if editing is not None else "send", text, editing)
@@ -417,11 +429,15 @@ class MixchatApp(App):
     # -- status ----------------------------------------------------------------------------------
 
     def update_status(self) -> None:
+        text = self._status_text()
+        if text != getattr(self, "_last_status", None):  # the timer ticks 4x a second; redraw only changes
+            self._last_status = text
+            self.status_bar.update(text)
+
+    def _status_text(self) -> str:
         pane = self.pane
         if self.engine is None:
-            left = f"[b]model[/b] {self.model_error}" if self.model_error else f"loading {self.model_folder} …"
-            self.status_bar.update(left)
-            return
+            return f"[b]model[/b] {self.model_error}" if self.model_error else f"loading {self.model_folder} …"
         e = self.engine
         name = Path(str(e.release.folder)).name
         line1 = f"[b]{name}[/b] · {str(e.dtype).removeprefix('torch.')} on {e.device}"
@@ -443,7 +459,7 @@ class MixchatApp(App):
                 if used > 0.9 * limit else " (when full, replies stop; start a new chat)"
             cache = f" · cache re-used {s['cached']} tokens" if "cached" in s else ""
             line2 = f"context {gauge(used, limit)} {used}/{limit}{warn}{cache}"
-        self.status_bar.update(line1 + "\n" + line2)
+        return line1 + "\n" + line2
 
     def refresh_experts(self) -> None:
         panel = self.expert_panel
@@ -458,6 +474,12 @@ class MixchatApp(App):
                    "selected token" if getattr(self, "_selected", None) else "last token")
 
     # -- actions ---------------------------------------------------------------------------------
+
+    async def action_quit(self) -> None:
+        # Stop every reply first: a worker thread still decoding would keep the process alive.
+        for pane in self.tabs.query(ChatPane):
+            pane.cancel.set()
+        self.exit()
 
     def action_stop(self) -> None:
         pane = self.pane
@@ -538,6 +560,13 @@ class MixchatApp(App):
 
     def action_toggle_sidebar(self) -> None:
         self.sidebar.toggle_class("hidden")
+
+    def action_focus_sidebar(self) -> None:
+        self.sidebar.remove_class("hidden")
+        self.refresh_sidebar()
+        self.conversations.focus()
+        if self.conversations.children:
+            self.conversations.index = 0
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -176,7 +176,7 @@ you typed before.
 | Ctrl+Y / Ctrl+K | copy the last reply / its last code block |
 | Ctrl+N | new conversation (in a new tab) · Ctrl+W closes the tab |
 | F2 | settings · F3 expert view · F4 next expert layer · F1 this help |
-| sidebar | type to filter · Enter opens · r renames · d deletes |
+| Ctrl+O | go to the conversation list: Enter opens · r renames · d deletes; type in its box to filter |
 | Ctrl+Q | quit (conversations are saved as you go) |
 
 The status bar shows the speed while the model writes (tokens per second, time to first token,

@@ -1,0 +1,74 @@
+"""mixchat in a real terminal: tmux runs it, send-keys types, capture-pane reads the screen."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tiny_args
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is installed by .ci/run")
+
+
+class Terminal:
+    def __init__(self, name: str, command: list[str], env: dict) -> None:
+        self.name = name
+        exports = " ".join(f"{k}={v}" for k, v in env.items())
+        cmd = f"env {exports} " + " ".join(command)
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "110", "-y", "32", cmd], check=True)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True).stdout
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+
+    def wait_for(self, text: str, timeout: float = 60) -> str:
+        end = time.time() + timeout
+        while time.time() < end:
+            screen = self.screen()
+            if text in screen:
+                return screen
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} never appeared; the screen was:\n{self.screen()}")
+
+    def alive(self) -> bool:
+        return subprocess.run(["tmux", "has-session", "-t", self.name], capture_output=True).returncode == 0
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+
+
+def test_chat_in_a_real_terminal_then_reopen(make_release, tmp_path):
+    folder = make_release(tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2}), "torrent", seed=3, std=0.15)
+    env = {"MIXCHAT_HOME": str(tmp_path / "home"), "TERM": "xterm-256color", "PATH": os.environ["PATH"]}
+    command = [sys.executable, "-m", "mixchat", "--model", str(folder), "--max-tokens", "40"]
+    name = f"mixchat-{os.getpid()}"
+    term = Terminal(name, command, env)
+    try:
+        term.wait_for(f"{folder.name} · bfloat16 on cpu")  # the status bar once the model is loaded
+        term.keys("-l", "Hello from tmux")
+        term.keys("Enter")
+        screen = term.wait_for("tok/s")
+        assert "Hello from tmux" in screen
+        term.keys("C-q")
+        end = time.time() + 20
+        while term.alive() and time.time() < end:
+            time.sleep(0.2)
+        assert not term.alive()
+
+        term = Terminal(name, command, env)
+        term.wait_for(f"{folder.name} · bfloat16 on cpu")
+        term.keys("C-o")
+        term.wait_for("Hello from tmux")  # the sidebar lists the saved conversation
+        term.keys("Enter")
+        time.sleep(1.0)
+        screen = term.screen()
+        assert screen.count("Hello from tmux") >= 2  # in the sidebar and reopened in the chat
+        assert "assistant" in screen
+    finally:
+        term.close()

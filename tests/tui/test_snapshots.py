@@ -1,0 +1,76 @@
+"""How the main screen, the settings sheet and the expert view look (pytest-textual-snapshot).
+Update with `pytest tests/tui/test_snapshots.py --snapshot-update` after a deliberate change."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import tiny_args
+
+from mixchat.settings import Settings
+from mixchat.store import Store
+
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+SIZE = (110, 32)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A fixed path, so the model name in the status bar is the same on every machine."""
+    from mixchat.synthetic import mistral_common_tokenizer, write_release
+
+    return write_release(tmp_path / "tiny-mixtral", tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15,
+                         tokenizer=mistral_common_tokenizer("v1"))
+
+
+def make_app(folder, tmp_path):
+    from mixchat.tui.app import MixchatApp
+
+    settings = Settings(dtype="fp32", temperature=0, repeat_penalty=1.0, max_tokens=12)
+    return MixchatApp(model=str(folder), settings=settings, store=Store(tmp_path / "store.sqlite3"))
+
+
+async def loaded(pilot) -> None:
+    app = pilot.app
+    end = time.monotonic() + 60
+    while app.engine is None and time.monotonic() < end:
+        await pilot.pause(0.05)
+    app.prompt.cursor_blink = False  # a blinking cursor would make the picture depend on timing
+    await pilot.pause(0.05)
+
+
+async def answered(pilot) -> None:
+    app = pilot.app
+    await loaded(pilot)
+    app.prompt.load_text("Tell me about rivers")
+    await pilot.press("enter")
+    end = time.monotonic() + 60
+    while (app.pane.busy or app.pane.reply is None or app.pane.reply.streaming) and time.monotonic() < end:
+        await pilot.pause(0.05)
+    # Speeds differ from run to run; pin them so the picture is stable.
+    app.pane.stats.update(decode_tps=12.5, prefill_tps=250.0, ttft=0.04, tps=12.5)
+    app.update_status()
+    await pilot.pause(0.1)
+
+
+def test_main_screen(snap_compare, folder, tmp_path):
+    assert snap_compare(make_app(folder, tmp_path), terminal_size=SIZE, run_before=loaded)
+
+
+def test_settings_sheet(snap_compare, folder, tmp_path):
+    async def open_settings(pilot):
+        await loaded(pilot)
+        await pilot.press("f2")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(folder, tmp_path), terminal_size=SIZE, run_before=open_settings)
+
+
+def test_expert_view(snap_compare, folder, tmp_path, monkeypatch):
+    monkeypatch.setattr("mixchat.store.new_id", lambda: "19abcdef0123456789")  # shown in the sidebar
+    async def experts(pilot):
+        await pilot.press("f3")
+        await answered(pilot)
+
+    assert snap_compare(make_app(folder, tmp_path), terminal_size=(130, 36), run_before=experts)
