@@ -310,6 +310,7 @@ class MixchatApp(App):
             return
         if pane.busy:
             self.notify("the model is still writing: Esc stops it")
+            self.prompt.load_text(text)  # keep what was typed
             return
         if pane.chat is None:
             if self.model_error:

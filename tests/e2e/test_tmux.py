@@ -72,3 +72,22 @@ def test_chat_in_a_real_terminal_then_reopen(make_release, tmp_path):
         assert "assistant" in screen
     finally:
         term.close()
+
+
+def test_piped_notes_then_keep_chatting(make_release, tmp_path):
+    folder = make_release(tiny_args(sliding_window=16), seed=4, std=0.15)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Meeting notes: ship the demo on Friday.\n")
+    env = {"MIXCHAT_HOME": str(tmp_path / "home"), "TERM": "xterm-256color", "PATH": os.environ["PATH"]}
+    command = ["cat", str(notes), "|", sys.executable, "-m", "mixchat", "-i", "--model", str(folder),
+               "--max-tokens", "8"]
+    term = Terminal(f"mixchat-i-{os.getpid()}", ["sh", "-c", "'" + " ".join(command) + "'"], env)
+    try:
+        term.wait_for("Meeting notes: ship the demo on Friday.")  # sent as the first message
+        term.wait_for("first token")  # the reply is done (the status shows its final figures)
+        term.keys("-l", "And after that?")
+        term.keys("Enter")
+        screen = term.wait_for("And after that?")
+        assert "Meeting notes" in screen
+    finally:
+        term.close()
