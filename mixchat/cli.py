@@ -120,6 +120,14 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
     from mixchat.tui.app import MixchatApp
 
     settings = settings_mod.load()
+    if note:  # the demo model: its recommended sampling (it loops when greedy) over the saved defaults
+        from pathlib import Path
+
+        from mixchat.config import ModelArgs
+        from mixchat.oneshot import recommended_sampling
+
+        for key, value in recommended_sampling(extra=ModelArgs.from_file(Path(model) / "params.json").extra).items():
+            setattr(settings, key, value)
     for key in ("temperature", "top_p", "top_k", "repeat_penalty", "seed", "max_tokens", "system"):
         if getattr(ns, key, None) is not None:  # flags given now win over the saved settings
             setattr(settings, key, getattr(ns, key))

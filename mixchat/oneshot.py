@@ -28,12 +28,22 @@ def read_stdin(stream: TextIO | None = None) -> str:
     return text.removeprefix("\ufeff")
 
 
-def sampling_from(ns: Namespace):
+def recommended_sampling(engine=None, extra: dict | None = None) -> dict:
+    """Sampling defaults a release folder recommends in params.json under "mixchat": {"sampling":
+    {...}} (the demo model does: greedy decoding of a model that small loops). Flags still win."""
+    rec = (engine.args.extra if engine is not None else extra or {}).get("mixchat", {})
+    rec = rec.get("sampling", {}) if isinstance(rec, dict) else {}
+    keys = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens")
+    return {k: v for k, v in rec.items() if k in keys} if isinstance(rec, dict) else {}
+
+
+def sampling_from(ns: Namespace, recommended: dict | None = None):
+    """Sampling settings from the flags given, then the model's recommendation, then the defaults."""
     from mixchat.sampling import SamplingSettings
 
     given = {k: getattr(ns, k, None) for k in ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens",
                                                  "seed")}
-    s = SamplingSettings(**{k: v for k, v in given.items() if v is not None})
+    s = SamplingSettings(**{**(recommended or {}), **{k: v for k, v in given.items() if v is not None}})
     s.check()
     return s
 
@@ -102,6 +112,7 @@ def run(ns: Namespace, text: str, out: TextIO = sys.stdout, err: TextIO = sys.st
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
 
     engine = Engine.load(model, dtype=ns.dtype, device=ns.device, threads=ns.threads)
+    settings = sampling_from(ns, recommended_sampling(engine))
     show_stats = ns.stats or err.isatty()
     done = None
     with _StopOnSigint() as cancel:

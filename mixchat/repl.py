@@ -427,7 +427,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
 
     from mixchat import kvstore, paths
     from mixchat.engine import Engine
-    from mixchat.oneshot import _resolve_conversation, sampling_from
+    from mixchat.oneshot import _resolve_conversation, recommended_sampling, sampling_from
     from mixchat.store import Store
 
     out = out or sys.stdout
@@ -439,6 +439,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
     if not model:
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
     engine = Engine.load(model, dtype=ns.dtype, device=ns.device, threads=ns.threads)
+    settings = sampling_from(ns, recommended_sampling(engine))
     pool = kvstore.SessionPool(engine, paths.kv_dir())
     if conv is not None and ns.system is not None and ns.system != conv.system and not ns.no_save:
         store.update_settings(conv.id, ns.system, conv.settings)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -118,10 +117,13 @@ def test_prompt_over_the_context(make_release):
     assert proc.returncode == 2 and "tokens of context" in one_error_line(proc)
 
 
-def test_no_model_and_bad_flags(mixtral, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MIXCHAT_MODEL"}
-    proc = subprocess.run([sys.executable, "-m", "mixchat", "-p", "hi"], capture_output=True, env=env, timeout=60)
-    assert proc.returncode == 2 and "no model given" in one_error_line(proc)
+def test_no_model_and_bad_flags(mixtral, tmp_path, monkeypatch, capsys):
+    from mixchat import cli, paths
+
+    monkeypatch.delenv("MIXCHAT_MODEL", raising=False)
+    monkeypatch.setattr(paths, "demo_model", lambda: None)  # a checkout without the demo model
+    assert cli.main(["-p", "hi"]) == 2
+    assert "no model given" in capsys.readouterr().err
     proc = mixchat("-m", str(mixtral), "-p", "hi", "--top-p", "1.5")
     assert proc.returncode == 2 and "--top-p 1.5" in one_error_line(proc)
     proc = mixchat("-m", str(tmp_path / "nowhere"), "-p", "hi")
@@ -144,3 +146,19 @@ def test_sigint_stops_keeps_the_partial_answer_and_exits_130(mixtral):
     done = all_lines[-1]
     assert done["done"] and done["stop"] == "interrupted"
     assert done["generated_tokens"] == len(all_lines) - 1 >= 5
+
+
+def test_sampling_recommended_in_params_json_applies_unless_a_flag_overrides(make_release):
+    args = tiny_args(sliding_window=8)
+    params = {**args.to_params(), "mixchat": {"sampling": {"temperature": 0, "max_tokens": 6}}}
+    folder = make_release(args, params=params, seed=8, std=0.15)
+
+    def tokens(*flags) -> list[int]:
+        out = mixchat("-m", str(folder), "--no-save", "--json", "-p", "hello", *flags).stdout.decode()
+        return [json.loads(line)["token"] for line in out.splitlines()[:-1]]
+
+    runs = [tokens() for _ in range(2)]
+    # No seed given, yet identical and equal to explicit greedy: the recommendation made it greedy.
+    assert runs[0] == runs[1] == tokens("--temperature", "0", "--max-tokens", "6")
+    assert len(runs[0]) <= 6
+    assert tokens("--temperature", "0", "--max-tokens", "9")[: len(runs[0])] == runs[0]
