@@ -5,21 +5,18 @@ back only by posting messages (post_message never waits, so drawing cannot slow 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Input, ListItem, ListView, ProgressBar, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Input, ListItem, ListView, ProgressBar, Static, TabbedContent
 
 from mixchat import settings as settings_mod
 from mixchat.errors import MixchatError
 from mixchat.settings import Settings
+from mixchat.tui import clipboard, history
 from mixchat.tui.messages import (
     GenerationFailed,
     GenerationFinished,
@@ -29,45 +26,12 @@ from mixchat.tui.messages import (
     Prefilling,
     TokenStreamed,
 )
+from mixchat.tui.panes import ChatPane
 from mixchat.tui.screens import ConfirmScreen, HelpScreen, RenameScreen, SettingsScreen
-from mixchat.tui.widgets import ChatLog, ExpertPanel, MessageView, PromptInput, Sidebar, StatusBar, gauge
+from mixchat.tui.status import status_text
+from mixchat.tui.widgets import ExpertPanel, MessageView, PromptInput, Sidebar, StatusBar
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
-
-
-class ChatPane(TabPane):
-    """One open conversation: its messages on screen, its Chat (engine side) and its live figures."""
-
-    def __init__(self, pane_id: str, title: str, cid: str | None = None) -> None:
-        super().__init__(title[:24] or "new chat", id=pane_id)
-        self.cid = cid
-        self.chat = None  # mixchat.chat.Chat, made once the model is loaded
-        self.cancel = threading.Event()
-        self.busy = False
-        self.reply: MessageView | None = None
-        self.usage: list[Counter] = []
-        self.last_token: tuple | None = None
-        self.stats: dict = {}
-        self.phase = ""
-        self.editing: int | None = None
-
-    def compose(self) -> ComposeResult:
-        yield ChatLog()
-
-    @property
-    def log_view(self) -> ChatLog:
-        return self.query_one(ChatLog)
-
-    def views(self) -> list[MessageView]:
-        return list(self.query(MessageView))
-
-    def count_usage(self, experts: list | None) -> None:
-        if not experts:
-            return
-        while len(self.usage) < len(experts):
-            self.usage.append(Counter())
-        for layer, chosen in enumerate(experts):
-            self.usage[layer].update(chosen)
 
 
 class MixchatApp(App):
@@ -119,7 +83,7 @@ class MixchatApp(App):
         self.show_experts = False
         self._panes = 0
         self._filter = ""
-        self._history = self._load_history()
+        self._history = history.load()
         self._queued: list[str] = []  # typed before the model was loaded
 
     # -- layout ----------------------------------------------------------------------------------
@@ -301,7 +265,7 @@ class MixchatApp(App):
 
     @on(PromptInput.Submitted)
     def prompt_submitted(self, event: PromptInput.Submitted) -> None:
-        self._save_history(event.text)
+        history.append(event.text)
         self.send(event.text)
 
     def send(self, text: str) -> None:
@@ -436,31 +400,7 @@ class MixchatApp(App):
             self.status_bar.update(text)
 
     def _status_text(self) -> str:
-        pane = self.pane
-        if self.engine is None:
-            return f"[b]model[/b] {self.model_error}" if self.model_error else f"loading {self.model_folder} …"
-        e = self.engine
-        name = Path(str(e.release.folder)).name
-        line1 = f"[b]{name}[/b] · {str(e.dtype).removeprefix('torch.')} on {e.device}"
-        line2 = ""
-        if pane is not None and pane.chat is not None:
-            s = pane.stats
-            if pane.busy and s.get("count"):
-                # Live: tokens so far over the time since the first, refreshed four times a second.
-                elapsed = time.monotonic() - s.get("started", 0) - s.get("ttft", 0)
-                tps = (s["count"] - 1) / elapsed if elapsed > 0 and s["count"] > 1 else s.get("tps", 0)
-                line1 += f" · [b]{tps:.2f} tok/s[/b] · {s['count']} tokens"
-            elif pane.busy:
-                line1 += f" · {pane.phase} …"
-            elif s.get("decode_tps") is not None:
-                line1 += (f" · {s['decode_tps']:.2f} tok/s · first token {s['ttft']:.2f} s · prefill "
-                          f"{s['prefill_tps']:.1f} tok/s · {pane.phase}")
-            used, limit = pane.chat.context_used(), pane.chat.session.context_limit
-            warn = " [b red]nearly full: the reply will stop when it is; start a new conversation[/]" \
-                if used > 0.9 * limit else " (when full, replies stop; start a new chat)"
-            cache = f" · cache re-used {s['cached']} tokens" if "cached" in s else ""
-            line2 = f"context {gauge(used, limit)} {used}/{limit}{warn}{cache}"
-        return line1 + "\n" + line2
+        return status_text(self.engine, self.pane, self.model_error, self.model_folder)
 
     def refresh_experts(self) -> None:
         panel = self.expert_panel
@@ -519,20 +459,7 @@ class MixchatApp(App):
         if not text:
             self.notify(f"no {what} to copy")
             return
-        ways = []
-        try:
-            self.copy_to_clipboard(text)  # OSC 52: works over ssh in most terminals
-            ways.append("OSC 52")
-        except Exception:  # noqa: BLE001 - a terminal that cannot take it must not crash the app
-            pass
-        for tool in (["wl-copy"], ["xclip", "-selection", "clipboard"], ["xsel", "-ib"], ["pbcopy"]):
-            if shutil.which(tool[0]):
-                try:
-                    subprocess.run(tool, input=text.encode(), timeout=3, check=True, capture_output=True)
-                    ways.append(tool[0])
-                    break
-                except (OSError, subprocess.SubprocessError):
-                    continue
+        ways = clipboard.copy(self, text)
         if ways:
             self.notify(f"copied the {what} ({len(text)} characters) via {' and '.join(ways)}")
         else:
@@ -625,30 +552,3 @@ class MixchatApp(App):
         if message_index < len(views) and token_index < len(views[message_index].tokens):
             self._selected = views[message_index].tokens[token_index]
             self.refresh_experts()
-
-    # -- input history (shared with line mode; prompt_toolkit's FileHistory format) ---------------
-
-    def _load_history(self) -> list[str]:
-        from mixchat import paths
-
-        path = paths.input_history_path()
-        if not path.is_file():
-            return []
-        entries, current = [], []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("+"):
-                current.append(line[1:])
-            elif current:
-                entries.append("\n".join(current))
-                current = []
-        if current:
-            entries.append("\n".join(current))
-        return entries[-500:]
-
-    def _save_history(self, text: str) -> None:
-        from mixchat import paths
-
-        path = paths.input_history_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + "".join(f"+{x}\n" for x in text.split("\n")))
