@@ -31,7 +31,8 @@ class MessageView(Vertical):
     MessageView.assistant { border-left: thick $success; }
     MessageView > .role { color: $text-muted; text-style: bold; }
     MessageView > Markdown { margin: 0; padding: 0; }
-    MessageView > Static.body { height: auto; }
+    MessageView > Static.body { height: auto; link-style: none; link-color: $text; link-background: transparent;
+        link-style-hover: bold; link-background-hover: transparent; link-color-hover: $text; }
     """
 
     def __init__(self, role: str, text: str = "", index: int = 0, stop: str | None = "eos",
@@ -63,7 +64,9 @@ class MessageView(Vertical):
         for i, (piece, experts, _) in enumerate(self.tokens):
             layer = min(self.expert_layer, len(experts) - 1)
             e = experts[layer][0]
-            out.append(piece, Style(color=expert_color(e), meta={"@click": f"app.select_token({self.index},{i})"}))
+            # Background colour per expert, as in the Mixtral paper's routing figure; click for details.
+            out.append(piece, Style(bgcolor=expert_color(e), color="black",
+                                    meta={"@click": f"app.select_token({self.index},{i})"}))
         return out
 
     async def refresh_body(self) -> None:
@@ -161,13 +164,13 @@ class ExpertPanel(Static):
                 cells = Text()
                 for k, e in enumerate(ids):
                     cells.append(f"e{e}", Style(color=expert_color(e), bold=True))
-                    cells.append(f" {weights[i][k]:.2f}  " if weights else "  ")
+                    cells.append(f"={weights[i][k]:.2f}  " if weights else "  ")
                 tok_table.add_row(Text(f"{i}", style="reverse" if i == layer else ""), cells)
         out.add_row(tok_table)
-        heat = Table(box=None, padding=(0, 0), title="usage this conversation (share of tokens)")
+        heat = Table(box=None, padding=(0, 1), title="usage this conversation (share of tokens)")
         heat.add_column("L")
         for e in range(n_experts):
-            heat.add_column(Text(f"e{e}".rjust(6), style=expert_color(e)))
+            heat.add_column(Text(f"e{e}", style=expert_color(e)), justify="right")
         shades = " ░▒▓█"
         for i, counts in enumerate(usage):
             total = sum(counts.values()) or 1
