@@ -36,7 +36,7 @@ async def loaded(pilot) -> None:
     end = time.monotonic() + 60
     while app.engine is None and time.monotonic() < end:
         await pilot.pause(0.05)
-    app.prompt.cursor_blink = False  # a blinking cursor would make the picture depend on timing
+    app.set_focus(None)  # no blinking cursor in the picture: it would depend on timing
     await pilot.pause(0.05)
 
 
@@ -51,6 +51,7 @@ async def answered(pilot) -> None:
     # Speeds differ from run to run; pin them so the picture is stable.
     app.pane.stats.update(decode_tps=12.5, prefill_tps=250.0, ttft=0.04, tps=12.5)
     app.update_status()
+    app.set_focus(None)
     await pilot.pause(0.1)
 
 
