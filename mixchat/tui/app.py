@@ -71,6 +71,7 @@ class MixchatApp(App):
         self.model_folder = model or self.settings.model
         self.first_message = first_message
         self.demo_note = demo_note
+        self._demo_folder = self.model_folder if demo_note else None
         if store is None:
             from mixchat import paths
             from mixchat.store import Store
@@ -400,7 +401,8 @@ class MixchatApp(App):
             self.status_bar.update(text)
 
     def _status_text(self) -> str:
-        return status_text(self.engine, self.pane, self.model_error, self.model_folder)
+        demo = self._demo_folder is not None and self.model_folder == self._demo_folder
+        return status_text(self.engine, self.pane, self.model_error, self.model_folder, demo)
 
     def refresh_experts(self) -> None:
         panel = self.expert_panel

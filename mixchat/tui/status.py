@@ -8,13 +8,15 @@ from pathlib import Path
 from mixchat.tui.widgets import gauge
 
 
-def status_text(engine, pane, model_error: str | None, model_folder: str | None) -> str:
+def status_text(engine, pane, model_error: str | None, model_folder: str | None, demo: bool = False) -> str:
     """The two lines of the status bar, from the engine's facts and the pane's live figures."""
     if engine is None:
         return f"[b]model[/b] {model_error}" if model_error else f"loading {model_folder} …"
     e = engine
     name = Path(str(e.release.folder)).name
     line1 = f"[b]{name}[/b] · {str(e.dtype).removeprefix('torch.')} on {e.device}"
+    if demo:
+        line1 += " · [i]small demo model: F2 to use a real Mistral/Mixtral release folder[/i]"
     line2 = ""
     if pane is not None and pane.chat is not None:
         s = pane.stats

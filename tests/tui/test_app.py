@@ -195,3 +195,14 @@ def test_reopen_a_saved_conversation_from_the_sidebar(mixtral):
             assert texts[0] == "remember me" and len(texts) == 2
 
     asyncio.run(scenario())
+
+
+def test_the_demo_model_says_so_in_the_status_bar(mixtral):
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(), demo_note="This is the demo model.")
+        async with app.run_test(size=(160, 30)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            app.update_status()
+            assert "small demo model: F2 to use a real Mistral/Mixtral release folder" in status(app)
+
+    asyncio.run(scenario())
