@@ -93,13 +93,14 @@ def _raw(engine, text: str, settings, cancel):
     return Session(engine).generate(engine.tokenizer.encode(text, bos=True), settings, cancel)
 
 
-def run(ns: Namespace, text: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None = None) -> int:
     from mixchat import kvstore, paths
     from mixchat.chat import Chat
     from mixchat.engine import Engine
     from mixchat.generation import Done, TokenEvent
     from mixchat.store import Store
 
+    out, err = out or sys.stdout, err or sys.stderr  # looked up now: tests and callers may swap them
     settings = sampling_from(ns)
     continuing = bool(ns.cont or ns.cid)
     if ns.raw and continuing:

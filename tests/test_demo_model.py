@@ -12,7 +12,6 @@ import json
 import math
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,8 +31,9 @@ HELDOUT = Path(__file__).resolve().parent / "data" / "austen_heldout.txt"
 
 # Recorded from the shipped model (see assets/demo/TRAINING.md); update them when it is retrained.
 GREEDY_PROMPT = "It is a truth universally acknowledged"
-GREEDY_TOKENS: list[int] = []
-HELDOUT_NATS_PER_TOKEN_MAX = 0.0  # measured value + 0.05
+GREEDY_TOKENS = [4055, 306, 364, 318, 411, 296, 271, 2894, 286, 1609, 1101, 4055, 306, 364, 411, 296, 271, 2894, 286,
+                 1609]  # '. I have not been in the habit of doing anything. I have been in the habit of doing'
+HELDOUT_NATS_PER_TOKEN_MAX = 3.65  # measured 3.600 nats/token (0.856 nats/char) + 0.05
 CHAT_PROMPTS = [
     "How do you do, Miss Bennet?",
     "What do you think of Mr. Darcy?",
@@ -46,7 +46,7 @@ CHAT_PROMPTS = [
 ]
 CHAT_MAX_TOKENS = 80
 CHAT_SEED = 1811
-EOS_FRACTION_MIN = 0.0  # measured fraction minus one prompt
+EOS_FRACTION_MIN = 0.75  # measured 8/8; allows two prompts to run to --max-tokens
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_loads_strictly_with_bf16_weights_and_a_v1_tokenizer(engine):
     inst, end = tok.sp.piece_to_id("[INST]"), tok.sp.piece_to_id("[/INST]")
     assert inst > 2 and end > 2 and not tok.sp.is_control(inst)
     ids = tok.encode("[INST] Hello [/INST]", bos=False)
-    assert inst in ids and end in ids and len(ids) <= 6
+    assert ids.count(inst) == 1 and ids.count(end) == 1 and len(ids) <= 8
     assert tok.decode(tok.encode("Œuvre — 1811 ☃", bos=False)) == "Œuvre — 1811 ☃"  # byte fallback
 
 
@@ -158,29 +158,43 @@ def test_chat_format_prompt_is_what_training_used(engine):
     assert tok.decode(ids[1:]) == "[INST] How do you do? [/INST]"
 
 
-def _chat(prompt: str) -> dict:
+def _chat_argv(prompt: str) -> list[str]:
+    """The one-shot command with the demo's recommended sampling (from its params.json)."""
     sampling = json.loads((DEMO / "params.json").read_text())["mixchat"]["sampling"]
-    proc = _mixchat("--model", str(DEMO), "--no-save", "--json", "--max-tokens", str(CHAT_MAX_TOKENS),
-                    "--temperature", str(sampling["temperature"]), "--top-p", str(sampling["top_p"]),
-                    "--repeat-penalty", str(sampling["repeat_penalty"]), "--seed", str(CHAT_SEED),
-                    "--threads", "1", "-p", prompt, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    return ["--model", str(DEMO), "--no-save", "--json", "--max-tokens", str(CHAT_MAX_TOKENS),
+            "--temperature", str(sampling["temperature"]), "--top-p", str(sampling["top_p"]),
+            "--repeat-penalty", str(sampling["repeat_penalty"]), "--seed", str(CHAT_SEED), "-p", prompt]
+
+
+def _parse_chat(stdout: str) -> dict:
+    lines = [json.loads(line) for line in stdout.splitlines()]
     done = lines[-1]
     assert done["done"] is True
+    tokens = [line for line in lines[:-1] if line["token"] >= 0]
+    assert all(len(line["experts"]) == 4 and len(line["experts"][0]) == 2 for line in tokens)
     text = "".join(line["text"] for line in lines[:-1])
-    assert all(len(line["experts"]) == 4 and len(line["experts"][0]) == 2 for line in lines[:-1] if line["token"] >= 0)
     return {"stop": done["stop"], "text": text, "generated": done["generated_tokens"]}
 
 
-def test_chat_replies_end_by_themselves():
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(_chat, CHAT_PROMPTS))
+def test_chat_replies_end_by_themselves(capsys):
+    # In-process `mixchat.cli.main` (the exact one-shot code path) for all prompts: eight fresh
+    # interpreters would spend ~30 CPU-seconds importing torch. One real subprocess below checks
+    # that `python -m mixchat` gives the very same answer.
+    from mixchat.cli import main
+
+    results = []
+    for prompt in CHAT_PROMPTS:
+        assert main(_chat_argv(prompt)) == 0
+        results.append(_parse_chat(capsys.readouterr().out))
     for r in results:
         assert r["text"].strip(), r
         assert r["stop"] in ("eos", "length") and (r["stop"] == "length") == (r["generated"] >= CHAT_MAX_TOKENS)
     eos = sum(r["stop"] == "eos" for r in results) / len(results)
     assert eos >= EOS_FRACTION_MIN, [(r["stop"], r["text"]) for r in results]
+
+    proc = _mixchat(*_chat_argv(CHAT_PROMPTS[0]), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert _parse_chat(proc.stdout) == results[0]
 
 
 class _XDR:
