@@ -10,6 +10,7 @@ from collections import Counter
 
 from textual import on, work
 from textual.app import App, ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Input, ListItem, ListView, ProgressBar, Static, TabbedContent
 
@@ -47,14 +48,15 @@ class MixchatApp(App):
     TabbedContent { height: 1fr; }
     TabPane { padding: 0; }
     """
+    # priority: the input (a TextArea) has its own meaning for these keys and would swallow them.
     BINDINGS = [
         ("escape", "stop", "Stop"),
         ("ctrl+r", "regenerate", "Regenerate"),
-        ("ctrl+e", "edit_last", "Edit last"),
-        ("ctrl+y", "copy_reply", "Copy reply"),
-        ("ctrl+k", "copy_code", "Copy code"),
+        Binding("ctrl+e", "edit_last", "Edit last", priority=True),
+        Binding("ctrl+y", "copy_reply", "Copy", priority=True),
+        Binding("ctrl+k", "copy_code", "Copy code", priority=True),
         ("ctrl+n", "new_chat", "New"),
-        ("ctrl+w", "close_tab", "Close tab"),
+        Binding("ctrl+w", "close_tab", "Close tab", priority=True),
         ("ctrl+b", "toggle_sidebar", "Sidebar"),
         ("ctrl+o", "focus_sidebar", "Conversations"),
         ("f1", "help", "Help"),
@@ -452,10 +454,13 @@ class MixchatApp(App):
         prompt.focus()
         self.notify("editing your last message: Enter resends it, the replies after it are replaced")
 
-    def _last_reply(self) -> str:
+    def _message_to_copy(self) -> tuple[str, str]:
+        """The focused message (click or Tab to one), else the last reply."""
+        if isinstance(self.focused, MessageView):
+            return self.focused.text, "message"
         pane = self.pane
         views = [v for v in pane.views() if v.role == "assistant"] if pane else []
-        return views[-1].text if views else ""
+        return (views[-1].text if views else ""), "reply"
 
     def copy(self, text: str, what: str) -> None:
         if not text:
@@ -469,10 +474,10 @@ class MixchatApp(App):
                         "(wl-copy, xclip, xsel, pbcopy) is installed", severity="warning")
 
     def action_copy_reply(self) -> None:
-        self.copy(self._last_reply(), "reply")
+        self.copy(*self._message_to_copy())
 
     def action_copy_code(self) -> None:
-        blocks = CODE_BLOCK.findall(self._last_reply())
+        blocks = CODE_BLOCK.findall(self._message_to_copy()[0])
         self.copy(blocks[-1] if blocks else "", "code block")
 
     async def action_new_chat(self) -> None:

@@ -173,7 +173,7 @@ you typed before.
 | Esc | stop the reply (the partial text is kept, marked *stopped*, and saved) |
 | Ctrl+R | regenerate the last reply (the KV cache rewinds; the history is not recomputed) |
 | Ctrl+E | edit your last message: it comes back into the input; Enter resends it |
-| Ctrl+Y / Ctrl+K | copy the last reply / its last code block |
+| Ctrl+Y / Ctrl+K | copy the last reply / its last code block (or those of the message you clicked) |
 | Ctrl+N | new conversation (in a new tab) · Ctrl+W closes the tab |
 | F2 | settings · F3 expert view · F4 next expert layer · F1 this help |
 | Ctrl+O | go to the conversation list: Enter opens · r renames · d deletes; type in its box to filter |

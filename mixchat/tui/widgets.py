@@ -29,11 +29,14 @@ class MessageView(Vertical):
     MessageView { height: auto; margin: 0 0 1 0; padding: 0 1; }
     MessageView.user { background: $boost; border-left: thick $accent; }
     MessageView.assistant { border-left: thick $success; }
+    MessageView:focus { background: $boost; border-left: thick $warning; }
     MessageView > .role { color: $text-muted; text-style: bold; }
     MessageView > Markdown { margin: 0; padding: 0; }
     MessageView > Static.body { height: auto; link-style: none; link-color: $text; link-background: transparent;
         link-style-hover: bold; link-background-hover: transparent; link-color-hover: $text; }
     """
+
+    can_focus = True  # click or Tab to a message, then Ctrl+Y / Ctrl+K copy it or its code block
 
     def __init__(self, role: str, text: str = "", index: int = 0, stop: str | None = "eos",
                  tokens: list | None = None) -> None:

@@ -206,3 +206,49 @@ def test_the_demo_model_says_so_in_the_status_bar(mixtral):
             assert "small demo model: F2 to use a real Mistral/Mixtral release folder" in status(app)
 
     asyncio.run(scenario())
+
+
+def test_copy_a_chosen_message_or_its_code_block_never_crashes(mixtral, monkeypatch):
+    from mixchat.tui import clipboard
+
+    copied = []
+    monkeypatch.setattr(clipboard, "copy", lambda app, text: copied.append(text) or ["OSC 52"])
+
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(max_tokens=3))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await send(pilot, app, "Here is code:\n```python\nprint('hi')\n```\nexplain it")
+            await wait_until(pilot, lambda: not app.pane.busy and len(app.pane.views()) == 2)
+            await pilot.press("ctrl+y")  # nothing chosen: the last reply
+            assert copied[-1] == app.pane.views()[1].text
+            app.pane.views()[0].focus()
+            await pilot.press("ctrl+y")
+            assert copied[-1].startswith("Here is code:")
+            await pilot.press("ctrl+k")
+            assert copied[-1] == "print('hi')\n"
+            monkeypatch.setattr(clipboard, "copy", lambda app, text: [])  # neither OSC 52 nor a tool
+            await pilot.press("ctrl+y")
+            assert app.is_running
+
+    asyncio.run(scenario())
+
+
+def test_edit_the_last_message_from_the_keyboard(mixtral):
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(max_tokens=3, temperature=0))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await send(pilot, app, "first version")
+            pane = app.pane
+            await wait_until(pilot, lambda: not pane.busy and len(pane.views()) == 2)
+            await pilot.press("ctrl+e")  # the input has focus: the binding must still reach the app
+            assert app.prompt.text == "first version"
+            app.prompt.load_text("second version")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: not pane.busy and pane.reply is not None and not pane.reply.streaming)
+            assert [v.text for v in pane.views()][0] == "second version" and len(pane.views()) == 2
+            assert [m.content for m in app.store.messages(pane.cid) if m.role == "user"] == ["second version"]
+            assert pane.stats["cached"] > 0  # BOS and "[INST]" came from the cache
+
+    asyncio.run(scenario())
