@@ -101,7 +101,7 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
     from mixchat.store import Store
 
     out, err = out or sys.stdout, err or sys.stderr  # looked up now: tests and callers may swap them
-    settings = sampling_from(ns)
+    sampling_from(ns)  # fail on a bad flag before the model loads; the real settings come after
     continuing = bool(ns.cont or ns.cid)
     if ns.raw and continuing:
         raise MixchatError("--raw is a plain completion, not a conversation: it cannot continue one (-c/--cid)")

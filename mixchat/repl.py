@@ -431,7 +431,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
     from mixchat.store import Store
 
     out = out or sys.stdout
-    settings = sampling_from(ns)
+    sampling_from(ns)  # fail on a bad flag before the model loads; the real settings come after
     continuing = bool(ns.cont or ns.cid)
     store = Store(paths.store_path()) if (not ns.no_save or continuing) else None
     conv = _resolve_conversation(ns, store) if continuing else None

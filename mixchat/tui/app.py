@@ -296,10 +296,10 @@ class MixchatApp(App):
         except MixchatError as exc:
             self.notify(str(exc), severity="error")
             return
+        n = len(pane.views()) if index is None else index  # position of the new user message
         if index is not None:  # edit / regenerate: the views from that message on go away
             for view in pane.views()[index:]:
                 view.remove()
-        n = len(pane.views()) - (0 if index is None else len(pane.views()[index:]))
         pane.log_view.mount(MessageView("user", text, n))
         pane.reply = MessageView("assistant", "", n + 1, None)
         pane.reply.streaming = True
