@@ -10,6 +10,16 @@ import time
 from argparse import Namespace
 
 
+def format_experts(engine) -> str:
+    """One line on the expert cache (--memory-budget): what it holds and how often it had the expert."""
+    c = engine.experts
+    st = c.stats
+    total = engine.args.n_layers * engine.args.moe.num_experts
+    return (f"{c.capacity} of {total} experts resident; hit rate {st.hit_rate:.0%} ({st.hits} hits, {st.misses} "
+            f"misses; {st.prefetch_used} of {st.prefetched} prefetches used); {st.loaded_bytes / 1e9:.1f} GB loaded, "
+            f"{st.wait_seconds:.1f} s waiting")
+
+
 def measure_read_bandwidth(seconds: float = 1.0) -> float:
     """GB/s that a fp32 matrix-vector product streams from memory (1 GiB matrix, so no cache
     helps): the same access pattern as decoding, in the fastest kernel torch has for it."""
@@ -31,10 +41,13 @@ def active_bytes_per_token(engine) -> int:
     """Weight bytes one decode step reads: everything but the embedding table (one row is
     gathered) and, for MoE, only top_k of the experts."""
     a = engine.args
-    total = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    total -= engine.model.tok_embeddings.weight.nbytes
+    tensors = [*engine.model.named_parameters(), *engine.model.named_buffers()]  # quantized weights are buffers
+    total = sum(t.nbytes for _, t in tensors) - engine.model.tok_embeddings.weight.nbytes
     if a.moe:
-        experts = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters() if ".experts." in n)
+        experts = sum(t.nbytes for n, t in tensors if ".experts." in n)
+        if engine.experts is not None:  # offloaded: not in the model, all the same size
+            experts = engine.experts.expert_bytes * a.n_layers * a.moe.num_experts
+            total += experts
         total -= experts - experts * a.moe.num_experts_per_tok // a.moe.num_experts
     return total
 
@@ -42,10 +55,10 @@ def active_bytes_per_token(engine) -> int:
 def run(ns: Namespace) -> int:
     import torch
 
-    from mixchat.engine import Engine
+    from mixchat.engine import Engine, load_options
 
     start = time.perf_counter()
-    engine = Engine.load(ns.model, dtype=ns.dtype, device=ns.device, threads=ns.threads)
+    engine = Engine.load(ns.model, **load_options(ns))
     load_s = time.perf_counter() - start
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, engine.args.vocab_size, (ns.prompt_tokens,), generator=gen).to(engine.device)
@@ -67,6 +80,7 @@ def run(ns: Namespace) -> int:
     result = {
         "model": str(engine.release.folder), "layout": engine.layout, "dtype": str(engine.dtype).removeprefix("torch."),
         "device": str(engine.device), "threads": torch.get_num_threads(),
+        "quant": engine.quant.name if engine.quant else None,
         "load_seconds": round(load_s, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
         "prompt_tokens": ns.prompt_tokens, "decode_tokens": ns.decode_tokens, "runs": ns.runs,
@@ -80,10 +94,13 @@ def run(ns: Namespace) -> int:
         result.update(read_bandwidth_gb_per_second=round(bandwidth, 2),
                       decode_ceiling_tokens_per_second=round(ceiling, 3),
                       decode_fraction_of_ceiling=round(statistics.median(decode) / ceiling, 3))
+    if engine.experts is not None:
+        result["experts"] = {"capacity": engine.experts.capacity, **engine.experts.stats.as_dict()}
     if ns.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['model']} ({result['layout']}, {result['dtype']} on {result['device']}, "
+    weights = result["quant"] or result["dtype"]
+    print(f"{result['model']} ({result['layout']}, {weights} on {result['device']}, "
           f"{result['threads']} threads)")
     print(f"  load        {load_s:.2f} s, peak RSS {result['peak_rss_gb']} GB")
     print(f"  prefill     {result['prefill_tokens_per_second']:.2f} tok/s ({ns.prompt_tokens}-token prompt, "
@@ -93,4 +110,6 @@ def run(ns: Namespace) -> int:
     if bandwidth:
         print(f"  ceiling     {result['decode_ceiling_tokens_per_second']:.3f} tok/s at the measured "
               f"{bandwidth:.1f} GB/s memory read rate; decode reaches {result['decode_fraction_of_ceiling']:.0%} of it")
+    if engine.experts is not None:
+        print(f"  experts     {format_experts(engine)}")
     return 0

@@ -13,6 +13,7 @@ import sys
 
 from mixchat import __version__
 from mixchat.errors import MixchatError
+from mixchat.qformat import CHOICES
 
 
 def _inspect(ns: argparse.Namespace) -> int:
@@ -135,6 +136,10 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
         settings.dtype = ns.dtype
     if ns.threads:
         settings.threads = ns.threads
+    if ns.quant:
+        settings.quant = ns.quant
+    if ns.memory_budget:
+        settings.memory_budget_gb = ns.memory_budget
     settings.check()
     MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note).run()
     return 0
@@ -180,6 +185,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="weight dtype; auto = bf16 (see README: decode is memory-bound)")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--quant", choices=CHOICES, default=None,
+                   help="weight-only quantization at load, cached for the next start: int8 (per row) or int4 "
+                        "(groups of 64, or int4-32/int4-128); none = the release dtype (default)")
+    g.add_argument("--memory-budget", type=float, metavar="GB",
+                   help="Mixtral: keep the weights within GB, loading experts on demand into an LRU cache "
+                        "(with prefetching); for models larger than memory")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,8 +14,11 @@ import torch
 from mixchat.cache import DEFAULT_CHUNK, KVCache
 from mixchat.config import ModelArgs
 from mixchat.errors import MixchatError
-from mixchat.model import Transformer
-from mixchat.progress import Progress
+from mixchat.experts import ExpertCache, offload
+from mixchat.model import FeedForward, Transformer
+from mixchat.progress import Progress, human_bytes
+from mixchat.qformat import model_bytes, quantized_bytes
+from mixchat.quant import QuantSpec, install, parse_quant, quantize_state
 from mixchat.release import Release, model_state, open_release
 from mixchat.tokenizer import Tokenizer
 
@@ -110,6 +113,40 @@ def model_fingerprint(release: Release) -> str:
     return h.hexdigest()[:16]
 
 
+def load_options(ns) -> dict:
+    """Engine.load's keyword arguments from the model flags every front end shares (cli._model_options)."""
+    budget = getattr(ns, "memory_budget", None)
+    return {"dtype": ns.dtype, "device": ns.device, "threads": ns.threads, "quant": getattr(ns, "quant", None),
+            "memory_budget": budget * 1e9 if budget else None}
+
+
+def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> int:
+    shapes = [(args.hidden_dim, args.dim), (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
+    if spec is None:
+        return sum(n * k for n, k in shapes) * torch.empty(0, dtype=dt).element_size()
+    return sum(quantized_bytes(s, spec) for s in shapes)
+
+
+def _expert_capacity(args: ModelArgs, state: dict[str, torch.Tensor], expert_names: list[str], dt: torch.dtype,
+                     spec: QuantSpec | None, budget: float | None) -> int | None:
+    """How many experts fit the budget beside the resident weights; None when all of them do (or
+    there is no budget, or no experts)."""
+    if not budget or args.moe is None:
+        return None
+    skip = set(expert_names)
+    shapes = {n: tuple(t.shape) for n, t in state.items() if n not in skip}
+    resident = model_bytes(shapes, torch.empty(0, dtype=dt).element_size(), spec)
+    one = _expert_bytes(args, dt, spec)
+    capacity = int((budget - resident) // one)
+    if capacity >= args.n_layers * args.moe.num_experts:
+        return None
+    if capacity < 2:
+        raise MixchatError(f"--memory-budget {human_bytes(budget)} is too small for this model: the non-expert "
+                           f"weights need {human_bytes(resident)} and two experts {human_bytes(2 * one)} more; give at "
+                           f"least {human_bytes(resident + 2 * one)}, or add --quant int8/int4")
+    return capacity
+
+
 @dataclass
 class Engine:
     release: Release
@@ -121,18 +158,44 @@ class Engine:
     dtype: torch.dtype
     fingerprint: str
 
+    quant: QuantSpec | None = None
+    quant_cached: bool = False  # the quantized weights came from the cache, not from quantizing now
+    experts: ExpertCache | None = None  # set when a memory budget keeps only some experts resident
+
     @classmethod
     def load(cls, folder: str | Path, dtype: str = "auto", device: str = "cpu", threads: int | None = None,
              warm: bool = True, show_progress: bool | None = None,
-             on_progress: Callable[[int, int], None] | None = None) -> Engine:
-        """`on_progress(bytes_done, bytes_total)` reports reading or converting the weights (the
-        TUI's progress bar); `show_progress` draws a bar on stderr (default: when it is a tty)."""
+             on_progress: Callable[[int, int], None] | None = None, quant: str | None = None,
+             memory_budget: float | None = None, prefetch: bool = True) -> Engine:
+        """`on_progress(bytes_done, bytes_total)` reports reading, converting or quantizing the
+        weights (the TUI's progress bar); `show_progress` draws a bar on stderr (default: when it is
+        a tty). `quant` is 'int8', 'int4' or 'int4-G' (see mixchat.quant); None keeps the weights.
+        `memory_budget` (bytes of weights) keeps a MoE model's experts in an LRU cache that fits
+        it, loading the others when tokens are routed to them (mixchat.experts)."""
         set_threads(threads)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        spec = parse_quant(quant)
         opened = open_release(folder)
         release, args, layout = opened.release, opened.args, opened.layout
         state = model_state(opened.state, args, layout)
+        fingerprint = model_fingerprint(release)
+        quantized: dict[str, dict[str, torch.Tensor]] = {}
+        cached, store = False, None
+        expert_names = [n for n in state if ".feed_forward.experts." in n]
+        capacity = _expert_capacity(args, state, expert_names, dt, spec, memory_budget)
+        offloaded = {n: state.pop(n) for n in expert_names} if capacity is not None else {}
+        if spec is not None:
+            # Quantized weights replace their bf16 originals, which are then never read: do not warm them.
+            store = quantize_state({**state, **offloaded}, spec, fingerprint, on_progress, show_progress)
+            cached = store.cached
+            for name in store.names:
+                if name in state:
+                    del state[name]
+                    quantized[name] = {p: t.to(dev) for p, t in store.get(name).items()}
+            warm = False
+        if capacity is not None:
+            warm = False  # the point of a budget: the whole file need not (or cannot) be in memory
         if all(t.dtype == dt for t in state.values()) and dev.type == "cpu":
             if warm:
                 warm_page_cache(release.weights, show_progress, on_progress)
@@ -148,10 +211,30 @@ class Engine:
                         on_progress(int(bar.done), int(bar.total))
         with torch.device("meta"):
             model = Transformer(args)
+        if quantized:
+            install(model, quantized)
+            for name, parts in quantized.items():
+                for p, t in parts.items():
+                    state[f"{name.removesuffix('.weight')}.{p}"] = t
+        experts = None
+        if capacity is not None:
+            def load_expert(layer: int, e: int) -> torch.nn.Module:
+                with torch.device("meta"):
+                    ff = FeedForward(args.dim, args.hidden_dim)
+                names = {f"w{j}.weight": f"layers.{layer}.feed_forward.experts.{e}.w{j}.weight" for j in (1, 2, 3)}
+                if store is not None:
+                    install(ff, {k: {p: t.to(dev) for p, t in store.get(n).items()} for k, n in names.items()})
+                else:  # a contiguous copy out of the mapped file, into memory the cache accounts for
+                    ff.load_state_dict({k: offloaded[n].to(device=dev, dtype=dt, copy=True,
+                                                           memory_format=torch.contiguous_format)
+                                        for k, n in names.items()}, assign=True)
+                return ff
+
+            experts = offload(model, load_expert, _expert_bytes(args, dt, spec), capacity, prefetch)
         # assign=True makes the parameters *be* the mapped tensors instead of copying into fresh ones.
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()
-        return cls(release, args, layout, model, opened.tokenizer, dev, dt, model_fingerprint(release))
+        return cls(release, args, layout, model, opened.tokenizer, dev, dt, fingerprint, spec, cached, experts)
 
     def new_cache(self, chunk_size: int = DEFAULT_CHUNK, max_tokens: int | None = None) -> KVCache:
         return KVCache(self.args, self.dtype, self.device, chunk_size=chunk_size, max_tokens=max_tokens)

@@ -12,9 +12,8 @@ from typing import Any
 from mixchat.config import ModelArgs
 from mixchat.errors import ChecksumError, MixchatError, ReleaseError
 from mixchat.progress import Progress, human_bytes
+from mixchat.qformat import memory_estimates
 from mixchat.release import Release, TensorInfo, detect_layout, open_release, parse_release_md5, read_header, validate
-
-INT4_GROUP = 128
 
 
 def _role(name: str) -> str:
@@ -68,14 +67,7 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
     roles: dict[tuple, int] = Counter((_role(k), t.shape, t.dtype) for k, t in sd.items())
     n_params = sum(t.numel for t in sd.values())
     n_bytes = sum(t.nbytes for t in sd.values())
-    # Weight-only quantisation touches the big matrices; embeddings' rows are gathered, norms are tiny.
-    matrices = sum(t.numel for k, t in sd.items() if len(t.shape) == 2 and not k.startswith(("tok_embeddings", "norm")))
-    rest = n_params - matrices
-    estimates = {
-        "bf16": n_params * 2,
-        "int8": matrices + matrices // args.dim * 2 + rest * 2,  # + a bf16 scale per output row
-        "int4": matrices // 2 + matrices // INT4_GROUP * 4 + rest * 2,  # + bf16 scale and zero per group
-    }
+    estimates = memory_estimates({k: tuple(t.shape) for k, t in sd.items()})
 
     try:
         validate(sd, args, release.weights, release.params)

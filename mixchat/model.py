@@ -35,6 +35,21 @@ def _fp32_copy(w: torch.Tensor) -> torch.Tensor:
     return buf[: w.numel()].view(w.shape).copy_(w)
 
 
+_KERNEL_MAX_ROWS = _UPCAST_MIN_TOKENS - 1
+_kernels_module: object = None  # mixchat.kernels once it has been found usable, False if not
+
+
+def _kernels():
+    """mixchat.kernels' compiled bf16 matrix-vector product: torch's bf16 GEMV streams the weights at
+    about half the memory read rate on AVX2 CPUs, and decode is nothing but that (see kernels.py)."""
+    global _kernels_module
+    if _kernels_module is None:
+        from mixchat import kernels
+
+        _kernels_module = kernels if kernels.available() else False
+    return _kernels_module or None
+
+
 def _upcast(n_tokens: int, t: torch.Tensor) -> bool:
     return n_tokens >= _UPCAST_MIN_TOKENS and t.dtype == torch.bfloat16 and t.device.type == "cpu" and not _NATIVE_BF16
 
@@ -46,9 +61,14 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _upcast(x.shape[0], self.weight):
-            return F.linear(x.float(), _fp32_copy(self.weight)).to(x.dtype)
-        return F.linear(x, self.weight)
+        w = self.weight
+        if _upcast(x.shape[0], w):
+            return F.linear(x.float(), _fp32_copy(w)).to(x.dtype)
+        # (The torrent layout's w2 is a transposed view: torch's GEMV takes it as it is.)
+        if x.shape[0] <= _KERNEL_MAX_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu" \
+                and w.is_contiguous() and not torch.is_grad_enabled() and (k := _kernels()) is not None:
+            return k.linear_bf16(x, w).to(x.dtype)
+        return F.linear(x, w)
 
 
 class RMSNorm(nn.Module):

@@ -96,7 +96,7 @@ def _raw(engine, text: str, settings, cancel):
 def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None = None) -> int:
     from mixchat import kvstore, paths
     from mixchat.chat import Chat
-    from mixchat.engine import Engine
+    from mixchat.engine import Engine, load_options
     from mixchat.generation import Done, TokenEvent
     from mixchat.store import Store
 
@@ -112,7 +112,7 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
     if not model:
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
 
-    engine = Engine.load(model, dtype=ns.dtype, device=ns.device, threads=ns.threads)
+    engine = Engine.load(model, **load_options(ns))
     settings = sampling_from(ns, recommended_sampling(engine))
     show_stats = ns.stats or err.isatty()
     done = None
@@ -147,10 +147,15 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
             "decode_tokens_per_second": round(done.decode_tokens_per_second, 3),
             "time_to_first_token": round(done.time_to_first_token, 3),
             "conversation": cid,
+            **({"experts": engine.experts.stats.as_dict()} if engine.experts is not None else {}),
         }) + "\n")
     elif not done.text.endswith("\n"):
         out.write("\n")
     out.flush()
     if show_stats:
         err.write(format_stats(done) + (f", saved as {cid}" if cid else "") + "\n")
+        if engine.experts is not None:
+            from mixchat.bench import format_experts
+
+            err.write("experts: " + format_experts(engine) + "\n")
     return 130 if done.stop == "interrupted" else 0

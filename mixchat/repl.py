@@ -426,7 +426,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
     from prompt_toolkit.utils import is_dumb_terminal
 
     from mixchat import kvstore, paths
-    from mixchat.engine import Engine
+    from mixchat.engine import Engine, load_options
     from mixchat.oneshot import _resolve_conversation, recommended_sampling, sampling_from
     from mixchat.store import Store
 
@@ -438,7 +438,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
     model = ns.model or os.environ.get("MIXCHAT_MODEL") or (conv.model_path if conv else None)
     if not model:
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
-    engine = Engine.load(model, dtype=ns.dtype, device=ns.device, threads=ns.threads)
+    engine = Engine.load(model, **load_options(ns))
     settings = sampling_from(ns, recommended_sampling(engine))
     pool = kvstore.SessionPool(engine, paths.kv_dir())
     if conv is not None and ns.system is not None and ns.system != conv.system and not ns.no_save:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mixchat import paths
 from mixchat.errors import MixchatError
+from mixchat.qformat import CHOICES
 from mixchat.sampling import SamplingSettings
 
 
@@ -26,6 +27,8 @@ class Settings:
     max_tokens: int = 512
     seed: int | None = None
     dtype: str = "auto"
+    quant: str = "none"
+    memory_budget_gb: float = 0.0  # 0 = all weights resident; else Mixtral's experts load on demand
     threads: int = 0  # 0 = torch's choice
     kv_memory_gb: float = 4.0
     expert_layer: int = 0
@@ -40,7 +43,9 @@ class Settings:
         self.sampling()
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise MixchatError(f"dtype {self.dtype!r}: use auto, bf16, fp16 or fp32")
-        if self.threads < 0 or self.kv_memory_gb <= 0 or self.expert_layer < 0:
+        if self.quant not in CHOICES:
+            raise MixchatError(f"quant {self.quant!r}: use " + ", ".join(CHOICES))
+        if self.threads < 0 or self.memory_budget_gb < 0 or self.kv_memory_gb <= 0 or self.expert_layer < 0:
             raise MixchatError("threads and expert layer must be 0 or more, the KV memory budget more than 0")
 
 

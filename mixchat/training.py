@@ -80,25 +80,29 @@ def moe_train(moe: MoeFeedForward, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return out, logits, chosen
 
 
-def forward_train(model: Transformer, tokens: torch.Tensor) -> TrainOutput:
-    """Logits for every position of `tokens` ([B, T] ids, each row starting at position 0)."""
+def forward_train(model: Transformer, tokens: torch.Tensor, dropout: float = 0.0) -> TrainOutput:
+    """Logits for every position of `tokens` ([B, T] ids, each row starting at position 0).
+
+    `dropout` applies to the embeddings and to each residual branch while `model.training`; the demo
+    corpus is small enough that a few epochs over it overfit without it."""
     args = model.args
     b, t = tokens.shape
+    p = dropout if model.training else 0.0
     rope = rotary_angles(torch.arange(t, device=tokens.device), args.head_dim, args.rope_theta)
-    h = model.tok_embeddings(tokens)  # [B, T, D]
+    h = F.dropout(model.tok_embeddings(tokens), p)  # [B, T, D]
     router_logits, experts = [], []
     for layer in model.layers:
-        h = h + attention_train(layer.attention, layer.attention_norm(h), rope, args.sliding_window)
+        h = h + F.dropout(attention_train(layer.attention, layer.attention_norm(h), rope, args.sliding_window), p)
         x = layer.ffn_norm(h)
         ff = layer.feed_forward
         if isinstance(ff, MoeFeedForward):
             out, logits, chosen = moe_train(ff, x.reshape(b * t, -1))
-            h = h + out.view(b, t, -1)
+            h = h + F.dropout(out.view(b, t, -1), p)
             router_logits.append(logits)
             experts.append(chosen)
         else:
             assert isinstance(ff, FeedForward)
-            h = h + ff(x)
+            h = h + F.dropout(ff(x), p)
     return TrainOutput(model.output(model.norm(h)), router_logits, experts)
 
 

@@ -333,6 +333,7 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--aux", type=float, default=0.01, help="load-balancing loss coefficient")
     ap.add_argument("--chat-share", type=float, default=0.35)
+    ap.add_argument("--dropout", type=float, default=0.0, help="embedding and residual-branch dropout")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=0.0,
@@ -379,6 +380,7 @@ def main() -> None:
     t_train = time.time()
     smooth = None
     step = 0
+    best = None  # (val prose, step, state): the release keeps the best evaluated weights, not the last
     while True:
         # Progress is the step count, or the share of --max-minutes spent if that is further along
         # (so a run on a busier machine still finishes its cosine decay in time).
@@ -391,7 +393,7 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, progress, ns.lr, ns.warmup)
         rows = batches.next(ns.batch)
-        out = forward_train(model, rows[:, :-1])
+        out = forward_train(model, rows[:, :-1], ns.dropout)
         ce = F.cross_entropy(out.logits.reshape(-1, ns.vocab), rows[:, 1:].reshape(-1))
         aux = load_balancing_loss(out.router_logits, 2)
         opt.zero_grad(set_to_none=True)
@@ -413,8 +415,14 @@ def main() -> None:
             print(f"eval step {step + 1}: val prose (1/3) {vp:.3f} nats/token = "
                   f"{vp * val_tokens / val_chars:.3f} nats/char, val chat {vc:.3f}", flush=True)
             torch.save(model.state_dict(), ns.work / "checkpoint.pt")
+            if best is None or vp < best[0]:
+                best = (vp, step + 1, {k: v.clone() for k, v in model.state_dict().items()})
         step += 1
     ns.steps_done = step
+    if best is not None and best[1] != step:
+        print(f"keeping the weights of step {best[1]} (best held-out prose loss {best[0]:.3f})", flush=True)
+        model.load_state_dict(best[2])
+    ns.best_step = best[1] if best is not None else step
     train_minutes = (time.time() - t_train) / 60
     vp, usage = evaluate(model, val_prose_rows)
     vc, usage_chat = evaluate(model, val_chat_rows)
@@ -470,8 +478,10 @@ def write_report(ns, command, n_params, folder_mb, train_minutes, total_seconds,
         f"Training: {ns.steps_done} steps (of at most {ns.steps}; time budget {ns.max_minutes or 'none'} min) of "
         f"{ns.batch} x {ns.seq_len} tokens, AdamW (betas 0.9/0.95, weight decay "
         f"{ns.weight_decay}), peak LR {ns.lr} with {ns.warmup} warm-up steps and a cosine decay to 10%, gradient "
-        f"clipping at 1.0, load-balancing loss x {ns.aux}, fp32, 2 threads. Wall time: {train_minutes:.1f} min "
-        f"of training, {total_seconds / 60:.1f} min end to end (tokenizer, data, training, samples).",
+        f"clipping at 1.0, load-balancing loss x {ns.aux}, dropout {ns.dropout}, fp32, 2 threads. The release keeps "
+        f"the weights of step {ns.best_step}, the evaluation with the lowest held-out prose loss (every 3rd window). "
+        f"Wall time: {train_minutes:.1f} min of training, {total_seconds / 60:.1f} min end to end (tokenizer, data, "
+        "training, samples).",
         "",
         "## Loss",
         "",

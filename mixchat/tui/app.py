@@ -131,7 +131,8 @@ class MixchatApp(App):
 
         try:
             engine = Engine.load(folder, dtype=self.settings.dtype, threads=self.settings.threads or None,
-                                 show_progress=False,
+                                 quant=self.settings.quant, show_progress=False,
+                                 memory_budget=self.settings.memory_budget_gb * 1e9 or None,
                                  on_progress=lambda d, t: self.post_message(ModelProgress(d, t)))
         except MixchatError as exc:
             self.post_message(ModelFailed(str(exc)))
@@ -519,7 +520,8 @@ class MixchatApp(App):
             pane.chat.system = new.system or None  # the open conversation takes the new system prompt
             if pane.chat.id:
                 self.store.update_settings(pane.chat.id, pane.chat.system, vars(new.sampling()))
-        if (new.model, new.dtype, new.threads) != (old.model, old.dtype, old.threads) and new.model:
+        reload = ("model", "dtype", "threads", "quant", "memory_budget_gb")
+        if any(getattr(new, k) != getattr(old, k) for k in reload) and new.model:
             self.model_folder, self.engine = new.model, None
             for p in self.tabs.query(ChatPane):
                 p.chat = None

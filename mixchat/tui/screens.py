@@ -10,6 +10,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, Static
 
 from mixchat.errors import MixchatError
+from mixchat.progress import human_bytes
+from mixchat.qformat import memory_estimates
 from mixchat.settings import Settings
 
 FIELD_HELP = {
@@ -17,7 +19,10 @@ FIELD_HELP = {
     "system": "system prompt (placed as mistral-common places it)",
     "temperature": "0 = greedy", "top_p": "nucleus mass, (0, 1]", "top_k": "0 = off",
     "repeat_penalty": "1 = off; last 64 tokens", "max_tokens": "new tokens per reply",
-    "seed": "empty = random", "dtype": "auto, bf16, fp16, fp32", "threads": "0 = torch's choice",
+    "seed": "empty = random", "dtype": "auto, bf16, fp16, fp32",
+    "quant": "none, int8, int4 (-32/-64/-128): weight-only, cached after the first load",
+    "memory_budget_gb": "Mixtral: 0 = all weights in memory; else experts load on demand within it",
+    "threads": "0 = torch's choice",
     "kv_memory_gb": "live KV caches across open conversations",
     "expert_layer": "layer whose routing colours the tokens",
 }
@@ -34,8 +39,10 @@ def validate_model_folder(folder: str) -> str | None:
     except MixchatError as exc:
         return str(exc)
     a = opened.args
+    memory = memory_estimates({k: tuple(t.shape) for k, t in opened.state.items()})
     return f"ok: {opened.layout} layout, {a.n_layers} layers, dim {a.dim}" + (
-        f", {a.moe.num_experts} experts top-{a.moe.num_experts_per_tok}" if a.moe else "")
+        f", {a.moe.num_experts} experts top-{a.moe.num_experts_per_tok}" if a.moe else "") + (
+        "\nweights in memory: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in memory.items()))
 
 
 class SettingsScreen(ModalScreen[Settings | None]):

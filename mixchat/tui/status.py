@@ -14,7 +14,11 @@ def status_text(engine, pane, model_error: str | None, model_folder: str | None,
         return f"[b]model[/b] {model_error}" if model_error else f"loading {model_folder} …"
     e = engine
     name = Path(str(e.release.folder)).name
-    line1 = f"[b]{name}[/b] · {str(e.dtype).removeprefix('torch.')} on {e.device}"
+    weights = e.quant.name if e.quant else str(e.dtype).removeprefix("torch.")
+    line1 = f"[b]{name}[/b] · {weights} on {e.device}"
+    if e.experts is not None:  # plain counters, safe to read while the worker updates them
+        st = e.experts.stats
+        line1 += f" · experts {e.experts.capacity} resident, {st.hit_rate:.0%} hits"
     if demo:
         line1 += " · [i]small demo model: F2 to use a real Mistral/Mixtral release folder[/i]"
     line2 = ""

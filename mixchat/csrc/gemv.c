@@ -1,0 +1,782 @@
+/*
+ * gemv.c: matrix-vector kernels for one-token-at-a-time decoding on CPU.
+ *
+ * Decoding reads every weight once per token, so these kernels are judged by how close they get to the
+ * memory read limit, not by FLOPs. All of them:
+ *   - take x as fp32 [T, K] (T small) and write y as fp32 [T, N], y[t, n] = sum_k w[n, k] * x[t, k];
+ *   - read each weight row once for all T rows of x (up to 8 for bf16/int8, 4 for int4; more rows are
+ *     done in slices), so T = 4 costs about the same memory traffic as T = 1;
+ *   - give each thread one contiguous range of output rows, so it streams its own part of the weight
+ *     (simple sequential streams for the hardware prefetchers);
+ *   - accumulate in fp32 in enough independent registers (R rows x T tokens x S splits, about 8) to
+ *     hide FMA latency; R rows share each load of x.
+ *
+ * Every weight row re-reads all of x (T * K * 4 bytes); past L1 (32 KiB per core on Zen 3) those loads
+ * come from L2. Where that is what limits (bf16 at T >= 3: T FMAs and 2T/R bytes of x per weight byte),
+ * K is cut into chunks whose x fits in ~16 KiB, rows are taken in blocks of MC_RB, and each block walks
+ * the chunks in turn (partial sums kept in a small array). Elsewhere chunking measured slower than
+ * streaming whole rows (it breaks the weight into short runs), so KC = K there.
+ *
+ * Weights are also prefetched in software, MC_PF bytes ahead: one core alone cannot keep enough cache
+ * misses in flight from the hardware prefetchers to approach the read limit (measured: +10-40%).
+ *
+ * Weight formats:
+ *   bf16  w uint16 [N, K] (bf16 bits). Any K (the last K % 32 columns go through scalar code).
+ *   int8  q int8 [N, K] and scale fp32 [N]: w = scale[n] * q. Any K. Exact fp32 activations.
+ *   int4  packed uint8 [N, K/2] (low nibble = even k, high nibble = odd k, values 0..15), scale and zero
+ *         fp32 [N, K/G]: w = (q - 8) * scale + zero. K % 64 == 0 and G in {32, 64, 128}.
+ *         mc_linear_int4 keeps fp32 activations (exact). mc_linear_int4_q8 rounds x to int8 in blocks
+ *         of 32 (one fp32 scale each, like llama.cpp's Q8_0) and uses integer multiply-adds: turning
+ *         nibbles into fp32 costs more ALU time than half a byte per weight of memory traffic leaves,
+ *         so only the Q8 path reaches the read limit, above all for T > 1.
+ *
+ * Built with -march=native by mixchat/kernels.py; where the compiler does not target AVX2+FMA the
+ * portable scalar loops below are compiled instead (correct, slow) and mc_simd() reports 0.
+ * Rounding in the Q8 path relies on the default MXCSR mode (round to nearest even).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MC_AVX2 1
+#else
+#define MC_AVX2 0
+#endif
+
+#define MC_API __attribute__((visibility("default")))
+#define MC_INLINE static inline __attribute__((always_inline))
+#define MC_MAYBE_UNUSED __attribute__((unused)) /* helpers some builds (no AVX2, no OpenMP) do not call */
+#define MC_UNROLL _Pragma("GCC unroll 32")
+/* Pin a loaded vector in a register. Left alone, GCC folds the load into every instruction that uses
+ * the value (one load per use); that doubles the loads of x and w, and loads (under 2 ymm per cycle
+ * here) rather than FMAs are then what limits the kernels. */
+#define MC_REG(v) __asm__("" : "+x"(v))
+
+/* Bump when an exported signature changes: kernels.py refuses a library with another version. */
+#define MC_ABI_VERSION 1
+
+#define MC_RB 16              /* rows per block that share one pass over the K chunks */
+#ifndef MC_X_BUDGET
+#define MC_X_BUDGET 16384     /* bytes of x (all T rows) per K chunk: about half of L1 */
+#endif
+#ifndef MC_PF
+#define MC_PF 16384           /* software prefetch distance in bytes along each weight row */
+#endif
+#ifndef MC_PF_HINT
+#define MC_PF_HINT _MM_HINT_T1
+#endif
+/* Where the data ~MC_PF bytes ahead in this thread's access order lives, relative to the current
+ * address: further along the row when rows are streamed whole; in the next group of R rows (same
+ * columns) when K is chunked, since the rest of this row is only read a whole chunk later. */
+#define MC_PF_OFFSET(R, row_bytes) (c->KC >= c->K - 63 ? (int64_t)MC_PF : (int64_t)(R) * (int64_t)(row_bytes))
+#define MC_PREFETCH(p, off) _mm_prefetch((const char *)(p) + (off), MC_PF_HINT)
+
+#define MC_EBADARG -1
+#define MC_ENOMEM -2
+
+static int g_threads = 1;
+
+MC_API int mc_abi_version(void) { return MC_ABI_VERSION; }
+MC_API int mc_simd(void) { return MC_AVX2; }
+MC_API void mc_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
+MC_API int mc_get_threads(void) { return g_threads; }
+
+/* Everything a row kernel needs; one struct so the thread runner can stay generic. */
+typedef struct {
+    const float *x;     /* fp32 [T, K], caller's layout */
+    const float *xp;    /* prepared fp32 copy of x (bf16: even/odd order; int4: nibble order) */
+    const float *xs;    /* int4: per-token, per-group sums of x, [T, K/G] */
+    const int8_t *xq;   /* int4 Q8: int8 x in the nibble order, [T, K] */
+    const float *xd;    /* int4 Q8: block scales as one 8-lane vector per 64 columns, [T, K/64, 8] */
+    const void *w;
+    const float *scale;
+    const float *zero;
+    float *y;
+    int64_t N, K;
+    int64_t KC;         /* K chunk (see the top of the file) */
+    int T, G;
+} mc_ctx;
+
+typedef void (*mc_rows_fn)(const mc_ctx *c, int64_t lo, int64_t hi);
+
+/* Contiguous, `align`-row-aligned share of [0, n) for thread `tid` of `nt`. */
+MC_MAYBE_UNUSED static void mc_share(int64_t n, int64_t align, int tid, int nt, int64_t *lo, int64_t *hi)
+{
+    int64_t units = (n + align - 1) / align;
+    int64_t per = units / nt, rem = units % nt;
+    int64_t a = tid * per + (tid < rem ? tid : rem);
+    int64_t b = a + per + (tid < rem ? 1 : 0);
+    *lo = a * align;
+    *hi = b * align < n ? b * align : n;
+}
+
+/* Static split over OpenMP threads. kernels.py loads this library after torch, so `omp parallel` runs
+ * on torch's own libgomp worker pool (no second pool competing for the cores); num_threads() is given
+ * per region rather than through omp_set_num_threads(), which would change torch's setting too. */
+static void mc_run(mc_rows_fn fn, const mc_ctx *c)
+{
+    int nt = g_threads;
+    /* Below ~64 K weights the fork/join costs more than a second core gains. */
+    if (c->N * c->K < 65536) nt = 1;
+    if (nt > c->N / 8) nt = c->N / 8 > 0 ? (int)(c->N / 8) : 1;
+    if (nt <= 1) {
+        fn(c, 0, c->N);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t lo, hi;
+        mc_share(c->N, 8, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        if (lo < hi) fn(c, lo, hi);
+    }
+#else
+    fn(c, 0, c->N);
+#endif
+}
+
+/* K chunk for `main` vectorised columns when each column costs `bytes` of x over all T rows. */
+MC_MAYBE_UNUSED static int64_t mc_chunk(int64_t main, double bytes)
+{
+    int64_t kc = (int64_t)(MC_X_BUDGET / bytes) & ~(int64_t)127;
+    if (kc < 256) kc = 256;
+    return kc >= main ? (main > 0 ? main : 1) : kc;
+}
+
+/* Per-calling-thread scratch for the prepared activations: grows, never shrinks, so a decode loop does
+ * not pay malloc/mmap + page faults every call. Thread-local because ctypes releases the GIL and two
+ * Python threads may call in at once. */
+static __thread void *tl_buf;
+static __thread size_t tl_cap;
+
+MC_MAYBE_UNUSED static void *mc_scratch(size_t bytes)
+{
+    if (bytes > tl_cap) {
+        free(tl_buf);
+        tl_cap = (bytes + 4095) & ~(size_t)4095;
+        tl_buf = aligned_alloc(64, tl_cap);
+        if (!tl_buf) tl_cap = 0;
+    }
+    return tl_buf;
+}
+
+static inline float bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Per-token, per-group sums of x, used for the (q - 8) offset and the zero point. */
+MC_MAYBE_UNUSED static void group_sums(const float *x, int T, int64_t K, int G, float *xs)
+{
+    int64_t ng = K / G;
+    for (int t = 0; t < T; t++)
+        for (int64_t g = 0; g < ng; g++) {
+            float s = 0.f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) s += x[t * K + k];
+            xs[t * ng + g] = s;
+        }
+}
+
+/* ------------------------------------------------------------------------------------------------- */
+/* Scalar paths (compiled when the compiler does not target AVX2+FMA).                               */
+/* ------------------------------------------------------------------------------------------------- */
+
+MC_MAYBE_UNUSED static void bf16_rows_scalar(const mc_ctx *c, int64_t lo, int64_t hi)
+{
+    const uint16_t *w = (const uint16_t *)c->w;
+    for (int64_t n = lo; n < hi; n++)
+        for (int t = 0; t < c->T; t++) {
+            const float *x = c->x + t * c->K;
+            float s = 0.f;
+            for (int64_t k = 0; k < c->K; k++) s += bf16_to_f32(w[n * c->K + k]) * x[k];
+            c->y[t * c->N + n] = s;
+        }
+}
+
+MC_MAYBE_UNUSED static void int8_rows_scalar(const mc_ctx *c, int64_t lo, int64_t hi)
+{
+    const int8_t *w = (const int8_t *)c->w;
+    for (int64_t n = lo; n < hi; n++)
+        for (int t = 0; t < c->T; t++) {
+            const float *x = c->x + t * c->K;
+            float s = 0.f;
+            for (int64_t k = 0; k < c->K; k++) s += (float)w[n * c->K + k] * x[k];
+            c->y[t * c->N + n] = s * c->scale[n];
+        }
+}
+
+MC_MAYBE_UNUSED static void int4_rows_scalar(const mc_ctx *c, int64_t lo, int64_t hi)
+{
+    const uint8_t *w = (const uint8_t *)c->w;
+    int64_t K = c->K, ng = K / c->G;
+    for (int64_t n = lo; n < hi; n++)
+        for (int t = 0; t < c->T; t++) {
+            const float *x = c->x + t * K;
+            float s = 0.f;
+            for (int64_t g = 0; g < ng; g++) {
+                float d = 0.f, sx = 0.f;
+                for (int64_t k = g * c->G; k < (g + 1) * c->G; k++) {
+                    uint8_t b = w[n * (K / 2) + k / 2];
+                    int q = (k & 1) ? (b >> 4) : (b & 15);
+                    d += (float)(q - 8) * x[k];
+                    sx += x[k];
+                }
+                s += c->scale[n * ng + g] * d + c->zero[n * ng + g] * sx;
+            }
+            c->y[t * c->N + n] = s;
+        }
+}
+
+#if MC_AVX2
+
+MC_INLINE float hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Row driver: blocks of MC_RB rows, each walking the K chunks; R rows per kernel call, leftovers one
+ * at a time; EPI turns the partial sums of a row into y (tails, scales, zero points). part[r][t] is
+ * the fp32 partial sum of row r, token t. Array sizes in the kernels are fixed maxima, not VLAs: with
+ * compile-time sizes and full unrolling GCC keeps them in registers. */
+#define MC_DRIVER(NAME, BLOCK, EPI, KMAIN, R, T, S)                                                  \
+    static void NAME(const mc_ctx *c, int64_t lo, int64_t hi)                                      \
+    {                                                                                              \
+        const int64_t km = KMAIN;                                                                  \
+        float part[MC_RB][8];                                                                      \
+        for (int64_t nb = lo; nb < hi; nb += MC_RB) {                                              \
+            int64_t ne = nb + MC_RB < hi ? nb + MC_RB : hi;                                        \
+            memset(part, 0, sizeof part);                                                          \
+            for (int64_t k0 = 0; k0 < km; k0 += c->KC) {                                           \
+                int64_t k1 = k0 + c->KC < km ? k0 + c->KC : km, n = nb;                            \
+                for (; n + (R) <= ne; n += (R)) BLOCK(c, n, k0, k1, R, T, S, &part[n - nb]);       \
+                for (; n < ne; n++) BLOCK(c, n, k0, k1, 1, T, S, &part[n - nb]);                   \
+            }                                                                                      \
+            for (int64_t n = nb; n < ne; n++) EPI(c, n, T, part[n - nb]);                          \
+        }                                                                                          \
+    }
+
+#define MC_ZERO_ACC(acc, S, R, T)                                                                    \
+    MC_UNROLL for (int s_ = 0; s_ < (S); s_++) MC_UNROLL for (int r_ = 0; r_ < (R); r_++)            \
+        MC_UNROLL for (int t_ = 0; t_ < (T); t_++) acc[s_][r_][t_] = _mm256_setzero_ps()
+
+#define MC_FLUSH_ACC(acc, S, R, T, part)                                                             \
+    MC_UNROLL for (int r_ = 0; r_ < (R); r_++) MC_UNROLL for (int t_ = 0; t_ < (T); t_++) {          \
+        __m256 a_ = acc[0][r_][t_];                                                                  \
+        MC_UNROLL for (int s_ = 1; s_ < (S); s_++) a_ = _mm256_add_ps(a_, acc[s_][r_][t_]);          \
+        part[r_][t_] += hsum8(a_);                                                                   \
+    }
+
+/* ------------------------------------------------------------------------------------------------- */
+/* bf16                                                                                              */
+/* ------------------------------------------------------------------------------------------------- */
+/* A 256-bit load is 16 bf16 = 8 dwords; `dword << 16` is the even element as fp32 and
+ * `dword & 0xffff0000` the odd one: two cheap ALU ops per 16 weights, no cross-lane shuffles.
+ * xp holds x in the matching order (per 16 columns: 8 even, then 8 odd). */
+
+MC_INLINE void bf16_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
+                          const int S, float (*part)[8])
+{
+    const int64_t K = c->K, K32 = K & ~(int64_t)31;
+    const uint16_t *w = (const uint16_t *)c->w + n0 * K;
+    const int64_t pf = MC_PF_OFFSET(R, 2 * K);
+    const __m256i hi_mask = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 acc[4][2][8];
+    MC_ZERO_ACC(acc, S, R, T);
+    for (int64_t k = k0; k < k1; k += 32) {
+        MC_UNROLL for (int r = 0; r < R; r++) if (MC_PF) MC_PREFETCH(w + r * K + k, pf);
+        MC_UNROLL for (int h = 0; h < 2; h++) {
+            __m256 we[2], wo[2];
+            MC_UNROLL for (int r = 0; r < R; r++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * K + k + 16 * h));
+                MC_REG(v);
+                we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                wo[r] = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
+            }
+            MC_UNROLL for (int t = 0; t < T; t++) {
+                const float *xb = c->xp + t * K32 + k + 16 * h;
+                __m256 xe = _mm256_load_ps(xb), xo = _mm256_load_ps(xb + 8);
+                if (R > 1) {
+                    MC_REG(xe);
+                    MC_REG(xo);
+                }
+                MC_UNROLL for (int r = 0; r < R; r++) {
+                    acc[(2 * h) % S][r][t] = _mm256_fmadd_ps(we[r], xe, acc[(2 * h) % S][r][t]);
+                    acc[(2 * h + 1) % S][r][t] = _mm256_fmadd_ps(wo[r], xo, acc[(2 * h + 1) % S][r][t]);
+                }
+            }
+        }
+    }
+    MC_FLUSH_ACC(acc, S, R, T, part);
+}
+
+MC_INLINE void bf16_epi(const mc_ctx *c, int64_t n, const int T, const float *part)
+{
+    const int64_t K = c->K;
+    const uint16_t *w = (const uint16_t *)c->w + n * K;
+    for (int t = 0; t < T; t++) {
+        float s = part[t];
+        for (int64_t k = K & ~(int64_t)31; k < K; k++) s += bf16_to_f32(w[k]) * c->x[t * K + k];
+        c->y[t * c->N + n] = s;
+    }
+}
+
+/* (R, S) per T: about 8 accumulator chains within the 16 ymm registers. */
+MC_DRIVER(bf16_rows_t1, bf16_block, bf16_epi, c->K & ~(int64_t)31, 2, 1, 4)
+MC_DRIVER(bf16_rows_t2, bf16_block, bf16_epi, c->K & ~(int64_t)31, 2, 2, 2)
+MC_DRIVER(bf16_rows_t3, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 3, 2)
+MC_DRIVER(bf16_rows_t4, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 4, 2)
+MC_DRIVER(bf16_rows_t5, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 5, 1)
+MC_DRIVER(bf16_rows_t6, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 6, 1)
+MC_DRIVER(bf16_rows_t7, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 7, 1)
+MC_DRIVER(bf16_rows_t8, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 8, 1)
+
+static const mc_rows_fn bf16_fns[9] = {0, bf16_rows_t1, bf16_rows_t2, bf16_rows_t3, bf16_rows_t4,
+                                       bf16_rows_t5, bf16_rows_t6, bf16_rows_t7, bf16_rows_t8};
+
+static void prep_bf16(const float *x, int T, int64_t K, float *xp)
+{
+    const int64_t K32 = K & ~(int64_t)31;
+    for (int t = 0; t < T; t++)
+        for (int64_t b = 0; b < K32; b += 16) {
+            __m256 a = _mm256_loadu_ps(x + t * K + b), bb = _mm256_loadu_ps(x + t * K + b + 8);
+            /* shuffle_ps takes even/odd pairs per 128-bit lane; the 64-bit permute puts lanes in order */
+            __m256 ev = _mm256_shuffle_ps(a, bb, 0x88), od = _mm256_shuffle_ps(a, bb, 0xdd);
+            ev = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xd8));
+            od = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xd8));
+            _mm256_store_ps(xp + t * K32 + b, ev);
+            _mm256_store_ps(xp + t * K32 + b + 8, od);
+        }
+}
+
+/* ------------------------------------------------------------------------------------------------- */
+/* int8, fp32 activations                                                                            */
+/* ------------------------------------------------------------------------------------------------- */
+/* vpmovsxbd straight from memory + cvtdq2ps: exact. At T >= 3 the T FMAs per weight make it
+ * FMA-bound (about 4 weights per cycle per core at T = 4), short of the read limit but still ahead of
+ * torch; quantising x to use integer multiply-adds would be faster there but no longer exact. */
+
+MC_INLINE void int8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
+                          const int S, float (*part)[8])
+{
+    const int64_t K = c->K;
+    const int8_t *w = (const int8_t *)c->w + n0 * K;
+    const int64_t pf = MC_PF_OFFSET(R, K);
+    __m256 acc[4][2][8];
+    MC_ZERO_ACC(acc, S, R, T);
+    for (int64_t k = k0; k < k1; k += 32) {
+        if (MC_PF && (k & 63) == 0) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k, pf);
+        MC_UNROLL for (int u = 0; u < 4; u++) {
+            __m256 wf[2];
+            MC_UNROLL for (int r = 0; r < R; r++)
+                wf[r] = _mm256_cvtepi32_ps(
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * K + k + 8 * u))));
+            MC_UNROLL for (int t = 0; t < T; t++) {
+                __m256 xv = _mm256_loadu_ps(c->x + t * K + k + 8 * u);
+                if (R > 1) MC_REG(xv);
+                MC_UNROLL for (int r = 0; r < R; r++) acc[u % S][r][t] = _mm256_fmadd_ps(wf[r], xv, acc[u % S][r][t]);
+            }
+        }
+    }
+    MC_FLUSH_ACC(acc, S, R, T, part);
+}
+
+MC_INLINE void int8_epi(const mc_ctx *c, int64_t n, const int T, const float *part)
+{
+    const int64_t K = c->K;
+    const int8_t *w = (const int8_t *)c->w + n * K;
+    for (int t = 0; t < T; t++) {
+        float s = part[t];
+        for (int64_t k = K & ~(int64_t)31; k < K; k++) s += (float)w[k] * c->x[t * K + k];
+        c->y[t * c->N + n] = s * c->scale[n];
+    }
+}
+
+MC_DRIVER(int8_rows_t1, int8_block, int8_epi, c->K & ~(int64_t)31, 2, 1, 4)
+MC_DRIVER(int8_rows_t2, int8_block, int8_epi, c->K & ~(int64_t)31, 2, 2, 2)
+MC_DRIVER(int8_rows_t3, int8_block, int8_epi, c->K & ~(int64_t)31, 2, 3, 1)
+MC_DRIVER(int8_rows_t4, int8_block, int8_epi, c->K & ~(int64_t)31, 2, 4, 1)
+MC_DRIVER(int8_rows_t5, int8_block, int8_epi, c->K & ~(int64_t)31, 1, 5, 1)
+MC_DRIVER(int8_rows_t6, int8_block, int8_epi, c->K & ~(int64_t)31, 1, 6, 1)
+MC_DRIVER(int8_rows_t7, int8_block, int8_epi, c->K & ~(int64_t)31, 1, 7, 1)
+MC_DRIVER(int8_rows_t8, int8_block, int8_epi, c->K & ~(int64_t)31, 1, 8, 1)
+
+static const mc_rows_fn int8_fns[9] = {0, int8_rows_t1, int8_rows_t2, int8_rows_t3, int8_rows_t4,
+                                       int8_rows_t5, int8_rows_t6, int8_rows_t7, int8_rows_t8};
+
+/* ------------------------------------------------------------------------------------------------- */
+/* int4 common: scale vectors and the zero-point epilogue                                            */
+/* ------------------------------------------------------------------------------------------------- */
+/* A 64-column block of int4 weights is one 32-byte load. For G >= 64 one scale covers the block; for
+ * G = 32 lanes 0-3 of the block's results belong to its first group and lanes 4-7 to the second
+ * (both kernels below arrange their lanes that way). */
+
+MC_INLINE __m256 int4_scale_vec(const float *sc_row, int64_t k, const int GS)
+{
+    if (GS >= 64) return _mm256_set1_ps(sc_row[(uint64_t)k / GS]);
+    return _mm256_setr_m128(_mm_set1_ps(sc_row[(uint64_t)k / 32]), _mm_set1_ps(sc_row[(uint64_t)k / 32 + 1]));
+}
+
+/* y = partial + sum_g (zero_g - 8 * scale_g) * sum_{k in g} x_k */
+MC_INLINE void int4_epi(const mc_ctx *c, int64_t n, const int T, const float *part)
+{
+    const int64_t ng = c->K / c->G;
+    const float *sc = c->scale + n * ng, *zp = c->zero + n * ng;
+    for (int t = 0; t < T; t++) {
+        const float *xs = c->xs + t * ng;
+        __m256 z = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 8 <= ng; g += 8) {
+            __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), _mm256_loadu_ps(sc + g), _mm256_loadu_ps(zp + g));
+            z = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs + g), z);
+        }
+        float s = part[t] + hsum8(z);
+        for (; g < ng; g++) s += (zp[g] - 8.f * sc[g]) * xs[g];
+        c->y[t * c->N + n] = s;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------- */
+/* int4, fp32 activations (exact)                                                                    */
+/* ------------------------------------------------------------------------------------------------- */
+/* The 32 bytes of a 64-column block are 8 dwords of 8 nibbles: nibble j of dword i is column 8i + j.
+ * Masking nibble j in place (`v & (0xf << 4j)`) and converting gives q * 16^j exactly, so no shift is
+ * needed: the 16^-j goes into the prepared x instead (power-of-two scaling is exact). Nibble 7 would
+ * reach the sign bit, so it is shifted down. One AND + one convert per 8 weights, and dword i -> lane
+ * i keeps columns 0-31 in lanes 0-3 (the G = 32 layout above). */
+
+MC_INLINE void int4_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
+                          const int S, const int GS, float (*part)[8])
+{
+    const int64_t K = c->K, ng = K / GS;
+    const int SPAN = GS >= 64 ? GS : 64;
+    const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
+    const int64_t pf = MC_PF_OFFSET(R, K / 2);
+    __m256 y[1][2][4];
+    MC_ZERO_ACC(y, 1, R, T);
+    for (int64_t k = k0; k < k1; k += SPAN) {
+        __m256 acc[4][2][4];
+        MC_ZERO_ACC(acc, S, R, T);
+        MC_UNROLL for (int b = 0; b < SPAN / 64; b++) {
+            if (MC_PF && ((k + 64 * b) & 127) == 0)
+                MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * (K / 2) + (k + 64 * b) / 2, pf);
+            __m256i v[2];
+            MC_UNROLL for (int r = 0; r < R; r++) {
+                v[r] = _mm256_loadu_si256((const __m256i *)(w + r * (K / 2) + (k + 64 * b) / 2));
+                MC_REG(v[r]);
+            }
+            MC_UNROLL for (int j = 0; j < 8; j++) {
+                __m256 wf[2];
+                MC_UNROLL for (int r = 0; r < R; r++)
+                    wf[r] = _mm256_cvtepi32_ps(j == 7 ? _mm256_srli_epi32(v[r], 28)
+                                                      : _mm256_and_si256(v[r], _mm256_set1_epi32(0xf << (4 * j))));
+                MC_UNROLL for (int t = 0; t < T; t++) {
+                    __m256 xv = _mm256_load_ps(c->xp + t * K + k + 64 * b + 8 * j);
+                    if (R > 1) MC_REG(xv);
+                    MC_UNROLL for (int r = 0; r < R; r++)
+                        acc[(8 * b + j) % S][r][t] = _mm256_fmadd_ps(wf[r], xv, acc[(8 * b + j) % S][r][t]);
+                }
+            }
+        }
+        MC_UNROLL for (int r = 0; r < R; r++) {
+            __m256 sv = int4_scale_vec(c->scale + (n0 + r) * ng, k, GS);
+            MC_UNROLL for (int t = 0; t < T; t++) {
+                __m256 a = acc[0][r][t];
+                MC_UNROLL for (int s = 1; s < S; s++) a = _mm256_add_ps(a, acc[s][r][t]);
+                y[0][r][t] = _mm256_fmadd_ps(a, sv, y[0][r][t]);
+            }
+        }
+    }
+    MC_FLUSH_ACC(y, 1, R, T, part);
+}
+
+#define MC_INT4_EX(GS)                                                                              \
+    MC_INLINE void int4_block_g##GS(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, \
+                                    const int T, const int S, float (*part)[8])                     \
+    {                                                                                               \
+        int4_block(c, n0, k0, k1, R, T, S, GS, part);                                               \
+    }                                                                                               \
+    MC_DRIVER(int4_g##GS##_t1, int4_block_g##GS, int4_epi, c->K, 2, 1, 4)                           \
+    MC_DRIVER(int4_g##GS##_t2, int4_block_g##GS, int4_epi, c->K, 1, 2, 4)                           \
+    MC_DRIVER(int4_g##GS##_t3, int4_block_g##GS, int4_epi, c->K, 1, 3, 2)                           \
+    MC_DRIVER(int4_g##GS##_t4, int4_block_g##GS, int4_epi, c->K, 1, 4, 2)
+
+MC_INT4_EX(32)
+MC_INT4_EX(64)
+MC_INT4_EX(128)
+
+static const mc_rows_fn int4_fns[3][5] = {
+    {0, int4_g32_t1, int4_g32_t2, int4_g32_t3, int4_g32_t4},
+    {0, int4_g64_t1, int4_g64_t2, int4_g64_t3, int4_g64_t4},
+    {0, int4_g128_t1, int4_g128_t2, int4_g128_t3, int4_g128_t4},
+};
+
+/* Nibble order for x (see int4_block), times 16^-j; scalar, once per call. */
+static void prep_int4(const float *x, int T, int64_t K, float *xp)
+{
+    for (int t = 0; t < T; t++)
+        for (int64_t b = 0; b < K; b += 64)
+            for (int j = 0; j < 8; j++) {
+                float f = j == 7 ? 1.f : ldexpf(1.f, -4 * j);
+                for (int i = 0; i < 8; i++) xp[t * K + b + 8 * j + i] = x[t * K + b + 8 * i + j] * f;
+            }
+}
+
+/* ------------------------------------------------------------------------------------------------- */
+/* int4, int8 activations (Q8 blocks of 32)                                                          */
+/* ------------------------------------------------------------------------------------------------- */
+/* 32 packed bytes (64 weights): `v & 0x0f` are the 32 even-column nibbles and `(v >> 4) & 0x0f` the 32
+ * odd ones, as unsigned bytes, which is what vpmaddubsw wants for its unsigned operand; xq holds x as
+ * int8 in the same even/odd order. Each 128-bit lane covers one 32-column block, so the int32 sums come
+ * out as lanes 0-3 = first block and 4-7 = second, and one vector of the two blocks' x scales (xd)
+ * converts them. Per 64 weights and token: 2 maddubs, add, madd, cvt, mul, fma. */
+
+/* One 64-column block of R rows x T tokens into y[u]. */
+MC_INLINE void int4q8_step(const mc_ctx *c, const uint8_t *w, int64_t n0, int64_t k, const int R, const int T,
+                           const int GS, __m256 (*y)[4])
+{
+    const int64_t K = c->K, ng = K / GS, nb = K / 64;
+    const __m256i lo_mask = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256i ql[2], qh[2];
+    __m256 sv[2];
+    MC_UNROLL for (int r = 0; r < R; r++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * (K / 2) + k / 2));
+        MC_REG(v);
+        ql[r] = _mm256_and_si256(v, lo_mask);
+        qh[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo_mask);
+        sv[r] = int4_scale_vec(c->scale + (n0 + r) * ng, k, GS);
+    }
+    MC_UNROLL for (int t = 0; t < T; t++) {
+        const int8_t *xb = c->xq + t * K + k;
+        __m256i xl = _mm256_load_si256((const __m256i *)xb);
+        __m256i xh = _mm256_load_si256((const __m256i *)(xb + 32));
+        __m256 d = _mm256_load_ps(c->xd + (t * nb + (uint64_t)k / 64) * 8);
+        if (R > 1) {
+            MC_REG(xl);
+            MC_REG(xh);
+        }
+        MC_UNROLL for (int r = 0; r < R; r++) {
+            /* q <= 15, |x| <= 127: an int16 lane holds at most 2 * 2 * 15 * 127 = 7620. */
+            __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(ql[r], xl), _mm256_maddubs_epi16(qh[r], xh));
+            __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+            y[r][t] = _mm256_fmadd_ps(f, _mm256_mul_ps(d, sv[r]), y[r][t]);
+        }
+    }
+}
+
+/* S blocks per iteration into S accumulator sets, so consecutive blocks do not wait on each other. */
+MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
+                            const int S, const int GS, float (*part)[8])
+{
+    const int64_t K = c->K;
+    const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
+    const int64_t pf = MC_PF_OFFSET(R, K / 2);
+    __m256 y[2][2][4];
+    MC_ZERO_ACC(y, S, R, T);
+    int64_t k = k0;
+    for (; k + 64 * S <= k1; k += 64 * S) {
+        if (MC_PF && (k & 127) == 0) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * (K / 2) + k / 2, pf);
+        MC_UNROLL for (int u = 0; u < S; u++) int4q8_step(c, w, n0, k + 64 * u, R, T, GS, y[u]);
+    }
+    for (; k < k1; k += 64) int4q8_step(c, w, n0, k, R, T, GS, y[0]);
+    MC_FLUSH_ACC(y, S, R, T, part);
+}
+
+#define MC_INT4_Q8(GS)                                                                              \
+    MC_INLINE void int4q8_block_g##GS(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, \
+                                      const int T, const int S, float (*part)[8])                   \
+    {                                                                                               \
+        int4q8_block(c, n0, k0, k1, R, T, S, GS, part);                                             \
+    }                                                                                               \
+    MC_DRIVER(int4q8_g##GS##_t1, int4q8_block_g##GS, int4_epi, c->K, 2, 1, 2)                       \
+    MC_DRIVER(int4q8_g##GS##_t2, int4q8_block_g##GS, int4_epi, c->K, 2, 2, 1)                       \
+    MC_DRIVER(int4q8_g##GS##_t3, int4q8_block_g##GS, int4_epi, c->K, 1, 3, 2)                       \
+    MC_DRIVER(int4q8_g##GS##_t4, int4q8_block_g##GS, int4_epi, c->K, 1, 4, 2)
+
+MC_INT4_Q8(32)
+MC_INT4_Q8(64)
+MC_INT4_Q8(128)
+
+static const mc_rows_fn int4q8_fns[3][5] = {
+    {0, int4q8_g32_t1, int4q8_g32_t2, int4q8_g32_t3, int4q8_g32_t4},
+    {0, int4q8_g64_t1, int4q8_g64_t2, int4q8_g64_t3, int4q8_g64_t4},
+    {0, int4q8_g128_t1, int4q8_g128_t2, int4q8_g128_t3, int4q8_g128_t4},
+};
+
+/* Round x to int8 per 32 columns (v = rint(x * 127 / amax), d = amax / 127), store it in the order the
+ * kernel reads (per 64 columns: 32 even, then 32 odd), the block scales as 8-lane vectors, and the
+ * per-group sums of the rounded x (v * d), so the only error is x's own rounding. */
+static void prep_q8(const float *x, int T, int64_t K, int G, int8_t *xq, float *xd, float *xs)
+{
+    const int64_t nb64 = K / 64, ng = K / G;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    /* per 128-bit lane: even bytes first, then odd */
+    const __m256i eo = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + t * K;
+        float gsum = 0.f;
+        for (int64_t b = 0; b < K / 32; b++) {
+            __m256 v[4];
+            __m256 m = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_loadu_ps(xr + 32 * b + 8 * i);
+                m = _mm256_max_ps(m, _mm256_and_ps(v[i], absmask));
+            }
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            float amax = _mm_cvtss_f32(m4), d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+            __m256i iv[4];
+            __m256i isum = _mm256_setzero_si256();
+            for (int i = 0; i < 4; i++) {
+                iv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+                isum = _mm256_add_epi32(isum, iv[i]);
+            }
+            /* pack 32 int32 -> 32 int8 in column order (packs interleave lanes; permutes undo it) */
+            __m256i p01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(iv[0], iv[1]), 0xd8);
+            __m256i p23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(iv[2], iv[3]), 0xd8);
+            __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi16(p01, p23), 0xd8);
+            /* -> [16 even | 16 odd] */
+            q = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(q, eo), 0xd8);
+            int8_t *dst = xq + t * K + (b / 2) * 64 + 16 * (b % 2);
+            _mm_store_si128((__m128i *)dst, _mm256_castsi256_si128(q));
+            _mm_store_si128((__m128i *)(dst + 32), _mm256_extracti128_si256(q, 1));
+            float *dv = xd + (t * nb64 + b / 2) * 8 + 4 * (b % 2);
+            dv[0] = dv[1] = dv[2] = dv[3] = d;
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+            gsum += (float)_mm_cvtsi128_si32(s4) * d;
+            if ((32 * (b + 1)) % G == 0) {
+                xs[t * ng + (32 * b) / G] = gsum;
+                gsum = 0.f;
+            }
+        }
+    }
+}
+
+#endif /* MC_AVX2 */
+
+/* ------------------------------------------------------------------------------------------------- */
+/* Entry points. Return 0 on success, a negative code on bad arguments or allocation failure.        */
+/* ------------------------------------------------------------------------------------------------- */
+
+MC_API int mc_linear_bf16(const float *x, int T, int64_t K, const uint16_t *w, int64_t N, float *y)
+{
+    if (T < 1 || K < 1 || N < 1) return MC_EBADARG;
+#if MC_AVX2
+    const int64_t K32 = K & ~(int64_t)31;
+    for (int t0 = 0; t0 < T; t0 += 8) {
+        int tt = T - t0 < 8 ? T - t0 : 8;
+        float *xp = (float *)mc_scratch((size_t)tt * (size_t)(K32 > 0 ? K32 : 1) * sizeof(float));
+        if (!xp) return MC_ENOMEM;
+        prep_bf16(x + (int64_t)t0 * K, tt, K, xp);
+        /* the kernels index y[t * N + n]: a slice of rows of x is a slice of rows of y */
+        mc_ctx c = {.x = x + (int64_t)t0 * K, .xp = xp, .w = w, .y = y + (int64_t)t0 * N, .N = N, .K = K,
+                    .KC = tt >= 3 ? mc_chunk(K32, 4.0 * tt) : (K32 > 0 ? K32 : 1), .T = tt};
+        mc_run(bf16_fns[tt], &c);
+    }
+#else
+    mc_ctx c = {.x = x, .w = w, .y = y, .N = N, .K = K, .T = T};
+    mc_run(bf16_rows_scalar, &c);
+#endif
+    return 0;
+}
+
+MC_API int mc_linear_int8(const float *x, int T, int64_t K, const int8_t *q, const float *scale, int64_t N, float *y)
+{
+    if (T < 1 || K < 1 || N < 1) return MC_EBADARG;
+#if MC_AVX2
+    for (int t0 = 0; t0 < T; t0 += 8) {
+        int tt = T - t0 < 8 ? T - t0 : 8;
+        mc_ctx c = {.x = x + (int64_t)t0 * K, .w = q, .scale = scale, .y = y + (int64_t)t0 * N, .N = N, .K = K,
+                    .KC = (K & ~(int64_t)31) > 0 ? (K & ~(int64_t)31) : 1, .T = tt};
+        mc_run(int8_fns[tt], &c);
+    }
+#else
+    mc_ctx c = {.x = x, .w = q, .scale = scale, .y = y, .N = N, .K = K, .T = T};
+    mc_run(int8_rows_scalar, &c);
+#endif
+    return 0;
+}
+
+static int int4_args_ok(int T, int64_t K, int64_t N, int G)
+{
+    return T >= 1 && N >= 1 && K >= 64 && K % 64 == 0 && (G == 32 || G == 64 || G == 128) && K % G == 0;
+}
+
+MC_MAYBE_UNUSED static int group_index(int G) { return G == 32 ? 0 : G == 64 ? 1 : 2; }
+
+MC_API int mc_linear_int4(const float *x, int T, int64_t K, const uint8_t *packed, const float *scale,
+                          const float *zero, int G, int64_t N, float *y)
+{
+    if (!int4_args_ok(T, K, N, G)) return MC_EBADARG;
+#if MC_AVX2
+    const int64_t ng = K / G;
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        int tt = T - t0 < 4 ? T - t0 : 4;
+        size_t xp_n = (size_t)tt * (size_t)K, xs_n = (size_t)tt * (size_t)ng;
+        float *xp = (float *)mc_scratch((xp_n + xs_n) * sizeof(float));
+        if (!xp) return MC_ENOMEM;
+        float *xs = xp + xp_n;
+        const float *xt = x + (int64_t)t0 * K;
+        prep_int4(xt, tt, K, xp);
+        group_sums(xt, tt, K, G, xs);
+        mc_ctx c = {.x = xt, .xp = xp, .xs = xs, .w = packed, .scale = scale, .zero = zero,
+                    .y = y + (int64_t)t0 * N, .N = N, .K = K, .KC = K, .T = tt, .G = G};
+        mc_run(int4_fns[group_index(G)][tt], &c);
+    }
+#else
+    mc_ctx c = {.x = x, .w = packed, .scale = scale, .zero = zero, .y = y, .N = N, .K = K, .T = T, .G = G};
+    mc_run(int4_rows_scalar, &c);
+#endif
+    return 0;
+}
+
+MC_API int mc_linear_int4_q8(const float *x, int T, int64_t K, const uint8_t *packed, const float *scale,
+                             const float *zero, int G, int64_t N, float *y)
+{
+    if (!int4_args_ok(T, K, N, G)) return MC_EBADARG;
+#if MC_AVX2
+    const int64_t nb64 = K / 64, ng = K / G;
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        int tt = T - t0 < 4 ? T - t0 : 4;
+        size_t q_bytes = ((size_t)tt * (size_t)K + 63) & ~(size_t)63;
+        size_t xd_n = (size_t)tt * nb64 * 8, xs_n = (size_t)tt * ng;
+        char *buf = (char *)mc_scratch(q_bytes + (xd_n + xs_n) * sizeof(float));
+        if (!buf) return MC_ENOMEM;
+        int8_t *xq = (int8_t *)buf;
+        float *xd = (float *)(buf + q_bytes), *xs = xd + xd_n;
+        const float *xt = x + (int64_t)t0 * K;
+        prep_q8(xt, tt, K, G, xq, xd, xs);
+        mc_ctx c = {.x = xt, .xq = xq, .xd = xd, .xs = xs, .w = packed, .scale = scale, .zero = zero,
+                    .y = y + (int64_t)t0 * N, .N = N, .K = K, .KC = K, .T = tt, .G = G};
+        mc_run(int4q8_fns[group_index(G)][tt], &c);
+    }
+    return 0;
+#else
+    /* Same rounding of x as the SIMD path (so results do not depend on the build), then the scalar
+     * exact kernel on the rounded values. */
+    float *xr = (float *)mc_scratch((size_t)T * (size_t)K * sizeof(float));
+    if (!xr) return MC_ENOMEM;
+    for (int64_t b = 0; b < (int64_t)T * K; b += 32) {
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b + i]));
+        float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int i = 0; i < 32; i++) xr[b + i] = rintf(x[b + i] * inv) * d;
+    }
+    return mc_linear_int4(xr, T, K, packed, scale, zero, G, N, y);
+#endif
+}

@@ -1,0 +1,415 @@
+"""Compiled matrix-vector kernels (mixchat/csrc/gemv.c) for decoding on CPU: bf16, int8 and int4 weights.
+
+Decoding reads every weight once per token, so a token costs (weight bytes) / (memory bandwidth). On AVX2
+machines torch's CPU kernels for these formats stream at a third to two thirds of what fp32 GEMV (MKL)
+reaches; these come within 65-85% of it on one core, at 1.5-3x torch (benchmarks/gemv.py), and read
+each weight once for up to 8 (bf16, int8) or 4 (int4) rows of x, so T = 4 costs little more than T = 1.
+
+    linear_bf16(x, w)                          w bfloat16 [N, K]
+    linear_int8(x, q, scale)                   q int8 [N, K], scale fp32 [N]            (exact fp32 x)
+    linear_int4(x, packed, scale, zero, group) packed uint8 [N, K/2] (pack_int4), scale/zero fp32 [N, K/G]
+
+x is [..., K] in any float dtype (computed in fp32); the result is fp32 [..., N]. linear_int4 rounds x to
+int8 per 32 columns unless exact=True (see its docstring for why and what it costs).
+
+The C source is compiled on first use with the system C compiler (`gcc -O3 -march=native -fopenmp`) into
+a cache folder keyed by source, compiler, flags and CPU, and loaded with ctypes (which releases the GIL
+during the call). A self-check against torch runs once after loading. Without a compiler, on a failed
+build or self-check, or with MIXCHAT_KERNELS=0, `available()` is False, `reason()` says why in one line,
+and the `linear_*` functions still work through slow pure-torch equivalents.
+
+Threads: each call uses torch.get_num_threads() threads unless set_num_threads() says otherwise. The
+library is linked against libgomp; torch is imported first, so the dynamic loader resolves that to the
+libgomp torch already loaded: one OpenMP runtime, one pool of worker threads shared with torch's own ops,
+no oversubscription. Like torch's, those workers spin a while between parallel regions; on a machine
+whose cores are busy with other work that spinning costs up to half the throughput (torch's ops lose too),
+and OMP_WAIT_POLICY=passive, or one thread, avoids it.
+
+MIXCHAT_KERNEL_CACHE overrides the cache folder (default: platformdirs' user cache, `kernels/`).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
+ABI_VERSION = 1  # must match MC_ABI_VERSION in gemv.c
+INT4_GROUPS = (32, 64, 128)
+MAX_ROWS = {"bf16": 8, "int8": 8, "int4": 4}  # rows of x served by one pass over the weight
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None  # None: not tried yet
+_threads: int | None = None
+_lib_threads = 0
+
+
+class KernelError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building and loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _cpu_signature() -> str:
+    # -march=native bakes the CPU's instruction set into the library: a home folder shared between
+    # machines must not hand an AVX-512 build to an AVX2 machine.
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() + " " + platform.processor()
+
+
+def cache_root() -> Path:
+    if value := os.environ.get("MIXCHAT_KERNEL_CACHE"):
+        return Path(value).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("mixchat", appauthor=False)) / "kernels"
+
+
+def build(cc: str | None = None, flags: tuple[str, ...] = FLAGS, root: Path | None = None) -> Path:
+    """Compile gemv.c (or reuse the cached build) and return the path of the shared library.
+
+    Concurrent builders are harmless: each compiles to its own temporary file and renames it into place
+    (atomic on POSIX), so readers only ever see a complete library, and the last identical copy wins.
+    """
+    cc = cc or _compiler()
+    if cc is None:
+        raise KernelError("no C compiler found (set CC or install gcc)")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelError(f"C compiler {cc} does not run: {e}") from None
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), cc.encode(), version.encode(), " ".join(flags).encode(),
+                 _cpu_signature().encode(), str(ABI_VERSION).encode()):
+        key.update(part + b"\0")
+    folder = (root or cache_root()) / key.hexdigest()[:24]
+    lib = folder / "libgemv.so"
+    if lib.exists():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".libgemv-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=600)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines() or ["?"]
+            raise KernelError(f"build failed: {lines[0].strip()}")
+        os.replace(tmp, lib)
+    except subprocess.TimeoutExpired:
+        raise KernelError("build timed out") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    i64, i32 = ctypes.c_int64, ctypes.c_int
+    vp = ctypes.c_void_p
+    lib.mc_abi_version.restype = i32
+    lib.mc_simd.restype = i32
+    lib.mc_set_threads.argtypes = [i32]
+    lib.mc_get_threads.restype = i32
+    lib.mc_linear_bf16.argtypes = [vp, i32, i64, vp, i64, vp]
+    lib.mc_linear_int8.argtypes = [vp, i32, i64, vp, vp, i64, vp]
+    for name in ("mc_linear_int4", "mc_linear_int4_q8"):
+        getattr(lib, name).argtypes = [vp, i32, i64, vp, vp, vp, i32, i64, vp]
+    for name in ("mc_linear_bf16", "mc_linear_int8", "mc_linear_int4", "mc_linear_int4_q8"):
+        getattr(lib, name).restype = i32
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load and bind a built library, then run the self-check; raises KernelError on any failure."""
+    lib = ctypes.CDLL(str(path))
+    _bind(lib)
+    if lib.mc_abi_version() != ABI_VERSION:
+        raise KernelError(f"library ABI {lib.mc_abi_version()} != {ABI_VERSION}")
+    _self_check(lib)
+    return lib
+
+
+def _init() -> None:
+    global _lib, _reason
+    if os.environ.get("MIXCHAT_KERNELS", "1").strip().lower() in ("0", "off", "false", "no"):
+        _reason = "disabled by MIXCHAT_KERNELS=0"
+        return
+    # A compiler that rejects -march=native or -fopenmp (clang without libomp) still gets a working,
+    # if slower, library; the first failure is what reason() reports if none builds.
+    attempts = (FLAGS, tuple(f for f in FLAGS if f != "-march=native"),
+                tuple(f for f in FLAGS if f not in ("-march=native", "-fopenmp")))
+    first: str | None = None
+    for flags in attempts:
+        try:
+            lib = load(build(flags=flags))
+        except KernelError as e:
+            first = first or str(e).splitlines()[0]
+            if not str(e).startswith("build failed"):
+                break  # a compiler that does not run, or a library that fails its self-check: stop there
+            continue
+        except Exception as e:  # noqa: BLE001 - availability must never take the caller down with it
+            first = first or f"{type(e).__name__}: {e}".splitlines()[0]
+            break
+        _lib = lib
+        notes = [] if flags == FLAGS else [f"built without {' '.join(sorted(set(FLAGS) - set(flags)))}"]
+        if not lib.mc_simd():
+            notes.append("portable scalar code: the CPU or compiler lacks AVX2+FMA")
+        _reason = "ok" + (f" ({'; '.join(notes)})" if notes else "")
+        return
+    _reason = first or "not built"
+
+
+def _get() -> ctypes.CDLL | None:
+    if _reason is None:
+        with _lock:
+            if _reason is None:
+                _init()
+    return _lib
+
+
+def available() -> bool:
+    """True when the compiled kernels are loaded and passed their self-check (builds on first call)."""
+    return _get() is not None
+
+
+def reason() -> str:
+    """One line: 'ok', or why the kernels are unavailable."""
+    _get()
+    return _reason or "not loaded"
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads per kernel call; None (the default) follows torch.get_num_threads()."""
+    global _threads
+    if n is not None and n < 1:
+        raise ValueError(f"threads must be at least 1, not {n}")
+    _threads = n
+
+
+def get_num_threads() -> int:
+    return _threads or torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks and calls
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_weight(w: torch.Tensor, name: str, dtype: torch.dtype, dim: int = 2) -> None:
+    # One compound test on the fast path: these wrappers run hundreds of times per decoded token.
+    if w.dtype == dtype and w.dim() == dim and w.is_cpu and w.is_contiguous():
+        return
+    if w.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, not {w.dtype}")
+    if w.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, not shape {tuple(w.shape)}")
+    if not w.is_cpu:
+        raise ValueError(f"{name} must be on the CPU, not {w.device}")
+    raise ValueError(f"{name} must be contiguous")
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., K] -> contiguous fp32 [T, K] (no copy when it already is one)."""
+    if x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == k and x.is_cpu and x.is_contiguous():
+        return x
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, not {x.dtype}")
+    if not x.is_cpu:
+        raise ValueError(f"x must be on the CPU, not {x.device}")
+    return x.reshape(-1, k).to(torch.float32).contiguous()
+
+
+def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _call(lib: ctypes.CDLL, name: str, *args: object) -> None:
+    global _lib_threads
+    n = get_num_threads()
+    if n != _lib_threads:
+        lib.mc_set_threads(n)
+        _lib_threads = n
+    rc = getattr(lib, name)(*args)
+    if rc != 0:
+        raise KernelError(f"{name} failed with code {rc}")
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y = x @ w.T in fp32. x [..., K] any float dtype, w bfloat16 [N, K] contiguous -> float32 [..., N]."""
+    _check_weight(w, "w", torch.bfloat16)
+    n, k = w.shape
+    x2 = _rows(x, k)
+    lib = _get()
+    if lib is None or x2.shape[0] == 0:
+        return _shaped(F.linear(x2, w.float()), x)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    _call(lib, "mc_linear_bf16", _ptr(x2), x2.shape[0], k, _ptr(w), n, _ptr(y))
+    return _shaped(y, x)
+
+
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = (x @ q.T) * scale in fp32 (exact fp32 activations). q int8 [N, K], scale float32 [N]."""
+    _check_weight(q, "q", torch.int8)
+    n, k = q.shape
+    _check_weight(scale, "scale", torch.float32, dim=1)
+    if scale.shape[0] != n:
+        raise ValueError(f"scale has {scale.shape[0]} rows, q {n}")
+    x2 = _rows(x, k)
+    lib = _get()
+    if lib is None or x2.shape[0] == 0:
+        return _shaped(F.linear(x2, q.float()) * scale, x)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    _call(lib, "mc_linear_int8", _ptr(x2), x2.shape[0], k, _ptr(q), _ptr(scale), n, _ptr(y))
+    return _shaped(y, x)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] integers in 0..15 -> uint8 [N, K/2], q[:, 2j] in the low nibble and q[:, 2j+1] in the high."""
+    if q.dim() != 2 or q.shape[1] % 2:
+        raise ValueError(f"q must be [N, K] with K even, not {tuple(q.shape)}")
+    if q.is_floating_point() or q.dtype == torch.bool:
+        raise TypeError(f"q must be an integer tensor, not {q.dtype}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError("q values must be in 0..15")
+    q8 = q.to(torch.uint8)
+    return (q8[:, 0::2] | (q8[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K] in 0..15 (inverse of pack_int4)."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """The fp32 weight [N, K]: (q - 8) * scale + zero, per group of `group` along K."""
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    g = q.view(n, k // group, group)
+    return ((g - 8) * scale[..., None] + zero[..., None]).view(n, k)
+
+
+def quantize_x_q8(x: torch.Tensor) -> torch.Tensor:
+    """What linear_int4's default path does to x, in torch: round x [T, K] (K % 32 == 0) to int8 in blocks
+    of 32 with scale max|x| / 127, and return the dequantised fp32 values (for references and error checks)."""
+    t, k = x.shape
+    b = x.float().reshape(t, k // 32, 32)
+    # Same arithmetic as the C side: v = rint(x * (127 / amax)), clamped to +-127, then v * (amax / 127).
+    amax = b.abs().amax(dim=-1, keepdim=True)
+    d = amax / 127
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    v = torch.round(b * inv).clamp_(-127, 127)
+    return (v * d).reshape(t, k)
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                exact: bool = False) -> torch.Tensor:
+    """y = x @ w.T with w = (q - 8) * scale + zero per group of `group` along K, in fp32.
+
+    packed uint8 [N, K/2] (see pack_int4), scale and zero float32 [N, K/G]; K % 64 == 0, group in 32/64/128.
+
+    By default x is rounded to int8 in blocks of 32 (one fp32 scale per block, llama.cpp's Q8_0) so the
+    dot products run as integer multiply-adds: unpacking nibbles to fp32 costs more ALU time than half a
+    byte per weight of memory traffic leaves, so the exact path is compute-bound (most of all at T > 1).
+    The rounding moves each x by at most 1/254 of its block's largest |x|; measured on y, about 0.5%
+    relative error (1.3% with 50x outlier channels), about 3x what rounding x to bf16 costs (torch's int4
+    kernel does that) and a tenth of the 8-10% error of rounding the weights to 4 bits in the first place.
+    exact=True keeps x in fp32 (same result as dequantising w, to fp32 rounding).
+    """
+    _check_weight(packed, "packed", torch.uint8)
+    n, half = packed.shape
+    k = 2 * half
+    if group not in INT4_GROUPS or k % group or k % 64:
+        raise ValueError(f"int4 needs group in {INT4_GROUPS} dividing K and K % 64 == 0 (K={k}, group={group})")
+    for name, t in (("scale", scale), ("zero", zero)):
+        _check_weight(t, name, torch.float32)
+        if t.shape != (n, k // group):
+            raise ValueError(f"{name} must be [{n}, {k // group}], not {tuple(t.shape)}")
+    x2 = _rows(x, k)
+    lib = _get()
+    if lib is None or x2.shape[0] == 0:
+        xr = x2 if exact else quantize_x_q8(x2)
+        return _shaped(F.linear(xr, dequantize_int4(packed, scale, zero, group)), x)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    _call(lib, "mc_linear_int4" if exact else "mc_linear_int4_q8", _ptr(x2), x2.shape[0], k, _ptr(packed),
+          _ptr(scale), _ptr(zero), group, n, _ptr(y))
+    return _shaped(y, x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Self-check
+# ----------------------------------------------------------------------------------------------------
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor, k: int) -> None:
+    # fp32 accumulation in a different order: error grows ~sqrt(K) * eps * |terms|.
+    tol = 1e-5 * (k**0.5) * (want.abs().max().item() + 1.0)
+    err = (got - want).abs().max().item()
+    if not err <= tol:
+        raise KernelError(f"self-check failed: {name} max error {err:.3g} > {tol:.3g}")
+
+
+def _self_check(lib: ctypes.CDLL) -> None:
+    gen = torch.Generator().manual_seed(0)
+    saved = lib.mc_get_threads()
+    try:
+        # 2 threads even on one core, so the parallel split is exercised; the big case crosses the
+        # single-thread cut-off in the C runner.
+        lib.mc_set_threads(2)
+        for t, n, k in ((1, 24, 200), (3, 72, 1024), (5, 40, 64)):
+            x = torch.randn(t, k, generator=gen)
+            w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+            y = torch.empty(t, n)
+            if lib.mc_linear_bf16(_ptr(x), t, k, _ptr(w), n, _ptr(y)) != 0:
+                raise KernelError("self-check failed: mc_linear_bf16 refused valid arguments")
+            _close(f"bf16 T={t} N={n} K={k}", y, x @ w.float().T, k)
+
+            q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+            s = torch.rand(n, generator=gen) + 0.1
+            if lib.mc_linear_int8(_ptr(x), t, k, _ptr(q), _ptr(s), n, _ptr(y)) != 0:
+                raise KernelError("self-check failed: mc_linear_int8 refused valid arguments")
+            _close(f"int8 T={t} N={n} K={k}", y / s, x @ q.float().T, k * 127)
+
+            if k % 64 == 0:
+                for g in INT4_GROUPS:
+                    if k % g:
+                        continue
+                    packed = pack_int4(torch.randint(0, 16, (n, k), generator=gen))
+                    sc = torch.rand(n, k // g, generator=gen) + 0.1
+                    zp = torch.randn(n, k // g, generator=gen)
+                    w4 = dequantize_int4(packed, sc, zp, g)
+                    for fn, xr in (("mc_linear_int4", x), ("mc_linear_int4_q8", quantize_x_q8(x))):
+                        if getattr(lib, fn)(_ptr(x), t, k, _ptr(packed), _ptr(sc), _ptr(zp), g, n, _ptr(y)) != 0:
+                            raise KernelError(f"self-check failed: {fn} refused valid arguments")
+                        _close(f"{fn} T={t} N={n} K={k} G={g}", y, xr @ w4.T, k * 8)
+    finally:
+        lib.mc_set_threads(saved)

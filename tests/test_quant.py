@@ -1,0 +1,179 @@
+"""Weight-only int8/int4: the arithmetic, the layer, the cache, and quality on the trained demo model."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_args
+from test_demo_model import _heldout_ids
+
+from mixchat import quant
+from mixchat.engine import Engine, model_fingerprint
+from mixchat.errors import MixchatError
+from mixchat.paths import demo_model
+from mixchat.qformat import QuantSpec, memory_estimates, model_bytes, parse_quant, quantizable
+from mixchat.quant import QuantLinear, dequantize, quantize_int4, quantize_int8
+from mixchat.release import model_state, open_release
+
+DEMO = demo_model()
+
+
+def test_parse_quant_names_and_errors():
+    assert parse_quant(None) is None and parse_quant("none") is None
+    assert parse_quant("int8") == QuantSpec("int8")
+    assert parse_quant("int4") == QuantSpec("int4", 64)
+    assert parse_quant("int4-32").group == 32 and parse_quant("int4-g128").group == 128
+    for bad in ("int3", "int4-48", "fp8"):
+        with pytest.raises(MixchatError, match="--quant"):
+            parse_quant(bad)
+
+
+def test_what_is_quantized():
+    assert quantizable("layers.3.attention.wq.weight") and quantizable("output.weight")
+    assert quantizable("layers.0.feed_forward.experts.7.w2.weight") and quantizable("layers.0.block_sparse_moe.w1")
+    for kept in ("tok_embeddings.weight", "norm.weight", "layers.0.attention_norm.weight",
+                 "layers.0.feed_forward.gate.weight"):
+        assert not quantizable(kept), kept
+
+
+def test_int8_round_trip_error_is_within_half_a_step():
+    w = torch.randn(64, 256) * torch.linspace(0.01, 3, 64)[:, None]  # rows of very different ranges
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    err = (dequantize({"q": q, "scale": scale}) - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_round_trip_error_is_within_half_a_step(group):
+    w = torch.randn(48, 256) + 0.5  # off-centre ranges: the zero point matters
+    packed, scale, zero = quantize_int4(w, group)
+    assert packed.dtype == torch.uint8 and packed.shape == (48, 128) and scale.shape == (48, 256 // group)
+    back = dequantize({"q": packed, "scale": scale, "zero": zero})
+    step = scale.repeat_interleave(group, dim=1)
+    assert ((back - w).abs() <= step / 2 + 1e-5).all()
+    # low nibble first: element 0 of row 0 is packed[0, 0] & 15
+    q0 = torch.round((w[0, 0] - (zero[0, 0] - 8 * scale[0, 0])) / scale[0, 0]).clamp(0, 15)
+    assert int(packed[0, 0]) & 15 == int(q0)
+
+
+def test_int4_group_must_divide_the_input_dimension():
+    with pytest.raises(MixchatError, match="int4-32"):
+        quantize_int4(torch.randn(8, 96), 64)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_quant_linear_equals_the_dequantized_matmul(kind, rows, kernels, monkeypatch):
+    if not kernels:  # torch's own weight-only ops (and the dequantize-then-GEMM path for prefill)
+        monkeypatch.setattr(quant, "_kernels", lambda: None)
+    torch.manual_seed(0)
+    w = torch.randn(192, 256)
+    parts = quant.quantize_tensor(w, QuantSpec(kind, 64 if kind == "int4" else 0))
+    layer = QuantLinear(parts, 256, 192)
+    x = torch.randn(rows, 256).bfloat16()
+    want = F.linear(x.float(), dequantize(parts))
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 192)
+    # bf16 output (and bf16 activations/scales in torch's ops): about 3 significant digits
+    assert torch.allclose(got.float(), want, rtol=2e-2, atol=0.05 * want.abs().max().item()), \
+        (got.float() - want).abs().max()
+
+
+def test_memory_estimate_equals_what_the_engine_holds():
+    engine = Engine.load(DEMO, quant="int8", warm=False, show_progress=False)
+    held = sum(t.nbytes for t in [*engine.model.parameters(), *engine.model.buffers()])
+    opened = open_release(DEMO)
+    shapes = {n: tuple(t.shape) for n, t in model_state(opened.state, opened.args, opened.layout).items()}
+    assert model_bytes(shapes, 2, QuantSpec("int8")) == held
+    est = memory_estimates(shapes)
+    assert est["bf16"] > est["int8"] > est["int4-g32"] > est["int4-g64"] > est["int4-g128"]
+
+
+def _heldout_nats(engine: Engine) -> tuple[float, torch.Tensor]:
+    ids, _ = _heldout_ids(engine.tokenizer)
+    out = engine.model(torch.tensor(ids), engine.new_cache())
+    return F.cross_entropy(out.logits[:-1].float(), torch.tensor(ids[1:])).item(), out.logits.argmax(-1)
+
+
+@pytest.fixture(scope="module")
+def bf16_reference():
+    return _heldout_nats(Engine.load(DEMO, warm=False, show_progress=False))
+
+
+# Measured on the shipped demo model (tests/data/austen_heldout.txt, bf16 activations):
+# perplexity +0.7 % (int8), +1.6 % (int4, groups of 64), +1.8 % (int4-32), +3.8 % (int4-128);
+# top-1 agreement with bf16 0.976, 0.903, 0.915, 0.907.
+@pytest.mark.parametrize("name,ppl_max,agree_min", [("int8", 0.01, 0.95), ("int4", 0.05, 0.85),
+                                                      ("int4-32", 0.05, 0.85), ("int4-128", 0.05, 0.85)])
+def test_quality_on_the_demo_model(name, ppl_max, agree_min, bf16_reference):
+    nats_bf16, top1_bf16 = bf16_reference
+    engine = Engine.load(DEMO, quant=name, show_progress=False)
+    nats, top1 = _heldout_nats(engine)
+    assert math.exp(nats) / math.exp(nats_bf16) - 1 < ppl_max, (nats, nats_bf16)
+    assert (top1 == top1_bf16).float().mean().item() >= agree_min
+
+
+def test_quantized_weights_are_cached_and_reused(tmp_path):
+    first = Engine.load(DEMO, quant="int4", show_progress=False)
+    assert not first.quant_cached
+    path = quant.cache_path(first.fingerprint, first.quant)
+    assert path.is_file() and str(path).startswith(str(tmp_path))  # under MIXCHAT_HOME in tests
+    second = Engine.load(DEMO, quant="int4", show_progress=False)
+    assert second.quant_cached
+    ids = torch.tensor(second.tokenizer.encode("Mr. Darcy"))
+    a = first.model(ids, first.new_cache()).logits
+    b = second.model(ids, second.new_cache()).logits
+    assert torch.equal(a, b)
+    # int8 is a different file; the int4 one is untouched
+    Engine.load(DEMO, quant="int8", show_progress=False)
+    assert quant.cache_path(first.fingerprint, parse_quant("int8")).is_file() and path.is_file()
+
+
+def test_a_truncated_cache_file_is_rebuilt_not_trusted(capsys):
+    first = Engine.load(DEMO, quant="int8", show_progress=False)
+    path = quant.cache_path(first.fingerprint, first.quant)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    again = Engine.load(DEMO, quant="int8", show_progress=False)
+    assert not again.quant_cached
+    assert "quantized cache" in capsys.readouterr().err
+    assert path.stat().st_size == len(data)
+
+
+def test_a_cache_from_another_model_is_not_used(make_release):
+    demo = Engine.load(DEMO, quant="int8", show_progress=False)
+    folder = make_release(tiny_args(), "dense")
+    other = model_fingerprint(open_release(folder).release)
+    # The demo's file under the tiny model's name: its metadata names another model.
+    shutil.copy(quant.cache_path(demo.fingerprint, demo.quant), quant.cache_path(other, demo.quant))
+    engine = Engine.load(folder, quant="int8", show_progress=False)
+    assert engine.fingerprint == other and not engine.quant_cached
+
+
+def test_tiny_models_of_each_layout_run_quantized(make_release):
+    for layout in ("dense", "torrent", "experts"):
+        args = tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2}) if layout != "dense" else tiny_args()
+        folder = make_release(args, layout)
+        ref = Engine.load(folder, dtype="fp32", show_progress=False)
+        ids = torch.tensor(ref.tokenizer.encode("Hello there, general"))
+        want = ref.model(ids, ref.new_cache()).logits
+        for name in ("int8", "int4-32"):
+            got = Engine.load(folder, dtype="fp32", quant=name, show_progress=False).model(ids, ref.new_cache()).logits
+            assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() > 0.95, (layout, name)
+
+
+def test_cli_one_shot_and_inspect_with_quant(capsys):
+    from mixchat.cli import main
+
+    assert main(["-m", str(DEMO), "--quant", "int8", "--no-save", "--json", "--max-tokens", "8", "--temperature",
+                 "0", "-p", "Good morning"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert '"done": true' in out[-1]
+    assert main(["inspect", str(DEMO)]) == 0
+    assert "int8" in capsys.readouterr().out
