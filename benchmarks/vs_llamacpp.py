@@ -17,8 +17,8 @@ What it does, caching everything under --cache-dir (default ~/.cache/mixchat-ben
    at the one type, output.weight at 8 bits, token embedding and MoE router left in BF16 (--pure
    --token-embedding-type bf16 --output-tensor-type q8_0). llama.cpp's default recipe (Q6_K output,
    Q8_0 attention for 8 experts, quantised embedding) would make it a comparison of recipes.
-   Bits per weight: Q8_0 8.5 vs mixchat int8 8 (+ a scale per row); Q4_0 4.5 vs mixchat int4 5
-   (groups of 64 with an fp32 scale and zero); --mixchat-int4 int4-128 matches Q4_0's 4.5.
+   Bits per weight: Q8_0 8.5 vs mixchat int8 8 (+ a scale per row); Q4_0 4.5 vs mixchat int4 4.5
+   (groups of 128 with an fp32 scale and zero); --mixchat-int4 int4-32/int4-64 spends more bits.
 4. For each precision (bf16 <-> BF16, int8 <-> Q8_0, int4 <-> Q4_0) runs `llama-bench` and then
    `mixchat bench`, never both at once, and prints prefill and decode tokens/s and the ratio
    mixchat/llama.cpp (above 1 means mixchat is faster).
@@ -710,8 +710,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=positive, default=2, help="threads for both engines (default 2)")
     ap.add_argument("--runs", type=positive, default=3, help="repetitions per test (default 3)")
     ap.add_argument("--mixchat-int4", default="int4", metavar="CHOICE",
-                    help="mixchat's --quant for int4 (default int4, groups of 64; int4-128 stores as many bits per "
-                    "weight as Q4_0)")
+                    help="mixchat's --quant for int4 (default int4: groups of 128, as many bits per weight as "
+                    "Q4_0; int4-32/int4-64 spend more)")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                     help=f"llama.cpp download, build and GGUF files (default {DEFAULT_CACHE})")
     ap.add_argument("--jobs", type=positive, default=os.cpu_count() or 1, help="parallel compile jobs")

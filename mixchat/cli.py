@@ -187,7 +187,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--quant", choices=CHOICES, default=None,
                    help="weight-only quantization at load, cached for the next start: int8 (per row) or int4 "
-                        "(groups of 64, or int4-32/int4-128); none = the release dtype (default)")
+                        "(groups of 128, or int4-32/int4-64); none = the release dtype (default)")
     g.add_argument("--memory-budget", type=float, metavar="GB",
                    help="Mixtral: keep the weights within GB, loading experts on demand into an LRU cache "
                         "(with prefetching); for models larger than memory")

@@ -224,9 +224,10 @@ class Engine:
                 names = {f"w{j}.weight": f"layers.{layer}.feed_forward.experts.{e}.w{j}.weight" for j in (1, 2, 3)}
                 if store is not None:
                     install(ff, {k: {p: t.to(dev) for p, t in store.get(n).items()} for k, n in names.items()})
-                else:  # a contiguous copy out of the mapped file, into memory the cache accounts for
-                    ff.load_state_dict({k: offloaded[n].to(device=dev, dtype=dt, copy=True,
-                                                           memory_format=torch.contiguous_format)
+                else:  # a copy out of the mapped file, into memory the cache accounts for; same strides
+                    # as the mapped view (the torrent's w2 is transposed), so the same kernels run and
+                    # the tokens are the same as with every expert resident
+                    ff.load_state_dict({k: offloaded[n].to(device=dev, dtype=dt, copy=True)
                                         for k, n in names.items()}, assign=True)
                 return ff
 

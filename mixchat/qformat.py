@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from mixchat.errors import MixchatError
 
-DEFAULT_INT4_GROUP = 64
+DEFAULT_INT4_GROUP = 128  # 4.5 bits per weight with its fp32 scale and zero: the size of llama.cpp's Q4_0
 MATRICES = (".attention.w", ".feed_forward.w", ".feed_forward.experts.")
 CHOICES = ("none", "int8", "int4", "int4-32", "int4-64", "int4-128")
 
@@ -32,7 +32,7 @@ class QuantSpec:
 
 
 def parse_quant(value: str | None) -> QuantSpec | None:
-    """'none'/'bf16'/None -> None; 'int8'; 'int4' (group 64) or 'int4-32' / 'int4-g128'."""
+    """'none'/'bf16'/None -> None; 'int8'; 'int4' (group 128) or 'int4-32' / 'int4-g64'."""
     if value is None or value in ("none", "bf16", "off", ""):
         return None
     if value == "int8":

@@ -475,7 +475,8 @@ def write_report(ns, command, n_params, folder_mb, train_minutes, total_seconds,
         f".venv/bin/python {command.removeprefix('python ')}",
         "```",
         "",
-        f"Training: {ns.steps_done} steps (of at most {ns.steps}; time budget {ns.max_minutes or 'none'} min) of "
+        f"Training: {ns.steps_done} steps (of at most {ns.steps}; "
+        f"{f'time budget {ns.max_minutes} min' if ns.max_minutes else 'step-based schedule, no time budget'}) of "
         f"{ns.batch} x {ns.seq_len} tokens, AdamW (betas 0.9/0.95, weight decay "
         f"{ns.weight_decay}), peak LR {ns.lr} with {ns.warmup} warm-up steps and a cosine decay to 10%, gradient "
         f"clipping at 1.0, load-balancing loss x {ns.aux}, dropout {ns.dropout}, fp32, 2 threads. The release keeps "

@@ -31,9 +31,9 @@ HELDOUT = Path(__file__).resolve().parent / "data" / "austen_heldout.txt"
 
 # Recorded from the shipped model (see assets/demo/TRAINING.md); update them when it is retrained.
 GREEDY_PROMPT = "It is a truth universally acknowledged"
-GREEDY_TOKENS = [4055, 306, 364, 318, 411, 296, 271, 2894, 286, 1609, 1101, 4055, 306, 364, 411, 296, 271, 2894, 286,
-                 1609]  # '. I have not been in the habit of doing anything. I have been in the habit of doing'
-HELDOUT_NATS_PER_TOKEN_MAX = 3.65  # measured 3.600 nats/token (0.856 nats/char) + 0.05
+GREEDY_TOKENS = [4055, 306, 447, 732, 306, 583, 966, 286, 325, 4055, 306, 447, 732, 286, 263, 568, 1267, 579, 495,
+                 337]  # '. I am sure I never heard of it. I am sure of a good deal too much for'
+HELDOUT_NATS_PER_TOKEN_MAX = 3.51  # measured 3.463 nats/token (0.823 nats/char) + 0.05
 CHAT_PROMPTS = [
     "How do you do, Miss Bennet?",
     "What do you think of Mr. Darcy?",

@@ -25,7 +25,7 @@ DEMO = demo_model()
 def test_parse_quant_names_and_errors():
     assert parse_quant(None) is None and parse_quant("none") is None
     assert parse_quant("int8") == QuantSpec("int8")
-    assert parse_quant("int4") == QuantSpec("int4", 64)
+    assert parse_quant("int4") == QuantSpec("int4", 128)
     assert parse_quant("int4-32").group == 32 and parse_quant("int4-g128").group == 128
     for bad in ("int3", "int4-48", "fp8"):
         with pytest.raises(MixchatError, match="--quant"):
@@ -106,11 +106,12 @@ def bf16_reference():
     return _heldout_nats(Engine.load(DEMO, warm=False, show_progress=False))
 
 
-# Measured on the shipped demo model (tests/data/austen_heldout.txt, bf16 activations):
-# perplexity +0.7 % (int8), +1.6 % (int4, groups of 64), +1.8 % (int4-32), +3.8 % (int4-128);
-# top-1 agreement with bf16 0.976, 0.903, 0.915, 0.907.
-@pytest.mark.parametrize("name,ppl_max,agree_min", [("int8", 0.01, 0.95), ("int4", 0.05, 0.85),
-                                                      ("int4-32", 0.05, 0.85), ("int4-128", 0.05, 0.85)])
+# Measured on the shipped demo model (tests/data/austen_heldout.txt, 250 tokens, bf16 activations):
+# perplexity vs bf16 +0.13 % (int8), -1.21 % (int4: groups of 128), -0.94 % (int4-32), -0.63 % (int4-64);
+# top-1 agreement with bf16 0.992, 0.960, 0.956, 0.944. On 7,710 held-out tokens: -0.02 %, -0.03 %,
+# +0.24 %, +0.11 %; agreement 0.988, 0.940, 0.948, 0.945. The bounds are the issue's: 1 % and 5 %.
+@pytest.mark.parametrize("name,ppl_max,agree_min", [("int8", 0.01, 0.97), ("int4", 0.05, 0.9),
+                                                      ("int4-32", 0.05, 0.9), ("int4-64", 0.05, 0.9)])
 def test_quality_on_the_demo_model(name, ppl_max, agree_min, bf16_reference):
     nats_bf16, top1_bf16 = bf16_reference
     engine = Engine.load(DEMO, quant=name, show_progress=False)
