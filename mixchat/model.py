@@ -62,9 +62,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if _upcast(x.shape[0], w):
-            return F.linear(x.float(), _fp32_copy(w)).to(x.dtype)
-        # (The torrent layout's w2 is a transposed view: torch's GEMV takes it as it is.)
+        # The torrent layout's w2 is a transposed view: torch's bf16 product takes 455 ms for one
+        # Mixtral expert's w2 on AVX2, an fp32 copy (made in the view's own layout, not transposed)
+        # and product about 30 ms, so it is upcast even for one token.
+        transposed = not w.is_contiguous() and w.t().is_contiguous()
+        if _upcast(_UPCAST_MIN_TOKENS if transposed else x.shape[0], w):
+            return F.linear(x.float(), _fp32_copy(w.t()).t() if transposed else _fp32_copy(w)).to(x.dtype)
         if x.shape[0] <= _KERNEL_MAX_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu" \
                 and w.is_contiguous() and not torch.is_grad_enabled() and (k := _kernels()) is not None:
             return k.linear_bf16(x, w).to(x.dtype)

@@ -337,3 +337,22 @@ def test_bf16_decode_through_the_kernel_matches_torch(make_release, monkeypatch)
     with_torch = decode()
     assert torch.allclose(with_kernel, with_torch, atol=0.03 * with_torch.abs().max().item())
     assert (with_kernel.argmax(-1) == with_torch.argmax(-1)).float().mean() > 0.8
+
+
+def test_torrent_w2_views_decode_like_fp32(make_release):
+    # The torrent layout's w2 is a transposed view; one-token products with it take the fp32 path.
+    from conftest import tiny_args
+
+    from mixchat.engine import Engine
+
+    folder = make_release(tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2}), "torrent")
+    bf16 = Engine.load(folder, show_progress=False)
+    fp32 = Engine.load(folder, dtype="fp32", show_progress=False)
+    w2 = bf16.model.layers[0].feed_forward.experts[0].w2.weight
+    assert not w2.is_contiguous() and w2.t().is_contiguous()
+    ids = bf16.tokenizer.encode("Once upon a time")
+    caches = bf16.new_cache(), fp32.new_cache()
+    for t in ids:
+        got = bf16.model(torch.tensor([t]), caches[0]).logits
+        want = fp32.model(torch.tensor([t]), caches[1]).logits
+        assert torch.allclose(got, want, atol=0.05 * want.abs().max().item())
