@@ -35,7 +35,9 @@ def _fp32_copy(w: torch.Tensor) -> torch.Tensor:
     return buf[: w.numel()].view(w.shape).copy_(w)
 
 
-_KERNEL_MAX_ROWS = _UPCAST_MIN_TOKENS - 1
+# Short prompts (a chat turn) go through the kernels too: they read each weight once per 8 rows,
+# which for up to 16 tokens costs less than the fp32 copy of every weight the GEMM path makes.
+_KERNEL_MAX_ROWS = 16
 _kernels_module: object = None  # mixchat.kernels once it has been found usable, False if not
 
 
@@ -62,15 +64,15 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if x.shape[0] <= _KERNEL_MAX_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu" \
+                and w.is_contiguous() and not torch.is_grad_enabled() and (k := _kernels()) is not None:
+            return k.linear_bf16(x, w).to(x.dtype)
         # The torrent layout's w2 is a transposed view: torch's bf16 product takes 455 ms for one
         # Mixtral expert's w2 on AVX2, an fp32 copy (made in the view's own layout, not transposed)
         # and product about 30 ms, so it is upcast even for one token.
         transposed = not w.is_contiguous() and w.t().is_contiguous()
         if _upcast(_UPCAST_MIN_TOKENS if transposed else x.shape[0], w):
             return F.linear(x.float(), _fp32_copy(w.t()).t() if transposed else _fp32_copy(w)).to(x.dtype)
-        if x.shape[0] <= _KERNEL_MAX_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu" \
-                and w.is_contiguous() and not torch.is_grad_enabled() and (k := _kernels()) is not None:
-            return k.linear_bf16(x, w).to(x.dtype)
         return F.linear(x, w)
 
 

@@ -40,7 +40,7 @@ from mixchat.errors import MixchatError
 from mixchat.qformat import QuantSpec, parse_quant, quantizable, quantized_bytes, spec_for  # noqa: F401
 
 FORMAT_VERSION = 1
-KERNEL_MAX_ROWS = 4  # up to this many tokens, a product is a pass over the weight (memory-bound)
+KERNEL_MAX_ROWS = 16  # up to this many tokens the kernels (a pass per 4-8 rows) beat dequantize + GEMM
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
