@@ -17,8 +17,8 @@ from mixchat.errors import MixchatError
 from mixchat.experts import ExpertCache, offload
 from mixchat.model import FeedForward, Transformer
 from mixchat.progress import Progress, human_bytes
-from mixchat.qformat import model_bytes, quantized_bytes
-from mixchat.quant import QuantSpec, install, parse_quant, quantize_state
+from mixchat.qformat import QuantSpec, model_bytes, parse_quant, quantized_bytes
+from mixchat.quant import install, quantize_state
 from mixchat.release import Release, model_state, open_release
 from mixchat.tokenizer import Tokenizer
 

@@ -28,11 +28,18 @@ _UPCAST_MIN_TOKENS = 4
 _scratch = threading.local()
 
 
-def _fp32_copy(w: torch.Tensor) -> torch.Tensor:
+def fp32_scratch(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The per-thread fp32 buffer weights are upcast or dequantized into (one for bf16 and quantized
+    layers alike, sized by the largest weight)."""
+    numel = torch.Size(shape).numel()
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < w.numel():
-        buf = _scratch.buf = torch.empty(w.numel(), dtype=torch.float32)
-    return buf[: w.numel()].view(w.shape).copy_(w)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel].view(shape)
+
+
+def _fp32_copy(w: torch.Tensor) -> torch.Tensor:
+    return fp32_scratch(w.shape).copy_(w)
 
 
 # Short prompts (a chat turn) go through the kernels too: they read each weight once per 8 rows,
@@ -41,7 +48,7 @@ _KERNEL_MAX_ROWS = 16
 _kernels_module: object = None  # mixchat.kernels once it has been found usable, False if not
 
 
-def _kernels():
+def kernels_or_none():
     """mixchat.kernels' compiled bf16 matrix-vector product: torch's bf16 GEMV streams the weights at
     about half the memory read rate on AVX2 CPUs, and decode is nothing but that (see kernels.py)."""
     global _kernels_module
@@ -65,7 +72,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if x.shape[0] <= _KERNEL_MAX_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu" \
-                and w.is_contiguous() and not torch.is_grad_enabled() and (k := _kernels()) is not None:
+                and w.is_contiguous() and not torch.is_grad_enabled() and (k := kernels_or_none()) is not None:
             return k.linear_bf16(x, w).to(x.dtype)
         # The torrent layout's w2 is a transposed view: torch's bf16 product takes 455 ms for one
         # Mixtral expert's w2 on AVX2, an fp32 copy (made in the view's own layout, not transposed)

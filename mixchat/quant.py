@@ -28,7 +28,6 @@ import math
 import os
 import struct
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixchat.errors import MixchatError
-from mixchat.qformat import QuantSpec, parse_quant, quantizable, quantized_bytes, spec_for  # noqa: F401
+from mixchat.model import fp32_scratch, kernels_or_none
+from mixchat.qformat import QuantSpec, quantizable, spec_for
 
 FORMAT_VERSION = 1
 KERNEL_MAX_ROWS = 16  # up to this many tokens the kernels (a pass per 4-8 rows) beat dequantize + GEMM
@@ -81,24 +81,8 @@ def dequantize(parts: dict[str, torch.Tensor], out: torch.Tensor | None = None) 
     return g.sub_(8).mul_(scale[..., None]).add_(zero[..., None]).view(n, 2 * half)
 
 
-_scratch = threading.local()
-
-
-def _fp32_buffer(shape: torch.Size | tuple[int, int]) -> torch.Tensor:
-    # Reused, as in model.Linear: a fresh multi-hundred-MB allocation per layer costs page faults.
-    numel = shape[0] * shape[1]
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
-    return buf[:numel].view(shape)
-
-
 def _kernels():
-    try:
-        from mixchat import kernels
-    except ImportError:
-        return None
-    return kernels if kernels.available() else None
+    return kernels_or_none()
 
 
 class QuantLinear(nn.Module):
@@ -122,13 +106,13 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.device.type != "cpu":
-            w = dequantize({k: v for k, v in self.parts().items()}).to(x.dtype)
+            w = dequantize(self.parts()).to(x.dtype)
             return F.linear(x, w)
         rows = x2.shape[0]
         if rows <= KERNEL_MAX_ROWS:
             y = self._small(x2)
         else:
-            y = F.linear(x2.float(), dequantize(self.parts(), _fp32_buffer((self.out_features, self.in_features))))
+            y = F.linear(x2.float(), dequantize(self.parts(), fp32_scratch((self.out_features, self.in_features))))
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def _small(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,9 +221,6 @@ class Quantized:
             self._file = safe_open(str(self.path), framework="pt")
         keys = ("q", "scale", "zero") if spec_for(name, self.spec).kind == "int4" else ("q", "scale")
         return {p: self._file.get_tensor(f"{name}.{p}") for p in keys}
-
-    def nbytes(self, name: str, shape: tuple[int, ...]) -> int:
-        return quantized_bytes(shape, spec_for(name, self.spec))
 
 
 def _cache_is_valid(path: Path, fingerprint: str, spec: QuantSpec, names: list[str]) -> bool:
