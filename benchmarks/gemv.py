@@ -90,11 +90,14 @@ def methods(n: int, k: int, group: int, min_bytes: int) -> list[tuple[str, Calla
         ws = [base().to(torch.bfloat16) for _ in range(c)]
         return (lambda x, i: kernels.linear_bf16(x, ws[i])), c, nbytes(ws[0])
 
-    def ours_int8() -> tuple[Method, int, int]:
-        c = copies_for(n * k, min_bytes)
-        qs = [torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8) for _ in range(c)]
-        s = torch.rand(n, generator=gen) * 1e-3
-        return (lambda x, i: kernels.linear_int8(x, qs[i], s)), c, nbytes(qs[0], s)
+    def ours_int8(exact: bool) -> Callable[[], tuple[Method, int, int]]:
+        def setup() -> tuple[Method, int, int]:
+            c = copies_for(n * k, min_bytes)
+            qs = [torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8) for _ in range(c)]
+            s = torch.rand(n, generator=gen) * 1e-3
+            return (lambda x, i: kernels.linear_int8(x, qs[i], s, exact=exact)), c, nbytes(qs[0], s)
+
+        return setup
 
     def ours_int4(exact: bool) -> Callable[[], tuple[Method, int, int]]:
         def setup() -> tuple[Method, int, int]:
@@ -110,7 +113,8 @@ def methods(n: int, k: int, group: int, min_bytes: int) -> list[tuple[str, Calla
     out = [("fp32 F.linear (MKL, read limit)", fp32), ("torch bf16 F.linear", torch_bf16),
            ("torch _weight_int8pack_mm", torch_int8), (f"torch int4pack_mm g{group}", torch_int4)]
     if kernels.available():
-        out += [("mixchat bf16", ours_bf16), ("mixchat int8", ours_int8),
+        out += [("mixchat bf16", ours_bf16), ("mixchat int8 (q8 x)", ours_int8(False)),
+                ("mixchat int8 (exact)", ours_int8(True)),
                 (f"mixchat int4 g{group} (q8 x)", ours_int4(False)),
                 (f"mixchat int4 g{group} (exact)", ours_int4(True))]
     return out

@@ -1,16 +1,20 @@
-"""Compiled matrix-vector kernels (mixchat/csrc/gemv.c) for decoding on CPU: bf16, int8 and int4 weights.
+"""Compiled kernels (mixchat/csrc/gemv.c) for linear layers on CPU with bf16, int8 and int4 weights.
 
 Decoding reads every weight once per token, so a token costs (weight bytes) / (memory bandwidth). On AVX2
 machines torch's CPU kernels for these formats stream at a third to two thirds of what fp32 GEMV (MKL)
-reaches; these come within 65-85% of it on one core, at 1.5-3x torch (benchmarks/gemv.py), and read
-each weight once for up to 8 (bf16, int8) or 4 (int4) rows of x, so T = 4 costs little more than T = 1.
+reaches; the matrix-vector kernels here come within 65-85% of it on one core, at 1.5-3x torch
+(benchmarks/gemv.py), and read each weight once for up to 8 (bf16, int8) or 4 (int4) rows of x, so T = 4
+costs little more than T = 1. From get_gemm_min_rows() rows of x on (prompts), a register-tiled GEMM
+takes over: it converts 16 x 256 tiles of the weight to fp32 in L1 and runs at the FMA units' pace, so
+prompts need no fp32 copy of any weight, whatever its format.
 
-    linear_bf16(x, w)                          w bfloat16 [N, K]
-    linear_int8(x, q, scale)                   q int8 [N, K], scale fp32 [N]            (exact fp32 x)
+    linear_bf16(x, w)                          w bfloat16 [N, K], or the transpose of a contiguous [K, N]
+    linear_int8(x, q, scale)                   q int8 [N, K], scale fp32 [N]
     linear_int4(x, packed, scale, zero, group) packed uint8 [N, K/2] (pack_int4), scale/zero fp32 [N, K/G]
 
-x is [..., K] in any float dtype (computed in fp32); the result is fp32 [..., N]. linear_int4 rounds x to
-int8 per 32 columns unless exact=True (see its docstring for why and what it costs).
+x is [..., K] in any float dtype (computed in fp32); the result is fp32 [..., N]. Below the GEMM's row
+count linear_int8 and linear_int4 round x to int8 per 32 columns unless exact=True (see linear_int4's
+docstring for why and what it costs).
 
 The C source is compiled on first use with the system C compiler (`gcc -O3 -march=native -fopenmp`) into
 a cache folder keyed by source, compiler, flags and CPU, and loaded with ctypes (which releases the GIL
@@ -27,6 +31,7 @@ and OMP_WAIT_POLICY=passive, or one thread, avoids it.
 
 MIXCHAT_KERNEL_CACHE overrides the cache folder (default: platformdirs' user cache, `kernels/`).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -44,9 +49,10 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
-ABI_VERSION = 1  # must match MC_ABI_VERSION in gemv.c
+ABI_VERSION = 2  # must match MC_ABI_VERSION in gemv.c
 INT4_GROUPS = (32, 64, 128)
 MAX_ROWS = {"bf16": 8, "int8": 8, "int4": 4}  # rows of x served by one pass over the weight
+GEMM_MIN_ROWS = 12  # the C side's default (mc_get_gemm_min_rows)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -135,11 +141,16 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.mc_simd.restype = i32
     lib.mc_set_threads.argtypes = [i32]
     lib.mc_get_threads.restype = i32
-    lib.mc_linear_bf16.argtypes = [vp, i32, i64, vp, i64, vp]
-    lib.mc_linear_int8.argtypes = [vp, i32, i64, vp, vp, i64, vp]
+    lib.mc_set_gemm_min_rows.argtypes = [i32]
+    lib.mc_get_gemm_min_rows.restype = i32
+    for name in ("mc_linear_bf16", "mc_linear_bf16_t"):
+        getattr(lib, name).argtypes = [vp, i32, i64, vp, i64, vp]
+    for name in ("mc_linear_int8", "mc_linear_int8_q8"):
+        getattr(lib, name).argtypes = [vp, i32, i64, vp, vp, i64, vp]
     for name in ("mc_linear_int4", "mc_linear_int4_q8"):
         getattr(lib, name).argtypes = [vp, i32, i64, vp, vp, vp, i32, i64, vp]
-    for name in ("mc_linear_bf16", "mc_linear_int8", "mc_linear_int4", "mc_linear_int4_q8"):
+    for name in ("mc_linear_bf16", "mc_linear_bf16_t", "mc_linear_int8", "mc_linear_int8_q8", "mc_linear_int4",
+                 "mc_linear_int4_q8"):
         getattr(lib, name).restype = i32
 
 
@@ -214,6 +225,26 @@ def get_num_threads() -> int:
     return _threads or torch.get_num_threads()
 
 
+def set_gemm_min_rows(n: int) -> None:
+    """From how many rows of x on the register-tiled GEMM replaces the matrix-vector kernels (benchmarks
+    and tests move it; the default is where the two cross on an AVX2 EPYC)."""
+    if n < 1:
+        raise ValueError(f"rows must be at least 1, not {n}")
+    if (lib := _get()) is not None:
+        lib.mc_set_gemm_min_rows(n)
+
+
+def get_gemm_min_rows() -> int:
+    lib = _get()
+    return lib.mc_get_gemm_min_rows() if lib is not None else GEMM_MIN_ROWS
+
+
+def _rounds_x(exact: bool, rows: int, k: int) -> bool:
+    """Whether linear_int8/int4 round x to int8 per 32 columns: only where the matrix-vector kernels run
+    (the GEMM is bound by FMAs, so rounding x would buy nothing there)."""
+    return not exact and k % 32 == 0 and rows < get_gemm_min_rows()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Argument checks and calls
 # ----------------------------------------------------------------------------------------------------
@@ -265,20 +296,27 @@ def _ptr(t: torch.Tensor) -> int:
 
 
 def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """y = x @ w.T in fp32. x [..., K] any float dtype, w bfloat16 [N, K] contiguous -> float32 [..., N]."""
-    _check_weight(w, "w", torch.bfloat16)
+    """y = x @ w.T in fp32. x [..., K] any float dtype, w bfloat16 [N, K], either contiguous or the transpose
+    of a contiguous [K, N] tensor (the torrent layout's expert w2) -> float32 [..., N]."""
+    transposed = w.dim() == 2 and not w.is_contiguous() and w.t().is_contiguous()
+    _check_weight(w.t() if transposed else w, "w", torch.bfloat16)
     n, k = w.shape
     x2 = _rows(x, k)
     lib = _get()
     if lib is None or x2.shape[0] == 0:
         return _shaped(F.linear(x2, w.float()), x)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    _call(lib, "mc_linear_bf16", _ptr(x2), x2.shape[0], k, _ptr(w), n, _ptr(y))
+    _call(lib, "mc_linear_bf16_t" if transposed else "mc_linear_bf16", _ptr(x2), x2.shape[0], k, _ptr(w), n,
+          _ptr(y))
     return _shaped(y, x)
 
 
-def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """y = (x @ q.T) * scale in fp32 (exact fp32 activations). q int8 [N, K], scale float32 [N]."""
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """y = (x @ q.T) * scale in fp32. q int8 [N, K], scale float32 [N].
+    Like linear_int4, and like llama.cpp's Q8_0, x is rounded to int8 per 32 columns for products of
+    fewer rows than the GEMM takes (K % 32 == 0): with fp32 x a core converts only about 4 weights per
+    cycle, under the memory read rate, while integer multiply-adds keep up with it. exact=True keeps x
+    in fp32."""
     _check_weight(q, "q", torch.int8)
     n, k = q.shape
     _check_weight(scale, "scale", torch.float32, dim=1)
@@ -287,9 +325,11 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     x2 = _rows(x, k)
     lib = _get()
     if lib is None or x2.shape[0] == 0:
-        return _shaped(F.linear(x2, q.float()) * scale, x)
+        xr = quantize_x_q8(x2) if _rounds_x(exact, x2.shape[0], k) else x2
+        return _shaped(F.linear(xr, q.float()) * scale, x)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    _call(lib, "mc_linear_int8", _ptr(x2), x2.shape[0], k, _ptr(q), _ptr(scale), n, _ptr(y))
+    _call(lib, "mc_linear_int8" if exact else "mc_linear_int8_q8", _ptr(x2), x2.shape[0], k, _ptr(q), _ptr(scale),
+          n, _ptr(y))
     return _shaped(y, x)
 
 
@@ -357,7 +397,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     x2 = _rows(x, k)
     lib = _get()
     if lib is None or x2.shape[0] == 0:
-        xr = x2 if exact else quantize_x_q8(x2)
+        xr = quantize_x_q8(x2) if _rounds_x(exact, x2.shape[0], k) else x2
         return _shaped(F.linear(xr, dequantize_int4(packed, scale, zero, group)), x)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     _call(lib, "mc_linear_int4" if exact else "mc_linear_int4_q8", _ptr(x2), x2.shape[0], k, _ptr(packed),
@@ -398,6 +438,10 @@ def _self_check(lib: ctypes.CDLL) -> None:
             if lib.mc_linear_int8(_ptr(x), t, k, _ptr(q), _ptr(s), n, _ptr(y)) != 0:
                 raise KernelError("self-check failed: mc_linear_int8 refused valid arguments")
             _close(f"int8 T={t} N={n} K={k}", y / s, x @ q.float().T, k * 127)
+            if k % 32 == 0:
+                if lib.mc_linear_int8_q8(_ptr(x), t, k, _ptr(q), _ptr(s), n, _ptr(y)) != 0:
+                    raise KernelError("self-check failed: mc_linear_int8_q8 refused valid arguments")
+                _close(f"int8 Q8 T={t} N={n} K={k}", y / s, quantize_x_q8(x) @ q.float().T, k * 127)
 
             if k % 64 == 0:
                 for g in INT4_GROUPS:
@@ -411,5 +455,24 @@ def _self_check(lib: ctypes.CDLL) -> None:
                         if getattr(lib, fn)(_ptr(x), t, k, _ptr(packed), _ptr(sc), _ptr(zp), g, n, _ptr(y)) != 0:
                             raise KernelError(f"self-check failed: {fn} refused valid arguments")
                         _close(f"{fn} T={t} N={n} K={k} G={g}", y, xr @ w4.T, k * 8)
+        # The GEMM path (many rows of x): partial tiles in T and N, K not a multiple of its block.
+        t, n, k = 2 * lib.mc_get_gemm_min_rows() + 1, 40, 320
+        x = torch.randn(t, k, generator=gen)
+        y = torch.empty(t, n)
+        w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+        lib.mc_linear_bf16(_ptr(x), t, k, _ptr(w), n, _ptr(y))
+        _close(f"bf16 GEMM T={t} N={n} K={k}", y, x @ w.float().T, k)
+        wt = torch.randn(k, n, generator=gen).to(torch.bfloat16)
+        for rows in (1, t):
+            lib.mc_linear_bf16_t(_ptr(x), rows, k, _ptr(wt), n, _ptr(y))
+            _close(f"bf16 transposed T={rows} N={n} K={k}", y[:rows], x[:rows] @ wt.float(), k)
+        q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        s = torch.rand(n, generator=gen) + 0.1
+        lib.mc_linear_int8(_ptr(x), t, k, _ptr(q), _ptr(s), n, _ptr(y))
+        _close(f"int8 GEMM T={t} N={n} K={k}", y, x @ (q.float() * s[:, None]).T, k * 127)
+        packed = pack_int4(torch.randint(0, 16, (n, k), generator=gen))
+        sc, zp = torch.rand(n, k // 64, generator=gen) + 0.1, torch.randn(n, k // 64, generator=gen)
+        lib.mc_linear_int4_q8(_ptr(x), t, k, _ptr(packed), _ptr(sc), _ptr(zp), 64, n, _ptr(y))
+        _close(f"int4 GEMM T={t} N={n} K={k}", y, x @ dequantize_int4(packed, sc, zp, 64).T, k * 8)
     finally:
         lib.mc_set_threads(saved)

@@ -20,9 +20,10 @@ from mixchat.config import ModelArgs
 
 # CPUs without AVX512-BF16/AMX run bf16 matrix-matrix products about 4x slower than fp32 ones
 # (measured on an AVX2 EPYC: a 128x4096 by 4096x14336 product takes 710 ms in bf16, 170 ms in
-# fp32). So when several tokens go through a layer at once (prefill), the bf16 weight is copied
-# into a reused fp32 scratch buffer (20 ms: a fresh allocation would cost 200 ms in page faults)
-# and multiplied in fp32. Decode (one token) stays in bf16: it is bound by reading the weights.
+# fp32). mixchat's compiled kernels (kernels.py) take bf16 weights as they are, for one token and
+# for a whole prompt. Without them, when several tokens go through a layer at once, the bf16 weight
+# is copied into a reused fp32 scratch buffer (20 ms: a fresh allocation would cost 200 ms in page
+# faults) and multiplied in fp32.
 _NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 _UPCAST_MIN_TOKENS = 4
 _scratch = threading.local()
@@ -42,9 +43,9 @@ def _fp32_copy(w: torch.Tensor) -> torch.Tensor:
     return fp32_scratch(w.shape).copy_(w)
 
 
-# Short prompts (a chat turn) go through the kernels too: they read each weight once per 8 rows,
-# which for up to 16 tokens costs less than the fp32 copy of every weight the GEMM path makes.
-_KERNEL_MAX_ROWS = 16
+# Where the CPU multiplies bf16 matrices natively, torch's GEMM beats the kernels' AVX2 one for prompts;
+# the kernels still take decode and short prompts there, which are bound by reading the weights.
+_KERNEL_MAX_ROWS = 1 << 62 if not _NATIVE_BF16 else 16
 _kernels_module: object = None  # mixchat.kernels once it has been found usable, False if not
 
 
@@ -64,20 +65,22 @@ def _upcast(n_tokens: int, t: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias that takes the fast path above for multi-token bf16 inputs on CPU."""
+    """nn.Linear without bias; bf16 weights on CPU go through mixchat.kernels when they are available."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.shape[0] <= _KERNEL_MAX_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu" \
-                and w.is_contiguous() and not torch.is_grad_enabled() and (k := kernels_or_none()) is not None:
-            return k.linear_bf16(x, w).to(x.dtype)
-        # The torrent layout's w2 is a transposed view: torch's bf16 product takes 455 ms for one
-        # Mixtral expert's w2 on AVX2, an fp32 copy (made in the view's own layout, not transposed)
-        # and product about 30 ms, so it is upcast even for one token.
+        # The torrent layout's w2 is a transposed view, which the kernels read as it lies.
         transposed = not w.is_contiguous() and w.t().is_contiguous()
+        if x.shape[0] <= _KERNEL_MAX_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu" \
+                and (transposed or w.is_contiguous()) and not torch.is_grad_enabled() \
+                and (k := kernels_or_none()) is not None:
+            return k.linear_bf16(x, w).to(x.dtype)
+        # Without the kernels, torch's bf16 product takes 455 ms for one Mixtral expert's transposed
+        # w2 on AVX2, an fp32 copy (made in the view's own layout) and product about 30 ms, so it is
+        # upcast even for one token.
         if _upcast(_UPCAST_MIN_TOKENS if transposed else x.shape[0], w):
             return F.linear(x.float(), _fp32_copy(w.t()).t() if transposed else _fp32_copy(w)).to(x.dtype)
         return F.linear(x, w)

@@ -15,10 +15,10 @@ router (routing decisions are discrete; a small error there changes which expert
 the output projection is int8, as llama.cpp keeps it at higher precision: it is one matrix, and the
 logits are what the user sees.
 
-Matrix-vector products (decode) go through mixchat.kernels when its compiled kernels are available,
-else through torch's own weight-only ops. Several-token products (prefill) dequantize the weight
-into a reused fp32 buffer and use the fp32 GEMM, which on CPUs without native bf16 is the fastest
-matmul torch has.
+Products go through mixchat.kernels when its compiled kernels are available: matrix-vector ones
+(decode) read the packed weights directly, prompts use its GEMM, which dequantizes small tiles as it
+goes. Without the kernels, a few tokens go through torch's own weight-only ops, and a prompt
+dequantizes the weight into a reused fp32 buffer for torch's fp32 GEMM.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from mixchat.model import fp32_scratch, kernels_or_none
 from mixchat.qformat import QuantSpec, quantizable, spec_for
 
 FORMAT_VERSION = 1
-KERNEL_MAX_ROWS = 16  # up to this many tokens the kernels (a pass per 4-8 rows) beat dequantize + GEMM
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,22 +107,27 @@ class QuantLinear(nn.Module):
         if x2.device.type != "cpu":
             w = dequantize(self.parts()).to(x.dtype)
             return F.linear(x, w)
-        rows = x2.shape[0]
-        if rows <= KERNEL_MAX_ROWS:
-            y = self._small(x2)
-        else:
+        # The kernels take decode and prompts alike (their GEMM dequantizes 16 x 256 tiles in L1).
+        y = self._kernel(x2) if self._kernel_ok else None
+        if y is None and x2.shape[0] <= 16:
+            y = self._torch_small(x2)
+        elif y is None:
             y = F.linear(x2.float(), dequantize(self.parts(), fp32_scratch((self.out_features, self.in_features))))
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
-    def _small(self, x: torch.Tensor) -> torch.Tensor:
-        k = _kernels() if self._kernel_ok else None
-        if k is not None:
-            try:
-                if self.kind == "int8":
-                    return k.linear_int8(x, self.q, self.scale)
-                return k.linear_int4(x, self.q, self.scale, self.zero, self.group)
-            except ValueError:  # a shape the kernels do not take (tiny test models): torch's ops do
-                self._kernel_ok = False
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor | None:
+        if (k := _kernels()) is None:
+            return None
+        try:
+            if self.kind == "int8":
+                return k.linear_int8(x, self.q, self.scale)
+            return k.linear_int4(x, self.q, self.scale, self.zero, self.group)
+        except ValueError:  # a shape the kernels do not take (tiny test models): torch's ops do
+            self._kernel_ok = False
+            return None
+
+    def _torch_small(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's weight-only kernels: faster than dequantize + GEMM for a few rows."""
         if self.kind == "int8":
             xb = x.to(torch.bfloat16)
             return torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scale.to(torch.bfloat16))

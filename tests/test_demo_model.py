@@ -31,9 +31,9 @@ HELDOUT = Path(__file__).resolve().parent / "data" / "austen_heldout.txt"
 
 # Recorded from the shipped model (see assets/demo/TRAINING.md); update them when it is retrained.
 GREEDY_PROMPT = "It is a truth universally acknowledged"
-GREEDY_TOKENS = [4055, 306, 447, 732, 306, 583, 966, 286, 325, 4055, 306, 447, 732, 286, 263, 568, 1267, 579, 495,
-                 337]  # '. I am sure I never heard of it. I am sure of a good deal too much for'
-HELDOUT_NATS_PER_TOKEN_MAX = 3.51  # measured 3.463 nats/token (0.823 nats/char) + 0.05
+GREEDY_TOKENS = [4055, 306, 447, 732, 306, 447, 318, 355, 378, 1652, 286, 549, 296, 271, 1032, 4055, 306, 447, 732,
+                 306]  # '. I am sure I am not at all afraid of being in the world. I am sure I'
+HELDOUT_NATS_PER_TOKEN_MAX = 3.49  # measured 3.440 nats/token (0.818 nats/char) + 0.05
 CHAT_PROMPTS = [
     "How do you do, Miss Bennet?",
     "What do you think of Mr. Darcy?",

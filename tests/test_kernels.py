@@ -64,7 +64,21 @@ def test_int8_matches_torch(n, k, t):
     x = torch.randn(t, k, generator=g)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, generator=g) * 0.01 + 1e-4
-    assert_matches(kernels.linear_int8(x, q, scale), x, q.float() * scale[:, None])
+    assert_matches(kernels.linear_int8(x, q, scale, exact=True), x, q.float() * scale[:, None])
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(7, 32), (64, 96), (130, 4096), (24, 14336)])
+@pytest.mark.parametrize("t", ROWS + (8, 9))
+def test_int8_q8_is_exact_for_the_rounded_x(n, k, t):
+    # Below the GEMM's rows the default rounds x to int8 per 32 columns; given that, the rest is exact.
+    g = gen(n + k + t)
+    x = torch.randn(t, k, generator=g)
+    x[:, ::97] *= 30
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    q[0, :5] = -127  # the most negative weight: |q| must still fit vpmaddubsw's unsigned operand
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    assert_matches(kernels.linear_int8(x, q, scale), kernels.quantize_x_q8(x), q.float() * scale[:, None])
 
 
 @needs_kernels
@@ -77,7 +91,7 @@ def test_more_rows_than_one_pass_serves(t):
     assert_matches(kernels.linear_bf16(x, w), x, w.float())
     q = torch.randint(-127, 128, (72, 320), generator=g, dtype=torch.int8)
     s = torch.rand(72, generator=g) + 0.5
-    assert_matches(kernels.linear_int8(x, q, s), x, q.float() * s[:, None])
+    assert_matches(kernels.linear_int8(x, q, s, exact=True), x, q.float() * s[:, None])
     packed, scale, zero, w4 = int4_case(72, 320, 64, seed=t)
     assert_matches(kernels.linear_int4(x, packed, scale, zero, 64, exact=True), x, w4)
 
@@ -95,6 +109,62 @@ def test_leading_dimensions_and_input_dtypes():
     xt = torch.randn(256, 3, generator=g).T  # non-contiguous x is copied, not rejected
     assert_matches(kernels.linear_bf16(xt, w), xt, w.float())
     assert kernels.linear_bf16(torch.empty(0, 256), w).shape == (0, 40)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GEMM (prompts): from get_gemm_min_rows() rows of x on; partial tiles in T (6) and N (16), K blocks of 256
+
+
+@pytest.fixture
+def gemm_rows():
+    saved = kernels.get_gemm_min_rows()
+    yield saved
+    kernels.set_gemm_min_rows(saved)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(16, 256), (40, 264), (1000, 4160), (3, 64)])
+@pytest.mark.parametrize("extra", [0, 1, 7, 40])
+def test_gemm_matches_torch(n, k, extra, gemm_rows):
+    t = gemm_rows + extra
+    g = gen(n + k + t)
+    x = torch.randn(t, k, generator=g)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    assert_matches(kernels.linear_bf16(x, w), x, w.float())
+    wt = torch.randn(k, n, generator=g).to(torch.bfloat16)  # stored transposed, as the torrent w2
+    assert_matches(kernels.linear_bf16(x, wt.t()), x, wt.t().float())
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    assert_matches(kernels.linear_int8(x, q, scale), x, q.float() * scale[:, None])
+    if k % 64 == 0:
+        for group in (32, 64):
+            packed, sc, zp, w4 = int4_case(n, k, group, seed=t)
+            # x stays exact here: the GEMM is bound by FMAs, so rounding x would buy nothing
+            assert_matches(kernels.linear_int4(x, packed, sc, zp, group), x, w4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("t", [1, 2, 5, 6, 7])
+def test_transposed_bf16_for_few_rows(t):
+    g = gen(t)
+    x = torch.randn(t, 1000, generator=g)
+    wt = torch.randn(1000, 72, generator=g).to(torch.bfloat16)
+    assert_matches(kernels.linear_bf16(x, wt.t()), x, wt.t().float())
+
+
+@needs_kernels
+def test_gemm_and_gemv_agree(gemm_rows):
+    g = gen(9)
+    x = torch.randn(20, 512, generator=g)
+    w = torch.randn(48, 512, generator=g).to(torch.bfloat16)
+    kernels.set_gemm_min_rows(1000)
+    gemv = kernels.linear_bf16(x, w)
+    kernels.set_gemm_min_rows(1)
+    gemm = kernels.linear_bf16(x, w)
+    assert kernels.get_gemm_min_rows() == 1
+    assert torch.allclose(gemv, gemm, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError):
+        kernels.set_gemm_min_rows(0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,7 +230,7 @@ def test_argument_checks():
     with pytest.raises(TypeError):
         kernels.linear_bf16(torch.zeros(1, 64), w.float())
     with pytest.raises(ValueError):
-        kernels.linear_bf16(torch.zeros(1, 64), torch.zeros(64, 8, dtype=torch.bfloat16).T)  # not contiguous
+        kernels.linear_bf16(torch.zeros(1, 64), torch.zeros(8, 128, dtype=torch.bfloat16)[:, ::2])  # strided
     with pytest.raises(ValueError):
         kernels.linear_bf16(torch.zeros(1, 63), w)
     with pytest.raises(TypeError):
@@ -274,7 +344,8 @@ def test_disabled_by_environment(fresh_state):
     assert_matches(kernels.linear_bf16(x, w), x, w.float())
     q = torch.randint(-127, 128, (16, 128), generator=g, dtype=torch.int8)
     s = torch.rand(16, generator=g)
-    assert_matches(kernels.linear_int8(x, q, s), x, q.float() * s[:, None])
+    assert_matches(kernels.linear_int8(x, q, s, exact=True), x, q.float() * s[:, None])
+    assert_matches(kernels.linear_int8(x, q, s), kernels.quantize_x_q8(x), q.float() * s[:, None])
     packed, scale, zero, w4 = int4_case(16, 128, 32)
     assert_matches(kernels.linear_int4(x, packed, scale, zero, 32, exact=True), x, w4)
     assert_matches(kernels.linear_int4(x, packed, scale, zero, 32), kernels.quantize_x_q8(x), w4)
@@ -330,17 +401,23 @@ def test_bf16_decode_through_the_kernel_matches_torch(make_release, monkeypatch)
         rows = [engine.model(torch.tensor([t]), cache).logits for t in ids]  # one token at a time: the GEMV path
         return torch.cat(rows)
 
+    def prefill() -> torch.Tensor:  # the whole prompt at once: the GEMM path
+        return engine.model(torch.tensor(ids * 4), engine.new_cache()).logits
+
     monkeypatch.setattr(model_mod, "_kernels_module", None)
-    with_kernel = decode()
+    with_kernel, prompt_kernel = decode(), prefill()
     assert model_mod._kernels_module is kernels  # the kernel was used
     monkeypatch.setattr(model_mod, "_kernels_module", False)
-    with_torch = decode()
+    with_torch, prompt_torch = decode(), prefill()
     assert torch.allclose(with_kernel, with_torch, atol=0.03 * with_torch.abs().max().item())
     assert (with_kernel.argmax(-1) == with_torch.argmax(-1)).float().mean() > 0.8
+    # both prefill paths compute in fp32 from the same bf16 weights
+    assert len(ids) * 4 > kernels.get_gemm_min_rows()
+    assert torch.allclose(prompt_kernel, prompt_torch, atol=1e-4 * prompt_torch.abs().max().item())
 
 
 def test_torrent_w2_views_decode_like_fp32(make_release):
-    # The torrent layout's w2 is a transposed view; one-token products with it take the fp32 path.
+    # The torrent layout's w2 is a transposed view, which the kernels read as it lies.
     from conftest import tiny_args
 
     from mixchat.engine import Engine

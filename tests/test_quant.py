@@ -120,6 +120,30 @@ def test_quality_on_the_demo_model(name, ppl_max, agree_min, bf16_reference):
     assert (top1 == top1_bf16).float().mean().item() >= agree_min
 
 
+def _decoded_nats(engine: Engine, n: int = 160) -> tuple[float, torch.Tensor]:
+    """The same passage fed one token at a time: the decode path, where the kernels round x to int8."""
+    ids = _heldout_ids(engine.tokenizer)[0][:n]
+    cache = engine.new_cache()
+    logits = torch.cat([engine.model(torch.tensor([t]), cache).logits for t in ids])
+    return F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])).item(), logits.argmax(-1)
+
+
+@pytest.fixture(scope="module")
+def bf16_decoded():
+    return _decoded_nats(Engine.load(DEMO, warm=False, show_progress=False))
+
+
+# Decoding (one token at a time) rounds the activations to int8 per 32 columns as well, as llama.cpp's
+# Q8_0 and Q4_0 do; the prompt path above keeps them exact. Measured over the first 160 tokens of the
+# passage; the bounds are the issue's 1 % and 5 %, agreement as for the prompt path less a margin.
+@pytest.mark.parametrize("name,ppl_max,agree_min", [("int8", 0.01, 0.95), ("int4", 0.05, 0.88)])
+def test_quality_when_decoding_token_by_token(name, ppl_max, agree_min, bf16_decoded):
+    nats_bf16, top1_bf16 = bf16_decoded
+    nats, top1 = _decoded_nats(Engine.load(DEMO, quant=name, show_progress=False))
+    assert math.exp(nats) / math.exp(nats_bf16) - 1 < ppl_max, (nats, nats_bf16)
+    assert (top1 == top1_bf16).float().mean().item() >= agree_min
+
+
 def test_quantized_weights_are_cached_and_reused(tmp_path):
     first = Engine.load(DEMO, quant="int4", show_progress=False)
     assert not first.quant_cached

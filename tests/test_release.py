@@ -34,7 +34,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def test_each_layout_loads_without_copying_the_weights(make_release, layout, moe, safetensors):
     args = tiny_args(moe=moe, sliding_window=None if moe else 16)
     folder = make_release(args, layout, safetensors=safetensors)
-    engine = Engine.load(folder, dtype="bf16", warm=False)
+    engine = Engine.load(folder, dtype="bf16", warm=False, huge_pages=False)  # pinning copies on purpose
     assert engine.layout == layout
     maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
     weights = str(engine.release.weights)

@@ -1,5 +1,6 @@
 /*
- * gemv.c: matrix-vector kernels for one-token-at-a-time decoding on CPU.
+ * gemv.c: matrix-vector kernels for one-token-at-a-time decoding on CPU, and a GEMM for prompts (see
+ * "GEMM" below: from mc_get_gemm_min_rows() rows of x on, every entry point hands over to it).
  *
  * Decoding reads every weight once per token, so these kernels are judged by how close they get to the
  * memory read limit, not by FLOPs. All of them:
@@ -22,7 +23,9 @@
  *
  * Weight formats:
  *   bf16  w uint16 [N, K] (bf16 bits). Any K (the last K % 32 columns go through scalar code).
- *   int8  q int8 [N, K] and scale fp32 [N]: w = scale[n] * q. Any K. Exact fp32 activations.
+ *   int8  q int8 [N, K] and scale fp32 [N]: w = scale[n] * q. Any K. mc_linear_int8 keeps fp32
+ *         activations (exact); mc_linear_int8_q8 rounds x to int8 per 32 columns (K % 32 == 0) and
+ *         uses integer multiply-adds, the only way a core keeps up with the memory read rate.
  *   int4  packed uint8 [N, K/2] (low nibble = even k, high nibble = odd k, values 0..15), scale and zero
  *         fp32 [N, K/G]: w = (q - 8) * scale + zero. K % 64 == 0 and G in {32, 64, 128}.
  *         mc_linear_int4 keeps fp32 activations (exact). mc_linear_int4_q8 rounds x to int8 in blocks
@@ -59,9 +62,22 @@
 #define MC_REG(v) __asm__("" : "+x"(v))
 
 /* Bump when an exported signature changes: kernels.py refuses a library with another version. */
-#define MC_ABI_VERSION 1
+#define MC_ABI_VERSION 2
 
 #define MC_RB 16              /* rows per block that share one pass over the K chunks */
+/* Rows (R, up to 4) and accumulator splits (S) of the one-token kernels; -D overrides are for tuning. */
+#ifndef MC_BF16_T1_R
+#define MC_BF16_T1_R 2
+#define MC_BF16_T1_S 4
+#endif
+#ifndef MC_INT8_T1_R
+#define MC_INT8_T1_R 2
+#define MC_INT8_T1_S 4
+#endif
+#ifndef MC_INT4_T1_R
+#define MC_INT4_T1_R 2
+#define MC_INT4_T1_S 2
+#endif
 #ifndef MC_X_BUDGET
 #define MC_X_BUDGET 16384     /* bytes of x (all T rows) per K chunk: about half of L1 */
 #endif
@@ -292,12 +308,12 @@ MC_INLINE void bf16_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, c
     const uint16_t *w = (const uint16_t *)c->w + n0 * K;
     const int64_t pf = MC_PF_OFFSET(R, 2 * K);
     const __m256i hi_mask = _mm256_set1_epi32((int)0xffff0000u);
-    __m256 acc[4][2][8];
+    __m256 acc[4][4][8];
     MC_ZERO_ACC(acc, S, R, T);
     for (int64_t k = k0; k < k1; k += 32) {
         MC_UNROLL for (int r = 0; r < R; r++) if (MC_PF) MC_PREFETCH(w + r * K + k, pf);
         MC_UNROLL for (int h = 0; h < 2; h++) {
-            __m256 we[2], wo[2];
+            __m256 we[4], wo[4];
             MC_UNROLL for (int r = 0; r < R; r++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * K + k + 16 * h));
                 MC_REG(v);
@@ -333,7 +349,7 @@ MC_INLINE void bf16_epi(const mc_ctx *c, int64_t n, const int T, const float *pa
 }
 
 /* (R, S) per T: about 8 accumulator chains within the 16 ymm registers. */
-MC_DRIVER(bf16_rows_t1, bf16_block, bf16_epi, c->K & ~(int64_t)31, 2, 1, 4)
+MC_DRIVER(bf16_rows_t1, bf16_block, bf16_epi, c->K & ~(int64_t)31, MC_BF16_T1_R, 1, MC_BF16_T1_S)
 MC_DRIVER(bf16_rows_t2, bf16_block, bf16_epi, c->K & ~(int64_t)31, 2, 2, 2)
 MC_DRIVER(bf16_rows_t3, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 3, 2)
 MC_DRIVER(bf16_rows_t4, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 4, 2)
@@ -548,8 +564,8 @@ MC_INLINE void int4q8_step(const mc_ctx *c, const uint8_t *w, int64_t n0, int64_
 {
     const int64_t K = c->K, ng = K / GS, nb = K / 64;
     const __m256i lo_mask = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    __m256i ql[2], qh[2];
-    __m256 sv[2];
+    __m256i ql[4], qh[4];
+    __m256 sv[4];
     MC_UNROLL for (int r = 0; r < R; r++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * (K / 2) + k / 2));
         MC_REG(v);
@@ -582,7 +598,7 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
     const int64_t K = c->K;
     const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
     const int64_t pf = MC_PF_OFFSET(R, K / 2);
-    __m256 y[2][2][4];
+    __m256 y[2][4][4];
     MC_ZERO_ACC(y, S, R, T);
     int64_t k = k0;
     for (; k + 64 * S <= k1; k += 64 * S) {
@@ -599,7 +615,7 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
     {                                                                                               \
         int4q8_block(c, n0, k0, k1, R, T, S, GS, part);                                             \
     }                                                                                               \
-    MC_DRIVER(int4q8_g##GS##_t1, int4q8_block_g##GS, int4_epi, c->K, 2, 1, 2)                       \
+    MC_DRIVER(int4q8_g##GS##_t1, int4q8_block_g##GS, int4_epi, c->K, MC_INT4_T1_R, 1, MC_INT4_T1_S)                       \
     MC_DRIVER(int4q8_g##GS##_t2, int4q8_block_g##GS, int4_epi, c->K, 2, 2, 1)                       \
     MC_DRIVER(int4q8_g##GS##_t3, int4q8_block_g##GS, int4_epi, c->K, 1, 3, 2)                       \
     MC_DRIVER(int4q8_g##GS##_t4, int4q8_block_g##GS, int4_epi, c->K, 1, 4, 2)
@@ -667,6 +683,379 @@ static void prep_q8(const float *x, int T, int64_t K, int G, int8_t *xq, float *
     }
 }
 
+/* ------------------------------------------------------------------------------------------------- */
+/* int8, int8 activations (Q8 blocks of 32)                                                          */
+/* ------------------------------------------------------------------------------------------------- */
+/* With fp32 activations each 8 int8 weights cost a widening load, a convert and an FMA: about 4
+ * weights per cycle, under the read limit once both cores stream. Rounding x to int8 per 32 columns
+ * (llama.cpp's Q8_0 x Q8_0) makes 32 weights cost sign, maddubs, madd, convert and one FMA with the
+ * block's x scale. vpmaddubsw multiplies unsigned by signed bytes, so |q| goes in as the unsigned
+ * operand and x takes q's sign (vpsignb); |q|, |x| <= 127 keep each int16 pair sum <= 32258. */
+
+MC_INLINE void int8q8_step(const mc_ctx *c, const int8_t *w, int64_t k, const int R, const int T, __m256 (*y)[8])
+{
+    const int64_t K = c->K, nb = K / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i wq[4], wa[4];
+    MC_UNROLL for (int r = 0; r < R; r++) {
+        wq[r] = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
+        MC_REG(wq[r]);
+        wa[r] = _mm256_abs_epi8(wq[r]);
+    }
+    MC_UNROLL for (int t = 0; t < T; t++) {
+        __m256i xv = _mm256_load_si256((const __m256i *)(c->xq + t * K + k));
+        __m256 d = _mm256_set1_ps(c->xd[t * nb + k / 32]);
+        if (R > 1) MC_REG(xv);
+        MC_UNROLL for (int r = 0; r < R; r++) {
+            __m256i p = _mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xv, wq[r]));
+            y[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), d, y[r][t]);
+        }
+    }
+}
+
+MC_INLINE void int8q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
+                            const int S, float (*part)[8])
+{
+    const int64_t K = c->K;
+    const int8_t *w = (const int8_t *)c->w + n0 * K;
+    const int64_t pf = MC_PF_OFFSET(R, K);
+    __m256 y[4][4][8];
+    MC_ZERO_ACC(y, S, R, T);
+    int64_t k = k0;
+    for (; k + 32 * S <= k1; k += 32 * S) {
+        MC_UNROLL for (int u = 0; u < S; u++) {
+            if (MC_PF && ((k + 32 * u) & 63) == 0) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k + 32 * u, pf);
+            int8q8_step(c, w, k + 32 * u, R, T, y[u]);
+        }
+    }
+    for (; k < k1; k += 32) int8q8_step(c, w, k, R, T, y[0]);
+    MC_FLUSH_ACC(y, S, R, T, part);
+}
+
+MC_INLINE void int8q8_epi(const mc_ctx *c, int64_t n, const int T, const float *part)
+{
+    for (int t = 0; t < T; t++) c->y[t * c->N + n] = part[t] * c->scale[n];
+}
+
+MC_DRIVER(int8q8_t1, int8q8_block, int8q8_epi, c->K, MC_INT8_T1_R, 1, MC_INT8_T1_S)
+MC_DRIVER(int8q8_t2, int8q8_block, int8q8_epi, c->K, 2, 2, 2)
+MC_DRIVER(int8q8_t3, int8q8_block, int8q8_epi, c->K, 2, 3, 1)
+MC_DRIVER(int8q8_t4, int8q8_block, int8q8_epi, c->K, 2, 4, 1)
+MC_DRIVER(int8q8_t5, int8q8_block, int8q8_epi, c->K, 1, 5, 1)
+MC_DRIVER(int8q8_t6, int8q8_block, int8q8_epi, c->K, 1, 6, 1)
+MC_DRIVER(int8q8_t7, int8q8_block, int8q8_epi, c->K, 1, 7, 1)
+MC_DRIVER(int8q8_t8, int8q8_block, int8q8_epi, c->K, 1, 8, 1)
+
+static const mc_rows_fn int8q8_fns[9] = {0, int8q8_t1, int8q8_t2, int8q8_t3, int8q8_t4,
+                                         int8q8_t5, int8q8_t6, int8q8_t7, int8q8_t8};
+
+/* x rounded to int8 per 32 columns in its own column order, and one scale per block: [T, K/32]. */
+static void prep_q8_plain(const float *x, int T, int64_t K, int8_t *xq, float *xd)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t b = 0; b < (int64_t)T * (K / 32); b++) {
+        const float *xr = x + 32 * b;
+        __m256 v[4];
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xr + 8 * i);
+            m = _mm256_max_ps(m, _mm256_and_ps(v[i], absmask));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4), inv = amax > 0.f ? 127.f / amax : 0.f;
+        __m256i iv[4];
+        for (int i = 0; i < 4; i++) iv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+        __m256i p01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(iv[0], iv[1]), 0xd8);
+        __m256i p23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(iv[2], iv[3]), 0xd8);
+        _mm256_store_si256((__m256i *)(xq + 32 * b), _mm256_permute4x64_epi64(_mm256_packs_epi16(p01, p23), 0xd8));
+        xd[b] = amax / 127.f;
+    }
+}
+
+#endif /* MC_AVX2 */
+
+/* ------------------------------------------------------------------------------------------------- */
+/* GEMM: many rows of x (prefill)                                                                    */
+/* ------------------------------------------------------------------------------------------------- */
+/* With T rows of x each weight is used T times, so past a dozen rows the product is bound by FMAs, not
+ * by reading weights, and what counts is keeping both FMA pipes busy. That is the classic register-tile
+ * scheme: y[6 tokens][16 outputs] lives in 12 ymm registers; per k, two loads of 16 fp32 weights and six
+ * broadcasts of x feed 12 FMAs. The weights must then be fp32 and k-major (16 outputs of one k side by
+ * side), so each 16-row x MC_KB-column block is converted from its stored format (bf16, int8 + scale,
+ * int4 + group scale/zero: dequantized exactly as the torch reference does) into a 16 KiB L1 buffer by
+ * an 8x8 transpose, then reused for all T rows of x. Converting costs a few ops per weight against 2T
+ * FLOPs, so int8/int4 prefill runs as fast as bf16 without ever materialising an fp32 copy of a weight.
+ * K is walked in MC_KB blocks in the outer loop so the x block (T x MC_KB fp32, <= 256 KiB) stays in
+ * L2 while every output block of this thread passes over it; y tiles are re-read per K block (from L2/
+ * L3, cheap next to the FMAs). Threads split the outputs in 16-row units. */
+
+#define MC_KB 256
+#define MC_MR 6
+#define MC_NR 16
+
+static int g_gemm_min_rows = 12;
+MC_API void mc_set_gemm_min_rows(int n) { g_gemm_min_rows = n < 1 ? 1 : n; }
+MC_API int mc_get_gemm_min_rows(void) { return g_gemm_min_rows; }
+
+#if MC_AVX2
+
+/* ------------------------------------------------------------------------------------------------- */
+/* bf16 stored transposed, few rows of x                                                             */
+/* ------------------------------------------------------------------------------------------------- */
+/* s is [K, N] (the torrent layout's expert w2), so y[t] = sum_k x[t][k] * s[k] is a sum of scaled rows
+ * of s. Each thread owns a range of columns and walks it in blocks of MC_TB: the T partial rows of a
+ * block stay in L1 while s is streamed row by row over the block (MC_TB * 2 contiguous bytes per row,
+ * long enough for the hardware prefetchers). Two rows of s per pass halve the accumulator traffic. */
+
+#define MC_TB 1024
+
+MC_INLINE void bf16t_cols(const uint16_t *s0, const uint16_t *s1, const float *xk0, const float *xk1, float *acc,
+                          int cols, const int T)
+{
+    __m256 a0[8], a1[8];
+    MC_UNROLL for (int t = 0; t < T; t++) {
+        a0[t] = _mm256_set1_ps(xk0[t]);
+        a1[t] = _mm256_set1_ps(xk1[t]);
+    }
+    int j = 0;
+    for (; j + 8 <= cols; j += 8) {
+        __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s0 + j))), 16));
+        __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s1 + j))), 16));
+        MC_UNROLL for (int t = 0; t < T; t++) {
+            float *p = acc + t * MC_TB + j;
+            _mm256_store_ps(p, _mm256_fmadd_ps(a1[t], w1, _mm256_fmadd_ps(a0[t], w0, _mm256_load_ps(p))));
+        }
+    }
+    for (; j < cols; j++)
+        for (int t = 0; t < T; t++) acc[t * MC_TB + j] += xk0[t] * bf16_to_f32(s0[j]) + xk1[t] * bf16_to_f32(s1[j]);
+}
+
+MC_INLINE void bf16t_rows(const mc_ctx *c, int64_t lo, int64_t hi, const int T)
+{
+    const uint16_t *s = (const uint16_t *)c->w;
+    const int64_t K = c->K, N = c->N;
+    float acc[8 * MC_TB] __attribute__((aligned(64)));
+    float xk[2][8];
+    for (int64_t nb = lo; nb < hi; nb += MC_TB) {
+        int cols = hi - nb < MC_TB ? (int)(hi - nb) : MC_TB;
+        for (int t = 0; t < T; t++) memset(acc + t * MC_TB, 0, cols * sizeof(float));
+        int64_t k = 0;
+        for (; k + 2 <= K; k += 2) {
+            for (int t = 0; t < T; t++) {
+                xk[0][t] = c->x[t * K + k];
+                xk[1][t] = c->x[t * K + k + 1];
+            }
+            if (MC_PF) {
+                MC_PREFETCH(s + (k + 8) * N + nb, 0);
+                MC_PREFETCH(s + (k + 9) * N + nb, 0);
+            }
+            bf16t_cols(s + k * N + nb, s + (k + 1) * N + nb, xk[0], xk[1], acc, cols, T);
+        }
+        if (k < K) {
+            for (int t = 0; t < T; t++) {
+                xk[0][t] = c->x[t * K + k];
+                xk[1][t] = 0.f;
+            }
+            bf16t_cols(s + k * N + nb, s + k * N + nb, xk[0], xk[1], acc, cols, T);
+        }
+        for (int t = 0; t < T; t++) memcpy(c->y + t * N + nb, acc + t * MC_TB, cols * sizeof(float));
+    }
+}
+
+#define MC_BF16T(T)                                                                                   \
+    static void bf16t_rows_t##T(const mc_ctx *c, int64_t lo, int64_t hi) { bf16t_rows(c, lo, hi, T); }
+MC_BF16T(1)
+MC_BF16T(2)
+MC_BF16T(3)
+MC_BF16T(4)
+MC_BF16T(5)
+MC_BF16T(6)
+MC_BF16T(7)
+MC_BF16T(8)
+
+static const mc_rows_fn bf16t_fns[9] = {0, bf16t_rows_t1, bf16t_rows_t2, bf16t_rows_t3, bf16t_rows_t4,
+                                        bf16t_rows_t5, bf16t_rows_t6, bf16t_rows_t7, bf16t_rows_t8};
+
+/* r[i] <- column i of the 8x8 block whose rows are r[0..7]. */
+MC_INLINE void transpose8(__m256 r[8])
+{
+    __m256 t[8], s[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; h++) {
+        s[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        s[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        s[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        s[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+    }
+}
+
+/* Eight consecutive weights (columns k..k+7) of row n as fp32, in each stored format. */
+MC_INLINE __m256 row8_bf16(const mc_ctx *c, int64_t n, int64_t k)
+{
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)c->w + n * c->K + k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+MC_INLINE __m256 row8_int8(const mc_ctx *c, int64_t n, int64_t k)
+{
+    __m128i b = _mm_loadl_epi64((const __m128i *)((const int8_t *)c->w + n * c->K + k));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_set1_ps(c->scale[n]));
+}
+
+MC_INLINE __m256 row8_int4(const mc_ctx *c, int64_t n, int64_t k)
+{
+    int32_t word;
+    memcpy(&word, (const uint8_t *)c->w + n * (c->K / 2) + k / 2, 4);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32(15));
+    int64_t g = n * (c->K / c->G) + k / c->G;
+    __m256 f = _mm256_sub_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(8.f));
+    /* (q - 8) * scale + zero, rounded as dequantize_int4 rounds it (mul, then add) */
+    return _mm256_add_ps(_mm256_mul_ps(f, _mm256_set1_ps(c->scale[g])), _mm256_set1_ps(c->zero[g]));
+}
+
+/* bp[k][0..15] = fp32 weights of rows n0..n0+15 (rows >= N are zero), columns k0..k0+kc-1 (kc % 8 == 0). */
+#define MC_PACK(NAME, ROW8)                                                                          \
+    static void NAME(const mc_ctx *c, int64_t n0, int64_t k0, int kc, float *bp)                    \
+    {                                                                                               \
+        for (int h = 0; h < 2; h++) {                                                               \
+            int64_t nb = n0 + 8 * h;                                                                \
+            int rows = c->N - nb >= 8 ? 8 : (int)(c->N - nb > 0 ? c->N - nb : 0);                   \
+            for (int k = 0; k < kc; k += 8) {                                                       \
+                __m256 r[8];                                                                        \
+                for (int i = 0; i < 8; i++) r[i] = i < rows ? ROW8(c, nb + i, k0 + k) : _mm256_setzero_ps(); \
+                transpose8(r);                                                                      \
+                for (int i = 0; i < 8; i++) _mm256_store_ps(bp + (k + i) * MC_NR + 8 * h, r[i]);    \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
+MC_PACK(pack_bf16, row8_bf16)
+MC_PACK(pack_int8, row8_int8)
+MC_PACK(pack_int4, row8_int4)
+
+/* The torrent release's expert w2 is stored transposed, s[K][N]: already k-major, so packing is only
+ * the bf16 -> fp32 conversion. */
+static void pack_bf16_t(const mc_ctx *c, int64_t n0, int64_t k0, int kc, float *bp)
+{
+    const uint16_t *s = (const uint16_t *)c->w;
+    if (n0 + MC_NR <= c->N) {
+        for (int k = 0; k < kc; k++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(s + (k0 + k) * c->N + n0));
+            __m256i lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(v));
+            __m256i hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1));
+            _mm256_store_ps(bp + k * MC_NR, _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)));
+            _mm256_store_ps(bp + k * MC_NR + 8, _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)));
+        }
+        return;
+    }
+    for (int k = 0; k < kc; k++)
+        for (int j = 0; j < MC_NR; j++)
+            bp[k * MC_NR + j] = n0 + j < c->N ? bf16_to_f32(s[(k0 + k) * c->N + n0 + j]) : 0.f;
+}
+
+typedef void (*mc_pack_fn)(const mc_ctx *c, int64_t n0, int64_t k0, int kc, float *bp);
+
+/* y[MR][16] (row stride ldy) = (first ? 0 : y) + x[MR][kc] (row stride ldx) * bp[kc][16]. */
+MC_INLINE void gemm_tile(const float *x, int64_t ldx, const float *bp, int kc, float *y, int64_t ldy, int first,
+                         const int MR)
+{
+    __m256 acc[MC_MR][2];
+    MC_UNROLL for (int t = 0; t < MR; t++) {
+        acc[t][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + t * ldy);
+        acc[t][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + t * ldy + 8);
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < kc; k++) {
+        __m256 b0 = _mm256_load_ps(bp + k * MC_NR), b1 = _mm256_load_ps(bp + k * MC_NR + 8);
+        MC_REG(b0);
+        MC_REG(b1);
+        MC_UNROLL for (int t = 0; t < MR; t++) {
+            __m256 a = _mm256_broadcast_ss(x + t * ldx + k);
+            acc[t][0] = _mm256_fmadd_ps(a, b0, acc[t][0]);
+            acc[t][1] = _mm256_fmadd_ps(a, b1, acc[t][1]);
+        }
+    }
+    MC_UNROLL for (int t = 0; t < MR; t++) {
+        _mm256_storeu_ps(y + t * ldy, acc[t][0]);
+        _mm256_storeu_ps(y + t * ldy + 8, acc[t][1]);
+    }
+}
+
+static void gemm_tile_any(const float *x, int64_t ldx, const float *bp, int kc, float *y, int64_t ldy, int first,
+                          int mr)
+{
+    switch (mr) {
+    case 1: gemm_tile(x, ldx, bp, kc, y, ldy, first, 1); break;
+    case 2: gemm_tile(x, ldx, bp, kc, y, ldy, first, 2); break;
+    case 3: gemm_tile(x, ldx, bp, kc, y, ldy, first, 3); break;
+    case 4: gemm_tile(x, ldx, bp, kc, y, ldy, first, 4); break;
+    case 5: gemm_tile(x, ldx, bp, kc, y, ldy, first, 5); break;
+    default: gemm_tile(x, ldx, bp, kc, y, ldy, first, 6); break;
+    }
+}
+
+/* Outputs [lo, hi) of y = x w^T for one thread; lo is a multiple of 16. */
+static void gemm_rows(const mc_ctx *c, mc_pack_fn pack, int64_t lo, int64_t hi)
+{
+    float bp[MC_KB * MC_NR] __attribute__((aligned(64)));
+    float edge[MC_MR * MC_NR];
+    const int64_t K = c->K, N = c->N;
+    for (int64_t k0 = 0; k0 < K; k0 += MC_KB) {
+        int kc = K - k0 < MC_KB ? (int)(K - k0) : MC_KB, first = k0 == 0;
+        for (int64_t n0 = lo; n0 < hi; n0 += MC_NR) {
+            pack(c, n0, k0, kc, bp);
+            int cols = N - n0 < MC_NR ? (int)(N - n0) : MC_NR;
+            for (int t0 = 0; t0 < c->T; t0 += MC_MR) {
+                int mr = c->T - t0 < MC_MR ? c->T - t0 : MC_MR;
+                const float *xb = c->x + t0 * K + k0;
+                float *yb = c->y + t0 * N + n0;
+                if (cols == MC_NR) {
+                    gemm_tile_any(xb, K, bp, kc, yb, N, first, mr);
+                    continue;
+                }
+                /* last, partial block of outputs: through a full-width tile */
+                for (int t = 0; t < mr; t++)
+                    for (int j = 0; j < MC_NR; j++) edge[t * MC_NR + j] = j < cols && !first ? yb[t * N + j] : 0.f;
+                gemm_tile_any(xb, K, bp, kc, edge, MC_NR, first, mr);
+                for (int t = 0; t < mr; t++) memcpy(yb + t * N, edge + t * MC_NR, cols * sizeof(float));
+            }
+        }
+    }
+}
+
+static void gemm_run(const mc_ctx *c, mc_pack_fn pack)
+{
+    int nt = g_threads;
+    int64_t units = (c->N + MC_NR - 1) / MC_NR;
+    if (nt > units) nt = (int)units;
+    if (nt <= 1) {
+        gemm_rows(c, pack, 0, c->N);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t lo, hi;
+        mc_share(c->N, MC_NR, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        if (lo < hi) gemm_rows(c, pack, lo, hi);
+    }
+#else
+    gemm_rows(c, pack, 0, c->N);
+#endif
+}
+
 #endif /* MC_AVX2 */
 
 /* ------------------------------------------------------------------------------------------------- */
@@ -677,6 +1066,11 @@ MC_API int mc_linear_bf16(const float *x, int T, int64_t K, const uint16_t *w, i
 {
     if (T < 1 || K < 1 || N < 1) return MC_EBADARG;
 #if MC_AVX2
+    if (T >= g_gemm_min_rows && K % 8 == 0) {
+        mc_ctx c = {.x = x, .w = w, .y = y, .N = N, .K = K, .T = T};
+        gemm_run(&c, pack_bf16);
+        return 0;
+    }
     const int64_t K32 = K & ~(int64_t)31;
     for (int t0 = 0; t0 < T; t0 += 8) {
         int tt = T - t0 < 8 ? T - t0 : 8;
@@ -699,6 +1093,11 @@ MC_API int mc_linear_int8(const float *x, int T, int64_t K, const int8_t *q, con
 {
     if (T < 1 || K < 1 || N < 1) return MC_EBADARG;
 #if MC_AVX2
+    if (T >= g_gemm_min_rows && K % 8 == 0) {
+        mc_ctx c = {.x = x, .w = q, .scale = scale, .y = y, .N = N, .K = K, .T = T};
+        gemm_run(&c, pack_int8);
+        return 0;
+    }
     for (int t0 = 0; t0 < T; t0 += 8) {
         int tt = T - t0 < 8 ? T - t0 : 8;
         mc_ctx c = {.x = x + (int64_t)t0 * K, .w = q, .scale = scale, .y = y + (int64_t)t0 * N, .N = N, .K = K,
@@ -710,6 +1109,45 @@ MC_API int mc_linear_int8(const float *x, int T, int64_t K, const int8_t *q, con
     mc_run(int8_rows_scalar, &c);
 #endif
     return 0;
+}
+
+/* The scalar twin of prep_q8*: x rounded to int8 per 32 values and scaled back (same arithmetic). */
+MC_MAYBE_UNUSED static void round_q8(const float *x, int64_t n, float *xr)
+{
+    for (int64_t b = 0; b < n; b += 32) {
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b + i]));
+        float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int i = 0; i < 32; i++) xr[b + i] = rintf(x[b + i] * inv) * d;
+    }
+}
+
+/* Like mc_linear_int8, but x rounded to int8 per 32 columns (see int8q8_step) when that is what makes
+ * it faster: for fewer than the GEMM's rows and K % 32 == 0. Otherwise it is mc_linear_int8. */
+MC_API int mc_linear_int8_q8(const float *x, int T, int64_t K, const int8_t *q, const float *scale, int64_t N,
+                             float *y)
+{
+    if (T < 1 || K < 1 || N < 1) return MC_EBADARG;
+    if (T >= g_gemm_min_rows || K % 32) return mc_linear_int8(x, T, K, q, scale, N, y);
+#if MC_AVX2
+    for (int t0 = 0; t0 < T; t0 += 8) {
+        int tt = T - t0 < 8 ? T - t0 : 8;
+        size_t q_bytes = ((size_t)tt * (size_t)K + 63) & ~(size_t)63;
+        char *buf = (char *)mc_scratch(q_bytes + (size_t)tt * (size_t)(K / 32) * sizeof(float));
+        if (!buf) return MC_ENOMEM;
+        const float *xt = x + (int64_t)t0 * K;
+        prep_q8_plain(xt, tt, K, (int8_t *)buf, (float *)(buf + q_bytes));
+        mc_ctx c = {.x = xt, .xq = (const int8_t *)buf, .xd = (const float *)(buf + q_bytes), .w = q,
+                    .scale = scale, .y = y + (int64_t)t0 * N, .N = N, .K = K, .KC = K, .T = tt};
+        mc_run(int8q8_fns[tt], &c);
+    }
+    return 0;
+#else
+    float *xr = (float *)mc_scratch((size_t)T * (size_t)K * sizeof(float));
+    if (!xr) return MC_ENOMEM;
+    round_q8(x, (int64_t)T * K, xr);
+    return mc_linear_int8(xr, T, K, q, scale, N, y);
+#endif
 }
 
 static int int4_args_ok(int T, int64_t K, int64_t N, int G)
@@ -724,6 +1162,11 @@ MC_API int mc_linear_int4(const float *x, int T, int64_t K, const uint8_t *packe
 {
     if (!int4_args_ok(T, K, N, G)) return MC_EBADARG;
 #if MC_AVX2
+    if (T >= g_gemm_min_rows) { /* exact x: rounding it buys nothing once FMAs, not bytes, are the limit */
+        mc_ctx c = {.x = x, .w = packed, .scale = scale, .zero = zero, .y = y, .N = N, .K = K, .T = T, .G = G};
+        gemm_run(&c, pack_int4);
+        return 0;
+    }
     const int64_t ng = K / G;
     for (int t0 = 0; t0 < T; t0 += 4) {
         int tt = T - t0 < 4 ? T - t0 : 4;
@@ -750,6 +1193,11 @@ MC_API int mc_linear_int4_q8(const float *x, int T, int64_t K, const uint8_t *pa
 {
     if (!int4_args_ok(T, K, N, G)) return MC_EBADARG;
 #if MC_AVX2
+    if (T >= g_gemm_min_rows) { /* exact x: rounding it buys nothing once FMAs, not bytes, are the limit */
+        mc_ctx c = {.x = x, .w = packed, .scale = scale, .zero = zero, .y = y, .N = N, .K = K, .T = T, .G = G};
+        gemm_run(&c, pack_int4);
+        return 0;
+    }
     const int64_t nb64 = K / 64, ng = K / G;
     for (int t0 = 0; t0 < T; t0 += 4) {
         int tt = T - t0 < 4 ? T - t0 : 4;
@@ -769,14 +1217,36 @@ MC_API int mc_linear_int4_q8(const float *x, int T, int64_t K, const uint8_t *pa
 #else
     /* Same rounding of x as the SIMD path (so results do not depend on the build), then the scalar
      * exact kernel on the rounded values. */
+    if (T >= g_gemm_min_rows) return mc_linear_int4(x, T, K, packed, scale, zero, G, N, y);
     float *xr = (float *)mc_scratch((size_t)T * (size_t)K * sizeof(float));
     if (!xr) return MC_ENOMEM;
-    for (int64_t b = 0; b < (int64_t)T * K; b += 32) {
-        float amax = 0.f;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b + i]));
-        float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        for (int i = 0; i < 32; i++) xr[b + i] = rintf(x[b + i] * inv) * d;
-    }
+    round_q8(x, (int64_t)T * K, xr);
     return mc_linear_int4(xr, T, K, packed, scale, zero, G, N, y);
 #endif
+}
+
+/* y = x s with s bf16 [K, N] row-major: a weight stored transposed (the torrent layout's expert w2). */
+MC_API int mc_linear_bf16_t(const float *x, int T, int64_t K, const uint16_t *s, int64_t N, float *y)
+{
+    if (T < 1 || K < 1 || N < 1) return MC_EBADARG;
+#if MC_AVX2
+    if (T >= g_gemm_min_rows) {
+        mc_ctx c = {.x = x, .w = s, .y = y, .N = N, .K = K, .T = T};
+        gemm_run(&c, pack_bf16_t);
+        return 0;
+    }
+    for (int t0 = 0; t0 < T; t0 += 8) {
+        int tt = T - t0 < 8 ? T - t0 : 8;
+        mc_ctx c = {.x = x + (int64_t)t0 * K, .w = s, .y = y + (int64_t)t0 * N, .N = N, .K = K, .T = tt};
+        mc_run(bf16t_fns[tt], &c);
+    }
+#else
+    for (int t = 0; t < T; t++)
+        for (int64_t n = 0; n < N; n++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; k++) acc += x[t * K + k] * bf16_to_f32(s[k * N + n]);
+            y[t * N + n] = acc;
+        }
+#endif
+    return 0;
 }

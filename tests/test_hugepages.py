@@ -1,0 +1,68 @@
+"""mixchat.hugepages: weights copied out of the file mapping into one huge-page region."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixchat import hugepages
+from mixchat.engine import Engine
+
+needs_linux = pytest.mark.skipif(not hugepages.supported(), reason="huge pages need Linux with MADV_HUGEPAGE")
+
+
+@needs_linux
+def test_copies_keep_values_dtypes_shapes_and_strides():
+    g = torch.Generator().manual_seed(0)
+    src = {
+        "a": torch.randn(64, 48, generator=g).to(torch.bfloat16),
+        "t": torch.randn(40, 24, generator=g).to(torch.bfloat16).t(),  # a transposed view (torrent w2)
+        "q": torch.randint(-127, 128, (33,), generator=g, dtype=torch.int8),
+        "odd": torch.randn(10, 10, generator=g)[:, ::2],  # no layout to keep: left where it is
+    }
+    out = hugepages.copy_into_huge_pages(src, show=False)
+    assert list(out) == list(src)
+    for name in ("a", "t", "q"):
+        assert out[name].dtype == src[name].dtype and out[name].shape == src[name].shape
+        assert out[name].stride() == src[name].stride()
+        assert torch.equal(out[name], src[name])
+        assert out[name].data_ptr() != src[name].data_ptr()
+        assert out[name].data_ptr() % 64 == 0
+    assert out["odd"] is src["odd"]
+    # One region, in order: the copies do not overlap.
+    spans = sorted((out[n].data_ptr(), out[n].data_ptr() + out[n].nbytes) for n in ("a", "t", "q"))
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    src["a"].zero_()  # a copy, not a view
+    assert out["a"].abs().sum() > 0
+
+
+@needs_linux
+def test_engine_pins_by_default_and_gives_the_same_logits(make_release, monkeypatch):
+    from conftest import tiny_args
+
+    folder = make_release(tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2}), "torrent")
+    calls = []
+    real = hugepages.copy_into_huge_pages
+
+    def spy(tensors, *a, **kw):
+        out = real(tensors, *a, **kw)
+        calls.append({n: t.data_ptr() for n, t in out.items()})
+        return out
+
+    monkeypatch.setattr(hugepages, "copy_into_huge_pages", spy)
+    pinned = Engine.load(folder, show_progress=False)
+    assert len(calls) == 1
+    mapped = Engine.load(folder, show_progress=False, huge_pages=False)
+    monkeypatch.setenv("MIXCHAT_HUGEPAGES", "0")
+    Engine.load(folder, show_progress=False)
+    assert len(calls) == 1  # neither of the last two copied
+    w_pinned = pinned.model.layers[0].attention.wq.weight
+    w_mapped = mapped.model.layers[0].attention.wq.weight
+    assert w_pinned.data_ptr() == calls[0]["layers.0.attention.wq.weight"]  # the model holds the copies
+    assert torch.equal(w_pinned, w_mapped) and w_pinned.data_ptr() != w_mapped.data_ptr()
+    w2 = pinned.model.layers[0].feed_forward.experts[0].w2.weight
+    assert not w2.is_contiguous() and w2.t().is_contiguous()  # the torrent layout's strides are kept
+    ids = torch.tensor(pinned.tokenizer.encode("Once upon a time"))
+    a = pinned.model(ids, pinned.new_cache()).logits
+    b = mapped.model(ids, mapped.new_cache()).logits
+    assert torch.equal(a, b)
