@@ -47,9 +47,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mixchat.paths import env_flag
+
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
-ABI_VERSION = 2  # must match MC_ABI_VERSION in gemv.c
+ABI_VERSION = 3  # must match MC_ABI_VERSION in gemv.c
 INT4_GROUPS = (32, 64, 128)
 MAX_ROWS = {"bf16": 8, "int8": 8, "int4": 4}  # rows of x served by one pass over the weight
 GEMM_MIN_ROWS = 12  # the C side's default (mc_get_gemm_min_rows)
@@ -149,8 +151,9 @@ def _bind(lib: ctypes.CDLL) -> None:
         getattr(lib, name).argtypes = [vp, i32, i64, vp, vp, i64, vp]
     for name in ("mc_linear_int4", "mc_linear_int4_q8"):
         getattr(lib, name).argtypes = [vp, i32, i64, vp, vp, vp, i32, i64, vp]
+    lib.mc_linear_multi.argtypes = [i32, vp, i32, i64, i32, vp, vp, vp, i32, vp, vp]
     for name in ("mc_linear_bf16", "mc_linear_bf16_t", "mc_linear_int8", "mc_linear_int8_q8", "mc_linear_int4",
-                 "mc_linear_int4_q8"):
+                 "mc_linear_int4_q8", "mc_linear_multi"):
         getattr(lib, name).restype = i32
 
 
@@ -166,7 +169,7 @@ def load(path: Path) -> ctypes.CDLL:
 
 def _init() -> None:
     global _lib, _reason
-    if os.environ.get("MIXCHAT_KERNELS", "1").strip().lower() in ("0", "off", "false", "no"):
+    if not env_flag("MIXCHAT_KERNELS", True):
         _reason = "disabled by MIXCHAT_KERNELS=0"
         return
     # A compiler that rejects -march=native or -fopenmp (clang without libomp) still gets a working,
@@ -405,6 +408,63 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     return _shaped(y, x)
 
 
+_MULTI_KINDS = {"bf16": 0, "int8": 1, "int4": 2}
+MULTI_MAX = 8  # MC_MULTI_MAX in gemv.c
+
+
+def linear_many(x: torch.Tensor, kind: str, weights: list[tuple[torch.Tensor, ...]],
+                group: int = 0) -> list[torch.Tensor]:
+    """[linear_bf16 / linear_int8 / linear_int4 of x with each weight], in one kernel call.
+
+    weights holds (w,) for bf16 (contiguous), (q, scale) for int8, (packed, scale, zero) for int4 (all
+    with the same group). Same results as the single calls (int8/int4 round x the same way), but x is
+    prepared once and the threads run through all the weights in one parallel region instead of meeting
+    after each: for one decoded token that is the q/k/v and the w1/w3 products of every layer."""
+    if kind not in _MULTI_KINDS:
+        raise ValueError(f"kind must be one of {sorted(_MULTI_KINDS)}, not {kind!r}")
+    if not 1 <= len(weights) <= MULTI_MAX:
+        raise ValueError(f"between 1 and {MULTI_MAX} weights, not {len(weights)}")
+    dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[kind]
+    ns = []
+    for parts in weights:
+        _check_weight(parts[0], "w", dtype)
+        ns.append(parts[0].shape[0])
+    k = weights[0][0].shape[1] * (2 if kind == "int4" else 1)
+    if any(p[0].shape[1] * (2 if kind == "int4" else 1) != k for p in weights):
+        raise ValueError("the weights of linear_many must share K")
+    if kind == "int4" and (group not in INT4_GROUPS or k % group or k % 64):
+        raise ValueError(f"int4 needs group in {INT4_GROUPS} dividing K and K % 64 == 0 (K={k}, group={group})")
+    for parts in weights:
+        for name, t in zip(("scale", "zero"), parts[1:], strict=False):
+            _check_weight(t, name, torch.float32, dim=1 if kind == "int8" else 2)
+            if t.shape[0] != parts[0].shape[0]:
+                raise ValueError(f"{name} has {t.shape[0]} rows, the weight {parts[0].shape[0]}")
+    return linear_many_lib(_get(), x, kind, weights, group, k)
+
+
+def linear_many_lib(lib: ctypes.CDLL | None, x: torch.Tensor, kind: str, weights: list[tuple[torch.Tensor, ...]],
+                    group: int = 0, k: int | None = None) -> list[torch.Tensor]:
+    """linear_many's call into a given library (the self-check's, before the module has one); no checks."""
+    k = k or weights[0][0].shape[1] * (2 if kind == "int4" else 1)
+    x2 = _rows(x, k)
+    if lib is None or x2.shape[0] == 0:
+        single = {"bf16": lambda p: linear_bf16(x2, *p), "int8": lambda p: linear_int8(x2, *p),
+                  "int4": lambda p: linear_int4(x2, *p, group)}[kind]
+        return [_shaped(single(p), x) for p in weights]
+    n, ns = len(weights), [p[0].shape[0] for p in weights]
+    ys = [torch.empty(x2.shape[0], m, dtype=torch.float32) for m in ns]
+    arr = ctypes.c_void_p * n
+    scales = arr(*(p[1].data_ptr() for p in weights)) if kind != "bf16" else None
+    zeros = arr(*(p[2].data_ptr() for p in weights)) if kind == "int4" else None
+    args = (_MULTI_KINDS[kind], _ptr(x2), x2.shape[0], k, n, arr(*(p[0].data_ptr() for p in weights)), scales, zeros,
+            group, (ctypes.c_int64 * n)(*ns), arr(*(y.data_ptr() for y in ys)))
+    if lib is _lib:
+        _call(lib, "mc_linear_multi", *args)
+    elif (rc := lib.mc_linear_multi(*args)) != 0:  # the self-check's library keeps its own thread count
+        raise KernelError(f"mc_linear_multi failed with code {rc}")
+    return [_shaped(y, x) for y in ys]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Self-check
 # ----------------------------------------------------------------------------------------------------
@@ -455,6 +515,19 @@ def _self_check(lib: ctypes.CDLL) -> None:
                         if getattr(lib, fn)(_ptr(x), t, k, _ptr(packed), _ptr(sc), _ptr(zp), g, n, _ptr(y)) != 0:
                             raise KernelError(f"self-check failed: {fn} refused valid arguments")
                         _close(f"{fn} T={t} N={n} K={k} G={g}", y, xr @ w4.T, k * 8)
+        # Several weights in one call (one per format), against the single-weight kernels.
+        x = torch.randn(2, 128, generator=gen)
+        ws = [torch.randn(n, 128, generator=gen).to(torch.bfloat16) for n in (24, 40)]
+        for got, w in zip(linear_many_lib(lib, x, "bf16", [(w,) for w in ws]), ws, strict=True):
+            _close("multi bf16", got, x @ w.float().T, 128)
+        qs = [(torch.randint(-127, 128, (n, 128), generator=gen, dtype=torch.int8), torch.rand(n, generator=gen) + 0.1)
+              for n in (24, 40)]
+        for got, (q, s) in zip(linear_many_lib(lib, x, "int8", qs), qs, strict=True):
+            _close("multi int8", got / s, quantize_x_q8(x) @ q.float().T, 128 * 127)
+        p4 = [(pack_int4(torch.randint(0, 16, (n, 128), generator=gen)), torch.rand(n, 4, generator=gen) + 0.1,
+               torch.randn(n, 4, generator=gen)) for n in (24, 40)]
+        for got, (pk, sc, zp) in zip(linear_many_lib(lib, x, "int4", p4, 32), p4, strict=True):
+            _close("multi int4", got, quantize_x_q8(x) @ dequantize_int4(pk, sc, zp, 32).T, 128 * 8)
         # The GEMM path (many rows of x): partial tiles in T and N, K not a multiple of its block.
         t, n, k = 2 * lib.mc_get_gemm_min_rows() + 1, 40, 320
         x = torch.randn(t, k, generator=gen)

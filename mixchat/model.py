@@ -83,7 +83,36 @@ class Linear(nn.Linear):
         # upcast even for one token.
         if _upcast(_UPCAST_MIN_TOKENS if transposed else x.shape[0], w):
             return F.linear(x.float(), _fp32_copy(w.t()).t() if transposed else _fp32_copy(w)).to(x.dtype)
-        return F.linear(x, w)
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
+
+    def kernel_parts(self) -> tuple[str, tuple[torch.Tensor, ...], int] | None:
+        """What mixchat.kernels.linear_many takes for this layer, or None where it does not take it."""
+        w = self.weight
+        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous():
+            return "bf16", (w,), 0
+        return None
+
+
+def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers], in one kernel call when all of them allow it (see
+    kernels.linear_many: for one decoded token, a thread-pool fork/join less per weight)."""
+    if x.shape[0] <= 8 and x.device.type == "cpu" and not torch.is_grad_enabled() \
+            and (k := kernels_or_none()) is not None:
+        parts = [getattr(layer, "kernel_parts", lambda: None)() for layer in layers]
+        if all(p is not None for p in parts) and len({(p[0], p[2]) for p in parts}) == 1:
+            try:
+                return [y.to(x.dtype) for y in k.linear_many(x, parts[0][0], [p[1] for p in parts], parts[0][2])]
+            except ValueError:  # shapes the kernels do not take (tiny test models): one layer at a time
+                pass
+    return [layer(x) for layer in layers]
+
+
+def residual_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the residual stream for a model whose embedding is `weight`. On CPU a bf16 model
+    keeps it in fp32 (as llama.cpp does): every product there runs in fp32 anyway (the kernels take and
+    give fp32, torch's bf16 CPU ops are slow), so bf16 activations only added two conversions per
+    layer and per weight, about a tenth of a 7B decode step. On GPUs it is the weights' dtype."""
+    return torch.float32 if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 else weight.dtype
 
 
 class RMSNorm(nn.Module):
@@ -93,29 +122,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
-def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each [T, head_dim/2], of position * theta^(-2i/head_dim), in fp32."""
+def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """e^(i * position * theta^(-2j/head_dim)) as complex64 [T, head_dim/2]: the rotation of pair j."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) as the complex number x[2i] + i*x[2i+1].
 
     This is the layout Mistral's weights were trained with; Hugging Face's half-split rotate_half
-    only gives the same result after permuting the rows of wq and wk.
+    only gives the same result after permuting the rows of wq and wk. One complex multiply rather
+    than the cos/sin arithmetic: a decode step runs this 64 times, and each torch op costs microseconds.
     """
     t, h, d = x.shape  # [T, heads, head_dim]
-    pairs = x.float().view(t, h, d // 2, 2)
-    re, im = pairs[..., 0], pairs[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, head_dim/2]
-    return torch.stack((re * c - im * s, re * s + im * c), dim=-1).view(t, h, d).type_as(x)
+    pairs = torch.view_as_complex(x.float().reshape(t, h, d // 2, 2))
+    return torch.view_as_real(pairs * rotation[:, None, :]).view(t, h, d).type_as(x)
 
 
 class Attention(nn.Module):
@@ -127,29 +153,27 @@ class Attention(nn.Module):
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, step: Step,
                 kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         t = x.shape[0]
-        nkv, rep, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
-        q = apply_rotary(self.wq(x).view(t, self.n_heads, hd), *rope)  # [T, H, hd]
-        k = apply_rotary(self.wk(x).view(t, nkv, hd), *rope)  # [T, Hkv, hd]
-        v = self.wv(x).view(t, nkv, hd)
+        nkv, hd = self.n_kv_heads, self.head_dim
+        q, k, v = project(x, self.wq, self.wk, self.wv)
+        q = apply_rotary(q.view(t, self.n_heads, hd), rope)  # [T, H, hd]
+        k = apply_rotary(k.view(t, nkv, hd), rope)  # [T, Hkv, hd]
+        v = v.view(t, nkv, hd)
         cache_k, cache_v = kv  # [Hkv, capacity, hd]
-        cache_k[:, step.slots] = k.transpose(0, 1)
-        cache_v[:, step.slots] = v.transpose(0, 1)
+        cache_k[:, step.slots] = k.transpose(0, 1).to(cache_k.dtype)
+        cache_v[:, step.slots] = v.transpose(0, 1).to(cache_v.dtype)
         keys, values = cache_k[:, : step.length], cache_v[:, : step.length]  # [Hkv, S, hd]
-        if _upcast(t, keys):  # prefill: the same slow-bf16-matmul reason as in Linear
+        # A bf16 cache with fp32 queries (residual_dtype), or a prefill: the same slow-bf16-matmul reason
+        # as in Linear.
+        if keys.dtype != q.dtype or _upcast(t, keys):
             q, keys, values = q.float(), keys.float(), values.float()
-
-        # Grouped-query attention without repeating keys: the `rep` query heads that share a kv
-        # head become extra rows of one matmul. Query head h uses kv head h // rep.
-        q = q.view(t, nkv, rep, hd).permute(1, 2, 0, 3).reshape(nkv, rep * t, hd)  # [Hkv, rep*T, hd]
-        scores = (q @ keys.transpose(1, 2)).float() * hd**-0.5  # [Hkv, rep*T, S]
-        if step.mask is not None:
-            scores = scores.view(nkv, rep, t, -1).masked_fill(~step.mask, float("-inf")).view(nkv, rep * t, -1)
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        out = (probs @ values).view(nkv, rep, t, hd).permute(2, 0, 1, 3).reshape(t, -1)  # [T, H*hd]
-        return self.wo(out.to(x.dtype))
+        # Grouped-query attention without repeating keys (query head h uses kv head h // (H / Hkv)); the
+        # mask is [T, S], shared by all heads.
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=step.mask,
+                                             enable_gqa=True)  # [H, T, hd]
+        return self.wo(out.transpose(0, 1).reshape(t, -1).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -160,7 +184,8 @@ class FeedForward(nn.Module):
         self.w3 = Linear(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * up)
 
 
 class MoeFeedForward(nn.Module):
@@ -242,7 +267,7 @@ class Transformer(nn.Module):
     def _step(self, tokens: torch.Tensor, cache: KVCache, rows: str) -> Output:
         step = cache.prepare(tokens.shape[0])
         rope = rotary_angles(step.positions, self.args.head_dim, self.args.rope_theta)
-        h = self.tok_embeddings(tokens)  # [T, D]
+        h = self.tok_embeddings(tokens).to(residual_dtype(self.tok_embeddings.weight))  # [T, D]
         experts, weights = [], []
         for i, layer in enumerate(self.layers):
             h, chosen, w = layer(h, rope, step, cache.layer(i))

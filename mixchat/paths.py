@@ -7,6 +7,15 @@ import os
 from pathlib import Path
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off switch from the environment: 0, off, false or no (any case) turn it off; any other
+    value turns it on; unset gives `default`."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "off", "false", "no")
+
+
 def home_override() -> Path | None:
     value = os.environ.get("MIXCHAT_HOME")
     return Path(value).expanduser() if value else None

@@ -126,6 +126,12 @@ class QuantLinear(nn.Module):
             self._kernel_ok = False
             return None
 
+    def kernel_parts(self) -> tuple[str, tuple[torch.Tensor, ...], int] | None:
+        """What mixchat.kernels.linear_many takes for this layer (see model.project), or None."""
+        if not self._kernel_ok or self.q.device.type != "cpu":
+            return None
+        return self.kind, tuple(self.parts().values()), self.group
+
     def _torch_small(self, x: torch.Tensor) -> torch.Tensor:
         """torch's weight-only kernels: faster than dequantize + GEMM for a few rows."""
         if self.kind == "int8":

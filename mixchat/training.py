@@ -29,20 +29,20 @@ class TrainOutput:
     experts: list[torch.Tensor]  # per MoE layer: [B*T, top_k] chosen expert ids, best first
 
 
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """apply_rotary for [B, T, H, hd]: fold the batch into the heads, since positions are shared."""
     b, t, h, d = x.shape
     folded = x.transpose(0, 1).reshape(t, b * h, d)
-    return apply_rotary(folded, cos, sin).view(t, b, h, d).transpose(0, 1)
+    return apply_rotary(folded, rotation).view(t, b, h, d).transpose(0, 1)
 
 
-def attention_train(attn: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+def attention_train(attn: Attention, x: torch.Tensor, rope: torch.Tensor,
                     sliding_window: int | None = None) -> torch.Tensor:
     """Causal grouped-query self-attention over [B, T, D] with the module's own wq/wk/wv/wo."""
     b, t, _ = x.shape
     h, nkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    q = _rotary(attn.wq(x).view(b, t, h, hd), *rope).transpose(1, 2)  # [B, H, T, hd]
-    k = _rotary(attn.wk(x).view(b, t, nkv, hd), *rope).transpose(1, 2)  # [B, Hkv, T, hd]
+    q = _rotary(attn.wq(x).view(b, t, h, hd), rope).transpose(1, 2)  # [B, H, T, hd]
+    k = _rotary(attn.wk(x).view(b, t, nkv, hd), rope).transpose(1, 2)  # [B, Hkv, T, hd]
     v = attn.wv(x).view(b, t, nkv, hd).transpose(1, 2)
     rep = h // nkv
     if rep > 1:  # query head i uses kv head i // rep, as in the inference path

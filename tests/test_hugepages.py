@@ -37,7 +37,7 @@ def test_copies_keep_values_dtypes_shapes_and_strides():
 
 
 @needs_linux
-def test_engine_pins_by_default_and_gives_the_same_logits(make_release, monkeypatch):
+def test_engine_pins_when_asked_and_gives_the_same_logits(make_release, monkeypatch):
     from conftest import tiny_args
 
     folder = make_release(tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2}), "torrent")
@@ -50,12 +50,17 @@ def test_engine_pins_by_default_and_gives_the_same_logits(make_release, monkeypa
         return out
 
     monkeypatch.setattr(hugepages, "copy_into_huge_pages", spy)
-    pinned = Engine.load(folder, show_progress=False)
+    monkeypatch.delenv("MIXCHAT_HUGEPAGES", raising=False)
+    mapped = Engine.load(folder, show_progress=False)  # off by default: it costs a copy at load
+    assert calls == []
+    pinned = Engine.load(folder, show_progress=False, huge_pages=True)
     assert len(calls) == 1
-    mapped = Engine.load(folder, show_progress=False, huge_pages=False)
-    monkeypatch.setenv("MIXCHAT_HUGEPAGES", "0")
+    monkeypatch.setenv("MIXCHAT_HUGEPAGES", "1")
     Engine.load(folder, show_progress=False)
-    assert len(calls) == 1  # neither of the last two copied
+    assert len(calls) == 2
+    monkeypatch.setenv("MIXCHAT_HUGEPAGES", "0")
+    Engine.load(folder, show_progress=False, huge_pages=False)
+    assert len(calls) == 2
     w_pinned = pinned.model.layers[0].attention.wq.weight
     w_mapped = mapped.model.layers[0].attention.wq.weight
     assert w_pinned.data_ptr() == calls[0]["layers.0.attention.wq.weight"]  # the model holds the copies

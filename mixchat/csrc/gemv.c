@@ -62,7 +62,7 @@
 #define MC_REG(v) __asm__("" : "+x"(v))
 
 /* Bump when an exported signature changes: kernels.py refuses a library with another version. */
-#define MC_ABI_VERSION 2
+#define MC_ABI_VERSION 3
 
 #define MC_RB 16              /* rows per block that share one pass over the K chunks */
 /* Rows (R, up to 4) and accumulator splits (S) of the one-token kernels; -D overrides are for tuning. */
@@ -132,29 +132,51 @@ MC_MAYBE_UNUSED static void mc_share(int64_t n, int64_t align, int tid, int nt, 
     *hi = b * align < n ? b * align : n;
 }
 
+/* One product for the job runner: a row kernel and its arguments. */
+typedef struct {
+    mc_rows_fn fn;
+    mc_ctx c;
+} mc_job;
+
 /* Static split over OpenMP threads. kernels.py loads this library after torch, so `omp parallel` runs
  * on torch's own libgomp worker pool (no second pool competing for the cores); num_threads() is given
- * per region rather than through omp_set_num_threads(), which would change torch's setting too. */
-static void mc_run(mc_rows_fn fn, const mc_ctx *c)
+ * per region rather than through omp_set_num_threads(), which would change torch's setting too.
+ * Several jobs (the products of one x with wq, wk and wv, or with w1 and w3) share one region: each
+ * thread goes on to its part of the next weight without waiting for the others, which saves a
+ * fork/join per weight and keeps the memory streams busy across the switch. */
+static void mc_run_jobs(const mc_job *jobs, int n)
 {
     int nt = g_threads;
+    int64_t work = 0, rows = 0;
+    for (int i = 0; i < n; i++) {
+        work += jobs[i].c.N * jobs[i].c.K;
+        rows += jobs[i].c.N;
+    }
     /* Below ~64 K weights the fork/join costs more than a second core gains. */
-    if (c->N * c->K < 65536) nt = 1;
-    if (nt > c->N / 8) nt = c->N / 8 > 0 ? (int)(c->N / 8) : 1;
+    if (work < 65536) nt = 1;
+    if (nt > rows / 8) nt = rows / 8 > 0 ? (int)(rows / 8) : 1;
     if (nt <= 1) {
-        fn(c, 0, c->N);
+        for (int i = 0; i < n; i++) jobs[i].fn(&jobs[i].c, 0, jobs[i].c.N);
         return;
     }
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
     {
-        int64_t lo, hi;
-        mc_share(c->N, 8, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        if (lo < hi) fn(c, lo, hi);
+        for (int i = 0; i < n; i++) {
+            int64_t lo, hi;
+            mc_share(jobs[i].c.N, 8, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+            if (lo < hi) jobs[i].fn(&jobs[i].c, lo, hi);
+        }
     }
 #else
-    fn(c, 0, c->N);
+    for (int i = 0; i < n; i++) jobs[i].fn(&jobs[i].c, 0, jobs[i].c.N);
 #endif
+}
+
+static void mc_run(mc_rows_fn fn, const mc_ctx *c)
+{
+    mc_job job = {fn, *c};
+    mc_run_jobs(&job, 1);
 }
 
 /* K chunk for `main` vectorised columns when each column costs `bytes` of x over all T rows. */
@@ -1248,5 +1270,70 @@ MC_API int mc_linear_bf16_t(const float *x, int T, int64_t K, const uint16_t *s,
             y[t * N + n] = acc;
         }
 #endif
+    return 0;
+}
+
+/* Several products of the same x, in one thread region (see mc_run_jobs): y_i = x w_i^T for
+ * i < n, every w_i [N_i, K] in one format. kind 0: bf16 as mc_linear_bf16; 1: int8 as mc_linear_int8_q8
+ * (scale[i]); 2: int4 as mc_linear_int4_q8 (scale[i], zero[i], G). x is prepared once for all of them.
+ * Rows of x past the one-pass kernels' limit, or no AVX2, go through the single entry points in turn. */
+#define MC_MULTI_MAX 8
+MC_API int mc_linear_multi(int kind, const float *x, int T, int64_t K, int n, const void *const *w,
+                           const float *const *scale, const float *const *zero, int G, const int64_t *N,
+                           float *const *y)
+{
+    if (n < 1 || n > MC_MULTI_MAX || T < 1 || K < 1 || kind < 0 || kind > 2) return MC_EBADARG;
+    for (int i = 0; i < n; i++) {
+        if (N[i] < 1) return MC_EBADARG;
+        if (kind == 2 && !int4_args_ok(T, K, N[i], G)) return MC_EBADARG;
+    }
+#if MC_AVX2
+    mc_job jobs[MC_MULTI_MAX];
+    if (kind == 0 && T <= 8 && T < g_gemm_min_rows) {
+        const int64_t K32 = K & ~(int64_t)31;
+        float *xp = (float *)mc_scratch((size_t)T * (size_t)(K32 > 0 ? K32 : 1) * sizeof(float));
+        if (!xp) return MC_ENOMEM;
+        prep_bf16(x, T, K, xp);
+        for (int i = 0; i < n; i++)
+            jobs[i] = (mc_job){bf16_fns[T], {.x = x, .xp = xp, .w = w[i], .y = y[i], .N = N[i], .K = K,
+                                             .KC = T >= 3 ? mc_chunk(K32, 4.0 * T) : (K32 > 0 ? K32 : 1), .T = T}};
+        mc_run_jobs(jobs, n);
+        return 0;
+    }
+    if (kind == 1 && T <= 8 && T < g_gemm_min_rows && K % 32 == 0) {
+        size_t q_bytes = ((size_t)T * (size_t)K + 63) & ~(size_t)63;
+        char *buf = (char *)mc_scratch(q_bytes + (size_t)T * (size_t)(K / 32) * sizeof(float));
+        if (!buf) return MC_ENOMEM;
+        prep_q8_plain(x, T, K, (int8_t *)buf, (float *)(buf + q_bytes));
+        for (int i = 0; i < n; i++)
+            jobs[i] = (mc_job){int8q8_fns[T], {.x = x, .xq = (const int8_t *)buf, .xd = (const float *)(buf + q_bytes),
+                                               .w = w[i], .scale = scale[i], .y = y[i], .N = N[i], .K = K,
+                                               .KC = K, .T = T}};
+        mc_run_jobs(jobs, n);
+        return 0;
+    }
+    if (kind == 2 && T <= 4 && T < g_gemm_min_rows) {
+        const int64_t nb64 = K / 64, ng = K / G;
+        size_t q_bytes = ((size_t)T * (size_t)K + 63) & ~(size_t)63;
+        size_t xd_n = (size_t)T * nb64 * 8, xs_n = (size_t)T * ng;
+        char *buf = (char *)mc_scratch(q_bytes + (xd_n + xs_n) * sizeof(float));
+        if (!buf) return MC_ENOMEM;
+        int8_t *xq = (int8_t *)buf;
+        float *xd = (float *)(buf + q_bytes), *xs = xd + xd_n;
+        prep_q8(x, T, K, G, xq, xd, xs);
+        for (int i = 0; i < n; i++)
+            jobs[i] = (mc_job){int4q8_fns[group_index(G)][T], {.x = x, .xq = xq, .xd = xd, .xs = xs, .w = w[i],
+                                                                .scale = scale[i], .zero = zero[i], .y = y[i],
+                                                                .N = N[i], .K = K, .KC = K, .T = T, .G = G}};
+        mc_run_jobs(jobs, n);
+        return 0;
+    }
+#endif
+    for (int i = 0; i < n; i++) {
+        int rc = kind == 0   ? mc_linear_bf16(x, T, K, (const uint16_t *)w[i], N[i], y[i])
+                 : kind == 1 ? mc_linear_int8_q8(x, T, K, (const int8_t *)w[i], scale[i], N[i], y[i])
+                             : mc_linear_int4_q8(x, T, K, (const uint8_t *)w[i], scale[i], zero[i], G, N[i], y[i]);
+        if (rc) return rc;
+    }
     return 0;
 }
