@@ -78,6 +78,10 @@
 #define MC_INT4_T1_R 2
 #define MC_INT4_T1_S 2
 #endif
+/* The kernels' accumulator arrays are sized for these maxima; a larger override would write past them. */
+_Static_assert(MC_BF16_T1_R >= 1 && MC_BF16_T1_R <= 4 && MC_BF16_T1_S >= 1 && MC_BF16_T1_S <= 4, "bf16 R, S <= 4");
+_Static_assert(MC_INT8_T1_R >= 1 && MC_INT8_T1_R <= 4 && MC_INT8_T1_S >= 1 && MC_INT8_T1_S <= 4, "int8 R, S <= 4");
+_Static_assert(MC_INT4_T1_R >= 1 && MC_INT4_T1_R <= 4 && MC_INT4_T1_S >= 1 && MC_INT4_T1_S <= 2, "int4 R <= 4, S <= 2");
 #ifndef MC_X_BUDGET
 #define MC_X_BUDGET 16384     /* bytes of x (all T rows) per K chunk: about half of L1 */
 #endif
