@@ -266,6 +266,11 @@ def _check_weight(w: torch.Tensor, name: str, dtype: torch.dtype, dim: int = 2) 
     raise ValueError(f"{name} must be contiguous")
 
 
+def _check_int4_k(k: int, group: int) -> None:
+    if group not in INT4_GROUPS or k % group or k % 64:
+        raise ValueError(f"int4 needs group in {INT4_GROUPS} dividing K and K % 64 == 0 (K={k}, group={group})")
+
+
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     """x [..., K] -> contiguous fp32 [T, K] (no copy when it already is one)."""
     if x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == k and x.is_cpu and x.is_contiguous():
@@ -391,8 +396,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     _check_weight(packed, "packed", torch.uint8)
     n, half = packed.shape
     k = 2 * half
-    if group not in INT4_GROUPS or k % group or k % 64:
-        raise ValueError(f"int4 needs group in {INT4_GROUPS} dividing K and K % 64 == 0 (K={k}, group={group})")
+    _check_int4_k(k, group)
     for name, t in (("scale", scale), ("zero", zero)):
         _check_weight(t, name, torch.float32)
         if t.shape != (n, k // group):
@@ -425,15 +429,13 @@ def linear_many(x: torch.Tensor, kind: str, weights: list[tuple[torch.Tensor, ..
     if not 1 <= len(weights) <= MULTI_MAX:
         raise ValueError(f"between 1 and {MULTI_MAX} weights, not {len(weights)}")
     dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[kind]
-    ns = []
     for parts in weights:
         _check_weight(parts[0], "w", dtype)
-        ns.append(parts[0].shape[0])
     k = weights[0][0].shape[1] * (2 if kind == "int4" else 1)
     if any(p[0].shape[1] * (2 if kind == "int4" else 1) != k for p in weights):
         raise ValueError("the weights of linear_many must share K")
-    if kind == "int4" and (group not in INT4_GROUPS or k % group or k % 64):
-        raise ValueError(f"int4 needs group in {INT4_GROUPS} dividing K and K % 64 == 0 (K={k}, group={group})")
+    if kind == "int4":
+        _check_int4_k(k, group)
     for parts in weights:
         for name, t in zip(("scale", "zero"), parts[1:], strict=False):
             _check_weight(t, name, torch.float32, dim=1 if kind == "int8" else 2)

@@ -64,6 +64,7 @@
 /* Bump when an exported signature changes: kernels.py refuses a library with another version. */
 #define MC_ABI_VERSION 3
 
+#define MC_MULTI_MAX 8        /* weights one mc_linear_multi call takes */
 #define MC_RB 16              /* rows per block that share one pass over the K chunks */
 /* Rows (R, up to 4) and accumulator splits (S) of the one-token kernels; -D overrides are for tuning. */
 #ifndef MC_BF16_T1_R
@@ -1082,6 +1083,63 @@ static void gemm_run(const mc_ctx *c, mc_pack_fn pack)
 #endif
 }
 
+MC_MAYBE_UNUSED static int group_index(int G) { return G == 32 ? 0 : G == 64 ? 1 : 2; }
+
+/* The one-pass kernels for n weights that share x (kind 0: bf16; 1: int8 with Q8 x; 2: int4 with Q8 x):
+ * x is taken in slices of up to 8 rows (4 for int4), each slice prepared once (reordered, or rounded to
+ * int8) and run against every weight in one thread region (mc_run_jobs). The single-weight entry points
+ * are the n = 1 case. */
+static int one_pass(int kind, const float *x, int T, int64_t K, int n, const void *const *w,
+                    const float *const *scale, const float *const *zero, int G, const int64_t *N, float *const *y)
+{
+    const int rows = kind == 2 ? 4 : 8;
+    const int64_t K32 = K & ~(int64_t)31;
+    mc_job jobs[MC_MULTI_MAX];
+    for (int t0 = 0; t0 < T; t0 += rows) {
+        int tt = T - t0 < rows ? T - t0 : rows;
+        const float *xt = x + (int64_t)t0 * K;
+        mc_ctx c = {.x = xt, .K = K, .KC = K, .T = tt, .G = G};
+        mc_rows_fn fn;
+        if (kind == 0) {
+            float *xp = (float *)mc_scratch((size_t)tt * (size_t)(K32 > 0 ? K32 : 1) * sizeof(float));
+            if (!xp) return MC_ENOMEM;
+            prep_bf16(xt, tt, K, xp);
+            c.xp = xp;
+            c.KC = tt >= 3 ? mc_chunk(K32, 4.0 * tt) : (K32 > 0 ? K32 : 1);
+            fn = bf16_fns[tt];
+        } else {
+            size_t q_bytes = ((size_t)tt * (size_t)K + 63) & ~(size_t)63;
+            size_t xd_n = kind == 1 ? (size_t)tt * (size_t)(K / 32) : (size_t)tt * (size_t)(K / 64) * 8;
+            size_t xs_n = kind == 2 ? (size_t)tt * (size_t)(K / G) : 0;
+            char *buf = (char *)mc_scratch(q_bytes + (xd_n + xs_n) * sizeof(float));
+            if (!buf) return MC_ENOMEM;
+            int8_t *xq = (int8_t *)buf;
+            float *xd = (float *)(buf + q_bytes), *xs = xd + xd_n;
+            if (kind == 1) {
+                prep_q8_plain(xt, tt, K, xq, xd);
+                fn = int8q8_fns[tt];
+            } else {
+                prep_q8(xt, tt, K, G, xq, xd, xs);
+                c.xs = xs;
+                fn = int4q8_fns[group_index(G)][tt];
+            }
+            c.xq = xq;
+            c.xd = xd;
+        }
+        for (int i = 0; i < n; i++) {
+            jobs[i] = (mc_job){fn, c};
+            jobs[i].c.w = w[i];
+            jobs[i].c.N = N[i];
+            /* the kernels index y[t * N + n]: a slice of rows of x is a slice of rows of y */
+            jobs[i].c.y = y[i] + (int64_t)t0 * N[i];
+            if (kind >= 1) jobs[i].c.scale = scale[i];
+            if (kind == 2) jobs[i].c.zero = zero[i];
+        }
+        mc_run_jobs(jobs, n);
+    }
+    return 0;
+}
+
 #endif /* MC_AVX2 */
 
 /* ------------------------------------------------------------------------------------------------- */
@@ -1097,17 +1155,8 @@ MC_API int mc_linear_bf16(const float *x, int T, int64_t K, const uint16_t *w, i
         gemm_run(&c, pack_bf16);
         return 0;
     }
-    const int64_t K32 = K & ~(int64_t)31;
-    for (int t0 = 0; t0 < T; t0 += 8) {
-        int tt = T - t0 < 8 ? T - t0 : 8;
-        float *xp = (float *)mc_scratch((size_t)tt * (size_t)(K32 > 0 ? K32 : 1) * sizeof(float));
-        if (!xp) return MC_ENOMEM;
-        prep_bf16(x + (int64_t)t0 * K, tt, K, xp);
-        /* the kernels index y[t * N + n]: a slice of rows of x is a slice of rows of y */
-        mc_ctx c = {.x = x + (int64_t)t0 * K, .xp = xp, .w = w, .y = y + (int64_t)t0 * N, .N = N, .K = K,
-                    .KC = tt >= 3 ? mc_chunk(K32, 4.0 * tt) : (K32 > 0 ? K32 : 1), .T = tt};
-        mc_run(bf16_fns[tt], &c);
-    }
+    const void *wv = w;
+    return one_pass(0, x, T, K, 1, &wv, NULL, NULL, 0, &N, &y);
 #else
     mc_ctx c = {.x = x, .w = w, .y = y, .N = N, .K = K, .T = T};
     mc_run(bf16_rows_scalar, &c);
@@ -1156,18 +1205,8 @@ MC_API int mc_linear_int8_q8(const float *x, int T, int64_t K, const int8_t *q, 
     if (T < 1 || K < 1 || N < 1) return MC_EBADARG;
     if (T >= g_gemm_min_rows || K % 32) return mc_linear_int8(x, T, K, q, scale, N, y);
 #if MC_AVX2
-    for (int t0 = 0; t0 < T; t0 += 8) {
-        int tt = T - t0 < 8 ? T - t0 : 8;
-        size_t q_bytes = ((size_t)tt * (size_t)K + 63) & ~(size_t)63;
-        char *buf = (char *)mc_scratch(q_bytes + (size_t)tt * (size_t)(K / 32) * sizeof(float));
-        if (!buf) return MC_ENOMEM;
-        const float *xt = x + (int64_t)t0 * K;
-        prep_q8_plain(xt, tt, K, (int8_t *)buf, (float *)(buf + q_bytes));
-        mc_ctx c = {.x = xt, .xq = (const int8_t *)buf, .xd = (const float *)(buf + q_bytes), .w = q,
-                    .scale = scale, .y = y + (int64_t)t0 * N, .N = N, .K = K, .KC = K, .T = tt};
-        mc_run(int8q8_fns[tt], &c);
-    }
-    return 0;
+    const void *wv = q;
+    return one_pass(1, x, T, K, 1, &wv, &scale, NULL, 0, &N, &y);
 #else
     float *xr = (float *)mc_scratch((size_t)T * (size_t)K * sizeof(float));
     if (!xr) return MC_ENOMEM;
@@ -1180,8 +1219,6 @@ static int int4_args_ok(int T, int64_t K, int64_t N, int G)
 {
     return T >= 1 && N >= 1 && K >= 64 && K % 64 == 0 && (G == 32 || G == 64 || G == 128) && K % G == 0;
 }
-
-MC_MAYBE_UNUSED static int group_index(int G) { return G == 32 ? 0 : G == 64 ? 1 : 2; }
 
 MC_API int mc_linear_int4(const float *x, int T, int64_t K, const uint8_t *packed, const float *scale,
                           const float *zero, int G, int64_t N, float *y)
@@ -1224,22 +1261,8 @@ MC_API int mc_linear_int4_q8(const float *x, int T, int64_t K, const uint8_t *pa
         gemm_run(&c, pack_int4);
         return 0;
     }
-    const int64_t nb64 = K / 64, ng = K / G;
-    for (int t0 = 0; t0 < T; t0 += 4) {
-        int tt = T - t0 < 4 ? T - t0 : 4;
-        size_t q_bytes = ((size_t)tt * (size_t)K + 63) & ~(size_t)63;
-        size_t xd_n = (size_t)tt * nb64 * 8, xs_n = (size_t)tt * ng;
-        char *buf = (char *)mc_scratch(q_bytes + (xd_n + xs_n) * sizeof(float));
-        if (!buf) return MC_ENOMEM;
-        int8_t *xq = (int8_t *)buf;
-        float *xd = (float *)(buf + q_bytes), *xs = xd + xd_n;
-        const float *xt = x + (int64_t)t0 * K;
-        prep_q8(xt, tt, K, G, xq, xd, xs);
-        mc_ctx c = {.x = xt, .xq = xq, .xd = xd, .xs = xs, .w = packed, .scale = scale, .zero = zero,
-                    .y = y + (int64_t)t0 * N, .N = N, .K = K, .KC = K, .T = tt, .G = G};
-        mc_run(int4q8_fns[group_index(G)][tt], &c);
-    }
-    return 0;
+    const void *wv = packed;
+    return one_pass(2, x, T, K, 1, &wv, &scale, &zero, G, &N, &y);
 #else
     /* Same rounding of x as the SIMD path (so results do not depend on the build), then the scalar
      * exact kernel on the rounded values. */
@@ -1280,8 +1303,7 @@ MC_API int mc_linear_bf16_t(const float *x, int T, int64_t K, const uint16_t *s,
 /* Several products of the same x, in one thread region (see mc_run_jobs): y_i = x w_i^T for
  * i < n, every w_i [N_i, K] in one format. kind 0: bf16 as mc_linear_bf16; 1: int8 as mc_linear_int8_q8
  * (scale[i]); 2: int4 as mc_linear_int4_q8 (scale[i], zero[i], G). x is prepared once for all of them.
- * Rows of x past the one-pass kernels' limit, or no AVX2, go through the single entry points in turn. */
-#define MC_MULTI_MAX 8
+ * From the GEMM's row count on, or without AVX2, the single entry points run in turn. */
 MC_API int mc_linear_multi(int kind, const float *x, int T, int64_t K, int n, const void *const *w,
                            const float *const *scale, const float *const *zero, int G, const int64_t *N,
                            float *const *y)
@@ -1292,46 +1314,7 @@ MC_API int mc_linear_multi(int kind, const float *x, int T, int64_t K, int n, co
         if (kind == 2 && !int4_args_ok(T, K, N[i], G)) return MC_EBADARG;
     }
 #if MC_AVX2
-    mc_job jobs[MC_MULTI_MAX];
-    if (kind == 0 && T <= 8 && T < g_gemm_min_rows) {
-        const int64_t K32 = K & ~(int64_t)31;
-        float *xp = (float *)mc_scratch((size_t)T * (size_t)(K32 > 0 ? K32 : 1) * sizeof(float));
-        if (!xp) return MC_ENOMEM;
-        prep_bf16(x, T, K, xp);
-        for (int i = 0; i < n; i++)
-            jobs[i] = (mc_job){bf16_fns[T], {.x = x, .xp = xp, .w = w[i], .y = y[i], .N = N[i], .K = K,
-                                             .KC = T >= 3 ? mc_chunk(K32, 4.0 * T) : (K32 > 0 ? K32 : 1), .T = T}};
-        mc_run_jobs(jobs, n);
-        return 0;
-    }
-    if (kind == 1 && T <= 8 && T < g_gemm_min_rows && K % 32 == 0) {
-        size_t q_bytes = ((size_t)T * (size_t)K + 63) & ~(size_t)63;
-        char *buf = (char *)mc_scratch(q_bytes + (size_t)T * (size_t)(K / 32) * sizeof(float));
-        if (!buf) return MC_ENOMEM;
-        prep_q8_plain(x, T, K, (int8_t *)buf, (float *)(buf + q_bytes));
-        for (int i = 0; i < n; i++)
-            jobs[i] = (mc_job){int8q8_fns[T], {.x = x, .xq = (const int8_t *)buf, .xd = (const float *)(buf + q_bytes),
-                                               .w = w[i], .scale = scale[i], .y = y[i], .N = N[i], .K = K,
-                                               .KC = K, .T = T}};
-        mc_run_jobs(jobs, n);
-        return 0;
-    }
-    if (kind == 2 && T <= 4 && T < g_gemm_min_rows) {
-        const int64_t nb64 = K / 64, ng = K / G;
-        size_t q_bytes = ((size_t)T * (size_t)K + 63) & ~(size_t)63;
-        size_t xd_n = (size_t)T * nb64 * 8, xs_n = (size_t)T * ng;
-        char *buf = (char *)mc_scratch(q_bytes + (xd_n + xs_n) * sizeof(float));
-        if (!buf) return MC_ENOMEM;
-        int8_t *xq = (int8_t *)buf;
-        float *xd = (float *)(buf + q_bytes), *xs = xd + xd_n;
-        prep_q8(x, T, K, G, xq, xd, xs);
-        for (int i = 0; i < n; i++)
-            jobs[i] = (mc_job){int4q8_fns[group_index(G)][T], {.x = x, .xq = xq, .xd = xd, .xs = xs, .w = w[i],
-                                                                .scale = scale[i], .zero = zero[i], .y = y[i],
-                                                                .N = N[i], .K = K, .KC = K, .T = T, .G = G}};
-        mc_run_jobs(jobs, n);
-        return 0;
-    }
+    if (T < g_gemm_min_rows && (kind != 1 || K % 32 == 0)) return one_pass(kind, x, T, K, n, w, scale, zero, G, N, y);
 #endif
     for (int i = 0; i < n; i++) {
         int rc = kind == 0   ? mc_linear_bf16(x, T, K, (const uint16_t *)w[i], N[i], y[i])
