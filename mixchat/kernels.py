@@ -145,6 +145,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.mc_get_threads.restype = i32
     lib.mc_set_gemm_min_rows.argtypes = [i32]
     lib.mc_get_gemm_min_rows.restype = i32
+    lib.mc_set_bf16t_ksplit.argtypes = [i32]
     for name in ("mc_linear_bf16", "mc_linear_bf16_t"):
         getattr(lib, name).argtypes = [vp, i32, i64, vp, i64, vp]
     for name in ("mc_linear_int8", "mc_linear_int8_q8"):
@@ -235,6 +236,14 @@ def set_gemm_min_rows(n: int) -> None:
         raise ValueError(f"rows must be at least 1, not {n}")
     if (lib := _get()) is not None:
         lib.mc_set_gemm_min_rows(n)
+
+
+def set_transposed_split(over_k: bool) -> None:
+    """How threads share a bf16 weight stored transposed (the torrent w2) for up to 8 rows of x: over K,
+    each streaming whole rows of the stored tensor (the default, about twice the read rate), or over N
+    (the older path, kept so tests and benchmarks can compare the two)."""
+    if (lib := _get()) is not None:
+        lib.mc_set_bf16t_ksplit(int(over_k))
 
 
 def get_gemm_min_rows() -> int:

@@ -144,12 +144,23 @@ def test_gemm_matches_torch(n, k, extra, gemm_rows):
 
 
 @needs_kernels
-@pytest.mark.parametrize("t", [1, 2, 5, 6, 7])
-def test_transposed_bf16_for_few_rows(t):
-    g = gen(t)
-    x = torch.randn(t, 1000, generator=g)
-    wt = torch.randn(1000, 72, generator=g).to(torch.bfloat16)
-    assert_matches(kernels.linear_bf16(x, wt.t()), x, wt.t().float())
+@pytest.mark.parametrize("t", [1, 2, 5, 6, 7, 8])
+@pytest.mark.parametrize("k,n", [(1000, 72), (1003, 77), (130, 600)])
+@pytest.mark.parametrize("over_k", [True, False])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_transposed_bf16_for_few_rows(t, k, n, over_k, threads):
+    # Both thread splits, K not a multiple of the 4 rows per pass, N not of the 8 columns per vector,
+    # and more threads than cores (a thread's share of K can be empty or ragged).
+    g = gen(t + k + n)
+    x = torch.randn(t, k, generator=g)
+    wt = torch.randn(k, n, generator=g).to(torch.bfloat16)
+    try:
+        kernels.set_transposed_split(over_k)
+        kernels.set_num_threads(threads)
+        assert_matches(kernels.linear_bf16(x, wt.t()), x, wt.t().float())
+    finally:
+        kernels.set_transposed_split(True)
+        kernels.set_num_threads(None)
 
 
 @needs_kernels

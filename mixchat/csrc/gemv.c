@@ -108,6 +108,10 @@ MC_API int mc_simd(void) { return MC_AVX2; }
 MC_API void mc_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
 MC_API int mc_get_threads(void) { return g_threads; }
 
+/* bf16 stored transposed, T <= 8: threads split K (1, default) or N (0); see bf16t_krange. */
+static int g_bf16t_ksplit = 1;
+MC_API void mc_set_bf16t_ksplit(int on) { g_bf16t_ksplit = on; }
+
 /* Everything a row kernel needs; one struct so the thread runner can stay generic. */
 typedef struct {
     const float *x;     /* fp32 [T, K], caller's layout */
@@ -893,6 +897,94 @@ MC_INLINE void bf16t_rows(const mc_ctx *c, int64_t lo, int64_t hi, const int T)
     }
 }
 
+/* Decode (T <= 8, several threads): the threads split K instead, so each streams one contiguous range of
+ * whole rows of s (the column split above reads MC_TB * 2-byte runs at an N * 2-byte stride, which the
+ * prefetchers follow at about half the read rate). Each thread adds 4 rows at a time into its own fp32
+ * partial y[T, N] (16 KiB per token for N = 4096: L1 for T = 1); the partials are summed at the end. */
+MC_INLINE void bf16t_krange(const uint16_t *s, const float *x, int64_t K, int64_t N, int64_t k0, int64_t k1,
+                            float *acc, const int T)
+{
+    memset(acc, 0, (size_t)T * (size_t)N * sizeof(float));
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4) {
+        __m256 a[4][8];
+        MC_UNROLL for (int r = 0; r < 4; r++) MC_UNROLL for (int t = 0; t < T; t++) a[r][t] = _mm256_set1_ps(x[t * K + k + r]);
+        const uint16_t *s0 = s + k * N;
+        int64_t j = 0;
+        for (; j + 8 <= N; j += 8) {
+            __m256 w[4];
+            MC_UNROLL for (int r = 0; r < 4; r++) {
+                if (MC_PF && (j & 31) == 0) MC_PREFETCH(s0 + r * N + j, MC_PF);
+                w[r] = _mm256_castsi256_ps(
+                    _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s0 + r * N + j))), 16));
+            }
+            MC_UNROLL for (int t = 0; t < T; t++) {
+                float *p = acc + t * N + j;
+                __m256 v = _mm256_fmadd_ps(a[0][t], w[0], _mm256_loadu_ps(p));
+                v = _mm256_fmadd_ps(a[1][t], w[1], v);
+                v = _mm256_fmadd_ps(a[2][t], w[2], v);
+                _mm256_storeu_ps(p, _mm256_fmadd_ps(a[3][t], w[3], v));
+            }
+        }
+        for (; j < N; j++)
+            for (int t = 0; t < T; t++)
+                for (int r = 0; r < 4; r++) acc[t * N + j] += x[t * K + k + r] * bf16_to_f32(s0[r * N + j]);
+    }
+    for (; k < k1; k++)
+        for (int t = 0; t < T; t++)
+            for (int64_t j = 0; j < N; j++) acc[t * N + j] += x[t * K + k] * bf16_to_f32(s[k * N + j]);
+}
+
+#define MC_BF16TK(T)                                                                                  \
+    static void bf16t_krange_t##T(const uint16_t *s, const float *x, int64_t K, int64_t N, int64_t k0,  \
+                                  int64_t k1, float *acc) { bf16t_krange(s, x, K, N, k0, k1, acc, T); }
+MC_BF16TK(1)
+MC_BF16TK(2)
+MC_BF16TK(3)
+MC_BF16TK(4)
+MC_BF16TK(5)
+MC_BF16TK(6)
+MC_BF16TK(7)
+MC_BF16TK(8)
+
+typedef void (*mc_krange_fn)(const uint16_t *, const float *, int64_t, int64_t, int64_t, int64_t, float *);
+static const mc_krange_fn bf16tk_fns[9] = {0, bf16t_krange_t1, bf16t_krange_t2, bf16t_krange_t3, bf16t_krange_t4,
+                                           bf16t_krange_t5, bf16t_krange_t6, bf16t_krange_t7, bf16t_krange_t8};
+
+/* y[T, N] = x[T, K] s[K, N] with the threads splitting K (see bf16t_krange). Returns 0 when it ran. */
+static int bf16t_ksplit(const float *x, int T, int64_t K, const uint16_t *s, int64_t N, float *y)
+{
+#ifdef _OPENMP
+    int nt = g_threads;
+    if (nt > K / 64) nt = (int)(K / 64);
+    if (nt < 2 || K * N < 65536) return MC_EBADARG;
+    /* Thread 0 adds into y itself; the others into their own slice of the scratch. */
+    float *part = (float *)mc_scratch((size_t)(nt - 1) * (size_t)T * (size_t)N * sizeof(float));
+    if (!part) return MC_ENOMEM;
+    const int64_t TN = (int64_t)T * N;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), n_th = omp_get_num_threads();
+        int64_t k0, k1;
+        mc_share(K, 4, tid, n_th, &k0, &k1);
+        float *acc = tid == 0 ? y : part + (int64_t)(tid - 1) * TN;
+        if (k0 < k1) bf16tk_fns[T](s, x, K, N, k0, k1, acc);
+        else memset(acc, 0, (size_t)TN * sizeof(float));
+#pragma omp barrier
+        int64_t lo, hi;
+        mc_share(TN, 64, tid, n_th, &lo, &hi);
+        for (int i = 1; i < n_th; i++) {
+            const float *src = part + (int64_t)(i - 1) * TN;
+            for (int64_t j = lo; j < hi; j++) y[j] += src[j];
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)T; (void)K; (void)s; (void)N; (void)y;
+    return MC_EBADARG;
+#endif
+}
+
 #define MC_BF16T(T)                                                                                   \
     static void bf16t_rows_t##T(const mc_ctx *c, int64_t lo, int64_t hi) { bf16t_rows(c, lo, hi, T); }
 MC_BF16T(1)
@@ -1286,6 +1378,7 @@ MC_API int mc_linear_bf16_t(const float *x, int T, int64_t K, const uint16_t *s,
     }
     for (int t0 = 0; t0 < T; t0 += 8) {
         int tt = T - t0 < 8 ? T - t0 : 8;
+        if (g_bf16t_ksplit && bf16t_ksplit(x + (int64_t)t0 * K, tt, K, s, N, y + (int64_t)t0 * N) == 0) continue;
         mc_ctx c = {.x = x + (int64_t)t0 * K, .w = s, .y = y + (int64_t)t0 * N, .N = N, .K = K, .T = tt};
         mc_run(bf16t_fns[tt], &c);
     }
