@@ -12,6 +12,8 @@ prompts need no fp32 copy of any weight, whatever its format.
     linear_int8(x, q, scale)                   q int8 [N, K], scale fp32 [N]
     linear_int4(x, packed, scale, zero, group) packed uint8 [N, K/2] (pack_int4), scale/zero fp32 [N, K/G]
 
+    DecodeLayer(...)                           one decoded token through a whole layer (csrc/decode.c)
+
 x is [..., K] in any float dtype (computed in fp32); the result is fp32 [..., N]. Below the GEMM's row
 count linear_int8 and linear_int4 round x to int8 per 32 columns unless exact=True (see linear_int4's
 docstring for why and what it costs).
@@ -49,9 +51,9 @@ import torch.nn.functional as F
 
 from mixchat.paths import env_flag
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+SOURCE = Path(__file__).with_name("csrc") / "gemv.c"  # includes csrc/decode.c
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
-ABI_VERSION = 3  # must match MC_ABI_VERSION in gemv.c
+ABI_VERSION = 4  # must match MC_ABI_VERSION in gemv.c
 INT4_GROUPS = (32, 64, 128)
 MAX_ROWS = {"bf16": 8, "int8": 8, "int4": 4}  # rows of x served by one pass over the weight
 GEMM_MIN_ROWS = 12  # the C side's default (mc_get_gemm_min_rows)
@@ -111,7 +113,8 @@ def build(cc: str | None = None, flags: tuple[str, ...] = FLAGS, root: Path | No
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelError(f"C compiler {cc} does not run: {e}") from None
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), version.encode(), " ".join(flags).encode(),
+    sources = (f.read_bytes() for f in sorted(SOURCE.parent.glob("*.c")))
+    for part in (*sources, cc.encode(), version.encode(), " ".join(flags).encode(),
                  _cpu_signature().encode(), str(ABI_VERSION).encode()):
         key.update(part + b"\0")
     folder = (root or cache_root()) / key.hexdigest()[:24]
@@ -153,8 +156,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     for name in ("mc_linear_int4", "mc_linear_int4_q8"):
         getattr(lib, name).argtypes = [vp, i32, i64, vp, vp, vp, i32, i64, vp]
     lib.mc_linear_multi.argtypes = [i32, vp, i32, i64, i32, vp, vp, vp, i32, vp, vp]
+    lib.mc_decode_attention.argtypes = [vp, vp, vp, vp, vp, i32, i64, i64, i64, vp]
+    lib.mc_decode_ffn.argtypes = [vp, vp]
     for name in ("mc_linear_bf16", "mc_linear_bf16_t", "mc_linear_int8", "mc_linear_int8_q8", "mc_linear_int4",
-                 "mc_linear_int4_q8", "mc_linear_multi"):
+                 "mc_linear_int4_q8", "mc_linear_multi", "mc_decode_attention", "mc_decode_ffn"):
         getattr(lib, name).restype = i32
 
 
@@ -560,3 +565,99 @@ def _self_check(lib: ctypes.CDLL) -> None:
         _close(f"int4 GEMM T={t} N={n} K={k}", y, x @ dequantize_int4(packed, sc, zp, 64).T, k * 8)
     finally:
         lib.mc_set_threads(saved)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One decoded token through a whole layer (csrc/decode.c)
+# ----------------------------------------------------------------------------------------------------
+
+
+class _LayerStruct(ctypes.Structure):
+    """mc_layer in csrc/decode.c, field for field."""
+
+    _fields_ = [*((name, ctypes.c_int32) for name in ("kind", "group", "n_heads", "n_kv_heads", "head_dim", "has_ffn",
+                                                      "norm_bf16", "unused")),
+                ("dim", ctypes.c_int64), ("hidden", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("w", ctypes.c_void_p * 7),
+                ("scale", ctypes.c_void_p * 7), ("zero", ctypes.c_void_p * 7)]
+
+
+_CACHE_DTYPES = {torch.bfloat16: 1, torch.float32: 0}  # KV cache and norm weights: the "is bf16" flag
+
+
+class DecodeLayer:
+    """A transformer layer as csrc/decode.c takes it: for one decoded token, the attention block and the
+    dense feed-forward are one call each (norm, products, rotary, cache write, attention, activation and
+    residual in C) instead of about forty torch ops.
+
+    attn holds the kernel parts (see linear_many) of wq, wk, wv, wo; ffn those of w1, w2, w3, or None
+    (MoE layers: the experts stay in Python). All in one format. Raises ValueError for anything the C
+    side does not take, so the caller can keep the plain path.
+    """
+
+    def __init__(self, kind: str, group: int, n_heads: int, n_kv_heads: int, head_dim: int, eps: float,
+                 attn_norm: torch.Tensor, ffn_norm: torch.Tensor, attn: list[tuple[torch.Tensor, ...]],
+                 ffn: list[tuple[torch.Tensor, ...]] | None) -> None:
+        lib = _get()
+        if lib is None or not lib.mc_simd():
+            raise ValueError("the compiled kernels are not available")
+        if kind not in _MULTI_KINDS:
+            raise ValueError(f"kind must be one of {sorted(_MULTI_KINDS)}, not {kind!r}")
+        dim, qd, kvd = attn_norm.shape[0], n_heads * head_dim, n_kv_heads * head_dim
+        parts = attn + (ffn or [])
+        hidden = ffn[0][0].shape[0] if ffn else 0
+        wide = 2 if kind == "int4" else 1
+        want = [(qd, dim), (kvd, dim), (kvd, dim), (dim, qd)] + ([(hidden, dim), (dim, hidden), (hidden, dim)] if ffn
+                                                                 else [])
+        dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[kind]
+        for p, (n, k) in zip(parts, want, strict=True):
+            _check_weight(p[0], "w", dtype)
+            if kind == "int4":
+                _check_int4_k(k, group)
+            elif kind == "int8" and k % 32:
+                raise ValueError(f"int8 decode needs K % 32 == 0 (K={k})")
+            if tuple(p[0].shape) != (n, k // wide):
+                raise ValueError(f"weight of shape {list(p[0].shape)} where the layer needs {[n, k // wide]}")
+            for t in p[1:]:
+                _check_weight(t, "scale", torch.float32, dim=t.dim())
+        norms = (attn_norm, ffn_norm)
+        if any(w.dtype != attn_norm.dtype or w.dtype not in _CACHE_DTYPES or not w.is_contiguous() or not w.is_cpu
+               or tuple(w.shape) != (dim,) for w in norms):
+            raise ValueError("the norm weights must be contiguous [dim] tensors, both bf16 or both fp32")
+        self._parts, self._norms = parts, norms  # the C side holds their pointers: keep them alive
+        s = _LayerStruct(kind=_MULTI_KINDS[kind], group=group, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                         head_dim=head_dim, has_ffn=int(ffn is not None),
+                         norm_bf16=_CACHE_DTYPES[attn_norm.dtype], dim=dim, hidden=hidden, eps=eps,
+                         attn_norm=attn_norm.data_ptr(), ffn_norm=ffn_norm.data_ptr())
+        order = [0, 1, 2, 3] + ([4, 5, 6] if ffn else [])
+        for i, p in zip(order, parts, strict=True):
+            s.w[i] = p[0].data_ptr()
+            if len(p) > 1:
+                s.scale[i] = p[1].data_ptr()
+            if len(p) > 2:
+                s.zero[i] = p[2].data_ptr()
+        self._struct = s
+        self._ref = ctypes.byref(s)
+        self._lib = lib
+        self.has_ffn = ffn is not None
+        self.head_dim = head_dim
+        self.weights = [t for p in parts for t in p]  # what the caller compares to notice replaced weights
+
+    def attention(self, h: torch.Tensor, rotation: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot: int, length: int, mask: torch.Tensor | None) -> None:
+        """h (fp32 [1, dim], contiguous) += the attention block for one token at cache slot `slot`.
+        rotation: complex64 [1, head_dim/2]; k_cache/v_cache: this layer's [n_kv_heads, capacity, head_dim]
+        (bf16 or fp32); attention reads slots [0, length), mask (bool [1, length]) says which."""
+        _call(self._lib, "mc_decode_attention", self._ref, h.data_ptr(), rotation.data_ptr(), k_cache.data_ptr(),
+              v_cache.data_ptr(), _CACHE_DTYPES[k_cache.dtype], k_cache.shape[1], slot, length,
+              None if mask is None else mask.data_ptr())
+
+    def ffn(self, h: torch.Tensor) -> None:
+        """h (fp32 [1, dim], contiguous) += the dense feed-forward of one token."""
+        _call(self._lib, "mc_decode_ffn", self._ref, h.data_ptr())
+
+    @staticmethod
+    def takes(h: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        """Whether a step with this residual and cache can go through DecodeLayer."""
+        return h.dtype == torch.float32 and h.shape[0] == 1 and h.is_contiguous() and h.is_cpu \
+            and k_cache.dtype in _CACHE_DTYPES and k_cache.is_contiguous()

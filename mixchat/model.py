@@ -219,10 +219,45 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, rope, step, kv):
         h = x + self.attention(self.attention_norm(x), rope, step, kv)
+        return self._feed_forward(h)
+
+    def decode(self, fast, h, rope, step, slot: int, kv):
+        """forward() for one token through kernels.DecodeLayer `fast`: h is updated in place."""
+        fast.attention(h, rope, *kv, slot, step.length, step.mask)
+        if fast.has_ffn:
+            fast.ffn(h)
+            return h, None, None
+        return self._feed_forward(h)
+
+    def _feed_forward(self, h):
         ff = self.feed_forward(self.ffn_norm(h))
         if isinstance(ff, tuple):
             return h + ff[0], ff[1], ff[2]
         return h + ff, None, None
+
+
+# One decoded token goes through csrc/decode.c, a call per attention block and per dense feed-forward,
+# where the kernels take every weight of the model (tests switch it off to compare with the plain path).
+fused_decode = True
+
+
+def _decode_inputs(layer: TransformerBlock) -> tuple | None:
+    """kernels.DecodeLayer's arguments for this layer: (kind, group, the attention weights' kernel parts,
+    the dense feed-forward's or None for MoE, the two norm weights); None unless all are in one format."""
+    a, ff = layer.attention, layer.feed_forward
+    mods = [a.wq, a.wk, a.wv, a.wo] + ([] if isinstance(ff, MoeFeedForward) else [ff.w1, ff.w2, ff.w3])
+    parts = [getattr(m, "kernel_parts", lambda: None)() for m in mods]
+    if any(p is None for p in parts) or len({(p[0], p[2]) for p in parts}) != 1:
+        return None
+    tensors = [p[1] for p in parts]
+    return parts[0][0], parts[0][2], tensors[:4], tensors[4:] or None, layer.attention_norm.weight, \
+        layer.ffn_norm.weight
+
+
+def _tensors(inputs: tuple | None) -> list:
+    if inputs is None:
+        return [None]
+    return [t for parts in inputs[2] + (inputs[3] or []) for t in parts] + list(inputs[4:])
 
 
 @dataclass
@@ -240,6 +275,31 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
+
+    def decode_layers(self, h: torch.Tensor, cache: KVCache) -> list | None:
+        """The layers as kernels.DecodeLayer for a one-token step with residual h, or None where the plain
+        path must run (no kernels, a weight format or shape they do not take, a GPU, gradients)."""
+        if not fused_decode or torch.is_grad_enabled() or (k := kernels_or_none()) is None \
+                or not k.DecodeLayer.takes(h, cache.k):
+            return None
+        # Rebuilt whenever a weight tensor was replaced (quantization, a device round trip): the C side
+        # holds raw pointers. Comparing the tensors costs ~10 us per layer, next to milliseconds of work.
+        inputs = [_decode_inputs(layer) for layer in self.layers]
+        key = [t for i in inputs for t in _tensors(i)]
+        built = getattr(self, "_decode_built", None)
+        if built is None or len(built[0]) != len(key) or any(x is not y for x, y in zip(built[0], key, strict=True)):
+            self._decode_built = built = (key, self._build_decode(k, inputs))
+        return built[1]
+
+    def _build_decode(self, k, inputs: list) -> list | None:
+        a = self.args
+        if any(i is None for i in inputs):
+            return None
+        try:
+            return [k.DecodeLayer(kind, group, a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps, attn_norm, ffn_norm,
+                                  attn, ffn) for kind, group, attn, ffn, attn_norm, ffn_norm in inputs]
+        except ValueError:  # shapes the C side does not take (tiny test models)
+            return None
 
     # no_grad, not inference_mode: the cache may grow inside forward, and inference tensors could
     # not be updated in place afterwards (rewind, restore).
@@ -268,9 +328,14 @@ class Transformer(nn.Module):
         step = cache.prepare(tokens.shape[0])
         rope = rotary_angles(step.positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens).to(residual_dtype(self.tok_embeddings.weight))  # [T, D]
+        fast = self.decode_layers(h, cache) if tokens.shape[0] == 1 else None
+        slot = int(step.slots[0]) if fast else 0
         experts, weights = [], []
         for i, layer in enumerate(self.layers):
-            h, chosen, w = layer(h, rope, step, cache.layer(i))
+            if fast:
+                h, chosen, w = layer.decode(fast[i], h, rope, step, slot, cache.layer(i))
+            else:
+                h, chosen, w = layer(h, rope, step, cache.layer(i))
             if chosen is not None:
                 experts.append(chosen)
                 weights.append(w)

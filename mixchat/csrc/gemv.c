@@ -62,7 +62,7 @@
 #define MC_REG(v) __asm__("" : "+x"(v))
 
 /* Bump when an exported signature changes: kernels.py refuses a library with another version. */
-#define MC_ABI_VERSION 3
+#define MC_ABI_VERSION 4
 
 #define MC_MULTI_MAX 8        /* weights one mc_linear_multi call takes */
 #define MC_RB 16              /* rows per block that share one pass over the K chunks */
@@ -1417,3 +1417,5 @@ MC_API int mc_linear_multi(int kind, const float *x, int T, int64_t K, int n, co
     }
     return 0;
 }
+
+#include "decode.c" /* the fused one-token layer step; uses one_pass above */

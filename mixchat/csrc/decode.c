@@ -1,0 +1,280 @@
+/*
+ * decode.c: one decoded token through a transformer layer in a single call (included by gemv.c, whose
+ * one-pass kernels it drives).
+ *
+ * A 7B decode step is 32 layers of about 40 small torch ops each (norms, rotary, cache writes,
+ * attention, activation, residual adds) around the weight products. Each op costs a few microseconds of
+ * dispatch and a thread-pool hand-off even on a 4096-element vector: measured 40-65 ms per token, a
+ * quarter of an int4 step. Here the same arithmetic runs as plain loops between the products:
+ *   attention block: h += wo(attend(rope(wq xn), rope(wk xn), wv xn)), xn = rmsnorm(h) * attn_norm
+ *   feed-forward:    h += w2(silu(w1 xn) * w3 xn),                     xn = rmsnorm(h) * ffn_norm
+ * in fp32, with keys and values stored into the caller's KV cache (bf16 or fp32) at the given slot.
+ * Only T = 1 and weights the one-pass kernels take; everything else stays in model.py, which is also
+ * the reference these functions are tested against.
+ */
+
+/* Everything about one layer that does not change between tokens (built once by kernels.DecodeLayer).
+ * Weights in order wq, wk, wv, wo, w1, w2, w3; w1..w3 may be absent (MoE layers: the experts stay in
+ * Python). All weights share one format: kind 0 bf16 [N, K]; 1 int8 + scale [N]; 2 int4 + scale and
+ * zero [N, K/G]. */
+typedef struct {
+    int32_t kind, group;
+    int32_t n_heads, n_kv_heads, head_dim, has_ffn;
+    int32_t norm_bf16, unused;
+    int64_t dim, hidden;
+    float eps;
+    const void *attn_norm, *ffn_norm; /* [dim], bf16 when norm_bf16 else fp32 */
+    const void *w[7];
+    const float *scale[7], *zero[7];
+} mc_layer;
+
+/* Scratch for the vectors between the products: separate from mc_scratch, which one_pass uses for x. */
+static __thread void *tl_dbuf;
+static __thread size_t tl_dcap;
+
+MC_MAYBE_UNUSED static float *mc_decode_scratch(size_t floats)
+{
+    size_t bytes = floats * sizeof(float);
+    if (bytes > tl_dcap) {
+        free(tl_dbuf);
+        tl_dcap = (bytes + 4095) & ~(size_t)4095;
+        tl_dbuf = aligned_alloc(64, tl_dcap);
+        if (!tl_dbuf) tl_dcap = 0;
+    }
+    return (float *)tl_dbuf;
+}
+
+MC_MAYBE_UNUSED static inline uint16_t f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);                 /* round to nearest even */
+}
+
+#if MC_AVX2
+
+/* e^x for 8 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes' expf
+ * coefficients, ~1 ulp), 2^n built in the exponent bits. Clamped so n stays a normal exponent. */
+MC_INLINE __m256 exp8(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+MC_INLINE float exp1(float x)
+{
+    return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x)));
+}
+
+MC_INLINE __m256 load8_kv(const void *p, int64_t i, int bf16)
+{
+    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+}
+
+MC_INLINE float kv_at(const void *p, int64_t i, int bf16)
+{
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* y = x / rms(x) * w, as torch's rms_norm(x) * weight: the sum of squares in fp32 over 8 lanes. */
+static void rms_norm(const float *x, const void *wv, int w_bf16, int64_t n, float eps, float *y)
+{
+    __m256 s = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        s = _mm256_fmadd_ps(v, v, s);
+    }
+    float ss = hsum8(s);
+    for (; i < n; i++) ss += x[i] * x[i];
+    float r = 1.f / sqrtf(ss / (float)n + eps);
+    __m256 rv = _mm256_set1_ps(r);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), rv), load8_kv(wv, i, w_bf16)));
+    for (; i < n; i++) y[i] = x[i] * r * kv_at(wv, i, w_bf16);
+}
+
+/* Interleaved pairs (x[2j], x[2j+1]) times the complex rot[j] = (cos, sin), for `heads` heads. */
+static void rope(float *x, int heads, int hd, const float *rot)
+{
+    for (int h = 0; h < heads; h++) {
+        float *v = x + (int64_t)h * hd;
+        for (int j = 0; j < hd / 2; j++) {
+            float a = v[2 * j], b = v[2 * j + 1], c = rot[2 * j], s = rot[2 * j + 1];
+            v[2 * j] = a * c - b * s;
+            v[2 * j + 1] = a * s + b * c;
+        }
+    }
+}
+
+/* One query head against slots [0, S) of its kv head: softmax(q k^T / sqrt(hd)) v, masked slots left
+ * out (mask[s] == 0), as scaled_dot_product_attention with a boolean mask. p: S floats of scratch. */
+static void attend_head(const float *q, const void *kh, const void *vh, int hd, int64_t S, const uint8_t *mask,
+                        int bf16, float *p, float *out)
+{
+    const float scale = 1.f / sqrtf((float)hd);
+    float m = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+        if (mask && !mask[s]) {
+            p[s] = -INFINITY;
+            continue;
+        }
+        const int64_t base = s * hd;
+        __m256 acc = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= hd; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), load8_kv(kh, base + j, bf16), acc);
+        float d = hsum8(acc);
+        for (; j < hd; j++) d += q[j] * kv_at(kh, base + j, bf16);
+        p[s] = d * scale;
+        if (p[s] > m) m = p[s];
+    }
+    float sum = 0.f;
+    for (int64_t s = 0; s < S; s++) {
+        p[s] = p[s] == -INFINITY ? 0.f : exp1(p[s] - m);
+        sum += p[s];
+    }
+    const float inv = 1.f / sum;
+    for (int j = 0; j < hd; j++) out[j] = 0.f;
+    for (int64_t s = 0; s < S; s++) {
+        if (p[s] == 0.f) continue;
+        const __m256 w = _mm256_set1_ps(p[s] * inv);
+        const int64_t base = s * hd;
+        int j = 0;
+        for (; j + 8 <= hd; j += 8)
+            _mm256_storeu_ps(out + j, _mm256_fmadd_ps(w, load8_kv(vh, base + j, bf16), _mm256_loadu_ps(out + j)));
+        for (; j < hd; j++) out[j] += p[s] * inv * kv_at(vh, base + j, bf16);
+    }
+}
+
+static int layer_ok(const mc_layer *L)
+{
+    if (L->kind < 0 || L->kind > 2 || L->n_heads < 1 || L->n_kv_heads < 1 || L->n_heads % L->n_kv_heads ||
+        L->head_dim < 2 || L->head_dim % 2 || L->dim < 1)
+        return 0;
+    const int64_t qd = (int64_t)L->n_heads * L->head_dim;
+    const int64_t ks[4] = {L->dim, qd, L->dim, L->hidden};
+    for (int i = 0; i < (L->has_ffn ? 4 : 2); i++) {
+        if (L->kind == 1 && ks[i] % 32) return 0;
+        if (L->kind == 2 && !int4_args_ok(1, ks[i], 1, L->group)) return 0;
+    }
+    return 1;
+}
+
+/* n products of x (one token) with weights L->w[first..first+n), outputs N[i] into y[i]. */
+static int products(const mc_layer *L, const float *x, int64_t K, int first, int n, const int64_t *N, float *const *y)
+{
+    return one_pass(L->kind, x, 1, K, n, &L->w[first], &L->scale[first], &L->zero[first], L->group, N, y);
+}
+
+#endif /* MC_AVX2 */
+
+/* h[dim] += attention block of one token at position slot; k_cache/v_cache are this layer's
+ * [n_kv_heads, capacity, head_dim] (bf16 when cache_bf16, else fp32); attention reads slots [0, S),
+ * those with mask[s] == 0 left out (mask may be NULL); rot is the position's (cos, sin) pairs,
+ * [head_dim / 2][2]. */
+MC_API int mc_decode_attention(const mc_layer *L, float *h, const float *rot, void *k_cache, void *v_cache,
+                               int cache_bf16, int64_t capacity, int64_t slot, int64_t S, const uint8_t *mask)
+{
+#if MC_AVX2
+    if (!layer_ok(L) || slot < 0 || slot >= capacity || S < 1 || S > capacity) return MC_EBADARG;
+    const int H = L->n_heads, Hkv = L->n_kv_heads, hd = L->head_dim;
+    const int64_t D = L->dim, qd = (int64_t)H * hd, kvd = (int64_t)Hkv * hd;
+    float *buf = mc_decode_scratch((size_t)(D + qd + 2 * kvd + qd + D) + (size_t)H * (size_t)S);
+    if (!buf) return MC_ENOMEM;
+    float *xn = buf, *q = xn + D, *k = q + qd, *v = k + kvd, *att = v + kvd, *o = att + qd, *p = o + D;
+
+    rms_norm(h, L->attn_norm, L->norm_bf16, D, L->eps, xn);
+    const int64_t nqkv[3] = {qd, kvd, kvd};
+    float *const yqkv[3] = {q, k, v};
+    int rc = products(L, xn, D, 0, 3, nqkv, yqkv);
+    if (rc) return rc;
+    rope(q, H, hd, rot);
+    rope(k, Hkv, hd, rot);
+    for (int g = 0; g < Hkv; g++) {
+        const int64_t at = ((int64_t)g * capacity + slot) * hd;
+        for (int j = 0; j < hd; j++) {
+            if (cache_bf16) {
+                ((uint16_t *)k_cache)[at + j] = f32_to_bf16(k[g * hd + j]);
+                ((uint16_t *)v_cache)[at + j] = f32_to_bf16(v[g * hd + j]);
+            } else {
+                ((float *)k_cache)[at + j] = k[g * hd + j];
+                ((float *)v_cache)[at + j] = v[g * hd + j];
+            }
+        }
+    }
+    const size_t el = cache_bf16 ? 2 : 4;
+    const int per_group = H / Hkv;
+    /* Heads in contiguous runs per thread, so the heads that share a kv head share its reads. */
+    const int nt = (int64_t)H * S * hd < 65536 ? 1 : g_threads < H ? g_threads : H;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+    for (int hh = 0; hh < H; hh++) {
+        const int64_t off = (int64_t)(hh / per_group) * capacity * hd;
+        attend_head(q + (int64_t)hh * hd, (const char *)k_cache + off * el, (const char *)v_cache + off * el, hd, S,
+                    mask, cache_bf16, p + (int64_t)hh * S, att + (int64_t)hh * hd);
+    }
+    const int64_t nd = D;
+    float *const yo[1] = {o};
+    rc = products(L, att, qd, 3, 1, &nd, yo);
+    if (rc) return rc;
+    for (int64_t i = 0; i < D; i++) h[i] += o[i];
+    return 0;
+#else
+    (void)L; (void)h; (void)rot; (void)k_cache; (void)v_cache; (void)cache_bf16; (void)capacity; (void)slot;
+    (void)S; (void)mask;
+    return MC_EBADARG;
+#endif
+}
+
+/* h[dim] += w2(silu(w1 xn) * w3 xn), xn = rmsnorm(h) * ffn_norm: the dense feed-forward of one token. */
+MC_API int mc_decode_ffn(const mc_layer *L, float *h)
+{
+#if MC_AVX2
+    if (!layer_ok(L) || !L->has_ffn || L->hidden < 1) return MC_EBADARG;
+    const int64_t D = L->dim, F = L->hidden;
+    float *buf = mc_decode_scratch((size_t)(2 * D + 2 * F));
+    if (!buf) return MC_ENOMEM;
+    float *xn = buf, *gate = xn + D, *up = gate + F, *o = up + F;
+    rms_norm(h, L->ffn_norm, L->norm_bf16, D, L->eps, xn);
+    /* w1 and w3 are L->w[4] and L->w[6]: two single-weight lists so one pass takes both */
+    const void *w13[2] = {L->w[4], L->w[6]};
+    const float *s13[2] = {L->scale[4], L->scale[6]}, *z13[2] = {L->zero[4], L->zero[6]};
+    const int64_t nf[2] = {F, F};
+    float *const y13[2] = {gate, up};
+    int rc = one_pass(L->kind, xn, 1, D, 2, w13, s13, z13, L->group, nf, y13);
+    if (rc) return rc;
+    int64_t i = 0;
+    for (; i + 8 <= F; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 sig = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f),
+                                                                     exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < F; i++) gate[i] = gate[i] / (1.f + exp1(-gate[i])) * up[i];
+    const int64_t nd = D;
+    float *const yo[1] = {o};
+    rc = products(L, gate, F, 5, 1, &nd, yo);
+    if (rc) return rc;
+    for (i = 0; i < D; i++) h[i] += o[i];
+    return 0;
+#else
+    (void)L; (void)h;
+    return MC_EBADARG;
+#endif
+}

@@ -1,0 +1,124 @@
+"""The fused one-token layer step (csrc/decode.c via kernels.DecodeLayer) against model.py's plain path.
+
+The plain path is itself checked against Hugging Face's Mistral/Mixtral (test_hf_oracle.py), so equal
+logits here carry that over: sliding window past the window, GQA, the rolling cache, Mixtral routing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_args
+
+from mixchat import kernels
+from mixchat import model as model_mod
+from mixchat.engine import Engine
+
+needs_kernels = pytest.mark.skipif(not kernels.available() or not kernels._get().mc_simd(),
+                                   reason=f"compiled AVX2 kernels not available: {kernels.reason()}")
+
+# Shapes every kernel takes: K a multiple of 64 for int4, of 32 for int8.
+SHAPES = {"dim": 128, "head_dim": 32, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 256, "sliding_window": 6}
+
+
+def decode_logits(engine: Engine, ids: list[int], fused: bool) -> tuple[torch.Tensor, object]:
+    """Logits of ids fed one at a time (every step a decode step), and the cache afterwards."""
+    saved = model_mod.fused_decode
+    model_mod.fused_decode = fused
+    try:
+        cache = engine.new_cache(chunk_size=4)
+        rows = [engine.model(torch.tensor([t]), cache).logits for t in ids]
+        return torch.cat(rows), cache
+    finally:
+        model_mod.fused_decode = saved
+
+
+@needs_kernels
+@pytest.mark.parametrize("quant", [None, "int8", "int4-32"])
+@pytest.mark.parametrize("moe", [False, True])
+def test_fused_decode_equals_the_plain_path(make_release, quant, moe):
+    extra = {"moe": {"num_experts": 4, "num_experts_per_tok": 2}} if moe else {}
+    folder = make_release(tiny_args(**SHAPES, **extra), "experts" if moe else "dense")
+    engine = Engine.load(folder, quant=quant, show_progress=False)
+    ids = engine.tokenizer.encode("Once upon a time, in a land far away, there lived a fox who counted stars")
+    assert len(ids) > 2 * SHAPES["sliding_window"] + 4  # the rolling buffer wraps more than once
+
+    fused, fused_cache = decode_logits(engine, ids, True)
+    built = engine.model._decode_built[1]
+    assert built is not None and len(built) == 2  # the fused step really ran
+    assert all(layer.has_ffn is not moe for layer in built)  # MoE layers keep their experts in Python
+    plain, plain_cache = decode_logits(engine, ids, False)
+
+    scale = plain.abs().max().item()
+    assert torch.allclose(fused, plain, atol=2e-3 * scale), (fused - plain).abs().max().item()
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+    # Keys and values were written into the same slots (bf16 rounding of nearly equal fp32 values).
+    assert torch.equal(fused_cache.slot_pos, plain_cache.slot_pos)
+    assert torch.allclose(fused_cache.k.float(), plain_cache.k.float(), atol=2e-2, rtol=2e-2)
+    assert torch.allclose(fused_cache.v.float(), plain_cache.v.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_kernels
+def test_fused_decode_follows_a_prefilled_prompt_and_an_fp32_cache(make_release):
+    folder = make_release(tiny_args(**SHAPES))
+    engine = Engine.load(folder, show_progress=False)
+    ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    outs = []
+    for fused in (True, False):
+        model_mod.fused_decode = fused
+        try:
+            cache = engine.new_cache()
+            cache.k, cache.v = cache.k.float(), cache.v.float()  # the C side takes fp32 caches too
+            engine.model(torch.tensor(ids[:7]), cache)  # a prompt (plain path), then decode steps
+            outs.append(torch.cat([engine.model(torch.tensor([t]), cache).logits for t in ids[7:]]))
+        finally:
+            model_mod.fused_decode = True
+    assert torch.allclose(outs[0], outs[1], atol=1e-3 * outs[1].abs().max().item())
+
+
+@needs_kernels
+def test_a_replaced_weight_is_picked_up(make_release):
+    folder = make_release(tiny_args(**SHAPES))
+    engine = Engine.load(folder, show_progress=False)
+    ids = engine.tokenizer.encode("Hello there")
+    before, _ = decode_logits(engine, ids, True)
+    first = engine.model._decode_built[1]
+    wq = engine.model.layers[1].attention.wq
+    wq.weight = torch.nn.Parameter(torch.randn_like(wq.weight.float()).mul(0.2).to(wq.weight.dtype),
+                                   requires_grad=False)
+    after, _ = decode_logits(engine, ids, True)
+    assert engine.model._decode_built[1] is not first  # rebuilt, not reading the old pointers
+    plain, _ = decode_logits(engine, ids, False)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, plain, atol=2e-3 * plain.abs().max().item())
+
+
+@needs_kernels
+def test_shapes_the_kernels_do_not_take_keep_the_plain_path(make_release):
+    # hidden 96 is not a multiple of 64: int4 cannot take w2, so no layer is fused and decode still works.
+    folder = make_release(tiny_args(dim=128, head_dim=32, hidden_dim=96))
+    engine = Engine.load(folder, quant="int4-32", show_progress=False)
+    ids = engine.tokenizer.encode("Hello there")
+    fused, _ = decode_logits(engine, ids, True)
+    assert engine.model._decode_built[1] is None
+    plain, _ = decode_logits(engine, ids, False)
+    assert torch.equal(fused, plain)
+
+
+@needs_kernels
+def test_decode_layer_rejects_what_it_cannot_take():
+    d, hd = 128, 32
+    w = lambda n, k: (torch.zeros(n, k, dtype=torch.bfloat16),)  # noqa: E731
+    norm = torch.ones(d, dtype=torch.bfloat16)
+    attn = [w(128, d), w(64, d), w(64, d), w(d, 128)]
+    kernels.DecodeLayer("bf16", 0, 4, 2, hd, 1e-5, norm, norm, attn, None)  # fine
+    with pytest.raises(ValueError, match="where the layer needs"):
+        kernels.DecodeLayer("bf16", 0, 4, 2, hd, 1e-5, norm, norm, [w(128, d), w(128, d), w(64, d), w(d, 128)], None)
+    with pytest.raises(ValueError, match="norm"):
+        kernels.DecodeLayer("bf16", 0, 4, 2, hd, 1e-5, norm, norm.float(), attn, None)
+    with pytest.raises(ValueError, match="int8 decode needs K % 32"):
+        q8 = lambda n, k: (torch.zeros(n, k, dtype=torch.int8), torch.ones(n))  # noqa: E731
+        kernels.DecodeLayer("int8", 0, 4, 2, 24, 1e-5, torch.ones(48), torch.ones(48),
+                            [q8(96, 48), q8(48, 48), q8(48, 48), q8(48, 96)], None)
+    with pytest.raises(ValueError, match="kind"):
+        kernels.DecodeLayer("fp8", 0, 4, 2, hd, 1e-5, norm, norm, attn, None)
