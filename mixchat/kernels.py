@@ -12,7 +12,7 @@ prompts need no fp32 copy of any weight, whatever its format.
     linear_int8(x, q, scale)                   q int8 [N, K], scale fp32 [N]
     linear_int4(x, packed, scale, zero, group) packed uint8 [N, K/2] (pack_int4), scale/zero fp32 [N, K/G]
 
-    DecodeLayer(...)                           one decoded token through a whole layer (csrc/decode.c)
+    DecodeLayer(...), DecodeMoe(...)           one decoded token through a whole layer (csrc/decode.c)
 
 x is [..., K] in any float dtype (computed in fp32); the result is fp32 [..., N]. Below the GEMM's row
 count linear_int8 and linear_int4 round x to int8 per 32 columns unless exact=True (see linear_int4's
@@ -158,8 +158,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.mc_linear_multi.argtypes = [i32, vp, i32, i64, i32, vp, vp, vp, i32, vp, vp]
     lib.mc_decode_attention.argtypes = [vp, vp, vp, vp, vp, i32, i64, i64, i64, vp]
     lib.mc_decode_ffn.argtypes = [vp, vp]
+    lib.mc_decode_moe.argtypes = [vp, vp, vp, vp]
     for name in ("mc_linear_bf16", "mc_linear_bf16_t", "mc_linear_int8", "mc_linear_int8_q8", "mc_linear_int4",
-                 "mc_linear_int4_q8", "mc_linear_multi", "mc_decode_attention", "mc_decode_ffn"):
+                 "mc_linear_int4_q8", "mc_linear_multi", "mc_decode_attention", "mc_decode_ffn",
+                 "mc_decode_moe"):
         getattr(lib, name).restype = i32
 
 
@@ -647,6 +649,7 @@ class DecodeLayer:
         self._ref = ctypes.byref(s)
         self._lib = lib
         self.has_ffn = ffn is not None
+        self.moe: DecodeMoe | None = None  # set by the caller for a MoE layer the C side takes whole
         self.head_dim = head_dim
         self.weights = [t for p in parts for t in p]  # what the caller compares to notice replaced weights
 
@@ -668,3 +671,72 @@ class DecodeLayer:
         """Whether a step with this residual and cache can go through DecodeLayer."""
         return h.dtype == torch.float32 and h.shape[0] == 1 and h.is_contiguous() and h.is_cpu \
             and k_cache.dtype in _CACHE_DTYPES and k_cache.is_contiguous()
+
+
+class _MoeStruct(ctypes.Structure):
+    """mc_moe in csrc/decode.c, field for field."""
+
+    _fields_ = [*((name, ctypes.c_int32) for name in ("kind", "group", "n_experts", "top_k", "norm_bf16",
+                                                      "w2_transposed")),
+                ("dim", ctypes.c_int64), ("hidden", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("ffn_norm", ctypes.c_void_p), ("gate", ctypes.c_void_p), ("w", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p)]
+
+
+class DecodeMoe:
+    """A Mixtral feed-forward as csrc/decode.c takes it: for one decoded token, norm, router, top-k and the
+    chosen experts in one call. gate: the bf16 router [n_experts, dim]; experts: per expert the kernel parts
+    of w1, w2, w3 (see linear_many), all in one format; w2_transposed: every w2 is the [dim, hidden] view of
+    a contiguous bf16 [hidden, dim] tensor (the torrent layout). Raises ValueError for anything the C side
+    does not take."""
+
+    def __init__(self, kind: str, group: int, top_k: int, eps: float, ffn_norm: torch.Tensor, gate: torch.Tensor,
+                 experts: list[tuple[tuple[torch.Tensor, ...], ...]], w2_transposed: bool = False) -> None:
+        lib = _get()
+        if lib is None or not lib.mc_simd():
+            raise ValueError("the compiled kernels are not available")
+        if kind not in _MULTI_KINDS or (w2_transposed and kind != "bf16"):
+            raise ValueError(f"kind must be one of {sorted(_MULTI_KINDS)} (bf16 for a transposed w2), not {kind!r}")
+        _check_weight(gate, "gate", torch.bfloat16)
+        n_experts, dim = gate.shape
+        if len(experts) != n_experts or not 1 <= top_k <= n_experts or n_experts > 256:
+            raise ValueError(f"{len(experts)} experts for a router of {n_experts}, top {top_k}")
+        if ffn_norm.dtype not in _CACHE_DTYPES or not ffn_norm.is_contiguous() or tuple(ffn_norm.shape) != (dim,):
+            raise ValueError("the norm weight must be a contiguous bf16 or fp32 [dim] tensor")
+        hidden = experts[0][0][0].shape[0]
+        wide = 2 if kind == "int4" else 1
+        dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[kind]
+        for w1, w2, w3 in experts:
+            for i, (p, (n, k)) in enumerate(zip((w1, w2, w3), ((hidden, dim), (dim, hidden), (hidden, dim)),
+                                                 strict=True)):
+                # a transposed w2 comes as the model holds it: the [dim, hidden] view of a [hidden, dim] tensor
+                _check_weight(p[0].t() if i == 1 and w2_transposed else p[0], "w", dtype)
+                if tuple(p[0].shape) != (n, k // wide):
+                    raise ValueError(f"expert weight of shape {list(p[0].shape)} where {[n, k // wide]} is needed")
+                for t in p[1:]:
+                    _check_weight(t, "scale", torch.float32, dim=t.dim())
+        for k in (dim, hidden):
+            if kind == "int4":
+                _check_int4_k(k, group)
+            elif kind == "int8" and k % 32:
+                raise ValueError(f"int8 decode needs K % 32 == 0 (K={k})")
+        flat = [p for expert in experts for p in expert]
+        arr = ctypes.c_void_p * len(flat)
+        self._w = arr(*(p[0].data_ptr() for p in flat))
+        self._scale = arr(*(p[1].data_ptr() if len(p) > 1 else None for p in flat))
+        self._zero = arr(*(p[2].data_ptr() if len(p) > 2 else None for p in flat))
+        self._keep = (experts, gate, ffn_norm)  # the C side holds their pointers
+        s = _MoeStruct(kind=_MULTI_KINDS[kind], group=group, n_experts=n_experts, top_k=top_k,
+                       norm_bf16=_CACHE_DTYPES[ffn_norm.dtype], w2_transposed=int(w2_transposed), dim=dim,
+                       hidden=hidden, eps=eps, ffn_norm=ffn_norm.data_ptr(), gate=gate.data_ptr(),
+                       w=ctypes.addressof(self._w), scale=ctypes.addressof(self._scale),
+                       zero=ctypes.addressof(self._zero))
+        self._struct, self._ref, self._lib, self.top_k = s, ctypes.byref(s), lib, top_k
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (fp32 [1, dim], contiguous) += the MoE feed-forward; returns the chosen experts (int64 [1, top_k],
+        best first) and their mixing weights (fp32 [1, top_k]), as MoeFeedForward does."""
+        chosen = torch.empty(1, self.top_k, dtype=torch.int64)
+        weights = torch.empty(1, self.top_k, dtype=torch.float32)
+        _call(self._lib, "mc_decode_moe", self._ref, h.data_ptr(), chosen.data_ptr(), weights.data_ptr())
+        return chosen, weights

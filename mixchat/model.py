@@ -227,6 +227,9 @@ class TransformerBlock(nn.Module):
         if fast.has_ffn:
             fast.ffn(h)
             return h, None, None
+        if fast.moe is not None:
+            chosen, weights = fast.moe(h)
+            return h, chosen, weights
         return self._feed_forward(h)
 
     def _feed_forward(self, h):
@@ -243,21 +246,52 @@ fused_decode = True
 
 def _decode_inputs(layer: TransformerBlock) -> tuple | None:
     """kernels.DecodeLayer's arguments for this layer: (kind, group, the attention weights' kernel parts,
-    the dense feed-forward's or None for MoE, the two norm weights); None unless all are in one format."""
+    the dense feed-forward's or None, the two norm weights, _moe_inputs or None); None unless the
+    attention and dense weights are all in one format."""
     a, ff = layer.attention, layer.feed_forward
-    mods = [a.wq, a.wk, a.wv, a.wo] + ([] if isinstance(ff, MoeFeedForward) else [ff.w1, ff.w2, ff.w3])
+    moe = isinstance(ff, MoeFeedForward)
+    mods = [a.wq, a.wk, a.wv, a.wo] + ([] if moe else [ff.w1, ff.w2, ff.w3])
     parts = [getattr(m, "kernel_parts", lambda: None)() for m in mods]
     if any(p is None for p in parts) or len({(p[0], p[2]) for p in parts}) != 1:
         return None
     tensors = [p[1] for p in parts]
     return parts[0][0], parts[0][2], tensors[:4], tensors[4:] or None, layer.attention_norm.weight, \
-        layer.ffn_norm.weight
+        layer.ffn_norm.weight, _moe_inputs(ff) if moe else None
+
+
+def _moe_inputs(moe: MoeFeedForward) -> tuple | None:
+    """kernels.DecodeMoe's arguments (kind, group, top_k, router weight, per expert the parts of w1, w2,
+    w3, whether w2 is transposed), or None: offloaded experts, or weights not all in one format."""
+    if type(moe) is not MoeFeedForward or not isinstance(moe.experts, nn.ModuleList):
+        return None
+    gate = getattr(moe.gate, "kernel_parts", lambda: None)()
+    if gate is None or gate[0] != "bf16":
+        return None
+    formats, experts, transposed = set(), [], set()
+    for ex in moe.experts:
+        w2 = getattr(ex.w2, "weight", None)
+        t = isinstance(ex.w2, Linear) and w2.dtype == torch.bfloat16 and w2.device.type == "cpu" \
+            and not w2.is_contiguous() and w2.t().is_contiguous()
+        parts = [m.kernel_parts() if hasattr(m, "kernel_parts") else None for m in (ex.w1, ex.w3)]
+        parts.insert(1, ("bf16", (w2,), 0) if t else getattr(ex.w2, "kernel_parts", lambda: None)())
+        if any(p is None for p in parts):
+            return None
+        formats |= {(p[0], p[2]) for p in parts}
+        transposed.add(t)
+        experts.append(tuple(p[1] for p in parts))
+    if len(formats) != 1 or len(transposed) != 1:
+        return None
+    (kind, group), = formats
+    return kind, group, moe.top_k, gate[1][0], experts, transposed.pop()
 
 
 def _tensors(inputs: tuple | None) -> list:
+    """The tensors decode_layers' fused layers were built from, to notice a replaced one."""
     if inputs is None:
         return [None]
-    return [t for parts in inputs[2] + (inputs[3] or []) for t in parts] + list(inputs[4:])
+    out = [t for parts in inputs[2] + (inputs[3] or []) for t in parts] + list(inputs[4:6])
+    moe = inputs[6]
+    return out + ([None] if moe is None else [moe[3]] + [t for ex in moe[4] for p in ex for t in p])
 
 
 @dataclass
@@ -296,10 +330,17 @@ class Transformer(nn.Module):
         if any(i is None for i in inputs):
             return None
         try:
-            return [k.DecodeLayer(kind, group, a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps, attn_norm, ffn_norm,
-                                  attn, ffn) for kind, group, attn, ffn, attn_norm, ffn_norm in inputs]
+            layers = [k.DecodeLayer(kind, group, a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps, attn_norm,
+                                    ffn_norm, attn, ffn) for kind, group, attn, ffn, attn_norm, ffn_norm, _ in inputs]
         except ValueError:  # shapes the C side does not take (tiny test models)
             return None
+        for layer, i in zip(layers, inputs, strict=True):
+            if (moe := i[6]) is not None:
+                try:
+                    layer.moe = k.DecodeMoe(moe[0], moe[1], moe[2], a.norm_eps, i[5], moe[3], moe[4], moe[5])
+                except ValueError:
+                    layer.moe = None
+        return layers
 
     # no_grad, not inference_mode: the cache may grow inside forward, and inference tensors could
     # not be updated in place afterwards (rewind, restore).

@@ -21,33 +21,44 @@ needs_kernels = pytest.mark.skipif(not kernels.available() or not kernels._get()
 SHAPES = {"dim": 128, "head_dim": 32, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 256, "sliding_window": 6}
 
 
-def decode_logits(engine: Engine, ids: list[int], fused: bool) -> tuple[torch.Tensor, object]:
-    """Logits of ids fed one at a time (every step a decode step), and the cache afterwards."""
+def decode_steps(engine: Engine, ids: list[int], fused: bool) -> tuple[list, object]:
+    """The outputs for ids fed one at a time (every step a decode step), and the cache afterwards."""
     saved = model_mod.fused_decode
     model_mod.fused_decode = fused
     try:
         cache = engine.new_cache(chunk_size=4)
-        rows = [engine.model(torch.tensor([t]), cache).logits for t in ids]
-        return torch.cat(rows), cache
+        return [engine.model(torch.tensor([t]), cache) for t in ids], cache
     finally:
         model_mod.fused_decode = saved
 
 
+def decode_logits(engine: Engine, ids: list[int], fused: bool) -> tuple[torch.Tensor, object]:
+    outs, cache = decode_steps(engine, ids, fused)
+    return torch.cat([o.logits for o in outs]), cache
+
+
 @needs_kernels
 @pytest.mark.parametrize("quant", [None, "int8", "int4-32"])
-@pytest.mark.parametrize("moe", [False, True])
-def test_fused_decode_equals_the_plain_path(make_release, quant, moe):
+@pytest.mark.parametrize("layout", ["dense", "experts", "torrent"])
+def test_fused_decode_equals_the_plain_path(make_release, quant, layout):
+    moe = layout != "dense"
     extra = {"moe": {"num_experts": 4, "num_experts_per_tok": 2}} if moe else {}
-    folder = make_release(tiny_args(**SHAPES, **extra), "experts" if moe else "dense")
+    folder = make_release(tiny_args(**SHAPES, **extra), layout)
     engine = Engine.load(folder, quant=quant, show_progress=False)
     ids = engine.tokenizer.encode("Once upon a time, in a land far away, there lived a fox who counted stars")
     assert len(ids) > 2 * SHAPES["sliding_window"] + 4  # the rolling buffer wraps more than once
 
-    fused, fused_cache = decode_logits(engine, ids, True)
+    fused_out, fused_cache = decode_steps(engine, ids, True)
     built = engine.model._decode_built[1]
     assert built is not None and len(built) == 2  # the fused step really ran
-    assert all(layer.has_ffn is not moe for layer in built)  # MoE layers keep their experts in Python
-    plain, plain_cache = decode_logits(engine, ids, False)
+    assert all(layer.has_ffn is not moe and (layer.moe is not None) is moe for layer in built)
+    plain_out, plain_cache = decode_steps(engine, ids, False)
+    fused, plain = (torch.cat([o.logits for o in outs]) for outs in (fused_out, plain_out))
+    if moe:  # the same experts, best first, with the same mixing weights
+        for name in ("experts", "expert_weights"):
+            f, p = (torch.cat([getattr(o, name) for o in outs]) for outs in (fused_out, plain_out))
+            assert f.dtype == p.dtype and f.shape == p.shape
+            assert torch.equal(f, p) if name == "experts" else torch.allclose(f, p, atol=1e-4)
 
     scale = plain.abs().max().item()
     assert torch.allclose(fused, plain, atol=2e-3 * scale), (fused - plain).abs().max().item()
@@ -122,3 +133,20 @@ def test_decode_layer_rejects_what_it_cannot_take():
                             [q8(96, 48), q8(48, 48), q8(48, 48), q8(48, 96)], None)
     with pytest.raises(ValueError, match="kind"):
         kernels.DecodeLayer("fp8", 0, 4, 2, hd, 1e-5, norm, norm, attn, None)
+
+
+@needs_kernels
+def test_offloaded_experts_keep_the_python_feed_forward(make_release):
+    args = tiny_args(**SHAPES, moe={"num_experts": 4, "num_experts_per_tok": 2})
+    folder = make_release(args, "experts")
+    tensors = [*Engine.load(folder, show_progress=False).model.named_parameters()]
+    resident = sum(t.nbytes for n, t in tensors if ".experts." not in n)
+    one = sum(t.nbytes for n, t in tensors if n.startswith("layers.0.feed_forward.experts.0."))
+    engine = Engine.load(folder, memory_budget=resident + 3.5 * one, show_progress=False)
+    assert engine.experts is not None
+    ids = engine.tokenizer.encode("Hello there, how are you")
+    fused, _ = decode_logits(engine, ids, True)
+    built = engine.model._decode_built[1]
+    assert built is not None and all(layer.moe is None for layer in built)  # attention fused, experts not
+    plain, _ = decode_logits(engine, ids, False)
+    assert torch.allclose(fused, plain, atol=2e-3 * plain.abs().max().item())

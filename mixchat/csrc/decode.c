@@ -28,6 +28,19 @@ typedef struct {
     const float *scale[7], *zero[7];
 } mc_layer;
 
+/* A Mixtral feed-forward (router and experts) for the fused step. w/scale/zero hold n_experts * 3 entries,
+ * expert e's w1, w2, w3 at 3e, 3e + 1, 3e + 2, all in one format (kind, group); with w2_transposed
+ * (bf16 torrent layout) every w2 is stored [hidden, dim]. The router is bf16 [n_experts, dim]. */
+typedef struct {
+    int32_t kind, group, n_experts, top_k, norm_bf16, w2_transposed;
+    int64_t dim, hidden;
+    float eps;
+    const void *ffn_norm;
+    const uint16_t *gate;
+    const void *const *w;
+    const float *const *scale, *const *zero;
+} mc_moe;
+
 /* Scratch for the vectors between the products: separate from mc_scratch, which one_pass uses for x. */
 static __thread void *tl_dbuf;
 static __thread size_t tl_dcap;
@@ -161,6 +174,19 @@ static void attend_head(const float *q, const void *kh, const void *vh, int hd, 
     }
 }
 
+/* gate[i] <- silu(gate[i]) * up[i] */
+static void silu_mul(float *gate, const float *up, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 sig = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f),
+                                                                     exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) gate[i] = gate[i] / (1.f + exp1(-gate[i])) * up[i];
+}
+
 static int layer_ok(const mc_layer *L)
 {
     if (L->kind < 0 || L->kind > 2 || L->n_heads < 1 || L->n_kv_heads < 1 || L->n_heads % L->n_kv_heads ||
@@ -259,22 +285,95 @@ MC_API int mc_decode_ffn(const mc_layer *L, float *h)
     float *const y13[2] = {gate, up};
     int rc = one_pass(L->kind, xn, 1, D, 2, w13, s13, z13, L->group, nf, y13);
     if (rc) return rc;
-    int64_t i = 0;
-    for (; i + 8 <= F; i += 8) {
-        __m256 g = _mm256_loadu_ps(gate + i);
-        __m256 sig = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f),
-                                                                     exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
-    }
-    for (; i < F; i++) gate[i] = gate[i] / (1.f + exp1(-gate[i])) * up[i];
+    silu_mul(gate, up, F);
     const int64_t nd = D;
     float *const yo[1] = {o};
     rc = products(L, gate, F, 5, 1, &nd, yo);
     if (rc) return rc;
-    for (i = 0; i < D; i++) h[i] += o[i];
+    for (int64_t i = 0; i < D; i++) h[i] += o[i];
     return 0;
 #else
     (void)L; (void)h;
+    return MC_EBADARG;
+#endif
+}
+
+#if MC_AVX2
+/* out[D] (zeroed by the caller) += weight * expert(xn), expert = w2(silu(w1 xn) * w3 xn). buf: 2F + D floats. */
+static int moe_expert(const mc_moe *M, int e, const float *xn, float weight, float *buf, float *out)
+{
+    const int64_t D = M->dim, F = M->hidden;
+    float *gate = buf, *up = gate + F, *o = up + F;
+    const void *w13[2] = {M->w[3 * e], M->w[3 * e + 2]};
+    const float *s13[2] = {M->scale[3 * e], M->scale[3 * e + 2]}, *z13[2] = {M->zero[3 * e], M->zero[3 * e + 2]};
+    const int64_t nf[2] = {F, F};
+    float *const y13[2] = {gate, up};
+    int rc = one_pass(M->kind, xn, 1, D, 2, w13, s13, z13, M->group, nf, y13);
+    if (rc) return rc;
+    silu_mul(gate, up, F);
+    if (M->w2_transposed) {
+        rc = mc_linear_bf16_t(gate, 1, F, (const uint16_t *)M->w[3 * e + 1], D, o);
+    } else {
+        float *const yo[1] = {o};
+        rc = one_pass(M->kind, gate, 1, F, 1, &M->w[3 * e + 1], &M->scale[3 * e + 1], &M->zero[3 * e + 1], M->group,
+                      &D, yo);
+    }
+    if (rc) return rc;
+    for (int64_t i = 0; i < D; i++) out[i] += o[i] * weight;
+    return 0;
+}
+#endif
+
+/* h[dim] += the MoE feed-forward of one token: rmsnorm, router, the top_k experts by router logit mixed by
+ * a softmax over those k logits (as model.MoeFeedForward). chosen[top_k] and weights[top_k] get the
+ * experts and their mixing weights, best first. */
+MC_API int mc_decode_moe(const mc_moe *M, float *h, int64_t *chosen, float *weights)
+{
+#if MC_AVX2
+    if (M->kind < 0 || M->kind > 2 || M->n_experts < 1 || M->n_experts > 256 || M->top_k < 1 ||
+        M->top_k > M->n_experts || M->dim < 1 || M->hidden < 1 || (M->w2_transposed && M->kind != 0))
+        return MC_EBADARG;
+    if ((M->kind == 1 && (M->dim % 32 || M->hidden % 32)) ||
+        (M->kind == 2 && (!int4_args_ok(1, M->dim, 1, M->group) || !int4_args_ok(1, M->hidden, 1, M->group))))
+        return MC_EBADARG;
+    const int64_t D = M->dim, F = M->hidden;
+    const int E = M->n_experts, k = M->top_k;
+    float *buf = mc_decode_scratch((size_t)(2 * D + 2 * F + D + E));
+    if (!buf) return MC_ENOMEM;
+    float *xn = buf, *out = xn + D, *ebuf = out + D, *logits = ebuf + 2 * F + D;
+    rms_norm(h, M->ffn_norm, M->norm_bf16, D, M->eps, xn);
+    const void *gw = M->gate;
+    const int64_t ne = E;
+    float *const yl[1] = {logits};
+    int rc = one_pass(0, xn, 1, D, 1, &gw, NULL, NULL, 0, &ne, yl);
+    if (rc) return rc;
+    /* top k, best first (the lower index wins a tie), then a softmax over their logits */
+    uint8_t taken[256] = {0};
+    float top[256];
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || logits[e] > logits[best])) best = e;
+        taken[best] = 1;
+        chosen[j] = best;
+        top[j] = logits[best];
+    }
+    float sum = 0.f;
+    for (int j = 0; j < k; j++) sum += (weights[j] = exp1(top[j] - top[0]));
+    for (int j = 0; j < k; j++) weights[j] /= sum;
+    /* experts in ascending id, as MoeFeedForward adds them */
+    for (int64_t i = 0; i < D; i++) out[i] = 0.f;
+    for (int e = 0; e < E; e++) {
+        if (!taken[e]) continue;
+        int j = 0;
+        while (chosen[j] != e) j++;
+        rc = moe_expert(M, e, xn, weights[j], ebuf, out);
+        if (rc) return rc;
+    }
+    for (int64_t i = 0; i < D; i++) h[i] += out[i];
+    return 0;
+#else
+    (void)M; (void)h; (void)chosen; (void)weights;
     return MC_EBADARG;
 #endif
 }
