@@ -384,11 +384,17 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return ((g - 8) * scale[..., None] + zero[..., None]).view(n, k)
 
 
-def quantize_x_q8(x: torch.Tensor) -> torch.Tensor:
+def q8_block(group: int) -> int:
+    """Columns of x per int8 scale in linear_int4's default path: a whole group for groups of 128 (the
+    kernel then adds a group's integer products before converting them), 32 otherwise."""
+    return 128 if group == 128 else 32
+
+
+def quantize_x_q8(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """What linear_int4's default path does to x, in torch: round x [T, K] (K % 32 == 0) to int8 in blocks
     of 32 with scale max|x| / 127, and return the dequantised fp32 values (for references and error checks)."""
     t, k = x.shape
-    b = x.float().reshape(t, k // 32, 32)
+    b = x.float().reshape(t, k // block, block)
     # Same arithmetic as the C side: v = rint(x * (127 / amax)), clamped to +-127, then v * (amax / 127).
     amax = b.abs().amax(dim=-1, keepdim=True)
     d = amax / 127
@@ -405,9 +411,10 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
 
     packed uint8 [N, K/2] (see pack_int4), scale and zero float32 [N, K/G]; K % 64 == 0, group in 32/64/128.
 
-    By default x is rounded to int8 in blocks of 32 (one fp32 scale per block, llama.cpp's Q8_0) so the
-    dot products run as integer multiply-adds: unpacking nibbles to fp32 costs more ALU time than half a
-    byte per weight of memory traffic leaves, so the exact path is compute-bound (most of all at T > 1).
+    By default x is rounded to int8 in blocks of 32 (one fp32 scale per block, llama.cpp's Q8_0; for
+    groups of 128 one scale per group, see q8_block) so the dot products run as integer multiply-adds:
+    unpacking nibbles to fp32 costs more ALU time than half a byte per weight of memory traffic leaves,
+    so the exact path is compute-bound (most of all at T > 1).
     The rounding moves each x by at most 1/254 of its block's largest |x|; measured on y, about 0.5%
     relative error (1.3% with 50x outlier channels), about 3x what rounding x to bf16 costs (torch's int4
     kernel does that) and a tenth of the 8-10% error of rounding the weights to 4 bits in the first place.
@@ -424,7 +431,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     x2 = _rows(x, k)
     lib = _get()
     if lib is None or x2.shape[0] == 0:
-        xr = quantize_x_q8(x2) if _rounds_x(exact, x2.shape[0], k, "int4") else x2
+        xr = quantize_x_q8(x2, q8_block(group)) if _rounds_x(exact, x2.shape[0], k, "int4") else x2
         return _shaped(F.linear(xr, dequantize_int4(packed, scale, zero, group)), x)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     _call(lib, "mc_linear_int4" if exact else "mc_linear_int4_q8", _ptr(x2), x2.shape[0], k, _ptr(packed),
@@ -533,7 +540,7 @@ def _self_check(lib: ctypes.CDLL) -> None:
                     sc = torch.rand(n, k // g, generator=gen) + 0.1
                     zp = torch.randn(n, k // g, generator=gen)
                     w4 = dequantize_int4(packed, sc, zp, g)
-                    for fn, xr in (("mc_linear_int4", x), ("mc_linear_int4_q8", quantize_x_q8(x))):
+                    for fn, xr in (("mc_linear_int4", x), ("mc_linear_int4_q8", quantize_x_q8(x, q8_block(g)))):
                         if getattr(lib, fn)(_ptr(x), t, k, _ptr(packed), _ptr(sc), _ptr(zp), g, n, _ptr(y)) != 0:
                             raise KernelError(f"self-check failed: {fn} refused valid arguments")
                         _close(f"{fn} T={t} N={n} K={k} G={g}", y, xr @ w4.T, k * 8)

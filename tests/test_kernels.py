@@ -141,7 +141,8 @@ def test_gemm_matches_torch(n, k, extra, gemm_rows):
             packed, sc, zp, w4 = int4_case(n, k, group, seed=t)
             assert_matches(kernels.linear_int4(x, packed, sc, zp, group, exact=True), x, w4)  # the GEMM
             # by default int4 rounds x to Q8 for any row count: its 8-row integer kernel beats the GEMM
-            assert_matches(kernels.linear_int4(x, packed, sc, zp, group), kernels.quantize_x_q8(x), w4)
+            xq = kernels.quantize_x_q8(x, kernels.q8_block(group))
+            assert_matches(kernels.linear_int4(x, packed, sc, zp, group), xq, w4)
 
 
 @needs_kernels
@@ -198,11 +199,12 @@ def test_int4_exact_matches_torch(n, k, group, t):
                                        (300, 4096, 64), (16, 14336, 128)])
 @pytest.mark.parametrize("t", ROWS)
 def test_int4_q8_is_exact_for_the_rounded_x(n, k, group, t):
-    # The default path rounds x to int8 per 32 columns; given that rounding, the rest is exact fp32.
+    # The default path rounds x to int8 per 32 columns (per group of 128); given that, the rest is exact fp32.
     packed, scale, zero, w = int4_case(n, k, group, seed=n + k + t)
     x = torch.randn(t, k, generator=gen(t))
     x[:, ::97] *= 30  # outliers: the per-block scales must follow them
-    assert_matches(kernels.linear_int4(x, packed, scale, zero, group), kernels.quantize_x_q8(x), w)
+    xq = kernels.quantize_x_q8(x, kernels.q8_block(group))
+    assert_matches(kernels.linear_int4(x, packed, scale, zero, group), xq, w)
 
 
 @needs_kernels
