@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mixchat.model import MoeFeedForward
+from mixchat.model import MoeFeedForward, expert_parts
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -115,6 +115,11 @@ class ExpertCache:
                 self._unused_prefetch.add(key)
                 self.stats.prefetched += 1
 
+    def peek(self) -> nn.Module | None:
+        """Any loaded expert (to learn the experts' format), without counting a hit or touching the LRU."""
+        with self._lock:
+            return next(iter(self._lru.values()), None)
+
     def resident(self) -> list[Key]:
         with self._lock:
             return list(self._lru)
@@ -153,6 +158,18 @@ class OffloadedMoe(MoeFeedForward):
             guess = torch.topk(self.next_gate(x[-1:]), self.top_k, dim=-1).indices[0].tolist()
             self.experts.cache.prefetch(self.experts.layer + 1, guess)
         return super().forward(x)
+
+    def decode_fetch(self, xn: torch.Tensor, chosen: list[int]) -> list[tuple]:
+        """For the compiled one-token step (kernels.DecodeMoe): predict and prefetch the next layer's experts
+        from the normed input xn, as forward() does, then model.expert_parts of the chosen experts."""
+        if self.next_gate is not None:
+            guess = torch.topk(self.next_gate(xn), self.top_k, dim=-1).indices[0].tolist()
+            self.experts.cache.prefetch(self.experts.layer + 1, guess)
+        # asked for in ascending id, as forward() asks for them
+        parts = {e: expert_parts(self.experts[e]) for e in sorted(chosen)}
+        if any(p is None for p in parts.values()):
+            raise ValueError("an expert loaded on demand is in a format the kernels do not take")
+        return [parts[e] for e in chosen]
 
 
 def offload(model: nn.Module, load: Callable[[int, int], nn.Module], expert_bytes: int, capacity: int,

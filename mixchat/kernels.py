@@ -158,7 +158,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.mc_linear_multi.argtypes = [i32, vp, i32, i64, i32, vp, vp, vp, i32, vp, vp]
     lib.mc_decode_attention.argtypes = [vp, vp, vp, vp, vp, i32, i64, i64, i64, vp]
     lib.mc_decode_ffn.argtypes = [vp, vp]
-    lib.mc_decode_moe.argtypes = [vp, vp, vp, vp]
+    lib.mc_decode_moe.argtypes = [vp, vp, vp, vp, vp, i32]
     for name in ("mc_linear_bf16", "mc_linear_bf16_t", "mc_linear_int8", "mc_linear_int8_q8", "mc_linear_int4",
                  "mc_linear_int4_q8", "mc_linear_multi", "mc_decode_attention", "mc_decode_ffn",
                  "mc_decode_moe"):
@@ -694,56 +694,103 @@ class DecodeMoe:
     """A Mixtral feed-forward as csrc/decode.c takes it: for one decoded token, norm, router, top-k and the
     chosen experts in one call. gate: the bf16 router [n_experts, dim]; experts: per expert the kernel parts
     of w1, w2, w3 (see linear_many), all in one format; w2_transposed: every w2 is the [dim, hidden] view of
-    a contiguous bf16 [hidden, dim] tensor (the torrent layout). Raises ValueError for anything the C side
-    does not take."""
+    a contiguous bf16 [hidden, dim] tensor (the torrent layout). Experts loaded on demand: kind None and
+    every expert None; they come through __call__'s fetch, the first of them setting the format. Raises
+    ValueError for anything the C side does not take."""
 
-    def __init__(self, kind: str, group: int, top_k: int, eps: float, ffn_norm: torch.Tensor, gate: torch.Tensor,
-                 experts: list[tuple[tuple[torch.Tensor, ...], ...]], w2_transposed: bool = False) -> None:
+    def __init__(self, kind: str | None, group: int, top_k: int, eps: float, ffn_norm: torch.Tensor,
+                 gate: torch.Tensor, experts: list[tuple[tuple[torch.Tensor, ...], ...] | None],
+                 w2_transposed: bool = False) -> None:
         lib = _get()
         if lib is None or not lib.mc_simd():
             raise ValueError("the compiled kernels are not available")
-        if kind not in _MULTI_KINDS or (w2_transposed and kind != "bf16"):
-            raise ValueError(f"kind must be one of {sorted(_MULTI_KINDS)} (bf16 for a transposed w2), not {kind!r}")
         _check_weight(gate, "gate", torch.bfloat16)
         n_experts, dim = gate.shape
         if len(experts) != n_experts or not 1 <= top_k <= n_experts or n_experts > 256:
             raise ValueError(f"{len(experts)} experts for a router of {n_experts}, top {top_k}")
         if ffn_norm.dtype not in _CACHE_DTYPES or not ffn_norm.is_contiguous() or tuple(ffn_norm.shape) != (dim,):
             raise ValueError("the norm weight must be a contiguous bf16 or fp32 [dim] tensor")
-        hidden = experts[0][0][0].shape[0]
-        wide = 2 if kind == "int4" else 1
-        dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[kind]
-        for w1, w2, w3 in experts:
-            for i, (p, (n, k)) in enumerate(zip((w1, w2, w3), ((hidden, dim), (dim, hidden), (hidden, dim)),
-                                                 strict=True)):
-                # a transposed w2 comes as the model holds it: the [dim, hidden] view of a [hidden, dim] tensor
-                _check_weight(p[0].t() if i == 1 and w2_transposed else p[0], "w", dtype)
-                if tuple(p[0].shape) != (n, k // wide):
-                    raise ValueError(f"expert weight of shape {list(p[0].shape)} where {[n, k // wide]} is needed")
-                for t in p[1:]:
-                    _check_weight(t, "scale", torch.float32, dim=t.dim())
+        self._dims = (dim, 0)
+        self._kind: str | None = None
+        arr = ctypes.c_void_p * (3 * n_experts)
+        self._w, self._scale, self._zero = arr(), arr(), arr()
+        self._experts: list = [None] * n_experts  # the C side holds their pointers: keep them alive
+        self._keep = (gate, ffn_norm)
+        s = _MoeStruct(n_experts=n_experts, top_k=top_k, norm_bf16=_CACHE_DTYPES[ffn_norm.dtype], dim=dim, eps=eps,
+                       ffn_norm=ffn_norm.data_ptr(), gate=gate.data_ptr(), w=ctypes.addressof(self._w),
+                       scale=ctypes.addressof(self._scale), zero=ctypes.addressof(self._zero))
+        self._struct, self._ref, self._lib, self.top_k = s, ctypes.byref(s), lib, top_k
+        if kind is not None:
+            known = [ex for ex in experts if ex is not None]
+            if len(known) != n_experts:
+                raise ValueError("resident experts must all be given")
+            self._configure((kind, group, w2_transposed), known[0])
+            for e, ex in enumerate(known):
+                self._check_expert(ex)
+                self._set(e, ex)
+
+    def _configure(self, fmt: tuple[str, int, bool], ex: tuple[tuple[torch.Tensor, ...], ...]) -> None:
+        """Set the experts' format from (kind, group, w2 transposed) and one expert's parts."""
+        kind, group, transposed = fmt
+        if kind not in _MULTI_KINDS or (transposed and kind != "bf16"):
+            raise ValueError(f"kind must be one of {sorted(_MULTI_KINDS)} (bf16 for a transposed w2), not {kind!r}")
+        dim, hidden = self._dims[0], ex[0][0].shape[0]
         for k in (dim, hidden):
             if kind == "int4":
                 _check_int4_k(k, group)
             elif kind == "int8" and k % 32:
                 raise ValueError(f"int8 decode needs K % 32 == 0 (K={k})")
-        flat = [p for expert in experts for p in expert]
-        arr = ctypes.c_void_p * len(flat)
-        self._w = arr(*(p[0].data_ptr() for p in flat))
-        self._scale = arr(*(p[1].data_ptr() if len(p) > 1 else None for p in flat))
-        self._zero = arr(*(p[2].data_ptr() if len(p) > 2 else None for p in flat))
-        self._keep = (experts, gate, ffn_norm)  # the C side holds their pointers
-        s = _MoeStruct(kind=_MULTI_KINDS[kind], group=group, n_experts=n_experts, top_k=top_k,
-                       norm_bf16=_CACHE_DTYPES[ffn_norm.dtype], w2_transposed=int(w2_transposed), dim=dim,
-                       hidden=hidden, eps=eps, ffn_norm=ffn_norm.data_ptr(), gate=gate.data_ptr(),
-                       w=ctypes.addressof(self._w), scale=ctypes.addressof(self._scale),
-                       zero=ctypes.addressof(self._zero))
-        self._struct, self._ref, self._lib, self.top_k = s, ctypes.byref(s), lib, top_k
+        self._kind, self._transposed, self._dims = kind, transposed, (dim, hidden)
+        st = self._struct
+        st.kind, st.group, st.w2_transposed, st.hidden = _MULTI_KINDS[kind], group, int(transposed), hidden
+        self._fmt = fmt
 
-    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_expert(self, ex: tuple[tuple[torch.Tensor, ...], ...]) -> None:
+        dim, hidden = self._dims
+        wide = 2 if self._kind == "int4" else 1
+        dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[self._kind]
+        for i, (p, (n, k)) in enumerate(zip(ex, ((hidden, dim), (dim, hidden), (hidden, dim)), strict=True)):
+            # a transposed w2 comes as the model holds it: the [dim, hidden] view of a [hidden, dim] tensor
+            _check_weight(p[0].t() if i == 1 and self._transposed else p[0], "w", dtype)
+            if tuple(p[0].shape) != (n, k // wide):
+                raise ValueError(f"expert weight of shape {list(p[0].shape)} where {[n, k // wide]} is needed")
+            for t in p[1:]:
+                _check_weight(t, "scale", torch.float32, dim=t.dim())
+
+    def _set(self, e: int, ex: tuple[tuple[torch.Tensor, ...], ...]) -> None:
+        for i, p in enumerate(ex):
+            self._w[3 * e + i] = p[0].data_ptr()
+            self._scale[3 * e + i] = p[1].data_ptr() if len(p) > 1 else None
+            self._zero[3 * e + i] = p[2].data_ptr() if len(p) > 2 else None
+        self._experts[e] = ex
+
+    def __call__(self, h: torch.Tensor, fetch=None) -> tuple[torch.Tensor, torch.Tensor]:
         """h (fp32 [1, dim], contiguous) += the MoE feed-forward; returns the chosen experts (int64 [1, top_k],
-        best first) and their mixing weights (fp32 [1, top_k]), as MoeFeedForward does."""
+        best first) and their mixing weights (fp32 [1, top_k]), as MoeFeedForward does.
+
+        fetch(xn, chosen) -> per chosen expert ((kind, group, w2 transposed), the parts of w1, w2, w3): for
+        experts loaded on demand, called between routing and the experts (xn: the normed input, fp32 [1, dim],
+        for predicting the next layer). The first fetched expert sets the format when kind was None."""
         chosen = torch.empty(1, self.top_k, dtype=torch.int64)
         weights = torch.empty(1, self.top_k, dtype=torch.float32)
-        _call(self._lib, "mc_decode_moe", self._ref, h.data_ptr(), chosen.data_ptr(), weights.data_ptr())
+        xn = torch.empty(1, self._dims[0], dtype=torch.float32)
+        args = (self._ref, h.data_ptr(), xn.data_ptr(), chosen.data_ptr(), weights.data_ptr())
+        if fetch is None:
+            _call(self._lib, "mc_decode_moe", *args, 3)
+            return chosen, weights
+        _call(self._lib, "mc_decode_moe", *args, 1)
+        ids = chosen[0].tolist()
+        for e, (fmt, ex) in zip(ids, fetch(xn, ids), strict=True):
+            if self._kind is None:
+                self._configure(fmt, ex)
+            elif fmt != self._fmt:
+                raise ValueError(f"an expert in format {fmt}, the others in {self._fmt}")
+            self._check_expert(ex)
+            self._set(e, ex)
+        try:
+            _call(self._lib, "mc_decode_moe", *args, 2)
+        finally:  # hold no expert past the call: the on-demand cache must be able to free it
+            for e in ids:
+                self._w[3 * e: 3 * e + 3] = [None] * 3
+                self._experts[e] = None
         return chosen, weights

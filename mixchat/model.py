@@ -228,7 +228,7 @@ class TransformerBlock(nn.Module):
             fast.ffn(h)
             return h, None, None
         if fast.moe is not None:
-            chosen, weights = fast.moe(h)
+            chosen, weights = fast.moe(h, getattr(self.feed_forward, "decode_fetch", None))
             return h, chosen, weights
         return self._feed_forward(h)
 
@@ -259,30 +259,35 @@ def _decode_inputs(layer: TransformerBlock) -> tuple | None:
         layer.ffn_norm.weight, _moe_inputs(ff) if moe else None
 
 
-def _moe_inputs(moe: MoeFeedForward) -> tuple | None:
-    """kernels.DecodeMoe's arguments (kind, group, top_k, router weight, per expert the parts of w1, w2,
-    w3, whether w2 is transposed), or None: offloaded experts, or weights not all in one format."""
-    if type(moe) is not MoeFeedForward or not isinstance(moe.experts, nn.ModuleList):
+def expert_parts(ex: nn.Module) -> tuple[tuple[str, int, bool], tuple] | None:
+    """((kind, group, w2 transposed), the kernel parts of w1, w2, w3) of one expert, or None where the
+    kernels do not take it. A bf16 torrent-layout w2 (a transposed view) is given as the model holds it."""
+    w2 = getattr(ex.w2, "weight", None)
+    t = isinstance(ex.w2, Linear) and w2.dtype == torch.bfloat16 and w2.device.type == "cpu" \
+        and not w2.is_contiguous() and w2.t().is_contiguous()
+    parts = [getattr(m, "kernel_parts", lambda: None)() for m in (ex.w1, ex.w3)]
+    parts.insert(1, ("bf16", (w2,), 0) if t else getattr(ex.w2, "kernel_parts", lambda: None)())
+    if any(p is None for p in parts) or len({(p[0], p[2]) for p in parts}) != 1:
         return None
+    return (parts[0][0], parts[0][2], t), tuple(p[1] for p in parts)
+
+
+def _moe_inputs(moe: MoeFeedForward) -> tuple | str | None:
+    """kernels.DecodeMoe's arguments (kind, group, top_k, router weight, per expert the parts of w1, w2,
+    w3, whether w2 is transposed), or None where the kernels do not take this layer. Experts loaded on demand
+    are None, and so is the kind: DecodeMoe learns it from the first expert it fetches."""
     gate = getattr(moe.gate, "kernel_parts", lambda: None)()
     if gate is None or gate[0] != "bf16":
         return None
-    formats, experts, transposed = set(), [], set()
-    for ex in moe.experts:
-        w2 = getattr(ex.w2, "weight", None)
-        t = isinstance(ex.w2, Linear) and w2.dtype == torch.bfloat16 and w2.device.type == "cpu" \
-            and not w2.is_contiguous() and w2.t().is_contiguous()
-        parts = [m.kernel_parts() if hasattr(m, "kernel_parts") else None for m in (ex.w1, ex.w3)]
-        parts.insert(1, ("bf16", (w2,), 0) if t else getattr(ex.w2, "kernel_parts", lambda: None)())
-        if any(p is None for p in parts):
+    if not isinstance(moe.experts, nn.ModuleList):  # on demand: the format comes with the first fetched expert
+        if not hasattr(moe, "decode_fetch"):
             return None
-        formats |= {(p[0], p[2]) for p in parts}
-        transposed.add(t)
-        experts.append(tuple(p[1] for p in parts))
-    if len(formats) != 1 or len(transposed) != 1:
+        return None, 0, moe.top_k, gate[1][0], [None] * len(moe.experts), False
+    found = [expert_parts(ex) for ex in moe.experts]
+    if any(f is None for f in found) or len({f[0] for f in found}) != 1:
         return None
-    (kind, group), = formats
-    return kind, group, moe.top_k, gate[1][0], experts, transposed.pop()
+    (kind, group, transposed), experts = found[0][0], [f[1] for f in found]
+    return kind, group, moe.top_k, gate[1][0], experts, transposed
 
 
 def _tensors(inputs: tuple | None) -> list:
@@ -291,7 +296,9 @@ def _tensors(inputs: tuple | None) -> list:
         return [None]
     out = [t for parts in inputs[2] + (inputs[3] or []) for t in parts] + list(inputs[4:6])
     moe = inputs[6]
-    return out + ([None] if moe is None else [moe[3]] + [t for ex in moe[4] for p in ex for t in p])
+    if moe is None:
+        return out + [None]
+    return out + [moe[3]] + [t for ex in moe[4] if ex is not None for p in ex for t in p]
 
 
 @dataclass
@@ -337,7 +344,7 @@ class Transformer(nn.Module):
         for layer, i in zip(layers, inputs, strict=True):
             if (moe := i[6]) is not None:
                 try:
-                    layer.moe = k.DecodeMoe(moe[0], moe[1], moe[2], a.norm_eps, i[5], moe[3], moe[4], moe[5])
+                    layer.moe = k.DecodeMoe(*moe[:3], a.norm_eps, i[5], *moe[3:])
                 except ValueError:
                     layer.moe = None
         return layers

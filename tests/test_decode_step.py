@@ -136,7 +136,7 @@ def test_decode_layer_rejects_what_it_cannot_take():
 
 
 @needs_kernels
-def test_offloaded_experts_keep_the_python_feed_forward(make_release):
+def test_offloaded_experts_go_through_the_same_compiled_step(make_release):
     args = tiny_args(**SHAPES, moe={"num_experts": 4, "num_experts_per_tok": 2})
     folder = make_release(args, "experts")
     tensors = [*Engine.load(folder, show_progress=False).model.named_parameters()]
@@ -147,6 +147,12 @@ def test_offloaded_experts_keep_the_python_feed_forward(make_release):
     ids = engine.tokenizer.encode("Hello there, how are you")
     fused, _ = decode_logits(engine, ids, True)
     built = engine.model._decode_built[1]
-    assert built is not None and all(layer.moe is None for layer in built)  # attention fused, experts not
+    # experts fetched from the cache between routing and the experts, by the same compiled step
+    assert built is not None and all(layer.moe is not None for layer in built)
+    assert all(e is None for layer in built for e in layer.moe._experts)  # no expert held past a step
     plain, _ = decode_logits(engine, ids, False)
     assert torch.allclose(fused, plain, atol=2e-3 * plain.abs().max().item())
+    # ... so a budget changes nothing: the same logits, bit for bit, as with every expert resident
+    resident, _ = decode_logits(Engine.load(folder, show_progress=False), ids, True)
+    assert torch.equal(fused, resident)
+    assert engine.experts.stats.hits + engine.experts.stats.misses > 0

@@ -324,44 +324,59 @@ static int moe_expert(const mc_moe *M, int e, const float *xn, float weight, flo
 }
 #endif
 
-/* h[dim] += the MoE feed-forward of one token: rmsnorm, router, the top_k experts by router logit mixed by
- * a softmax over those k logits (as model.MoeFeedForward). chosen[top_k] and weights[top_k] get the
- * experts and their mixing weights, best first. */
-MC_API int mc_decode_moe(const mc_moe *M, float *h, int64_t *chosen, float *weights)
+/* The MoE feed-forward of one token, in two phases so that a caller whose experts are loaded on demand
+ * can fetch the chosen ones in between (phase 1 | 2 does both):
+ *   phase 1: xn[dim] = rmsnorm(h) * ffn_norm; router; the top_k experts by router logit into chosen[top_k],
+ *            best first (the lower index wins a tie), and a softmax over their logits into weights[top_k];
+ *   phase 2: h[dim] += sum over the chosen experts, in ascending id as model.MoeFeedForward adds them, of
+ *            weight * w2(silu(w1 xn) * w3 xn). Only the chosen experts' pointers need to be set. */
+MC_API int mc_decode_moe(const mc_moe *M, float *h, float *xn, int64_t *chosen, float *weights, int phase)
 {
 #if MC_AVX2
-    if (M->kind < 0 || M->kind > 2 || M->n_experts < 1 || M->n_experts > 256 || M->top_k < 1 ||
-        M->top_k > M->n_experts || M->dim < 1 || M->hidden < 1 || (M->w2_transposed && M->kind != 0))
+    if (M->n_experts < 1 || M->n_experts > 256 || M->top_k < 1 || M->top_k > M->n_experts || M->dim < 1)
         return MC_EBADARG;
-    if ((M->kind == 1 && (M->dim % 32 || M->hidden % 32)) ||
-        (M->kind == 2 && (!int4_args_ok(1, M->dim, 1, M->group) || !int4_args_ok(1, M->hidden, 1, M->group))))
+    /* the experts' format matters from phase 2 on (routing needs only the router) */
+    if ((phase & 2) && (M->kind < 0 || M->kind > 2 || M->hidden < 1 || (M->w2_transposed && M->kind != 0) ||
+                        (M->kind == 1 && (M->dim % 32 || M->hidden % 32)) ||
+                        (M->kind == 2 && (!int4_args_ok(1, M->dim, 1, M->group) ||
+                                          !int4_args_ok(1, M->hidden, 1, M->group)))))
         return MC_EBADARG;
     const int64_t D = M->dim, F = M->hidden;
     const int E = M->n_experts, k = M->top_k;
-    float *buf = mc_decode_scratch((size_t)(2 * D + 2 * F + D + E));
+    if (phase < 1 || phase > 3) return MC_EBADARG;
+    float *buf = mc_decode_scratch((size_t)(D + 2 * F + D + E));
     if (!buf) return MC_ENOMEM;
-    float *xn = buf, *out = xn + D, *ebuf = out + D, *logits = ebuf + 2 * F + D;
-    rms_norm(h, M->ffn_norm, M->norm_bf16, D, M->eps, xn);
-    const void *gw = M->gate;
-    const int64_t ne = E;
-    float *const yl[1] = {logits};
-    int rc = one_pass(0, xn, 1, D, 1, &gw, NULL, NULL, 0, &ne, yl);
-    if (rc) return rc;
-    /* top k, best first (the lower index wins a tie), then a softmax over their logits */
-    uint8_t taken[256] = {0};
-    float top[256];
-    for (int j = 0; j < k; j++) {
-        int best = -1;
-        for (int e = 0; e < E; e++)
-            if (!taken[e] && (best < 0 || logits[e] > logits[best])) best = e;
-        taken[best] = 1;
-        chosen[j] = best;
-        top[j] = logits[best];
+    float *out = buf, *ebuf = out + D, *logits = ebuf + 2 * F + D;
+    int rc;
+    if (phase & 1) {
+        rms_norm(h, M->ffn_norm, M->norm_bf16, D, M->eps, xn);
+        const void *gw = M->gate;
+        const int64_t ne = E;
+        float *const yl[1] = {logits};
+        rc = one_pass(0, xn, 1, D, 1, &gw, NULL, NULL, 0, &ne, yl);
+        if (rc) return rc;
+        uint8_t taken[256] = {0};
+        float top[256];
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++)
+                if (!taken[e] && (best < 0 || logits[e] > logits[best])) best = e;
+            taken[best] = 1;
+            chosen[j] = best;
+            top[j] = logits[best];
+        }
+        float sum = 0.f;
+        for (int j = 0; j < k; j++) sum += (weights[j] = exp1(top[j] - top[0]));
+        for (int j = 0; j < k; j++) weights[j] /= sum;
     }
-    float sum = 0.f;
-    for (int j = 0; j < k; j++) sum += (weights[j] = exp1(top[j] - top[0]));
-    for (int j = 0; j < k; j++) weights[j] /= sum;
-    /* experts in ascending id, as MoeFeedForward adds them */
+    if (!(phase & 2)) return 0;
+    uint8_t taken[256] = {0};
+    for (int j = 0; j < k; j++) {
+        if (chosen[j] < 0 || chosen[j] >= E || !M->w[3 * chosen[j]] || !M->w[3 * chosen[j] + 1] ||
+            !M->w[3 * chosen[j] + 2])
+            return MC_EBADARG;
+        taken[chosen[j]] = 1;
+    }
     for (int64_t i = 0; i < D; i++) out[i] = 0.f;
     for (int e = 0; e < E; e++) {
         if (!taken[e]) continue;
@@ -373,7 +388,7 @@ MC_API int mc_decode_moe(const mc_moe *M, float *h, int64_t *chosen, float *weig
     for (int64_t i = 0; i < D; i++) h[i] += out[i];
     return 0;
 #else
-    (void)M; (void)h; (void)chosen; (void)weights;
+    (void)M; (void)h; (void)xn; (void)chosen; (void)weights; (void)phase;
     return MC_EBADARG;
 #endif
 }
