@@ -601,6 +601,35 @@ class _LayerStruct(ctypes.Structure):
 _CACHE_DTYPES = {torch.bfloat16: 1, torch.float32: 0}  # KV cache and norm weights: the "is bf16" flag
 
 
+def _simd_lib() -> ctypes.CDLL:
+    lib = _get()
+    if lib is None or not lib.mc_simd():
+        raise ValueError("the compiled kernels are not available")
+    return lib
+
+
+def _check_decode_k(kind: str, k: int, group: int) -> None:
+    """What the one-pass kernels need of K for a weight in `kind` (decode.c's layer_ok and mc_decode_moe)."""
+    if kind == "int4":
+        _check_int4_k(k, group)
+    elif kind == "int8" and k % 32:
+        raise ValueError(f"int8 decode needs K % 32 == 0 (K={k})")
+
+
+def _check_parts(kind: str, parts: list[tuple[torch.Tensor, ...]], shapes: list[tuple[int, int]],
+                 transposed: int | None = None) -> None:
+    """Kernel parts (see linear_many) in `kind` for weights of logical shapes [N, K]; parts[transposed], if
+    given, is the [N, K] view of a contiguous bf16 [K, N] tensor (the torrent layout's w2)."""
+    wide = 2 if kind == "int4" else 1
+    dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[kind]
+    for i, (p, (n, k)) in enumerate(zip(parts, shapes, strict=True)):
+        _check_weight(p[0].t() if i == transposed else p[0], "w", dtype)
+        if tuple(p[0].shape) != (n, k // wide):
+            raise ValueError(f"weight of shape {list(p[0].shape)} where the layer needs {[n, k // wide]}")
+        for t in p[1:]:
+            _check_weight(t, "scale", torch.float32, dim=t.dim())
+
+
 class DecodeLayer:
     """A transformer layer as csrc/decode.c takes it: for one decoded token, the attention block and the
     dense feed-forward are one call each (norm, products, rotary, cache write, attention, activation and
@@ -614,28 +643,17 @@ class DecodeLayer:
     def __init__(self, kind: str, group: int, n_heads: int, n_kv_heads: int, head_dim: int, eps: float,
                  attn_norm: torch.Tensor, ffn_norm: torch.Tensor, attn: list[tuple[torch.Tensor, ...]],
                  ffn: list[tuple[torch.Tensor, ...]] | None) -> None:
-        lib = _get()
-        if lib is None or not lib.mc_simd():
-            raise ValueError("the compiled kernels are not available")
+        lib = _simd_lib()
         if kind not in _MULTI_KINDS:
             raise ValueError(f"kind must be one of {sorted(_MULTI_KINDS)}, not {kind!r}")
         dim, qd, kvd = attn_norm.shape[0], n_heads * head_dim, n_kv_heads * head_dim
         parts = attn + (ffn or [])
         hidden = ffn[0][0].shape[0] if ffn else 0
-        wide = 2 if kind == "int4" else 1
         want = [(qd, dim), (kvd, dim), (kvd, dim), (dim, qd)] + ([(hidden, dim), (dim, hidden), (hidden, dim)] if ffn
                                                                  else [])
-        dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[kind]
-        for p, (n, k) in zip(parts, want, strict=True):
-            _check_weight(p[0], "w", dtype)
-            if kind == "int4":
-                _check_int4_k(k, group)
-            elif kind == "int8" and k % 32:
-                raise ValueError(f"int8 decode needs K % 32 == 0 (K={k})")
-            if tuple(p[0].shape) != (n, k // wide):
-                raise ValueError(f"weight of shape {list(p[0].shape)} where the layer needs {[n, k // wide]}")
-            for t in p[1:]:
-                _check_weight(t, "scale", torch.float32, dim=t.dim())
+        for _, k in want:
+            _check_decode_k(kind, k, group)
+        _check_parts(kind, parts, want)
         norms = (attn_norm, ffn_norm)
         if any(w.dtype != attn_norm.dtype or w.dtype not in _CACHE_DTYPES or not w.is_contiguous() or not w.is_cpu
                or tuple(w.shape) != (dim,) for w in norms):
@@ -657,8 +675,6 @@ class DecodeLayer:
         self._lib = lib
         self.has_ffn = ffn is not None
         self.moe: DecodeMoe | None = None  # set by the caller for a MoE layer the C side takes whole
-        self.head_dim = head_dim
-        self.weights = [t for p in parts for t in p]  # what the caller compares to notice replaced weights
 
     def attention(self, h: torch.Tensor, rotation: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot: int, length: int, mask: torch.Tensor | None) -> None:
@@ -701,9 +717,7 @@ class DecodeMoe:
     def __init__(self, kind: str | None, group: int, top_k: int, eps: float, ffn_norm: torch.Tensor,
                  gate: torch.Tensor, experts: list[tuple[tuple[torch.Tensor, ...], ...] | None],
                  w2_transposed: bool = False) -> None:
-        lib = _get()
-        if lib is None or not lib.mc_simd():
-            raise ValueError("the compiled kernels are not available")
+        lib = _simd_lib()
         _check_weight(gate, "gate", torch.bfloat16)
         n_experts, dim = gate.shape
         if len(experts) != n_experts or not 1 <= top_k <= n_experts or n_experts > 256:
@@ -736,10 +750,7 @@ class DecodeMoe:
             raise ValueError(f"kind must be one of {sorted(_MULTI_KINDS)} (bf16 for a transposed w2), not {kind!r}")
         dim, hidden = self._dims[0], ex[0][0].shape[0]
         for k in (dim, hidden):
-            if kind == "int4":
-                _check_int4_k(k, group)
-            elif kind == "int8" and k % 32:
-                raise ValueError(f"int8 decode needs K % 32 == 0 (K={k})")
+            _check_decode_k(kind, k, group)
         self._kind, self._transposed, self._dims = kind, transposed, (dim, hidden)
         st = self._struct
         st.kind, st.group, st.w2_transposed, st.hidden = _MULTI_KINDS[kind], group, int(transposed), hidden
@@ -747,15 +758,8 @@ class DecodeMoe:
 
     def _check_expert(self, ex: tuple[tuple[torch.Tensor, ...], ...]) -> None:
         dim, hidden = self._dims
-        wide = 2 if self._kind == "int4" else 1
-        dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[self._kind]
-        for i, (p, (n, k)) in enumerate(zip(ex, ((hidden, dim), (dim, hidden), (hidden, dim)), strict=True)):
-            # a transposed w2 comes as the model holds it: the [dim, hidden] view of a [hidden, dim] tensor
-            _check_weight(p[0].t() if i == 1 and self._transposed else p[0], "w", dtype)
-            if tuple(p[0].shape) != (n, k // wide):
-                raise ValueError(f"expert weight of shape {list(p[0].shape)} where {[n, k // wide]} is needed")
-            for t in p[1:]:
-                _check_weight(t, "scale", torch.float32, dim=t.dim())
+        _check_parts(self._kind, list(ex), [(hidden, dim), (dim, hidden), (hidden, dim)],
+                     transposed=1 if self._transposed else None)
 
     def _set(self, e: int, ex: tuple[tuple[torch.Tensor, ...], ...]) -> None:
         for i, p in enumerate(ex):

@@ -201,6 +201,24 @@ static int layer_ok(const mc_layer *L)
     return 1;
 }
 
+/* o[D] = w2(silu(w1 xn) * w3 xn) for one token: the dense feed-forward and each MoE expert. w, scale and zero
+ * hold w1, w2, w3 in that order; with w2_transposed w2 is bf16 stored [F, D]. buf: 2F floats. */
+static int swiglu(int kind, int group, int w2_transposed, const void *const *w, const float *const *scale,
+                  const float *const *zero, const float *xn, int64_t D, int64_t F, float *buf, float *o)
+{
+    float *gate = buf, *up = gate + F;
+    const void *w13[2] = {w[0], w[2]};
+    const float *s13[2] = {scale[0], scale[2]}, *z13[2] = {zero[0], zero[2]};
+    const int64_t nf[2] = {F, F};
+    float *const y13[2] = {gate, up};
+    int rc = one_pass(kind, xn, 1, D, 2, w13, s13, z13, group, nf, y13);
+    if (rc) return rc;
+    silu_mul(gate, up, F);
+    if (w2_transposed) return mc_linear_bf16_t(gate, 1, F, (const uint16_t *)w[1], D, o);
+    float *const yo[1] = {o};
+    return one_pass(kind, gate, 1, F, 1, &w[1], &scale[1], &zero[1], group, &D, yo);
+}
+
 /* n products of x (one token) with weights L->w[first..first+n), outputs N[i] into y[i]. */
 static int products(const mc_layer *L, const float *x, int64_t K, int first, int n, const int64_t *N, float *const *y)
 {
@@ -276,19 +294,9 @@ MC_API int mc_decode_ffn(const mc_layer *L, float *h)
     const int64_t D = L->dim, F = L->hidden;
     float *buf = mc_decode_scratch((size_t)(2 * D + 2 * F));
     if (!buf) return MC_ENOMEM;
-    float *xn = buf, *gate = xn + D, *up = gate + F, *o = up + F;
+    float *xn = buf, *o = xn + D;
     rms_norm(h, L->ffn_norm, L->norm_bf16, D, L->eps, xn);
-    /* w1 and w3 are L->w[4] and L->w[6]: two single-weight lists so one pass takes both */
-    const void *w13[2] = {L->w[4], L->w[6]};
-    const float *s13[2] = {L->scale[4], L->scale[6]}, *z13[2] = {L->zero[4], L->zero[6]};
-    const int64_t nf[2] = {F, F};
-    float *const y13[2] = {gate, up};
-    int rc = one_pass(L->kind, xn, 1, D, 2, w13, s13, z13, L->group, nf, y13);
-    if (rc) return rc;
-    silu_mul(gate, up, F);
-    const int64_t nd = D;
-    float *const yo[1] = {o};
-    rc = products(L, gate, F, 5, 1, &nd, yo);
+    int rc = swiglu(L->kind, L->group, 0, &L->w[4], &L->scale[4], &L->zero[4], xn, D, F, o + D, o);
     if (rc) return rc;
     for (int64_t i = 0; i < D; i++) h[i] += o[i];
     return 0;
@@ -299,25 +307,13 @@ MC_API int mc_decode_ffn(const mc_layer *L, float *h)
 }
 
 #if MC_AVX2
-/* out[D] (zeroed by the caller) += weight * expert(xn), expert = w2(silu(w1 xn) * w3 xn). buf: 2F + D floats. */
+/* out[D] (zeroed by the caller) += weight * expert(xn), expert e's w1, w2, w3 at M->w[3e..3e+2]. buf: 2F + D floats. */
 static int moe_expert(const mc_moe *M, int e, const float *xn, float weight, float *buf, float *out)
 {
-    const int64_t D = M->dim, F = M->hidden;
-    float *gate = buf, *up = gate + F, *o = up + F;
-    const void *w13[2] = {M->w[3 * e], M->w[3 * e + 2]};
-    const float *s13[2] = {M->scale[3 * e], M->scale[3 * e + 2]}, *z13[2] = {M->zero[3 * e], M->zero[3 * e + 2]};
-    const int64_t nf[2] = {F, F};
-    float *const y13[2] = {gate, up};
-    int rc = one_pass(M->kind, xn, 1, D, 2, w13, s13, z13, M->group, nf, y13);
-    if (rc) return rc;
-    silu_mul(gate, up, F);
-    if (M->w2_transposed) {
-        rc = mc_linear_bf16_t(gate, 1, F, (const uint16_t *)M->w[3 * e + 1], D, o);
-    } else {
-        float *const yo[1] = {o};
-        rc = one_pass(M->kind, gate, 1, F, 1, &M->w[3 * e + 1], &M->scale[3 * e + 1], &M->zero[3 * e + 1], M->group,
-                      &D, yo);
-    }
+    const int64_t D = M->dim;
+    float *o = buf + 2 * M->hidden;
+    int rc = swiglu(M->kind, M->group, M->w2_transposed, &M->w[3 * e], &M->scale[3 * e], &M->zero[3 * e], xn, D,
+                    M->hidden, buf, o);
     if (rc) return rc;
     for (int64_t i = 0; i < D; i++) out[i] += o[i] * weight;
     return 0;

@@ -623,24 +623,6 @@ MC_INLINE void int4q8_step(const mc_ctx *c, const uint8_t *w, int64_t n0, int64_
     }
 }
 
-/* S blocks per iteration into S accumulator sets, so consecutive blocks do not wait on each other. */
-MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
-                            const int S, const int GS, float (*part)[8])
-{
-    const int64_t K = c->K;
-    const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
-    const int64_t pf = MC_PF_OFFSET(R, K / 2);
-    __m256 y[2][4][8];
-    MC_ZERO_ACC(y, S, R, T);
-    int64_t k = k0;
-    for (; k + 64 * S <= k1; k += 64 * S) {
-        if (MC_PF && (k & 127) == 0) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * (K / 2) + k / 2, pf);
-        MC_UNROLL for (int u = 0; u < S; u++) int4q8_step(c, w, n0, k + 64 * u, R, T, GS, y[u]);
-    }
-    for (; k < k1; k += 64) int4q8_step(c, w, n0, k, R, T, GS, y[0]);
-    MC_FLUSH_ACC(y, S, R, T, part);
-}
-
 /* G = 128: x has one scale per group (prep_q8), so the four maddubs of a group's two 64-column halves add
  * up in int16 (|sum| <= 4 * 2 * 15 * 127 = 15240) and one madd, convert and FMA with the group's scale
  * serve 128 weights: 11 ops per 128 weights and token instead of 14. */
@@ -674,22 +656,30 @@ MC_INLINE void int4q8_step128(const mc_ctx *c, const uint8_t *w, int64_t n0, int
     }
 }
 
-MC_INLINE void int4q8_block128(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
-                               const int S, float (*part)[8])
+/* S steps per iteration into S accumulator sets, so consecutive steps do not wait on each other. A step is
+ * 64 columns (int4q8_step), or a whole group of 128 for G = 128 (int4q8_step128). */
+MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
+                            const int S, const int GS, float (*part)[8])
 {
-    const int64_t K = c->K;
+    const int64_t K = c->K, W = GS == 128 ? 128 : 64;
     const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
     const int64_t pf = MC_PF_OFFSET(R, K / 2);
     __m256 y[2][4][8];
     MC_ZERO_ACC(y, S, R, T);
     int64_t k = k0;
-    for (; k + 128 * S <= k1; k += 128 * S) {
+    for (; k + W * S <= k1; k += W * S) {
         /* one 64-byte line per row and 128 columns */
-        if (MC_PF) MC_UNROLL for (int u = 0; u < S; u++) MC_UNROLL for (int r = 0; r < R; r++)
-            MC_PREFETCH(w + r * (K / 2) + (k + 128 * u) / 2, pf);
-        MC_UNROLL for (int u = 0; u < S; u++) int4q8_step128(c, w, n0, k + 128 * u, R, T, y[u]);
+        if (MC_PF) MC_UNROLL for (int64_t kk = k; kk < k + W * S; kk += 64) if ((kk & 127) == 0)
+            MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * (K / 2) + kk / 2, pf);
+        MC_UNROLL for (int u = 0; u < S; u++) {
+            if (GS == 128) int4q8_step128(c, w, n0, k + W * u, R, T, y[u]);
+            else int4q8_step(c, w, n0, k + W * u, R, T, GS, y[u]);
+        }
     }
-    for (; k < k1; k += 128) int4q8_step128(c, w, n0, k, R, T, y[0]);
+    for (; k < k1; k += W) {
+        if (GS == 128) int4q8_step128(c, w, n0, k, R, T, y[0]);
+        else int4q8_step(c, w, n0, k, R, T, GS, y[0]);
+    }
     MC_FLUSH_ACC(y, S, R, T, part);
 }
 
@@ -710,16 +700,21 @@ MC_INLINE void int4q8_block128(const mc_ctx *c, int64_t n0, int64_t k0, int64_t 
 
 MC_INT4_Q8(32)
 MC_INT4_Q8(64)
+MC_INLINE void int4q8_block_g128(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
+                                 const int S, float (*part)[8])
+{
+    int4q8_block(c, n0, k0, k1, R, T, S, 128, part);
+}
 /* one row at a time: two rows' eight unpacked vectors and their accumulators would not fit in registers
  * (measured 22-24 against 17-20 GB/s for R = 2) */
-MC_DRIVER(int4q8_g128_t1, int4q8_block128, int4_epi, c->K, 1, 1, 2)
-MC_DRIVER(int4q8_g128_t2, int4q8_block128, int4_epi, c->K, 2, 2, 1)
-MC_DRIVER(int4q8_g128_t3, int4q8_block128, int4_epi, c->K, 1, 3, 2)
-MC_DRIVER(int4q8_g128_t4, int4q8_block128, int4_epi, c->K, 1, 4, 2)
-MC_DRIVER(int4q8_g128_t5, int4q8_block128, int4_epi, c->K, 1, 5, 1)
-MC_DRIVER(int4q8_g128_t6, int4q8_block128, int4_epi, c->K, 1, 6, 1)
-MC_DRIVER(int4q8_g128_t7, int4q8_block128, int4_epi, c->K, 1, 7, 1)
-MC_DRIVER(int4q8_g128_t8, int4q8_block128, int4_epi, c->K, 1, 8, 1)
+MC_DRIVER(int4q8_g128_t1, int4q8_block_g128, int4_epi, c->K, 1, 1, 2)
+MC_DRIVER(int4q8_g128_t2, int4q8_block_g128, int4_epi, c->K, 2, 2, 1)
+MC_DRIVER(int4q8_g128_t3, int4q8_block_g128, int4_epi, c->K, 1, 3, 2)
+MC_DRIVER(int4q8_g128_t4, int4q8_block_g128, int4_epi, c->K, 1, 4, 2)
+MC_DRIVER(int4q8_g128_t5, int4q8_block_g128, int4_epi, c->K, 1, 5, 1)
+MC_DRIVER(int4q8_g128_t6, int4q8_block_g128, int4_epi, c->K, 1, 6, 1)
+MC_DRIVER(int4q8_g128_t7, int4q8_block_g128, int4_epi, c->K, 1, 7, 1)
+MC_DRIVER(int4q8_g128_t8, int4q8_block_g128, int4_epi, c->K, 1, 8, 1)
 
 static const mc_rows_fn int4q8_fns[3][9] = {
     {0, int4q8_g32_t1, int4q8_g32_t2, int4q8_g32_t3, int4q8_g32_t4, int4q8_g32_t5, int4q8_g32_t6, int4q8_g32_t7,
