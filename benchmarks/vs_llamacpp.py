@@ -502,6 +502,7 @@ class Result:
     peak_rss_gb: float | None = None
     load_seconds: float | None = None
     raw: Any = None
+    round: int = 0  # --rounds: which alternation this run belongs to
 
 
 def vm_hwm_kib(pid: int) -> int:
@@ -637,14 +638,46 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def summarize(results: list[Result]) -> tuple[list[Result], dict[str, dict[str, Any]]]:
+    """One Result per (precision, engine) with the median over rounds, and per precision the ratios
+    mixchat/llama.cpp: the median of each round's own ratio (the two runs of a round are back to back, so
+    a drift in the machine's memory speed between rounds cancels) and the list of them."""
+    merged: list[Result] = []
+    for key in dict.fromkeys((r.precision, r.engine) for r in results):
+        runs = [r for r in results if (r.precision, r.engine) == key]
+        first = runs[0]
+        rss = [r.peak_rss_gb for r in runs if r.peak_rss_gb is not None]
+        merged.append(Result(first.precision, first.engine, first.weights_gb,
+                             round(median([r.prefill_tps for r in runs]), 2),
+                             round(median([r.decode_tps for r in runs]), 3),
+                             peak_rss_gb=max(rss) if rss else None, load_seconds=first.load_seconds,
+                             raw=[r.raw for r in runs] if len(runs) > 1 else first.raw))
+    ratios: dict[str, dict[str, Any]] = {}
+    for p in dict.fromkeys(r.precision for r in results):
+        pairs = [(m, c) for m in results for c in results if m.precision == c.precision == p
+                 and m.round == c.round and m.engine == "mixchat" and c.engine == "llama.cpp"]
+        if pairs:
+            pre = [ratio(m.prefill_tps, c.prefill_tps) for m, c in pairs]
+            dec = [ratio(m.decode_tps, c.decode_tps) for m, c in pairs]
+            ratios[p] = {"prefill": round(median(pre), 3), "decode": round(median(dec), 3),
+                         "prefill_rounds": pre, "decode_rounds": dec}
+    return merged, ratios
+
+
 def print_table(results: list[Result]) -> None:
     header = ("precision", "engine", "weights GB", "prefill tok/s", "decode tok/s", "peak RSS GB",
               "prefill ratio", "decode ratio")
+    rounds = len({r.round for r in results})
+    results, ratios = summarize(results)
     rows = []
     for r in results:
-        other = next((o for o in results if o.precision == r.precision and o.engine == "llama.cpp"), None)
-        pre = ratio(r.prefill_tps, other.prefill_tps) if other and r.engine == "mixchat" else None
-        dec = ratio(r.decode_tps, other.decode_tps) if other and r.engine == "mixchat" else None
+        mine = ratios.get(r.precision, {}) if r.engine == "mixchat" else {}
+        pre, dec = mine.get("prefill"), mine.get("decode")
         size = f"{r.weights_gb:.2f}" if r.weights_gb >= 1 else f"{r.weights_gb:.3f}"  # tiny test models
         rows.append((r.precision, r.engine, size, f"{r.prefill_tps:.1f}", f"{r.decode_tps:.2f}",
                      "" if r.peak_rss_gb is None else f"{r.peak_rss_gb:.2f}",
@@ -656,6 +689,12 @@ def print_table(results: list[Result]) -> None:
     for row in rows:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
     print("\nratio: mixchat tokens/s over llama.cpp's at the same precision (above 1: mixchat is faster).")
+    if rounds > 1:
+        print(f"{rounds} rounds, the engines alternating: tok/s are medians over rounds, ratios the median of the "
+              "rounds' own ratios:")
+        for p, r in ratios.items():
+            print(f"  {p}: prefill {', '.join(f'{x:.2f}' for x in r['prefill_rounds'])}; "
+                  f"decode {', '.join(f'{x:.2f}' for x in r['decode_rounds'])}")
     print("weights GB: llama.cpp's GGUF file; mixchat's weights in memory (`mixchat inspect`'s estimate).\n")
 
 
@@ -670,17 +709,12 @@ def cpu_name() -> str:
 
 
 def write_json(path: Path, folder: Path, ns: argparse.Namespace, results: list[Result]) -> None:
-    ratios = {}
-    for p in ns.quant:
-        m = next((r for r in results if r.precision == p and r.engine == "mixchat"), None)
-        c = next((r for r in results if r.precision == p and r.engine == "llama.cpp"), None)
-        if m and c:
-            ratios[p] = {"prefill": ratio(m.prefill_tps, c.prefill_tps), "decode": ratio(m.decode_tps, c.decode_tps)}
+    _, ratios = summarize(results)
     doc = {
         "model": str(folder), "cpu": cpu_name(), "cores": os.cpu_count(),
         "llama_cpp": f"vendored in llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}, GGML_NATIVE, CPU backend",
         "settings": {"prompt_tokens": ns.prompt_tokens, "decode_tokens": ns.decode_tokens, "threads": ns.threads,
-                     "runs": ns.runs},
+                     "runs": ns.runs, "rounds": ns.rounds},
         "results": [r.__dict__ for r in results],
         "ratios_mixchat_over_llamacpp": ratios,
     }
@@ -709,6 +743,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--decode-tokens", type=positive, default=32)
     ap.add_argument("--threads", type=positive, default=2, help="threads for both engines (default 2)")
     ap.add_argument("--runs", type=positive, default=3, help="repetitions per test (default 3)")
+    ap.add_argument("--rounds", type=positive, default=1,
+                    help="run both engines this many times, alternating (llama.cpp first in odd rounds, mixchat in "
+                    "even ones), and report medians: this machine's memory speed drifts by 20%% over minutes, so "
+                    "one run of each can mislead (default 1)")
     ap.add_argument("--mixchat-int4", default="int4", metavar="CHOICE",
                     help="mixchat's --quant for int4 (default int4: groups of 128, as many bits per weight as "
                     "Q4_0; int4-32/int4-64 spend more)")
@@ -754,11 +792,15 @@ def run(ns: argparse.Namespace) -> int:
     # Strictly one engine at a time: both want every core and all memory bandwidth.
     try:
         for p in ns.quant:
-            if not ns.skip_llamacpp:
-                results.append(bench_llamacpp(bins["llama-bench"], ggufs[p], p, ns, logs))
-            flag = flags.get(p)
-            if flag is not None:
-                results.append(bench_mixchat(folder, p, flag, ns, logs))
+            for n in range(ns.rounds):
+                engines = ([] if ns.skip_llamacpp else ["llama.cpp"]) + ([] if flags.get(p) is None else ["mixchat"])
+                for engine in engines if n % 2 == 0 else engines[::-1]:
+                    if engine == "llama.cpp":
+                        result = bench_llamacpp(bins["llama-bench"], ggufs[p], p, ns, logs)
+                    else:
+                        result = bench_mixchat(folder, p, flags[p], ns, logs)
+                    result.round = n
+                    results.append(result)
     finally:
         if results:
             print_table(results)  # what finished is shown even when a later step fails

@@ -239,6 +239,21 @@ class TransformerBlock(nn.Module):
         return h + ff, None, None
 
 
+# Counts parameter, buffer and module assignments anywhere (torch's global registration hooks), so that
+# decode_layers looks at the weights again only after something was replaced.
+_registrations = 0
+
+
+def _registered(*_) -> None:
+    global _registrations
+    _registrations += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_registered)
+nn.modules.module.register_module_buffer_registration_hook(_registered)
+nn.modules.module.register_module_module_registration_hook(_registered)
+
+
 # One decoded token goes through csrc/decode.c, a call per attention block and per dense feed-forward,
 # where the kernels take every weight of the model (tests switch it off to compare with the plain path).
 fused_decode = True
@@ -323,13 +338,20 @@ class Transformer(nn.Module):
         if not fused_decode or torch.is_grad_enabled() or (k := kernels_or_none()) is None \
                 or not k.DecodeLayer.takes(h, cache.k):
             return None
-        # Rebuilt whenever a weight tensor was replaced (quantization, a device round trip): the C side
-        # holds raw pointers. Comparing the tensors costs ~10 us per layer, next to milliseconds of work.
+        # The C side holds raw pointers, so the layers are rebuilt whenever a weight was replaced: a new
+        # parameter, buffer or module anywhere (quantization, an assignment) bumps _registrations, and a
+        # `.data` swap (Module.to) moves a pointer. Walking the model again costs ~0.3 ms per Mixtral layer.
+        built = getattr(self, "_decode_built", None)
+        if built is not None and built[2] == _registrations and all(t.data_ptr() == p for t, p in built[3]):
+            return built[1]
+        generation = _registrations
         inputs = [_decode_inputs(layer) for layer in self.layers]
         key = [t for i in inputs for t in _tensors(i)]
-        built = getattr(self, "_decode_built", None)
-        if built is None or len(built[0]) != len(key) or any(x is not y for x, y in zip(built[0], key, strict=True)):
-            self._decode_built = built = (key, self._build_decode(k, inputs))
+        pointers = [(t, t.data_ptr()) for t in key if t is not None]
+        if built is None or len(built[0]) != len(key) or any(x is not y for x, y in zip(built[0], key, strict=True)) \
+                or [p for _, p in pointers] != [p for _, p in built[3]]:
+            built = (key, self._build_decode(k, inputs))
+        self._decode_built = built = (*built[:2], generation, pointers)
         return built[1]
 
     def _build_decode(self, k, inputs: list) -> list | None:

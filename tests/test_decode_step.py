@@ -103,6 +103,21 @@ def test_a_replaced_weight_is_picked_up(make_release):
     assert not torch.allclose(before, after)
     assert torch.allclose(after, plain, atol=2e-3 * plain.abs().max().item())
 
+    # The same Parameter with new storage (what Module.to does): the old pointer must not be read.
+    rebuilt = engine.model._decode_built[1]
+    wo = engine.model.layers[0].attention.wo
+    wo.weight.data = torch.randn_like(wo.weight.float()).mul(0.2).to(wo.weight.dtype)
+    swapped, _ = decode_logits(engine, ids, True)
+    assert engine.model._decode_built[1] is not rebuilt
+    plain, _ = decode_logits(engine, ids, False)
+    assert not torch.allclose(after, swapped)
+    assert torch.allclose(swapped, plain, atol=2e-3 * plain.abs().max().item())
+
+    # Nothing replaced: the built layers are reused, not rebuilt every token.
+    again = engine.model._decode_built[1]
+    decode_logits(engine, ids, True)
+    assert engine.model._decode_built[1] is again
+
 
 @needs_kernels
 def test_shapes_the_kernels_do_not_take_keep_the_plain_path(make_release):
