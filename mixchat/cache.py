@@ -63,6 +63,9 @@ class KVCache:
             n = self.k.shape[2]
             k[:, :, :n], v[:, :, :n], slot_pos[:n] = self.k, self.v, self.slot_pos
         self.k, self.v, self.slot_pos = k, v, slot_pos
+        # Per-layer views made once: indexing makes a new tensor each time, tens of microseconds a layer
+        # per decoded token once the weights streamed past have pushed Python's objects out of the caches.
+        self._layers = (k, list(zip(k.unbind(0), v.unbind(0), strict=True)))
 
     @property
     def capacity(self) -> int:
@@ -97,7 +100,9 @@ class KVCache:
         return Step(positions, slots, length, mask)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i], self.v[i]  # each [n_kv_heads, capacity, head_dim]
+        if self._layers[0] is not self.k:  # replaced from outside: views of the new buffers
+            self._layers = (self.k, list(zip(self.k.unbind(0), self.v.unbind(0), strict=True)))
+        return self._layers[1][i]  # each [n_kv_heads, capacity, head_dim]
 
     def advance(self, n: int) -> None:
         self.pos += n

@@ -19,7 +19,7 @@ from mixchat.experts import ExpertCache, offload
 from mixchat.model import FeedForward, Transformer
 from mixchat.paths import env_flag
 from mixchat.progress import Progress, human_bytes
-from mixchat.qformat import QuantSpec, model_bytes, parse_quant, quantized_bytes
+from mixchat.qformat import QuantSpec, expert_bytes, model_bytes, parse_quant
 from mixchat.quant import install, quantize_state
 from mixchat.release import Release, model_state, open_release
 from mixchat.tokenizer import Tokenizer
@@ -102,6 +102,16 @@ def warm_page_cache(path: Path, show: bool | None = None,
         del data
 
 
+def touch_pages(t: torch.Tensor) -> None:
+    """Fault a memory-mapped tensor's pages in now, one byte per page (the kernel reads ahead, so this
+    runs at disk speed). For the embedding table when the rest of the file is not warmed (--quant,
+    --memory-budget): each decoded token reads one row of it, and a row that is not in the page cache
+    then waits ~1 ms on the disk, every new token."""
+    import mmap
+
+    t.detach().reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
+
+
 def model_fingerprint(release: Release) -> str:
     """Identifies a model cheaply: params.json and tokenizer.model by content, the weights by
     name, size and modification time (hashing 14 GB at every start would take a minute)."""
@@ -123,10 +133,7 @@ def load_options(ns) -> dict:
 
 
 def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> int:
-    shapes = [(args.hidden_dim, args.dim), (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
-    if spec is None:
-        return sum(n * k for n, k in shapes) * torch.empty(0, dtype=dt).element_size()
-    return sum(quantized_bytes(s, spec) for s in shapes)
+    return expert_bytes(args.dim, args.hidden_dim, torch.empty(0, dtype=dt).element_size(), spec)
 
 
 def _expert_capacity(args: ModelArgs, state: dict[str, torch.Tensor], expert_names: list[str], dt: torch.dtype,
@@ -179,6 +186,7 @@ class Engine:
         (2 AVX2 cores): decode 4 % faster, but loading took 63 s instead of 10 and peak RSS 24 GB
         instead of 16 (the file's cached pages and the copy), so it is for long sessions only."""
         set_threads(threads)
+        asked_to_warm = warm
         if huge_pages is None:
             huge_pages = env_flag("MIXCHAT_HUGEPAGES", False)
         dev = resolve_device(device)
@@ -214,6 +222,8 @@ class Engine:
         if all(t.dtype == dt for t in state.values()) and dev.type == "cpu":
             if warm:
                 warm_page_cache(release.weights, show_progress, on_progress)
+            elif asked_to_warm and not pin:  # --quant or a budget leave the file cold, but not the embedding rows
+                touch_pages(state["tok_embeddings.weight"])
         else:
             # A dtype or device change copies every tensor: show it, it takes a while on 14 GB.
             total = sum(t.numel() * torch.empty(0, dtype=dt).element_size() for t in state.values())

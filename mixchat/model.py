@@ -8,6 +8,7 @@ and because CPU bf16 reductions are both slow and lossy.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -125,10 +126,14 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
+@functools.cache
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+
+
 def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """e^(i * position * theta^(-2j/head_dim)) as complex64 [T, head_dim/2]: the rotation of pair j."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[:, None] * _inv_freq(head_dim, theta, positions.device)[None, :]
     return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -249,6 +254,7 @@ def _registered(*_) -> None:
     _registrations += 1
 
 
+_data_ptr = torch.Tensor.data_ptr
 nn.modules.module.register_module_parameter_registration_hook(_registered)
 nn.modules.module.register_module_buffer_registration_hook(_registered)
 nn.modules.module.register_module_module_registration_hook(_registered)
@@ -342,16 +348,17 @@ class Transformer(nn.Module):
         # parameter, buffer or module anywhere (quantization, an assignment) bumps _registrations, and a
         # `.data` swap (Module.to) moves a pointer. Walking the model again costs ~0.3 ms per Mixtral layer.
         built = getattr(self, "_decode_built", None)
-        if built is not None and built[2] == _registrations and all(t.data_ptr() == p for t, p in built[3]):
+        if built is not None and built[2] == _registrations and tuple(map(_data_ptr, built[3])) == built[4]:
             return built[1]
         generation = _registrations
         inputs = [_decode_inputs(layer) for layer in self.layers]
         key = [t for i in inputs for t in _tensors(i)]
-        pointers = [(t, t.data_ptr()) for t in key if t is not None]
+        tensors = [t for t in key if t is not None]
+        pointers = tuple(map(_data_ptr, tensors))
         if built is None or len(built[0]) != len(key) or any(x is not y for x, y in zip(built[0], key, strict=True)) \
-                or [p for _, p in pointers] != [p for _, p in built[3]]:
+                or pointers != built[4]:
             built = (key, self._build_decode(k, inputs))
-        self._decode_built = built = (*built[:2], generation, pointers)
+        self._decode_built = built = (*built[:2], generation, tensors, pointers)
         return built[1]
 
     def _build_decode(self, k, inputs: list) -> list | None:

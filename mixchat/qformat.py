@@ -74,6 +74,13 @@ def model_bytes(shapes: dict[str, tuple[int, ...]], dtype_bytes: int, spec: Quan
     return total
 
 
+def expert_bytes(dim: int, hidden_dim: int, dtype_bytes: int, spec: QuantSpec | None) -> int:
+    """Weight bytes of one MoE expert (w1, w2, w3) under `spec`: what the --memory-budget cache counts."""
+    shapes = {f"layers.0.feed_forward.experts.0.{w}.weight": s
+              for w, s in (("w1", (hidden_dim, dim)), ("w2", (dim, hidden_dim)), ("w3", (hidden_dim, dim)))}
+    return model_bytes(shapes, dtype_bytes, spec)
+
+
 def memory_estimates(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """Weight bytes each --quant choice keeps resident (what `inspect` and the settings sheet show)."""
     out = {"bf16": model_bytes(shapes, 2, None)}

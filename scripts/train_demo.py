@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import janeausten  # noqa: E402
+from demo_prompts import CHAT_PROMPTS  # noqa: E402
 
 from mixchat.chat_format import Message, encode_chat  # noqa: E402
 from mixchat.config import ModelArgs, MoeArgs  # noqa: E402
@@ -46,17 +47,6 @@ from mixchat.tokenizer import Tokenizer  # noqa: E402
 from mixchat.training import expert_usage, forward_train, load_balancing_loss  # noqa: E402
 
 VAL_SHARE = 0.05
-# Prompts whose replies are recorded in TRAINING.md and whose EOS rate tests/test_demo_model.py checks.
-CHAT_PROMPTS = [
-    "How do you do, Miss Bennet?",
-    "What do you think of Mr. Darcy?",
-    "Will you dance with me tonight?",
-    "Is it not a fine morning for a walk?",
-    "My dear, have you heard that Netherfield Park is let at last?",
-    "I cannot agree with you, sir.",
-    "Tell me about your sister.",
-    "Do you like to read novels?",
-]
 RECOMMENDED = {"temperature": 0.8, "top_p": 0.9, "repeat_penalty": 1.15}
 
 

@@ -8,6 +8,7 @@ ends by itself (EOS) through the real one-shot command.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -33,17 +34,11 @@ HELDOUT = Path(__file__).resolve().parent / "data" / "austen_heldout.txt"
 GREEDY_PROMPT = "It is a truth universally acknowledged"
 GREEDY_TOKENS = [4055, 306, 447, 732, 306, 447, 318, 355, 378, 1652, 286, 549, 296, 271, 1032, 4055, 306, 447, 732,
                  306]  # '. I am sure I am not at all afraid of being in the world. I am sure I'
+_spec = importlib.util.spec_from_file_location("demo_prompts", ROOT / "scripts" / "demo_prompts.py")
+_prompts = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_prompts)
+CHAT_PROMPTS = _prompts.CHAT_PROMPTS  # the ones the training script recorded replies for
 HELDOUT_NATS_PER_TOKEN_MAX = 3.49  # measured 3.440 nats/token (0.818 nats/char) + 0.05
-CHAT_PROMPTS = [
-    "How do you do, Miss Bennet?",
-    "What do you think of Mr. Darcy?",
-    "Will you dance with me tonight?",
-    "Is it not a fine morning for a walk?",
-    "My dear, have you heard that Netherfield Park is let at last?",
-    "I cannot agree with you, sir.",
-    "Tell me about your sister.",
-    "Do you like to read novels?",
-]
 CHAT_MAX_TOKENS = 80
 CHAT_SEED = 1811
 EOS_FRACTION_MIN = 0.75  # measured 8/8; allows two prompts to run to --max-tokens

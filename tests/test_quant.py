@@ -203,3 +203,21 @@ def test_cli_one_shot_and_inspect_with_quant(capsys):
     assert '"done": true' in out[-1]
     assert main(["inspect", str(DEMO)]) == 0
     assert "int8" in capsys.readouterr().out
+
+
+def test_a_quantized_load_warms_the_embedding_table_not_the_file(monkeypatch):
+    # The bf16 file is left cold (its quantized matrices are never read), but each decoded token reads one
+    # embedding row from it: those pages are faulted in at load, not one disk wait per new token.
+    import mixchat.engine as engine_mod
+
+    touched, warmed = [], []
+    real_touch = engine_mod.touch_pages
+    monkeypatch.setattr(engine_mod, "touch_pages", lambda t: (touched.append(t), real_touch(t)))
+    monkeypatch.setattr(engine_mod, "warm_page_cache", lambda *a, **k: warmed.append(a[0]))
+    engine = Engine.load(demo_model(), quant="int8", show_progress=False)
+    assert not warmed and len(touched) == 1
+    assert touched[0].data_ptr() == engine.model.tok_embeddings.weight.data_ptr()
+    Engine.load(demo_model(), quant="int8", show_progress=False, warm=False)
+    assert len(touched) == 1  # warm=False: nothing is read ahead
+    Engine.load(demo_model(), show_progress=False)
+    assert len(touched) == 1 and len(warmed) == 1  # unquantized: the whole file is warmed instead
