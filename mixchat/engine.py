@@ -214,12 +214,14 @@ class Engine:
             warm = False  # the point of a budget: the whole file need not (or cannot) be in memory
         # Decode streams the weights a little faster from huge pages than from the file's 4 KiB page-cache
         # pages (mixchat.hugepages); the copy reads the file, so it replaces warming the page cache.
-        resident = sum(t.nbytes for t in state.values()) + sum(
+        resident = sum(t.numel() for t in state.values()) * torch.empty(0, dtype=dt).element_size() + sum(
             t.nbytes for parts in quantized.values() for t in parts.values())
+        convert = {name: dt for name in state}  # the release's tensors, not the quantized parts added below
         pin = huge_pages and dev.type == "cpu" and capacity is None and hugepages.supported() \
             and resident < 0.85 * _available_memory()
         warm = warm and not pin
-        if all(t.dtype == dt for t in state.values()) and dev.type == "cpu":
+        # Pinned weights are converted as they are copied into huge pages (below): one copy, not two.
+        if dev.type == "cpu" and (pin or all(t.dtype == dt for t in state.values())):
             if warm:
                 warm_page_cache(release.weights, show_progress, on_progress)
             elif asked_to_warm and not pin:  # --quant or a budget leave the file cold, but not the embedding rows
@@ -259,7 +261,8 @@ class Engine:
             experts = offload(model, load_expert, _expert_bytes(args, dt, spec), capacity, prefetch)
         if pin:
             state = hugepages.copy_into_huge_pages(state, f"reading {release.weights.name} into memory",
-                                                   show=show_progress, on_progress=on_progress)
+                                                   show=show_progress, on_progress=on_progress,
+                                                   dtypes=convert)
         # assign=True makes the parameters *be* these tensors (mapped or pinned) instead of copies.
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()

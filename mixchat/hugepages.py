@@ -38,34 +38,42 @@ def _layout(t: torch.Tensor) -> tuple[torch.Size, bool] | None:
 
 
 def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading weights into memory",
-                         show: bool | None = None,
-                         on_progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
-    """The same tensors (same dtypes, shapes and strides), copied into one huge-page region, in order.
-    Tensors with other layouts, or not on the CPU, are returned as they are."""
+                         show: bool | None = None, on_progress: Callable[[int, int], None] | None = None,
+                         dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """The same tensors (same shapes and strides), copied into one huge-page region, in order, and
+    converted on the way to the dtype `dtypes` gives a name, if any (one copy, where converting first
+    would make two). Tensors with other layouts, or not on the CPU, are returned as they are (converted
+    if asked)."""
+    dtypes = dtypes or {}
+
+    def size(name: str, t: torch.Tensor) -> int:
+        return t.numel() * torch.empty(0, dtype=dtypes.get(name, t.dtype)).element_size()
+
     plan: list[tuple[str, int, torch.Size, bool]] = []
     total = 0
     for name, t in tensors.items():
         if t.device.type != "cpu" or (lay := _layout(t)) is None:
             continue
         plan.append((name, total, *lay))
-        total += -(-t.nbytes // _ALIGN) * _ALIGN
-    if not plan or not supported():
-        return dict(tensors)
+        total += -(-size(name, t) // _ALIGN) * _ALIGN
+    planned = {p[0] for p in plan} if supported() else set()
+    out = {n: t.to(dtypes.get(n, t.dtype)) for n, t in tensors.items() if n not in planned}
+    if not planned:
+        return out
     region = mmap.mmap(-1, total + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(mmap.MADV_HUGEPAGE)
     # frombuffer keeps the mmap object alive as long as any view of it is.
     raw = torch.frombuffer(region, dtype=torch.uint8)
     start = (-raw.data_ptr()) % HUGE  # page-aligned at both ends of every 2 MiB stretch
-    out = dict(tensors)
     with Progress(label, total, enabled=show) as bar:
         for name, offset, shape, transposed in plan:
             t = tensors[name]
-            dst = raw[start + offset: start + offset + t.nbytes].view(t.dtype).view(shape)
+            dst = raw[start + offset: start + offset + size(name, t)].view(dtypes.get(name, t.dtype)).view(shape)
             if transposed:
                 dst = dst.t()
             dst.copy_(t)
             out[name] = dst
-            bar.advance(t.nbytes)
+            bar.advance(size(name, t))
             if on_progress is not None:
                 on_progress(int(bar.done), total)
-    return out
+    return {n: out[n] for n in tensors}  # in the caller's order

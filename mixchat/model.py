@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -322,6 +323,16 @@ def _tensors(inputs: tuple | None) -> list:
     return out + [moe[3]] + [t for ex in moe[4] if ex is not None for p in ex for t in p]
 
 
+class _DecodeBuild(NamedTuple):
+    """Transformer.decode_layers' fused layers and what they were built from."""
+
+    key: list  # _tensors() of every layer: the weight objects, None where a layer has no such part
+    layers: list | None  # kernels.DecodeLayer per layer; None: the plain path runs
+    registrations: int  # _registrations when they were checked
+    tensors: list  # the weights in key, to see a moved pointer (a .data swap)
+    pointers: tuple[int, ...]  # their data_ptr() then
+
+
 @dataclass
 class Output:
     logits: torch.Tensor  # [T, vocab] fp32 (only the last row when last_only)
@@ -347,19 +358,20 @@ class Transformer(nn.Module):
         # The C side holds raw pointers, so the layers are rebuilt whenever a weight was replaced: a new
         # parameter, buffer or module anywhere (quantization, an assignment) bumps _registrations, and a
         # `.data` swap (Module.to) moves a pointer. Walking the model again costs ~0.3 ms per Mixtral layer.
-        built = getattr(self, "_decode_built", None)
-        if built is not None and built[2] == _registrations and tuple(map(_data_ptr, built[3])) == built[4]:
-            return built[1]
-        generation = _registrations
+        built: _DecodeBuild | None = getattr(self, "_decode_built", None)
+        if built is not None and built.registrations == _registrations \
+                and tuple(map(_data_ptr, built.tensors)) == built.pointers:
+            return built.layers
+        registrations = _registrations
         inputs = [_decode_inputs(layer) for layer in self.layers]
         key = [t for i in inputs for t in _tensors(i)]
         tensors = [t for t in key if t is not None]
         pointers = tuple(map(_data_ptr, tensors))
-        if built is None or len(built[0]) != len(key) or any(x is not y for x, y in zip(built[0], key, strict=True)) \
-                or pointers != built[4]:
-            built = (key, self._build_decode(k, inputs))
-        self._decode_built = built = (*built[:2], generation, tensors, pointers)
-        return built[1]
+        same = built is not None and len(built.key) == len(key) and pointers == built.pointers \
+            and all(x is y for x, y in zip(built.key, key, strict=True))
+        layers = built.layers if same else self._build_decode(k, inputs)
+        self._decode_built = _DecodeBuild(key, layers, registrations, tensors, pointers)
+        return layers
 
     def _build_decode(self, k, inputs: list) -> list | None:
         a = self.args

@@ -49,7 +49,7 @@ def test_fused_decode_equals_the_plain_path(make_release, quant, layout):
     assert len(ids) > 2 * SHAPES["sliding_window"] + 4  # the rolling buffer wraps more than once
 
     fused_out, fused_cache = decode_steps(engine, ids, True)
-    built = engine.model._decode_built[1]
+    built = engine.model._decode_built.layers
     assert built is not None and len(built) == 2  # the fused step really ran
     assert all(layer.has_ffn is not moe and (layer.moe is not None) is moe for layer in built)
     plain_out, plain_cache = decode_steps(engine, ids, False)
@@ -93,30 +93,30 @@ def test_a_replaced_weight_is_picked_up(make_release):
     engine = Engine.load(folder, show_progress=False)
     ids = engine.tokenizer.encode("Hello there")
     before, _ = decode_logits(engine, ids, True)
-    first = engine.model._decode_built[1]
+    first = engine.model._decode_built.layers
     wq = engine.model.layers[1].attention.wq
     wq.weight = torch.nn.Parameter(torch.randn_like(wq.weight.float()).mul(0.2).to(wq.weight.dtype),
                                    requires_grad=False)
     after, _ = decode_logits(engine, ids, True)
-    assert engine.model._decode_built[1] is not first  # rebuilt, not reading the old pointers
+    assert engine.model._decode_built.layers is not first  # rebuilt, not reading the old pointers
     plain, _ = decode_logits(engine, ids, False)
     assert not torch.allclose(before, after)
     assert torch.allclose(after, plain, atol=2e-3 * plain.abs().max().item())
 
     # The same Parameter with new storage (what Module.to does): the old pointer must not be read.
-    rebuilt = engine.model._decode_built[1]
+    rebuilt = engine.model._decode_built.layers
     wo = engine.model.layers[0].attention.wo
     wo.weight.data = torch.randn_like(wo.weight.float()).mul(0.2).to(wo.weight.dtype)
     swapped, _ = decode_logits(engine, ids, True)
-    assert engine.model._decode_built[1] is not rebuilt
+    assert engine.model._decode_built.layers is not rebuilt
     plain, _ = decode_logits(engine, ids, False)
     assert not torch.allclose(after, swapped)
     assert torch.allclose(swapped, plain, atol=2e-3 * plain.abs().max().item())
 
     # Nothing replaced: the built layers are reused, not rebuilt every token.
-    again = engine.model._decode_built[1]
+    again = engine.model._decode_built.layers
     decode_logits(engine, ids, True)
-    assert engine.model._decode_built[1] is again
+    assert engine.model._decode_built.layers is again
 
 
 @needs_kernels
@@ -126,7 +126,7 @@ def test_shapes_the_kernels_do_not_take_keep_the_plain_path(make_release):
     engine = Engine.load(folder, quant="int4-32", show_progress=False)
     ids = engine.tokenizer.encode("Hello there")
     fused, _ = decode_logits(engine, ids, True)
-    assert engine.model._decode_built[1] is None
+    assert engine.model._decode_built.layers is None
     plain, _ = decode_logits(engine, ids, False)
     assert torch.equal(fused, plain)
 
@@ -161,7 +161,7 @@ def test_offloaded_experts_go_through_the_same_compiled_step(make_release):
     assert engine.experts is not None
     ids = engine.tokenizer.encode("Hello there, how are you")
     fused, _ = decode_logits(engine, ids, True)
-    built = engine.model._decode_built[1]
+    built = engine.model._decode_built.layers
     # experts fetched from the cache between routing and the experts, by the same compiled step
     assert built is not None and all(layer.moe is not None for layer in built)
     assert all(e is None for layer in built for e in layer.moe._experts)  # no expert held past a step

@@ -71,3 +71,41 @@ def test_engine_pins_when_asked_and_gives_the_same_logits(make_release, monkeypa
     a = pinned.model(ids, pinned.new_cache()).logits
     b = mapped.model(ids, mapped.new_cache()).logits
     assert torch.equal(a, b)
+
+
+@needs_linux
+def test_converts_while_copying_the_names_it_is_given():
+    g = torch.Generator().manual_seed(1)
+    src = {"w": torch.randn(32, 16, generator=g).to(torch.bfloat16),
+           "t": torch.randn(16, 8, generator=g).to(torch.bfloat16).t(),
+           "q": torch.randint(-127, 128, (32, 16), generator=g, dtype=torch.int8),
+           "odd": torch.randn(6, 6, generator=g).to(torch.bfloat16)[:, ::2]}
+    out = hugepages.copy_into_huge_pages(src, show=False, dtypes={"w": torch.float32, "t": torch.float32,
+                                                                  "odd": torch.float32})
+    assert out["w"].dtype == out["t"].dtype == out["odd"].dtype == torch.float32
+    assert torch.equal(out["w"], src["w"].float()) and torch.equal(out["t"], src["t"].float())
+    assert out["t"].stride() == src["t"].stride()
+    assert torch.equal(out["odd"], src["odd"].float())  # not copied into the region, but converted
+    assert out["q"].dtype == torch.int8 and torch.equal(out["q"], src["q"])  # not named: kept as it is
+
+
+@needs_linux
+def test_a_dtype_change_with_huge_pages_copies_once(make_release, monkeypatch):
+    from conftest import tiny_args
+
+    folder = make_release(tiny_args(), "dense")
+    seen = []
+    real = hugepages.copy_into_huge_pages
+
+    def spy(tensors, *a, **kw):
+        seen.append({n: t.dtype for n, t in tensors.items()})
+        return real(tensors, *a, **kw)
+
+    monkeypatch.setattr(hugepages, "copy_into_huge_pages", spy)
+    pinned = Engine.load(folder, dtype="fp32", show_progress=False, huge_pages=True)
+    plain = Engine.load(folder, dtype="fp32", show_progress=False, huge_pages=False)
+    assert len(seen) == 1 and seen[0]["layers.0.attention.wq.weight"] == torch.bfloat16  # not converted first
+    w = pinned.model.layers[0].attention.wq.weight
+    assert w.dtype == torch.float32 and torch.equal(w, plain.model.layers[0].attention.wq.weight)
+    ids = torch.tensor(plain.tokenizer.encode("Once upon a time"))
+    assert torch.equal(pinned.model(ids, pinned.new_cache()).logits, plain.model(ids, plain.new_cache()).logits)
