@@ -136,6 +136,17 @@ def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> i
     return expert_bytes(args.dim, args.hidden_dim, torch.empty(0, dtype=dt).element_size(), spec)
 
 
+def _copy_expert(parts: dict[str, torch.Tensor], dev: torch.device, dt: torch.dtype) -> dict[str, torch.Tensor]:
+    """An expert's weights copied out of the mapped file. On the CPU into one huge-page region: a fresh
+    allocation in 4 KiB pages costs a page fault per page (90,000 for a 350 MB bf16 expert), on every
+    cache miss, and decode then streams it from 2 MiB pages."""
+    if dev.type == "cpu" and hugepages.supported():
+        copied = hugepages.copy_into_huge_pages(parts, show=False, dtypes=dict.fromkeys(parts, dt))
+        if all(copied[k].data_ptr() != t.data_ptr() for k, t in parts.items()):  # each one really copied
+            return copied
+    return {k: t.to(device=dev, dtype=dt, copy=True) for k, t in parts.items()}
+
+
 def _expert_capacity(args: ModelArgs, state: dict[str, torch.Tensor], expert_names: list[str], dt: torch.dtype,
                      spec: QuantSpec | None, budget: float | None) -> int | None:
     """How many experts fit the budget beside the resident weights; None when all of them do (or
@@ -254,8 +265,8 @@ class Engine:
                 else:  # a copy out of the mapped file, into memory the cache accounts for; same strides
                     # as the mapped view (the torrent's w2 is transposed), so the same kernels run and
                     # the tokens are the same as with every expert resident
-                    ff.load_state_dict({k: offloaded[n].to(device=dev, dtype=dt, copy=True)
-                                        for k, n in names.items()}, assign=True)
+                    ff.load_state_dict(_copy_expert({k: offloaded[n] for k, n in names.items()}, dev, dt),
+                                       assign=True)
                 return ff
 
             experts = offload(model, load_expert, _expert_bytes(args, dt, spec), capacity, prefetch)

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_args
 from torch import nn
 
-from mixchat.engine import Engine
+from mixchat.engine import Engine, _copy_expert
 from mixchat.errors import MixchatError
 from mixchat.experts import ExpertCache
 from mixchat.paths import demo_model
@@ -124,3 +124,18 @@ def test_one_shot_stats_report_the_hit_rate(capsys):
     assert main(["-m", str(DEMO), "--memory-budget", "0.008", "--no-save", "--stats", "--max-tokens", "6",
                  "--temperature", "0", "-p", "Good morning"]) == 0
     assert "hit rate" in capsys.readouterr().err
+
+
+def test_a_loaded_bf16_expert_is_a_copy_with_the_mapped_strides():
+    g = torch.Generator().manual_seed(0)
+    mapped = {"w1.weight": torch.randn(96, 64, generator=g).to(torch.bfloat16),
+              "w2.weight": torch.randn(96, 64, generator=g).to(torch.bfloat16).t(),  # the torrent's transposed w2
+              "w3.weight": torch.randn(96, 64, generator=g).to(torch.bfloat16)}
+    for dt in (torch.bfloat16, torch.float32):
+        got = _copy_expert(mapped, torch.device("cpu"), dt)
+        for k, t in mapped.items():
+            assert got[k].dtype == dt and got[k].stride() == t.stride() and torch.equal(got[k], t.to(dt))
+            assert got[k].data_ptr() != t.data_ptr()  # the cache owns it: evicting it frees the memory
+        if dt == torch.bfloat16:
+            mapped["w1.weight"].zero_()
+            assert got["w1.weight"].abs().sum() > 0
