@@ -133,7 +133,7 @@ def load_options(ns) -> dict:
 
 
 def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> int:
-    return expert_bytes(args.dim, args.hidden_dim, torch.empty(0, dtype=dt).element_size(), spec)
+    return expert_bytes(args.dim, args.hidden_dim, dt.itemsize, spec)
 
 
 def _copy_expert(parts: dict[str, torch.Tensor], dev: torch.device, dt: torch.dtype) -> dict[str, torch.Tensor]:
@@ -155,7 +155,7 @@ def _expert_capacity(args: ModelArgs, state: dict[str, torch.Tensor], expert_nam
         return None
     skip = set(expert_names)
     shapes = {n: tuple(t.shape) for n, t in state.items() if n not in skip}
-    resident = model_bytes(shapes, torch.empty(0, dtype=dt).element_size(), spec)
+    resident = model_bytes(shapes, dt.itemsize, spec)
     one = _expert_bytes(args, dt, spec)
     capacity = int((budget - resident) // one)
     if capacity >= args.n_layers * args.moe.num_experts:
@@ -225,8 +225,8 @@ class Engine:
             warm = False  # the point of a budget: the whole file need not (or cannot) be in memory
         # Decode streams the weights a little faster from huge pages than from the file's 4 KiB page-cache
         # pages (mixchat.hugepages); the copy reads the file, so it replaces warming the page cache.
-        resident = sum(t.numel() for t in state.values()) * torch.empty(0, dtype=dt).element_size() + sum(
-            t.nbytes for parts in quantized.values() for t in parts.values())
+        state_bytes = sum(t.numel() for t in state.values()) * dt.itemsize  # once converted to dt
+        resident = state_bytes + sum(t.nbytes for parts in quantized.values() for t in parts.values())
         convert = {name: dt for name in state}  # the release's tensors, not the quantized parts added below
         pin = huge_pages and dev.type == "cpu" and capacity is None and hugepages.supported() \
             and resident < 0.85 * _available_memory()
@@ -239,8 +239,7 @@ class Engine:
                 touch_pages(state["tok_embeddings.weight"])
         else:
             # A dtype or device change copies every tensor: show it, it takes a while on 14 GB.
-            total = sum(t.numel() * torch.empty(0, dtype=dt).element_size() for t in state.values())
-            with Progress(f"converting to {str(dt).removeprefix('torch.')} on {dev}", total,
+            with Progress(f"converting to {str(dt).removeprefix('torch.')} on {dev}", state_bytes,
                           enabled=show_progress) as bar:
                 for name, t in state.items():
                     state[name] = t.to(device=dev, dtype=dt)

@@ -47,7 +47,7 @@ def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading
     dtypes = dtypes or {}
 
     def size(name: str, t: torch.Tensor) -> int:
-        return t.numel() * torch.empty(0, dtype=dtypes.get(name, t.dtype)).element_size()
+        return t.numel() * dtypes.get(name, t.dtype).itemsize
 
     plan: list[tuple[str, int, torch.Size, bool]] = []
     total = 0

@@ -294,7 +294,7 @@ def expert_parts(ex: nn.Module) -> tuple[tuple[str, int, bool], tuple] | None:
     return (parts[0][0], parts[0][2], t), tuple(p[1] for p in parts)
 
 
-def _moe_inputs(moe: MoeFeedForward) -> tuple | str | None:
+def _moe_inputs(moe: MoeFeedForward) -> tuple | None:
     """kernels.DecodeMoe's arguments (kind, group, top_k, router weight, per expert the parts of w1, w2,
     w3, whether w2 is transposed), or None where the kernels do not take this layer. Experts loaded on demand
     are None, and so is the kind: DecodeMoe learns it from the first expert it fetches."""

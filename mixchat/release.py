@@ -188,7 +188,7 @@ def _open_safetensors(path: Path) -> dict[str, torch.Tensor]:
         dtype = getattr(torch, _safetensors_dtype(path, name, meta))
         start, end = (base + int(o) for o in meta["data_offsets"])
         raw = blob[start:end]
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if start % itemsize:  # an unaligned tensor cannot be viewed in place
             raw = raw.clone()
         out[name] = raw.view(dtype).view(meta["shape"])

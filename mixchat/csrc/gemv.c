@@ -683,13 +683,14 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
     MC_FLUSH_ACC(y, S, R, T, part);
 }
 
-#define MC_INT4_Q8(GS)                                                                              \
+/* R1, S1: the one-token kernel's rows and accumulator splits. */
+#define MC_INT4_Q8(GS, R1, S1)                                                                      \
     MC_INLINE void int4q8_block_g##GS(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, \
                                       const int T, const int S, float (*part)[8])                   \
     {                                                                                               \
         int4q8_block(c, n0, k0, k1, R, T, S, GS, part);                                             \
     }                                                                                               \
-    MC_DRIVER(int4q8_g##GS##_t1, int4q8_block_g##GS, int4_epi, c->K, MC_INT4_T1_R, 1, MC_INT4_T1_S)                       \
+    MC_DRIVER(int4q8_g##GS##_t1, int4q8_block_g##GS, int4_epi, c->K, R1, 1, S1)                     \
     MC_DRIVER(int4q8_g##GS##_t2, int4q8_block_g##GS, int4_epi, c->K, 2, 2, 1)                       \
     MC_DRIVER(int4q8_g##GS##_t3, int4q8_block_g##GS, int4_epi, c->K, 1, 3, 2)                       \
     MC_DRIVER(int4q8_g##GS##_t4, int4q8_block_g##GS, int4_epi, c->K, 1, 4, 2)                       \
@@ -698,23 +699,11 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
     MC_DRIVER(int4q8_g##GS##_t7, int4q8_block_g##GS, int4_epi, c->K, 1, 7, 1)                       \
     MC_DRIVER(int4q8_g##GS##_t8, int4q8_block_g##GS, int4_epi, c->K, 1, 8, 1)
 
-MC_INT4_Q8(32)
-MC_INT4_Q8(64)
-MC_INLINE void int4q8_block_g128(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
-                                 const int S, float (*part)[8])
-{
-    int4q8_block(c, n0, k0, k1, R, T, S, 128, part);
-}
-/* one row at a time: two rows' eight unpacked vectors and their accumulators would not fit in registers
- * (measured 22-24 against 17-20 GB/s for R = 2) */
-MC_DRIVER(int4q8_g128_t1, int4q8_block_g128, int4_epi, c->K, 1, 1, 2)
-MC_DRIVER(int4q8_g128_t2, int4q8_block_g128, int4_epi, c->K, 2, 2, 1)
-MC_DRIVER(int4q8_g128_t3, int4q8_block_g128, int4_epi, c->K, 1, 3, 2)
-MC_DRIVER(int4q8_g128_t4, int4q8_block_g128, int4_epi, c->K, 1, 4, 2)
-MC_DRIVER(int4q8_g128_t5, int4q8_block_g128, int4_epi, c->K, 1, 5, 1)
-MC_DRIVER(int4q8_g128_t6, int4q8_block_g128, int4_epi, c->K, 1, 6, 1)
-MC_DRIVER(int4q8_g128_t7, int4q8_block_g128, int4_epi, c->K, 1, 7, 1)
-MC_DRIVER(int4q8_g128_t8, int4q8_block_g128, int4_epi, c->K, 1, 8, 1)
+MC_INT4_Q8(32, MC_INT4_T1_R, MC_INT4_T1_S)
+MC_INT4_Q8(64, MC_INT4_T1_R, MC_INT4_T1_S)
+/* groups of 128 take one row at a time: two rows' eight unpacked vectors and their accumulators would
+ * not fit in registers (measured 22-24 against 17-20 GB/s for R = 2) */
+MC_INT4_Q8(128, 1, 2)
 
 static const mc_rows_fn int4q8_fns[3][9] = {
     {0, int4q8_g32_t1, int4q8_g32_t2, int4q8_g32_t3, int4q8_g32_t4, int4q8_g32_t5, int4q8_g32_t6, int4q8_g32_t7,
