@@ -55,11 +55,21 @@ def active_bytes_per_token(engine) -> int:
 def run(ns: Namespace) -> int:
     import torch
 
+    from mixchat.cache import DEFAULT_CHUNK
     from mixchat.engine import Engine, load_options
+    from mixchat.errors import MixchatError
 
+    for flag, value, most in (("--prompt-tokens", ns.prompt_tokens, DEFAULT_CHUNK), ("--decode-tokens",
+                              ns.decode_tokens, 1 << 20), ("--runs", ns.runs, 1000)):
+        if not 1 <= value <= most:
+            raise MixchatError(f"{flag} {value}: must be from 1 to {most}")
     start = time.perf_counter()
     engine = Engine.load(ns.model, **load_options(ns))
     load_s = time.perf_counter() - start
+    context = engine.new_cache().max_tokens
+    if ns.prompt_tokens + ns.decode_tokens >= context:
+        raise MixchatError(f"--prompt-tokens {ns.prompt_tokens} + --decode-tokens {ns.decode_tokens} do not fit "
+                           f"{engine.release.folder}'s context of {context} tokens; ask for fewer")
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, engine.args.vocab_size, (ns.prompt_tokens,), generator=gen).to(engine.device)
 

@@ -25,6 +25,18 @@ from mixchat.errors import ContextError
 DEFAULT_CHUNK = 256
 
 
+def available_memory() -> int:
+    """Bytes the kernel says can be allocated without swapping (0 when it cannot tell)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 @dataclass
 class Step:
     """Where one forward chunk writes and what it may read."""
@@ -56,8 +68,17 @@ class KVCache:
     def _allocate(self, capacity: int) -> None:
         a = self.args
         shape = (a.n_layers, a.n_kv_heads, capacity, a.head_dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        need = 2 * a.n_layers * a.n_kv_heads * capacity * a.head_dim * self.dtype.itemsize
+        free = available_memory() if self.device.type == "cpu" else 0
+        what = f"{capacity} tokens of KV cache ({need / 1e9:.1f} GB)"
+        if free and need > free:  # refuse before the allocation: an OOM kill would take the conversation with it
+            raise ContextError(f"{what} do not fit the {free / 1e9:.1f} GB of free memory; start a shorter "
+                               "conversation, or use a model with a smaller sliding window or context")
+        try:
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        except (RuntimeError, MemoryError):  # torch.OutOfMemoryError is a RuntimeError
+            raise ContextError(f"{what}: not enough memory on {self.device}; start a shorter conversation") from None
         slot_pos = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
         if hasattr(self, "k"):  # growing: keep what is there
             n = self.k.shape[2]

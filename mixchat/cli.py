@@ -39,24 +39,26 @@ def _bench(ns: argparse.Namespace) -> int:
     return bench.run(ns)
 
 
-def _store():
+def _store(readonly: bool = False):
     from mixchat import paths
     from mixchat.store import Store
 
-    return Store(paths.store_path())
+    # Commands that only read open it read-only: they then work on a store in a read-only folder or
+    # from a newer mixchat, and create nothing where there is no store yet.
+    return Store(paths.store_path(), readonly=readonly)
 
 
 def _list(ns: argparse.Namespace) -> int:
     from mixchat.transcript import format_list
 
-    print(format_list(_store().list()))
+    print(format_list(_store(readonly=True).list()))
     return 0
 
 
 def _show(ns: argparse.Namespace) -> int:
     from mixchat.transcript import to_json, to_markdown
 
-    store = _store()
+    store = _store(readonly=True)
     conv = store.get(ns.id)
     messages = store.messages(conv.id)
     print(to_json(conv, messages) if getattr(ns, "format", "markdown") == "json" else to_markdown(conv, messages),
@@ -66,16 +68,25 @@ def _show(ns: argparse.Namespace) -> int:
 
 def _rm(ns: argparse.Namespace) -> int:
     from mixchat import paths
+    from mixchat.safetext import one_line
 
     conv = _store().delete(ns.id)
-    (paths.kv_dir() / f"{conv.id}.safetensors").unlink(missing_ok=True)
-    print(f"deleted {conv.id} ({conv.title})")
+    print(f"deleted {conv.id} ({one_line(conv.title) or '(untitled)'}) and its messages")
+    kv = paths.kv_dir() / f"{conv.id}.safetensors"
+    try:
+        kv.unlink(missing_ok=True)
+    except OSError as exc:  # the conversation is gone; only its cache file is left behind
+        print(f"mixchat: warning: could not delete its KV cache {kv} ({exc.strerror}); remove it by hand",
+              file=sys.stderr)
     return 0
 
 
 def _rename(ns: argparse.Namespace) -> int:
-    conv = _store().rename(ns.id, ns.title)
-    print(f"{conv.id}: {conv.title}")
+    from mixchat.oneshot import check_text
+    from mixchat.safetext import one_line
+
+    conv = _store().rename(ns.id, check_text(ns.title, "the title", "give the new title"))
+    print(f"{conv.id}: {one_line(conv.title)}")
     return 0
 
 
@@ -118,16 +129,22 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
         if note:
             print(note)
         return repl.run(ns)
+    from mixchat.engine import load_options
+    from mixchat.oneshot import recommended_sampling, sampling_from
     from mixchat.tui.app import MixchatApp
 
+    load_options(ns)  # the model and sampling flags are checked as in every other front end, by name
+    sampling_from(ns)
     settings = settings_mod.load()
     if note:  # the demo model: its recommended sampling (it loops when greedy) over the saved defaults
         from pathlib import Path
 
         from mixchat.config import ModelArgs
-        from mixchat.oneshot import recommended_sampling
 
-        for key, value in recommended_sampling(extra=ModelArgs.from_file(Path(model) / "params.json").extra).items():
+        params = Path(model) / "params.json"
+        recommended = recommended_sampling(extra=ModelArgs.from_file(params).extra)
+        sampling_from(ns, recommended, str(params))  # a bad value is blamed on the file
+        for key, value in recommended.items():
             setattr(settings, key, value)
     for key in ("temperature", "top_p", "top_k", "repeat_penalty", "seed", "max_tokens", "system"):
         if getattr(ns, key, None) is not None:  # flags given now win over the saved settings
@@ -141,8 +158,11 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
     if ns.memory_budget:
         settings.memory_budget_gb = ns.memory_budget
     settings.check()
-    MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note).run()
-    return 0
+    app = MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note)
+    app.run()
+    # 0 after Ctrl+Q, 128 + the signal after SIGTERM/SIGHUP (replies saved first), 1 after a crash
+    # (Textual sets it on an unhandled exception and prints the traceback once the terminal is back).
+    return app.return_code or 0
 
 
 def _reattach_terminal() -> None:
@@ -159,14 +179,16 @@ def _reattach_terminal() -> None:
 def _chat(ns: argparse.Namespace) -> int:
     from mixchat import oneshot
 
+    if ns.system:
+        oneshot.check_text(ns.system, "--system", "give the system prompt's text, or leave --system out")
     if ns.interactive:
         first = oneshot.read_stdin() if not sys.stdin.isatty() else ns.prompt
+        if first is not None:
+            first = oneshot.check_text(first, "-p/--prompt", "give the first message")
         _reattach_terminal()
         return _interactive(ns, first)
     if ns.prompt is not None:
-        text = ns.prompt
-        if not text.strip():
-            raise MixchatError("-p/--prompt is empty; give the question to ask")
+        text = oneshot.check_text(ns.prompt, "-p/--prompt", "give the question to ask")
     elif not sys.stdin.isatty():
         text = oneshot.read_stdin()
     else:
@@ -222,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, help="0 = greedy (default 0.7)")
     s.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")
     s.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 = off (default)")
-    s.add_argument("--repeat-penalty", type=float, help="penalise the last 64 tokens' ids; 1 = off (default 1.1)")
+    s.add_argument("--repeat-penalty", type=float,
+                   help="penalise the last 64 tokens' ids; 1 = off (default; params.json may recommend another)")
     s.add_argument("--seed", type=int, help="same seed and settings give the same text")
     s.add_argument("--max-tokens", type=int, help="stop after this many new tokens (default 512)")
     parser.set_defaults(func=_chat)
@@ -262,19 +285,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mixchat.safetext import visible
+    from mixchat.signals import Terminated
+
     ns = build_parser().parse_args(argv)
     if ns.home:
         os.environ["MIXCHAT_HOME"] = ns.home
     try:
-        return ns.func(ns)
+        code = ns.func(ns)
     except MixchatError as exc:
-        print(f"mixchat: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        # Messages quote paths and values from files and flags: no control character may act.
+        _stderr(f"mixchat: error: {visible(str(exc))}")
+        code = exc.exit_code
     except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
+        _stderr("")
+        code = 130
+    except Terminated as exc:
+        code = 128 + exc.signum
     except BrokenPipeError:
-        # The reader went away (mixchat ... | head): stop quietly, as Unix tools do, and point
-        # stdout at /dev/null so the interpreter's final flush does not complain.
+        code = 0  # the reader went away (mixchat ... | head): stop quietly, as Unix tools do
+    try:
+        sys.stdout.flush()
+    except OSError:
+        # Point stdout at /dev/null so the interpreter's final flush does not complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return code
+
+
+def _stderr(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass

@@ -19,6 +19,7 @@ Defaults (each documented because the release files disagree about what they spe
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,15 @@ from mixchat.errors import ConfigError
 
 REQUIRED = ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size")
 DEFAULT_MAX_SEQ_LEN = 32768
+MAX_PARAMS_BYTES = 1 << 20
+
+# Upper bounds checked before anything is allocated or looped over: params.json is input, and a
+# "n_layers": 1000000000 would otherwise have mixchat build a billion expected tensor names. Each
+# bound is far above any released model (Mistral-Large: dim 12288, 88 layers; Mixtral-8x22B: 56
+# experts' worth of hidden 16384; tekken: 131072 ids; 128k contexts) and far below what would hang.
+LIMITS = {"dim": 1 << 16, "n_layers": 1024, "hidden_dim": 1 << 20, "n_heads": 1024, "n_kv_heads": 1024,
+          "head_dim": 4096, "vocab_size": 1 << 22, "max_seq_len": 1 << 24, "sliding_window": 1 << 24,
+          "num_experts": 1024, "num_experts_per_tok": 1024}
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,8 @@ class ModelArgs:
         n_kv_heads = opt("n_kv_heads", n_heads)
         norm_eps = opt("norm_eps", 1e-5, float)
         if isinstance(params.get("sliding_window"), list):
-            raise ConfigError(f"{source}: per-layer sliding windows (a list) are not supported by mixchat")
+            raise ConfigError(f"{source}: sliding_window as a per-layer list is not supported by mixchat yet; "
+                              "use a release whose sliding_window is a number or null")
         sliding_window = None if params.get("sliding_window") is None else get_int("sliding_window")
         if "sliding_window" not in params:
             defaulted.append("sliding_window")
@@ -105,9 +116,11 @@ class ModelArgs:
                     f"{source}: moe.num_experts_per_tok ({moe.num_experts_per_tok}) exceeds "
                     f"moe.num_experts ({moe.num_experts})"
                 )
+        if n_kv_heads > n_heads:
+            raise ConfigError(f"{source}: n_kv_heads ({n_kv_heads}) exceeds n_heads ({n_heads})")
         if n_heads % n_kv_heads:
             raise ConfigError(f"{source}: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
-        if head_dim % 2:
+        if head_dim < 2 or head_dim % 2:
             raise ConfigError(f"{source}: head_dim ({head_dim}) must be even for rotary embeddings")
 
         used = set(REQUIRED) | {
@@ -135,9 +148,20 @@ class ModelArgs:
         if not path.is_file():
             raise ConfigError(f"{path}: not found; a release folder needs the params.json shipped with its weights")
         try:
+            size = path.stat().st_size
+            if size > MAX_PARAMS_BYTES:  # a few hundred bytes in every release; never read gigabytes
+                raise ConfigError(f"{path}: {size} bytes, not a params.json (those are under 1 KB); "
+                                  "restore the params.json from the release")
             params = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc}); restore the params.json from the release") from None
+        except PermissionError:
+            raise ConfigError(f"{path}: permission denied; make it readable (chmod a+r) or run mixchat as its "
+                              "owner") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{path}: not valid JSON ({reason}); restore the params.json from the release") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror}); restore the params.json from the "
+                              "release") from None
         return cls.from_dict(params, source=str(path))
 
     def to_params(self) -> dict[str, Any]:
@@ -153,13 +177,23 @@ class ModelArgs:
         return out
 
 
+def _shown(value: Any) -> str:
+    """A value from the file, quoted for one line and cut short (a 10 MB string stays a few words)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _reader(params: dict[str, Any], source: str):
     def get_int(key: str) -> int:
         if key not in params:
             raise ConfigError(f"{source}: missing required field {key}")
         value = params[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{source}: {key} must be a positive integer, found {value!r}")
+            raise ConfigError(f"{source}: {key} must be a positive integer, found {_shown(value)}; "
+                              "use the params.json that came with these weights")
+        if value > LIMITS.get(key, value):
+            raise ConfigError(f"{source}: {key} is {value}, beyond the {LIMITS[key]} mixchat accepts (no released "
+                              "model comes near); the file is damaged, use the params.json shipped with the weights")
         return value
 
     return get_int
@@ -167,6 +201,8 @@ def _reader(params: dict[str, Any], source: str):
 
 def _float(params: dict[str, Any], key: str, source: str) -> float:
     value = params[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{source}: {key} must be a positive number, found {value!r}")
+    # json.loads accepts NaN and Infinity, which would turn every rotary angle into NaN.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{source}: {key} must be a positive finite number, found {_shown(value)}; "
+                          "use the params.json that came with these weights")
     return float(value)

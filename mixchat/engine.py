@@ -5,6 +5,7 @@ Never imports Textual: every front end (one-shot CLI, line REPL, TUI) drives thi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mixchat import hugepages
-from mixchat.cache import DEFAULT_CHUNK, KVCache
+from mixchat.cache import DEFAULT_CHUNK, KVCache, available_memory
 from mixchat.config import ModelArgs
 from mixchat.errors import MixchatError
 from mixchat.experts import ExpertCache, offload
@@ -59,17 +60,6 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def warm_page_cache(path: Path, show: bool | None = None,
                     on_progress: Callable[[int, int], None] | None = None) -> None:
     """Fault the whole file into the page cache before the first token, with a progress bar.
@@ -84,7 +74,7 @@ def warm_page_cache(path: Path, show: bool | None = None,
     import warnings
 
     size = path.stat().st_size
-    if size == 0 or size > 0.9 * _available_memory():
+    if size == 0 or size > 0.9 * available_memory():
         return
     step = 256 << 20
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm, \
@@ -125,9 +115,18 @@ def model_fingerprint(release: Release) -> str:
     return h.hexdigest()[:16]
 
 
+MAX_THREADS = 1024
+
+
 def load_options(ns) -> dict:
-    """Engine.load's keyword arguments from the model flags every front end shares (cli._model_options)."""
-    budget = getattr(ns, "memory_budget", None)
+    """Engine.load's keyword arguments from the model flags every front end shares (cli._model_options),
+    checked first: a flag's mistake is named by the flag, before any weight is read."""
+    threads, budget = ns.threads, getattr(ns, "memory_budget", None)
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise MixchatError(f"--threads {threads}: must be from 1 to {MAX_THREADS} (leave it out for torch's choice)")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise MixchatError(f"--memory-budget {budget}: must be a positive number of GB (leave it out to keep every "
+                           "weight in memory)")
     return {"dtype": ns.dtype, "device": ns.device, "threads": ns.threads, "quant": getattr(ns, "quant", None),
             "memory_budget": budget * 1e9 if budget else None}
 
@@ -229,7 +228,7 @@ class Engine:
         resident = state_bytes + sum(t.nbytes for parts in quantized.values() for t in parts.values())
         convert = {name: dt for name in state}  # the release's tensors, not the quantized parts added below
         pin = huge_pages and dev.type == "cpu" and capacity is None and hugepages.supported() \
-            and resident < 0.85 * _available_memory()
+            and resident < 0.85 * available_memory()
         warm = warm and not pin
         # Pinned weights are converted as they are copied into huge pages (below): one copy, not two.
         if dev.type == "cpu" and (pin or all(t.dtype == dt for t in state.values())):
@@ -277,6 +276,26 @@ class Engine:
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()
         return cls(release, args, layout, model, opened.tokenizer, dev, dt, fingerprint, spec, cached, experts)
+
+    def explain_non_finite(self) -> str:
+        """Why the model produced NaN or infinite logits, as one line for the user: the first weight
+        that holds a non-finite value (reading all of them: seconds on a 7B, and only on this error
+        path), or, with every weight finite, an overflow of the activations."""
+        folder = self.release.folder
+        for name, t in (*self.model.named_parameters(), *self.model.named_buffers()):
+            if not t.is_floating_point() or t.device.type == "meta" or bool(torch.isfinite(t).all()):
+                continue
+            if name.rpartition(".")[2] in ("scale", "zero") and self.quant is not None:
+                from mixchat.quant import cache_path
+
+                return (f"the model produced NaN/infinite logits: the quantized weights {name} hold non-finite values "
+                        f"(from {cache_path(self.fingerprint, self.quant)}); check the release with `mixchat verify "
+                        f"{folder}`, then delete that file so mixchat quantizes again")
+            return (f"the model produced NaN/infinite logits: tensor {name} in {self.release.weights} holds "
+                    f"non-finite values; the file is damaged or not a real release: check it with `mixchat verify "
+                    f"{folder}` and download it again")
+        return (f"the model produced NaN/infinite logits although every weight of {folder} is finite: the "
+                f"activations overflowed in {str(self.dtype).removeprefix('torch.')}; try --dtype fp32")
 
     def new_cache(self, chunk_size: int = DEFAULT_CHUNK, max_tokens: int | None = None) -> KVCache:
         return KVCache(self.args, self.dtype, self.device, chunk_size=chunk_size, max_tokens=max_tokens)

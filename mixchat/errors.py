@@ -31,3 +31,7 @@ class ChecksumError(MixchatError):
 
 class ContextError(MixchatError):
     """A prompt or conversation does not fit the model's context or the cache budget."""
+
+
+class NonFiniteError(MixchatError):
+    """The model produced NaN or infinite logits; the message names the likely source."""

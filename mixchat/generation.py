@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mixchat.engine import Engine
-from mixchat.errors import ContextError
+from mixchat.errors import ContextError, NonFiniteError
 from mixchat.sampling import SamplingSettings, sample
 from mixchat.tokenizer import StreamDecoder
 
@@ -48,6 +48,7 @@ class Done:
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0
     timings: dict = field(default_factory=dict)  # the figures saved with the reply (filled by Chat)
+    notes: list[str] = field(default_factory=list)  # things to tell the user (e.g. a cache not saved)
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -57,6 +58,15 @@ class Done:
     def decode_tokens_per_second(self) -> float:
         # Every generated token costs one single-token forward pass (it is fed to get its routing).
         return len(self.generated) / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def check_finite(logits: torch.Tensor, engine: Engine) -> None:
+    """NaN or infinite logits would be sampled into garbage (or crash the sampler): stop, and say
+    where they most likely come from. Checking a vocabulary-sized row costs microseconds; finding
+    the culprit (reading every weight) happens only once something is wrong."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    raise NonFiniteError(engine.explain_non_finite())
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -79,6 +89,22 @@ class Session:
     @property
     def context_limit(self) -> int:
         return self.cache.max_tokens
+
+    def resync(self) -> None:
+        """After a forward pass failed midway: keep only what both the token list and the cache
+        agree on (a half-written chunk leaves slots the mask would otherwise trust)."""
+        n = min(len(self.tokens), self.cache.pos)
+        self.forget_from(n)
+
+    def forget_from(self, n: int) -> None:
+        """Drop positions n and later from the cache and the token list (all of it if the rolling
+        window no longer holds what position n needs)."""
+        if self.cache.can_rewind(n):
+            self.cache.rewind(n)
+        else:
+            self.cache.reset()
+            n = 0
+        self.tokens = self.tokens[:n]
 
     def _reuse(self, prompt: list[int]) -> int:
         """Keep the longest cached prefix of `prompt` (at least one prompt token must still be
@@ -122,6 +148,7 @@ class Session:
             piece = todo[begin : begin + step]
             out = model(torch.tensor(piece, device=device), self.cache, last_only=True)
             self.tokens.extend(piece)
+            check_finite(out.logits, self.engine)
             if len(todo) > step:
                 yield PrefillProgress(begin + len(piece), len(todo))
         done.prefill_seconds = time.perf_counter() - start
@@ -144,6 +171,7 @@ class Session:
             # and the cache then holds the whole reply for the next turn.
             out = model(torch.tensor([token], device=device), self.cache)
             self.tokens.append(token)
+            check_finite(out.logits, self.engine)
             history.append(token)
             done.generated.append(token)
             text = stream.push(token)

@@ -14,6 +14,7 @@ from mixchat.errors import ChecksumError, MixchatError, ReleaseError
 from mixchat.progress import Progress, human_bytes
 from mixchat.qformat import memory_estimates
 from mixchat.release import Release, TensorInfo, detect_layout, open_release, parse_release_md5, read_header, validate
+from mixchat.safetext import visible
 
 
 def _role(name: str) -> str:
@@ -21,28 +22,32 @@ def _role(name: str) -> str:
 
 
 def implied_by_shapes(sd: dict[str, TensorInfo], layout: str) -> dict[str, Any]:
-    """What the tensor shapes alone say about the architecture (for checking params.json)."""
+    """What the tensor shapes alone say about the architecture (for checking params.json). Names and
+    shapes come from the file, so a tensor of an unexpected rank says nothing rather than failing."""
+
+    def dim(name: str, axis: int, rank: int = 2) -> int | None:
+        t = sd.get(name)
+        return int(t.shape[axis]) if t is not None and len(t.shape) == rank else None
+
     out: dict[str, Any] = {}
-    if "tok_embeddings.weight" in sd:
-        out["vocab_size"], out["dim"] = map(int, sd["tok_embeddings.weight"].shape)
-    layer_ids = {int(m[1]) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))}
+    if dim("tok_embeddings.weight", 0) is not None:
+        out["vocab_size"], out["dim"] = dim("tok_embeddings.weight", 0), dim("tok_embeddings.weight", 1)
+    layer_ids = {int(m[1]) for k in sd if (m := re.match(r"layers\.(\d{1,6})\.", k))}
     out["n_layers"] = max(layer_ids) + 1 if layer_ids else 0
-    wq, wk = sd.get("layers.0.attention.wq.weight"), sd.get("layers.0.attention.wk.weight")
-    if wq is not None:
-        out["n_heads * head_dim"] = int(wq.shape[0])
-    if wk is not None:
-        out["n_kv_heads * head_dim"] = int(wk.shape[0])
-    if layout == "dense" and "layers.0.feed_forward.w1.weight" in sd:
-        out["hidden_dim"] = int(sd["layers.0.feed_forward.w1.weight"].shape[0])
-    elif layout == "experts" and "layers.0.feed_forward.gate.weight" in sd:
-        out["moe.num_experts"] = int(sd["layers.0.feed_forward.gate.weight"].shape[0])
-        if "layers.0.feed_forward.experts.0.w1.weight" in sd:
-            out["hidden_dim"] = int(sd["layers.0.feed_forward.experts.0.w1.weight"].shape[0])
-    elif layout == "torrent" and "layers.0.block_sparse_moe.gate.weight" in sd:
-        e = int(sd["layers.0.block_sparse_moe.gate.weight"].shape[0])
+    if (q := dim("layers.0.attention.wq.weight", 0)) is not None:
+        out["n_heads * head_dim"] = q
+    if (kv := dim("layers.0.attention.wk.weight", 0)) is not None:
+        out["n_kv_heads * head_dim"] = kv
+    if layout == "dense" and (h := dim("layers.0.feed_forward.w1.weight", 0)) is not None:
+        out["hidden_dim"] = h
+    elif layout == "experts" and (e := dim("layers.0.feed_forward.gate.weight", 0)) is not None:
         out["moe.num_experts"] = e
-        if "layers.0.block_sparse_moe.w1" in sd:
-            out["hidden_dim"] = int(sd["layers.0.block_sparse_moe.w1"].shape[0]) // e
+        if (h := dim("layers.0.feed_forward.experts.0.w1.weight", 0)) is not None:
+            out["hidden_dim"] = h
+    elif layout == "torrent" and (e := dim("layers.0.block_sparse_moe.gate.weight", 0)):
+        out["moe.num_experts"] = e
+        if (h := dim("layers.0.block_sparse_moe.w1", 0)) is not None:
+            out["hidden_dim"] = h // e
     return out
 
 
@@ -63,7 +68,7 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
     layout = detect_layout(sd)
 
     namespaces = Counter(k.split(".")[0] for k in sd)
-    per_layer = Counter(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    per_layer = Counter(int(m[1]) for k in sd if (m := re.match(r"layers\.(\d{1,6})\.", k)))
     roles: dict[tuple, int] = Counter((_role(k), t.shape, t.dtype) for k, t in sd.items())
     n_params = sum(t.numel for t in sd.values())
     n_bytes = sum(t.nbytes for t in sd.values())
@@ -97,6 +102,14 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
             tok.update(vocab_size=t.vocab_size, version=t.version, matches_params=t.vocab_size == args.vocab_size)
         except MixchatError as exc:
             tok["error"] = str(exc)
+    if problem is None:  # the loader refuses these too, so the verdict (and the exit status) must say so
+        if not tok["present"]:
+            problem = f"{release.tokenizer}: missing; copy the tokenizer.model shipped with the release into the folder"
+        elif "error" in tok:
+            problem = tok["error"]
+        elif not tok["matches_params"]:
+            problem = (f"{release.tokenizer}: has {tok['vocab_size']} pieces but {release.params} says vocab_size "
+                       f"{args.vocab_size}; use the tokenizer shipped with these weights")
     release_sums = parse_release_md5(release.release_file) if release.release_file.is_file() else {}
 
     return {
@@ -172,7 +185,7 @@ def format_report(r: dict[str, Any]) -> str:
     ns = ", ".join(f"{k} {v}" for k, v in r["namespaces"].items())
     lines.append(f"tensors by namespace: {ns}; {r['layers']} layers × {'/'.join(map(str, r['tensors_per_layer']))} "
                  "tensors per layer")
-    width = max(len(x["role"]) for x in r["roles"])
+    width = max((len(x["role"]) for x in r["roles"]), default=4)
     lines.append(f"  {'role':<{width}}  {'shape':<18} {'dtype':<9} count")
     for x in r["roles"]:
         lines.append(f"  {x['role']:<{width}}  {str(x['shape']):<18} {x['dtype']:<9} {x['count']}")
@@ -201,6 +214,15 @@ def md5_file(path: Path, show: bool | None = None) -> str:
     return h.hexdigest()
 
 
+def _inside(folder: Path, name: str) -> bool:
+    """True if RELEASE's `name` is a plain file in `folder` (or below it), reached without leaving it."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        return False
+    target = (folder / p).resolve()  # a symlink that points outside fails here
+    return target.is_relative_to(folder) and (not target.exists() or target.is_file())
+
+
 def verify_release(folder: str | Path, out=print, show_progress: bool | None = None) -> None:
     """Check that the folder loads (params.json, names and shapes, tokenizer), then every md5 sum
     RELEASE lists. Raises ReleaseError (exit 2) for an unusable folder and ChecksumError (exit 1)
@@ -215,22 +237,35 @@ def verify_release(folder: str | Path, out=print, show_progress: bool | None = N
     sums = parse_release_md5(release_file)
     if not sums:
         raise ReleaseError(f"{release_file}: holds no md5 lines ('<32 hex digits>  <file name>')")
-    bad = []
+    bad: list[str] = []
+    refused: list[str] = []
+    folder = opened.release.folder.resolve()
     for name, expected in sums.items():
         path = opened.release.folder / name
+        if not _inside(folder, name):
+            # RELEASE is input: it must not make mixchat read /etc/shadow or a 1 TB file elsewhere.
+            out(f"REFUSED   {visible(name)}: not a plain file inside {opened.release.folder}")
+            refused.append(visible(name))
+            continue
         if not path.is_file():
-            out(f"MISSING   {name}")
-            bad.append(name)
+            out(f"MISSING   {visible(name)}")
+            bad.append(visible(name))
             continue
         found = md5_file(path, show_progress)
         if found == expected:
-            out(f"OK        {name}  {found}")
+            out(f"OK        {visible(name)}  {found}")
         else:
-            out(f"MISMATCH  {name}  expected {expected}, found {found}")
-            bad.append(name)
+            out(f"MISMATCH  {visible(name)}  expected {expected}, found {found}")
+            bad.append(visible(name))
+    if refused:
+        raise ChecksumError(
+            f"{release_file}: lists {len(refused)} file(s) outside the folder ({', '.join(refused)[:200]}), which "
+            "mixchat does not read" + (f", and {len(bad)} file(s) missing or not matching" if bad else "")
+            + "; use the RELEASE file shipped with the weights"
+        )
     if bad:
         raise ChecksumError(
-            f"{release_file}: {len(bad)} of {len(sums)} files missing or not matching ({', '.join(bad)}); "
+            f"{release_file}: {len(bad)} of {len(sums)} files missing or not matching ({', '.join(bad)[:200]}); "
             "download them again"
         )
     out(f"all {len(sums)} files match RELEASE")

@@ -24,6 +24,11 @@ during the call). A self-check against torch runs once after loading. Without a 
 build or self-check, or with MIXCHAT_KERNELS=0, `available()` is False, `reason()` says why in one line,
 and the `linear_*` functions still work through slow pure-torch equivalents.
 
+MIXCHAT_KERNEL_ISA picks the build (see isa_flags): native (the default), avx2 (the AVX2+FMA code as an
+AVX2-only CPU runs it, whatever this CPU has beyond that) or portable (the plain C loops). Each build
+has its own cache folder; reason() names the one loaded, and forced_isa() swaps another in for a block
+(tests run every side of the CPU-dependent code on one machine).
+
 Threads: each call uses torch.get_num_threads() threads unless set_num_threads() says otherwise. The
 library is linked against libgomp; torch is imported first, so the dynamic loader resolves that to the
 libgomp torch already loaded: one OpenMP runtime, one pool of worker threads shared with torch's own ops,
@@ -36,6 +41,7 @@ MIXCHAT_KERNEL_CACHE overrides the cache folder (default: platformdirs' user cac
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -44,6 +50,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -52,7 +59,8 @@ import torch.nn.functional as F
 from mixchat.paths import env_flag
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"  # includes csrc/decode.c
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
+ISAS = ("native", "avx2", "portable")
+_COMMON = ("-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
 ABI_VERSION = 4  # must match MC_ABI_VERSION in gemv.c
 INT4_GROUPS = (32, 64, 128)
 MAX_ROWS = {"bf16": 8, "int8": 8, "int4": 8}  # rows of x served by one pass over the weight
@@ -61,8 +69,9 @@ GEMM_MIN_ROWS = 12  # the C side's default (mc_get_gemm_min_rows)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None  # None: not tried yet
+_opened: dict[str, tuple[ctypes.CDLL, str]] = {}  # ISA -> its library, loaded and self-checked, and reason()
 _threads: int | None = None
-_lib_threads = 0
+_lib_threads: dict[int, int] = {}  # library handle -> the thread count it was last given
 
 
 class KernelError(RuntimeError):
@@ -78,9 +87,8 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
-def _cpu_signature() -> str:
-    # -march=native bakes the CPU's instruction set into the library: a home folder shared between
-    # machines must not hand an AVX-512 build to an AVX2 machine.
+def _cpu_flags() -> str | None:
+    """The CPU's feature flags as /proc/cpuinfo lists them, or None where there is no such file."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -88,7 +96,71 @@ def _cpu_signature() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.machine() + " " + platform.processor()
+    return None
+
+
+def _cpu_signature() -> str:
+    # -march=native bakes the CPU's instruction set into the library: a home folder shared between
+    # machines must not hand an AVX-512 build to an AVX2 machine.
+    return _cpu_flags() or platform.machine() + " " + platform.processor()
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def isa_flags(isa: str) -> tuple[str, ...]:
+    """The compiler flags of one build of the kernels.
+
+    native    -march=native: the AVX2+FMA intrinsics where the CPU has them, the plain C loops where not.
+              The compiler also tunes the plain C parts (K tails, norms, epilogues) for this CPU: AVX-512
+              where it has it, and where it fuses multiply-adds (tuning for Zen avoids chains of them), so
+              results differ from the avx2 build's in the last bits, within the same rounding bounds.
+    avx2      -march=x86-64-v3 (AVX2, FMA, F16C, BMI, MOVBE, LZCNT): the intrinsics exactly as an AVX2-only
+              CPU runs them, generic tuning, no AVX-512 anywhere, whatever this CPU has.
+    portable  MC_PORTABLE: the plain C loops (no intrinsics), for baseline x86-64 on x86 (no FMA, so no
+              contraction into fused multiply-adds either); the fused decode step needs the intrinsics, so
+              model.py keeps its plain path with this build.
+    """
+    if isa == "native":
+        target: tuple[str, ...] = ("-march=native",)
+    elif isa == "avx2":
+        target = ("-march=x86-64-v3",)
+    elif isa == "portable":
+        target = (("-march=x86-64",) if _x86() else ()) + ("-DMC_PORTABLE",)
+    else:
+        raise ValueError(f"kernel ISA must be one of {', '.join(ISAS)}, not {isa!r}")
+    return ("-O3", *target, *_COMMON)
+
+
+FLAGS = isa_flags("native")
+
+
+def requested_isa() -> str:
+    """The build MIXCHAT_KERNEL_ISA asks for (unset or empty: native); ValueError for an unknown name."""
+    isa = os.environ.get("MIXCHAT_KERNEL_ISA", "").strip().lower() or "native"
+    if isa not in ISAS:
+        raise ValueError(f"MIXCHAT_KERNEL_ISA={isa}: not one of {', '.join(ISAS)}")
+    return isa
+
+
+# What -march=x86-64-v3 lets the compiler use anywhere, by /proc/cpuinfo's names ("abm" is LZCNT).
+_X86_64_V3 = ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm")
+
+
+def _cannot_run(isa: str) -> str | None:
+    """Why this CPU cannot run the `isa` build (its first unknown instruction would kill the process), or
+    None."""
+    if isa != "avx2":
+        return None  # native is what the CPU has; portable is the baseline
+    if not _x86():
+        return f"the avx2 build needs an x86-64 CPU, not {platform.machine()}"
+    flags = _cpu_flags()
+    if flags is None:
+        has = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        return None if has else "the avx2 build needs AVX2, which torch does not see on this CPU"
+    missing = [f for f in _X86_64_V3 if f not in flags.split()]
+    return f"the avx2 build needs {', '.join(missing)}, which this CPU lacks" if missing else None
 
 
 def cache_root() -> Path:
@@ -175,34 +247,51 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _open(isa: str) -> tuple[ctypes.CDLL, str]:
+    """The `isa` build, loaded and self-checked (once per process), and what reason() says of it; raises
+    KernelError with the first failure."""
+    if isa in _opened:
+        return _opened[isa]
+    if (why := _cannot_run(isa)) is not None:
+        raise KernelError(why)
+    flags = isa_flags(isa)
+    # A compiler that rejects -march=native or -fopenmp (clang without libomp) still gets a working, if
+    # slower, library; the other builds exist to pin one code path, so their -march stays.
+    attempts = [flags]
+    if "-march=native" in flags:
+        attempts.append(tuple(f for f in flags if f != "-march=native"))
+    attempts.append(tuple(f for f in attempts[-1] if f != "-fopenmp"))
+    first: KernelError | None = None
+    for attempt in attempts:
+        try:
+            lib = load(build(flags=attempt))
+        except KernelError as e:
+            first = first or KernelError(str(e).splitlines()[0])
+            if not str(e).startswith("build failed"):
+                break  # a compiler that does not run, or a library that fails its self-check: stop there
+            continue
+        except Exception as e:  # noqa: BLE001 - availability must never take the caller down with it
+            first = first or KernelError(f"{type(e).__name__}: {e}".splitlines()[0])
+            break
+        notes = [f"{isa} build", "AVX2+FMA code" if lib.mc_simd() else "scalar code"]
+        if isa == "native" and not lib.mc_simd():
+            notes[-1] += ": the CPU or compiler lacks AVX2+FMA"
+        if attempt != flags:
+            notes.append(f"built without {' '.join(sorted(set(flags) - set(attempt)))}")
+        _opened[isa] = lib, f"ok ({'; '.join(notes)})"
+        return _opened[isa]
+    raise first or KernelError("not built")
+
+
 def _init() -> None:
     global _lib, _reason
     if not env_flag("MIXCHAT_KERNELS", True):
         _reason = "disabled by MIXCHAT_KERNELS=0"
         return
-    # A compiler that rejects -march=native or -fopenmp (clang without libomp) still gets a working,
-    # if slower, library; the first failure is what reason() reports if none builds.
-    attempts = (FLAGS, tuple(f for f in FLAGS if f != "-march=native"),
-                tuple(f for f in FLAGS if f not in ("-march=native", "-fopenmp")))
-    first: str | None = None
-    for flags in attempts:
-        try:
-            lib = load(build(flags=flags))
-        except KernelError as e:
-            first = first or str(e).splitlines()[0]
-            if not str(e).startswith("build failed"):
-                break  # a compiler that does not run, or a library that fails its self-check: stop there
-            continue
-        except Exception as e:  # noqa: BLE001 - availability must never take the caller down with it
-            first = first or f"{type(e).__name__}: {e}".splitlines()[0]
-            break
-        _lib = lib
-        notes = [] if flags == FLAGS else [f"built without {' '.join(sorted(set(FLAGS) - set(flags)))}"]
-        if not lib.mc_simd():
-            notes.append("portable scalar code: the CPU or compiler lacks AVX2+FMA")
-        _reason = "ok" + (f" ({'; '.join(notes)})" if notes else "")
-        return
-    _reason = first or "not built"
+    try:
+        _lib, _reason = _open(requested_isa())
+    except (ValueError, KernelError) as e:
+        _reason = str(e)
 
 
 def _get() -> ctypes.CDLL | None:
@@ -219,9 +308,38 @@ def available() -> bool:
 
 
 def reason() -> str:
-    """One line: 'ok', or why the kernels are unavailable."""
+    """One line: 'ok (the build loaded, its code path)', or why the kernels are unavailable."""
     _get()
     return _reason or "not loaded"
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (whatever forced_isa swapped in), or None: what objects holding pointers into
+    it (model.py's fused decode layers) compare to see they are still current."""
+    return _get()
+
+
+def simd() -> bool:
+    """Whether the loaded library runs the AVX2+FMA code, which the fused decode step (DecodeLayer) needs."""
+    return (lib := _get()) is not None and bool(lib.mc_simd())
+
+
+@contextlib.contextmanager
+def forced_isa(isa: str) -> Iterator[None]:
+    """Within the block the kernels run the `isa` build (see isa_flags) as if MIXCHAT_KERNEL_ISA chose it,
+    so one machine takes every side of the CPU-dependent code; the process's own build comes back after.
+    DecodeLayer/DecodeMoe objects keep the library they were made with. Raises KernelError where that
+    build cannot be built or run here."""
+    global _lib, _reason
+    lib, why = _open(isa)
+    with _lock:
+        saved = _lib, _reason
+        _lib, _reason = lib, why
+    try:
+        yield
+    finally:
+        with _lock:
+            _lib, _reason = saved
 
 
 def set_num_threads(n: int | None) -> None:
@@ -307,11 +425,10 @@ def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _call(lib: ctypes.CDLL, name: str, *args: object) -> None:
-    global _lib_threads
     n = get_num_threads()
-    if n != _lib_threads:
+    if _lib_threads.get(lib._handle) != n:  # by handle: loading one file twice gives one C state
         lib.mc_set_threads(n)
-        _lib_threads = n
+        _lib_threads[lib._handle] = n
     rc = getattr(lib, name)(*args)
     if rc != 0:
         raise KernelError(f"{name} failed with code {rc}")
@@ -499,12 +616,33 @@ def linear_many_lib(lib: ctypes.CDLL | None, x: torch.Tensor, kind: str, weights
 # ----------------------------------------------------------------------------------------------------
 
 
-def _close(name: str, got: torch.Tensor, want: torch.Tensor, k: int) -> None:
-    # fp32 accumulation in a different order: error grows ~sqrt(K) * eps * |terms|.
-    tol = 1e-5 * (k**0.5) * (want.abs().max().item() + 1.0)
-    err = (got - want).abs().max().item()
-    if not err <= tol:
-        raise KernelError(f"self-check failed: {name} max error {err:.3g} > {tol:.3g}")
+def _gamma(n: int) -> float:
+    u = 2.0**-24
+    return n * u / (1 - n * u)
+
+
+def _close(name: str, got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, w_abs: torch.Tensor | None = None) -> None:
+    """got = x @ w.T as fp32 sums in any order. Each of two fp32 sums of the same K products, with up to 4
+    more roundings per term (scales, zero points, the reference's dequantisation), lies within
+    gamma_(K+4) * sum |terms| of the exact sum (Higham, 3.1) whatever the order, so the bound holds on any
+    CPU and build. w_abs: the terms' weight magnitudes where the kernels sum w's parts separately (int4:
+    |scale (q - 8)| + |zero|)."""
+    mag = x.double().abs() @ (w.abs() if w_abs is None else w_abs).double().T
+    err = (got.double() - (x @ w.T).double()).abs()
+    tol = 2 * _gamma(x.shape[-1] + 4) * mag
+    if not (err <= tol).all():
+        i = int((err - tol).flatten().argmax())
+        raise KernelError(f"self-check failed: {name} error {err.flatten()[i]:.3g} > {tol.flatten()[i]:.3g}")
+
+
+def _int4_abs(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """|w| for _close's bound on an int4 weight: its parts are summed separately and may cancel, as
+    scale * q and zero - 8 scale (AVX2) or scale * (q - 8) and zero (scalar); the larger split per term."""
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    q = q.view(n, k // group, group)
+    s, z = scale[..., None], zero[..., None]
+    return torch.maximum(s.abs() * q + (z - 8 * s).abs(), (s * (q - 8)).abs() + z.abs()).view(n, k)
 
 
 def _self_check(lib: ctypes.CDLL) -> None:
@@ -520,17 +658,17 @@ def _self_check(lib: ctypes.CDLL) -> None:
             y = torch.empty(t, n)
             if lib.mc_linear_bf16(_ptr(x), t, k, _ptr(w), n, _ptr(y)) != 0:
                 raise KernelError("self-check failed: mc_linear_bf16 refused valid arguments")
-            _close(f"bf16 T={t} N={n} K={k}", y, x @ w.float().T, k)
+            _close(f"bf16 T={t} N={n} K={k}", y, x, w.float())
 
             q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
             s = torch.rand(n, generator=gen) + 0.1
             if lib.mc_linear_int8(_ptr(x), t, k, _ptr(q), _ptr(s), n, _ptr(y)) != 0:
                 raise KernelError("self-check failed: mc_linear_int8 refused valid arguments")
-            _close(f"int8 T={t} N={n} K={k}", y / s, x @ q.float().T, k * 127)
+            _close(f"int8 T={t} N={n} K={k}", y, x, q.float() * s[:, None])
             if k % 32 == 0:
                 if lib.mc_linear_int8_q8(_ptr(x), t, k, _ptr(q), _ptr(s), n, _ptr(y)) != 0:
                     raise KernelError("self-check failed: mc_linear_int8_q8 refused valid arguments")
-                _close(f"int8 Q8 T={t} N={n} K={k}", y / s, quantize_x_q8(x) @ q.float().T, k * 127)
+                _close(f"int8 Q8 T={t} N={n} K={k}", y, quantize_x_q8(x), q.float() * s[:, None])
 
             if k % 64 == 0:
                 for g in INT4_GROUPS:
@@ -539,46 +677,46 @@ def _self_check(lib: ctypes.CDLL) -> None:
                     packed = pack_int4(torch.randint(0, 16, (n, k), generator=gen))
                     sc = torch.rand(n, k // g, generator=gen) + 0.1
                     zp = torch.randn(n, k // g, generator=gen)
-                    w4 = dequantize_int4(packed, sc, zp, g)
+                    w4, w4_abs = dequantize_int4(packed, sc, zp, g), _int4_abs(packed, sc, zp, g)
                     for fn, xr in (("mc_linear_int4", x), ("mc_linear_int4_q8", quantize_x_q8(x, q8_block(g)))):
                         if getattr(lib, fn)(_ptr(x), t, k, _ptr(packed), _ptr(sc), _ptr(zp), g, n, _ptr(y)) != 0:
                             raise KernelError(f"self-check failed: {fn} refused valid arguments")
-                        _close(f"{fn} T={t} N={n} K={k} G={g}", y, xr @ w4.T, k * 8)
+                        _close(f"{fn} T={t} N={n} K={k} G={g}", y, xr, w4, w4_abs)
         # Several weights in one call (one per format), against the single-weight kernels.
         x = torch.randn(2, 128, generator=gen)
         ws = [torch.randn(n, 128, generator=gen).to(torch.bfloat16) for n in (24, 40)]
         for got, w in zip(linear_many_lib(lib, x, "bf16", [(w,) for w in ws]), ws, strict=True):
-            _close("multi bf16", got, x @ w.float().T, 128)
+            _close("multi bf16", got, x, w.float())
         qs = [(torch.randint(-127, 128, (n, 128), generator=gen, dtype=torch.int8), torch.rand(n, generator=gen) + 0.1)
               for n in (24, 40)]
         for got, (q, s) in zip(linear_many_lib(lib, x, "int8", qs), qs, strict=True):
-            _close("multi int8", got / s, quantize_x_q8(x) @ q.float().T, 128 * 127)
+            _close("multi int8", got, quantize_x_q8(x), q.float() * s[:, None])
         p4 = [(pack_int4(torch.randint(0, 16, (n, 128), generator=gen)), torch.rand(n, 4, generator=gen) + 0.1,
                torch.randn(n, 4, generator=gen)) for n in (24, 40)]
         for got, (pk, sc, zp) in zip(linear_many_lib(lib, x, "int4", p4, 32), p4, strict=True):
-            _close("multi int4", got, quantize_x_q8(x) @ dequantize_int4(pk, sc, zp, 32).T, 128 * 8)
+            _close("multi int4", got, quantize_x_q8(x), dequantize_int4(pk, sc, zp, 32), _int4_abs(pk, sc, zp, 32))
         # The GEMM path (many rows of x): partial tiles in T and N, K not a multiple of its block.
         t, n, k = 2 * lib.mc_get_gemm_min_rows() + 1, 40, 320
         x = torch.randn(t, k, generator=gen)
         y = torch.empty(t, n)
         w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
         lib.mc_linear_bf16(_ptr(x), t, k, _ptr(w), n, _ptr(y))
-        _close(f"bf16 GEMM T={t} N={n} K={k}", y, x @ w.float().T, k)
+        _close(f"bf16 GEMM T={t} N={n} K={k}", y, x, w.float())
         wt = torch.randn(k, n, generator=gen).to(torch.bfloat16)
         for rows in (1, t):
             lib.mc_linear_bf16_t(_ptr(x), rows, k, _ptr(wt), n, _ptr(y))
-            _close(f"bf16 transposed T={rows} N={n} K={k}", y[:rows], x[:rows] @ wt.float(), k)
+            _close(f"bf16 transposed T={rows} N={n} K={k}", y[:rows], x[:rows], wt.float().T)
         q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
         s = torch.rand(n, generator=gen) + 0.1
         lib.mc_linear_int8(_ptr(x), t, k, _ptr(q), _ptr(s), n, _ptr(y))
-        _close(f"int8 GEMM T={t} N={n} K={k}", y, x @ (q.float() * s[:, None]).T, k * 127)
+        _close(f"int8 GEMM T={t} N={n} K={k}", y, x, q.float() * s[:, None])
         packed = pack_int4(torch.randint(0, 16, (n, k), generator=gen))
         sc, zp = torch.rand(n, k // 64, generator=gen) + 0.1, torch.randn(n, k // 64, generator=gen)
-        w4 = dequantize_int4(packed, sc, zp, 64)
+        w4, w4_abs = dequantize_int4(packed, sc, zp, 64), _int4_abs(packed, sc, zp, 64)
         lib.mc_linear_int4(_ptr(x), t, k, _ptr(packed), _ptr(sc), _ptr(zp), 64, n, _ptr(y))
-        _close(f"int4 GEMM T={t} N={n} K={k}", y, x @ w4.T, k * 8)
+        _close(f"int4 GEMM T={t} N={n} K={k}", y, x, w4, w4_abs)
         lib.mc_linear_int4_q8(_ptr(x), t, k, _ptr(packed), _ptr(sc), _ptr(zp), 64, n, _ptr(y))  # 8-row slices
-        _close(f"int4 Q8 T={t} N={n} K={k}", y, quantize_x_q8(x) @ w4.T, k * 8)
+        _close(f"int4 Q8 T={t} N={n} K={k}", y, quantize_x_q8(x), w4, w4_abs)
     finally:
         lib.mc_set_threads(saved)
 
@@ -604,7 +742,7 @@ _CACHE_DTYPES = {torch.bfloat16: 1, torch.float32: 0}  # KV cache and norm weigh
 def _simd_lib() -> ctypes.CDLL:
     lib = _get()
     if lib is None or not lib.mc_simd():
-        raise ValueError("the compiled kernels are not available")
+        raise ValueError("the compiled AVX2+FMA kernels are not loaded")
     return lib
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable
 
@@ -44,23 +45,77 @@ def m002_settings_routing_timings(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX messages_by_conversation ON messages (conversation_id, position)")
 
 
+class NewerSchemaError(Exception):
+    """The file was written by a newer mixchat: this one must not write to it, let alone migrate it."""
+
+    def __init__(self, found: int, unknown: list[str]) -> None:
+        self.found, self.known, self.unknown = found, len(MIGRATIONS), unknown
+        super().__init__(f"written by a newer mixchat (schema {found}, this one knows {self.known}); "
+                         "upgrade mixchat (pip install -U mixchat)")
+
+
+def applied(db: sqlite3.Connection) -> list[str]:
+    """Names recorded in `_migrations` (none when the table does not exist yet)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'").fetchone() is None:
+        return []
+    return [row[0] for row in db.execute("SELECT name FROM _migrations ORDER BY name")]
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    """The schema the file says it has: the larger of `user_version` and the migrations recorded
+    (stores written before `user_version` was kept have it at 0)."""
+    (user_version,) = db.execute("PRAGMA user_version").fetchone()
+    return max(user_version, len(applied(db)))
+
+
+def check_not_newer(db: sqlite3.Connection) -> None:
+    """Raise NewerSchemaError if the file has migrations this version does not know."""
+    known = {fn.__name__ for fn in MIGRATIONS}
+    unknown = [name for name in applied(db) if name not in known]
+    found = schema_version(db)
+    if unknown or found > len(MIGRATIONS):
+        raise NewerSchemaError(max(found, len(MIGRATIONS) + len(unknown)), unknown)
+
+
+def pending(db: sqlite3.Connection, upto: int | None = None) -> list[str]:
+    done = set(applied(db))
+    return [fn.__name__ for fn in MIGRATIONS[:upto] if fn.__name__ not in done]
+
+
 def migrate(db: sqlite3.Connection, upto: int | None = None) -> list[str]:
-    """Apply what is missing (up to migration number `upto`, for tests); returns their names."""
-    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-    done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
-    applied = []
+    """Apply what is missing (up to migration number `upto`, for tests); returns their names.
+
+    Refuses (NewerSchemaError) a file from a newer mixchat before changing anything. Keeps
+    `PRAGMA user_version` equal to the number of migrations applied, so that any SQLite tool, and
+    an older mixchat, can tell the schema without knowing the names."""
+    check_not_newer(db)
+    done_now = []
     for fn in MIGRATIONS[:upto]:
-        if fn.__name__ in done:
+        if fn.__name__ not in pending(db, upto):
             continue
         # One transaction per migration, DDL included (the connection is in autocommit mode, so
         # sqlite3's implicit transactions do not split it): all of it or none.
         db.execute("BEGIN IMMEDIATE")
         try:
+            # Looked at again under the write lock: another process may have applied it meanwhile.
+            if fn.__name__ in applied(db):
+                db.execute("ROLLBACK")
+                continue
+            db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
             fn(db)
             db.execute("INSERT INTO _migrations VALUES (?, strftime('%s', 'now'))", (fn.__name__,))
+            db.execute(f"PRAGMA user_version = {len(applied(db))}")
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite rolls back by itself on some errors (a full disk, I/O): a second ROLLBACK
+            # would replace the real error with 'no transaction is active'.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
+                    db.execute("ROLLBACK")
             raise
-        applied.append(fn.__name__)
-    return applied
+        done_now.append(fn.__name__)
+    (user_version,) = db.execute("PRAGMA user_version").fetchone()
+    if upto is None and user_version != len(applied(db)):
+        # A store from before user_version was kept: record it once.
+        db.execute(f"PRAGMA user_version = {len(applied(db))}")
+    return done_now

@@ -19,15 +19,35 @@ from torch import nn
 
 from mixchat.cache import KVCache, Step
 from mixchat.config import ModelArgs
+from mixchat.paths import env_flag
 
-# CPUs without AVX512-BF16/AMX run bf16 matrix-matrix products about 4x slower than fp32 ones
-# (measured on an AVX2 EPYC: a 128x4096 by 4096x14336 product takes 710 ms in bf16, 170 ms in
-# fp32). mixchat's compiled kernels (kernels.py) take bf16 weights as they are, for one token and
-# for a whole prompt. Without them, when several tokens go through a layer at once, the bf16 weight
-# is copied into a reused fp32 scratch buffer (20 ms: a fresh allocation would cost 200 ms in page
-# faults) and multiplied in fp32.
-_NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 _UPCAST_MIN_TOKENS = 4
+
+
+@functools.cache
+def _cpu_multiplies_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def native_bf16() -> bool:
+    """Whether torch's bf16 matrix products are the fast ones on this CPU (AVX512-BF16 or AMX), which
+    decides two paths: prompts of more than _KERNEL_MAX_ROWS tokens go through torch's bf16 GEMM rather
+    than the kernels' (it rounds the activations and the result to bf16, where the kernels keep fp32), and
+    without the kernels bf16 weights are multiplied as they are rather than upcast to fp32.
+
+    CPUs without them run bf16 matrix-matrix products about 4x slower than fp32 ones (measured on an AVX2
+    EPYC: a 128x4096 by 4096x14336 product takes 710 ms in bf16, 170 ms in fp32). mixchat's compiled
+    kernels (kernels.py) take bf16 weights as they are, for one token and for a whole prompt. Without
+    them, when several tokens go through a layer at once, the bf16 weight is copied into a reused fp32
+    scratch buffer (20 ms: a fresh allocation would cost 200 ms in page faults) and multiplied in fp32.
+
+    MIXCHAT_NATIVE_BF16=1 or 0 forces either answer (tests take both paths on any CPU; on one without
+    native bf16 the forced path is slow, not wrong); unset, the CPU decides. Read here only, at each
+    decision rather than once, so a test can set it: under a microsecond, next to a product of several
+    rows (the kernels' one-token path never asks).
+    """
+    return env_flag("MIXCHAT_NATIVE_BF16", _cpu_multiplies_bf16())
+
 _scratch = threading.local()
 
 
@@ -47,23 +67,25 @@ def _fp32_copy(w: torch.Tensor) -> torch.Tensor:
 
 # Where the CPU multiplies bf16 matrices natively, torch's GEMM beats the kernels' AVX2 one for prompts;
 # the kernels still take decode and short prompts there, which are bound by reading the weights.
-_KERNEL_MAX_ROWS = 1 << 62 if not _NATIVE_BF16 else 16
-_kernels_module: object = None  # mixchat.kernels once it has been found usable, False if not
+_KERNEL_MAX_ROWS = 16
+_kernels_module: object = None  # mixchat.kernels once imported; False: do not use it (tests force torch's path)
 
 
 def kernels_or_none():
     """mixchat.kernels' compiled bf16 matrix-vector product: torch's bf16 GEMV streams the weights at
-    about half the memory read rate on AVX2 CPUs, and decode is nothing but that (see kernels.py)."""
+    about half the memory read rate on AVX2 CPUs, and decode is nothing but that (see kernels.py).
+    Asked every time rather than cached, so a library that kernels.forced_isa swaps in is followed."""
     global _kernels_module
     if _kernels_module is None:
         from mixchat import kernels
 
-        _kernels_module = kernels if kernels.available() else False
-    return _kernels_module or None
+        _kernels_module = kernels
+    return _kernels_module if _kernels_module and _kernels_module.available() else None
 
 
 def _upcast(n_tokens: int, t: torch.Tensor) -> bool:
-    return n_tokens >= _UPCAST_MIN_TOKENS and t.dtype == torch.bfloat16 and t.device.type == "cpu" and not _NATIVE_BF16
+    return n_tokens >= _UPCAST_MIN_TOKENS and t.dtype == torch.bfloat16 and t.device.type == "cpu" \
+        and not native_bf16()
 
 
 class Linear(nn.Linear):
@@ -76,8 +98,8 @@ class Linear(nn.Linear):
         w = self.weight
         # The torrent layout's w2 is a transposed view, which the kernels read as it lies.
         transposed = not w.is_contiguous() and w.t().is_contiguous()
-        if x.shape[0] <= _KERNEL_MAX_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu" \
-                and (transposed or w.is_contiguous()) and not torch.is_grad_enabled() \
+        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and (transposed or w.is_contiguous()) \
+                and not torch.is_grad_enabled() and (x.shape[0] <= _KERNEL_MAX_ROWS or not native_bf16()) \
                 and (k := kernels_or_none()) is not None:
             return k.linear_bf16(x, w).to(x.dtype)
         # Without the kernels, torch's bf16 product takes 455 ms for one Mixtral expert's transposed
@@ -331,6 +353,7 @@ class _DecodeBuild(NamedTuple):
     registrations: int  # _registrations when they were checked
     tensors: list  # the weights in key, to see a moved pointer (a .data swap)
     pointers: tuple[int, ...]  # their data_ptr() then
+    library: object  # kernels.library() they were built on (kernels.forced_isa can swap another in)
 
 
 @dataclass
@@ -359,7 +382,8 @@ class Transformer(nn.Module):
         # parameter, buffer or module anywhere (quantization, an assignment) bumps _registrations, and a
         # `.data` swap (Module.to) moves a pointer. Walking the model again costs ~0.3 ms per Mixtral layer.
         built: _DecodeBuild | None = getattr(self, "_decode_built", None)
-        if built is not None and built.registrations == _registrations \
+        library = k.library()
+        if built is not None and built.registrations == _registrations and built.library is library \
                 and tuple(map(_data_ptr, built.tensors)) == built.pointers:
             return built.layers
         registrations = _registrations
@@ -368,9 +392,9 @@ class Transformer(nn.Module):
         tensors = [t for t in key if t is not None]
         pointers = tuple(map(_data_ptr, tensors))
         same = built is not None and len(built.key) == len(key) and pointers == built.pointers \
-            and all(x is y for x, y in zip(built.key, key, strict=True))
+            and built.library is library and all(x is y for x, y in zip(built.key, key, strict=True))
         layers = built.layers if same else self._build_decode(k, inputs)
-        self._decode_built = _DecodeBuild(key, layers, registrations, tensors, pointers)
+        self._decode_built = _DecodeBuild(key, layers, registrations, tensors, pointers, library)
         return layers
 
     def _build_decode(self, k, inputs: list) -> list | None:

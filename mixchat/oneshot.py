@@ -3,19 +3,47 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import threading
 from argparse import Namespace
 from typing import TextIO
 
 from mixchat.errors import MixchatError
+from mixchat.safetext import visible
+from mixchat.signals import StopOnSignals
+
+# 64 MB of text is millions of tokens, beyond every context; reading more only fills memory.
+MAX_INPUT_BYTES = 64 * 10**6
+
+
+def check_text(text: str, source: str, fix: str) -> str:
+    """A message as the user gave it, refused with one line when it cannot be one: bytes that are
+    not UTF-8 (argv arrives with them as surrogate escapes), NUL bytes (binary data), or nothing but
+    whitespace and control characters. Guessing would silently change what the model reads."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = text.encode("utf-8", "surrogateescape")
+        offset = len(text[: exc.start].encode("utf-8", "surrogateescape"))
+        raise MixchatError(
+            f"{source} is not UTF-8 (byte 0x{raw[offset]:02x} at offset {offset}); "
+            "convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+    if "\0" in text:
+        raise MixchatError(f"{source} holds a NUL byte at offset {len(text[: text.index(chr(0))].encode())}: that is "
+                           "binary data, not a message; give text")
+    if not "".join(c for c in text if c.isprintable()).strip():
+        raise MixchatError(f"{source} is empty; {fix}")
+    return text
 
 
 def read_stdin(stream: TextIO | None = None) -> str:
     """All of stdin as one message. It must be UTF-8: guessing another encoding would silently
     change what the model reads, so a clear error asks the user to convert it instead."""
-    raw = (stream or sys.stdin).buffer.read()
+    raw = (stream or sys.stdin).buffer.read(MAX_INPUT_BYTES + 1)
+    if len(raw) > MAX_INPUT_BYTES:
+        raise MixchatError(f"stdin holds more than {MAX_INPUT_BYTES // 10**6} MB: far more than any model's context; "
+                           "pipe in only what the model should read")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -23,49 +51,62 @@ def read_stdin(stream: TextIO | None = None) -> str:
             f"stdin is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
             "convert it first, e.g. `iconv -f latin1 -t utf-8`"
         ) from None
-    if not text.strip():
-        raise MixchatError("stdin is empty; pipe a question in, or pass -p TEXT")
-    return text.removeprefix("\ufeff")
+    return check_text(text.removeprefix("\ufeff"), "stdin", "pipe a question in, or pass -p TEXT")
 
 
 def recommended_sampling(engine=None, extra: dict | None = None) -> dict:
     """Sampling defaults a release folder recommends in params.json under "mixchat": {"sampling":
-    {...}} (the demo model does: greedy decoding of a model that small loops). Flags still win."""
-    rec = (engine.args.extra if engine is not None else extra or {}).get("mixchat", {})
+    {...}} (the demo model does: greedy decoding of a model that small loops). Flags still win.
+    Unchecked: sampling_from checks the values it uses, naming the file for those it took from it."""
+    if engine is not None:
+        extra = engine.args.extra
+    rec = (extra or {}).get("mixchat", {})
     rec = rec.get("sampling", {}) if isinstance(rec, dict) else {}
     keys = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens")
     return {k: v for k, v in rec.items() if k in keys} if isinstance(rec, dict) else {}
 
 
-def sampling_from(ns: Namespace, recommended: dict | None = None):
-    """Sampling settings from the flags given, then the model's recommendation, then the defaults."""
-    from mixchat.sampling import SamplingSettings
+def sampling_from(ns: Namespace, recommended: dict | None = None, source: str = "params.json"):
+    """Sampling settings from the flags given, then the model's recommendation, then the defaults.
+    A bad value is blamed on where it came from: a flag, or `source` (never a flag not given)."""
+    from mixchat.sampling import SamplingSettings, flag_name
 
-    given = {k: getattr(ns, k, None) for k in ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens",
-                                                 "seed")}
-    s = SamplingSettings(**{**(recommended or {}), **{k: v for k, v in given.items() if v is not None}})
-    s.check()
+    keys = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens", "seed")
+    given = {k: v for k in keys if (v := getattr(ns, k, None)) is not None}
+    recommended = recommended or {}
+    s = SamplingSettings(**{**recommended, **given})
+    s.check(name=lambda f: f"{source}: mixchat.sampling.{f}" if f in recommended and f not in given
+            else flag_name(f))
     return s
 
 
-class _StopOnSigint:
-    """First Ctrl+C asks the generator to stop after the current token (the partial answer and the
-    summary are still printed); a second one aborts at once."""
+def _say(err: TextIO, line: str) -> None:
+    """A line on stderr, where a hung-up terminal must not turn a saved reply into a traceback."""
+    try:
+        err.write(visible(line) + "\n")
+        err.flush()
+    except OSError:
+        pass
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
 
-    def __enter__(self) -> threading.Event:
-        self._old = signal.signal(signal.SIGINT, self._handle)
-        return self.event
+class _Output:
+    """stdout for the reply. When it fails (the reader went away, the terminal hung up and writes
+    give EIO) the reply is asked to stop, and the rest is not written: the conversation still ends
+    properly, saved with what was generated and its KV cache."""
 
-    def _handle(self, signum, frame) -> None:
-        if self.event.is_set():
-            raise KeyboardInterrupt
-        self.event.set()
+    def __init__(self, stream: TextIO, cancel: threading.Event) -> None:
+        self.stream, self.cancel = stream, cancel
+        self.failed: OSError | None = None
 
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._old)
+    def write(self, text: str) -> None:
+        if self.failed is not None:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError as exc:
+            self.failed = exc
+            self.cancel.set()
 
 
 def format_stats(done) -> str:
@@ -113,34 +154,35 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
 
     engine = Engine.load(model, **load_options(ns))
-    settings = sampling_from(ns, recommended_sampling(engine))
+    settings = sampling_from(ns, recommended_sampling(engine), str(engine.release.params))
     show_stats = ns.stats or err.isatty()
     done = None
-    with _StopOnSigint() as cancel:
+    with StopOnSignals() as stop:
+        cancel = stop.event
         if ns.raw:
             chat, events = None, _raw(engine, text, settings, cancel)
         else:
             chat = Chat(engine, kvstore.SessionPool(engine, paths.kv_dir()), store, conv, ns.system)
             for note in chat.notes:
-                err.write(note + "\n")
+                _say(err, note)
             if conv and ns.system is not None and ns.system != conv.system:
                 store.update_settings(conv.id, ns.system, conv.settings)
             events = chat.send(text, settings, cancel, save=save)
+        output = _Output(out, cancel)
         for event in events:
             if isinstance(event, TokenEvent):
                 if ns.json:
                     line = {"token": event.id, "text": event.text}
                     if event.experts is not None:
                         line["experts"] = event.experts
-                    out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    output.write(json.dumps(line, ensure_ascii=False) + "\n")
                 else:
-                    out.write(event.text)
-                out.flush()
+                    output.write(visible(event.text))  # model text is data: no escape sequence acts
             elif isinstance(event, Done):
                 done = event
     cid = chat.id if chat and save else None
     if ns.json:
-        out.write(json.dumps({
+        output.write(json.dumps({
             "done": True, "prompt_tokens": done.prompt_tokens, "cached_tokens": done.cached_tokens,
             "prefilled_tokens": done.prefilled_tokens, "generated_tokens": len(done.generated), "stop": done.stop,
             "prefill_tokens_per_second": round(done.prefill_tokens_per_second, 3),
@@ -150,12 +192,17 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
             **({"experts": engine.experts.stats.as_dict()} if engine.experts is not None else {}),
         }) + "\n")
     elif not done.text.endswith("\n"):
-        out.write("\n")
-    out.flush()
+        output.write("\n")
+    for note in done.notes:
+        _say(err, note)
     if show_stats:
-        err.write(format_stats(done) + (f", saved as {cid}" if cid else "") + "\n")
+        _say(err, format_stats(done) + (f", saved as {cid}" if cid else ""))
         if engine.experts is not None:
             from mixchat.bench import format_experts
 
-            err.write("experts: " + format_experts(engine) + "\n")
+            _say(err, "experts: " + format_experts(engine))
+    if stop.exit_code is not None:
+        return stop.exit_code  # 130 for Ctrl+C, 143 for SIGTERM, 129 for SIGHUP
+    if isinstance(output.failed, BrokenPipeError):
+        return 0  # the reader went away (mixchat ... | head): quietly, as Unix tools do
     return 130 if done.stop == "interrupted" else 0

@@ -37,6 +37,22 @@ def config_dir() -> Path:
     return Path(user_config_dir("mixchat", appauthor=False))
 
 
+def make_private_dir(folder: Path) -> None:
+    """Create `folder` (and its parents) if missing; the folder itself 0700, since it holds
+    conversations and their caches. A folder that already exists keeps the mode its owner gave it.
+    OSError (a file in the way, no permission) is the caller's to explain."""
+    if folder.is_dir():
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        if not folder.is_dir():  # a file, not another process that just made the folder
+            raise
+        return
+    os.chmod(folder, 0o700)  # mkdir's mode passes through the umask, which could take u+w away
+
+
 def store_path() -> Path:
     return data_dir() / "conversations.sqlite3"
 
@@ -52,7 +68,10 @@ def input_history_path() -> Path:
 
 
 def demo_model() -> Path | None:
-    """The small demo Mixtral shipped in the repository's assets/ (present in a checkout or an
-    editable install)."""
-    folder = Path(__file__).resolve().parent.parent / "assets" / "demo"
-    return folder if (folder / "params.json").is_file() else None
+    """The small demo Mixtral: inside the installed package (a wheel, `pip install .`, pipx), or in
+    the checkout's assets/ (an editable install, where assets/ is its home)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "demo", here.parent / "assets" / "demo"):
+        if (folder / "params.json").is_file():
+            return folder
+    return None

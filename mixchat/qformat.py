@@ -67,7 +67,7 @@ def model_bytes(shapes: dict[str, tuple[int, ...]], dtype_bytes: int, spec: Quan
     """Resident weight bytes of a model with these tensor shapes under `spec` (None: unquantized)."""
     total = 0
     for name, shape in shapes.items():
-        if spec is not None and quantizable(name):
+        if spec is not None and quantizable(name) and len(shape) == 2:  # a misshapen tensor stays as it is
             total += quantized_bytes(shape, spec_for(name, spec))
         else:
             total += dtype_bytes * math.prod(shape)

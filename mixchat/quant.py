@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixchat import checksum
 from mixchat.errors import MixchatError
 from mixchat.model import fp32_scratch, kernels_or_none
 from mixchat.qformat import QuantSpec, quantizable, spec_for
@@ -187,9 +188,13 @@ def _write_streaming(path: Path, state: dict[str, torch.Tensor], names: list[str
                      meta: dict[str, str], advance: Callable[[int], None]) -> None:
     """Quantize tensor by tensor straight into a safetensors file: the header is known in advance
     (shapes follow from the spec), so no more than one quantized matrix is ever held in memory —
-    Mixtral's experts quantized at once would not fit the memory budget they are meant to respect."""
-    header: dict[str, object] = {"__metadata__": meta}
+    Mixtral's experts quantized at once would not fit the memory budget they are meant to respect.
+
+    The per-tensor CRCs (mixchat.checksum) are known only once the data is written, so the header
+    holds a placeholder of the same length, filled in at the end."""
+    header: dict[str, object] = {}
     offset = 0
+    keys = []
     for n in names:
         sp = spec_for(n, spec)
         for p, shape in part_shapes(tuple(state[n].shape), sp).items():
@@ -197,17 +202,29 @@ def _write_streaming(path: Path, state: dict[str, torch.Tensor], names: list[str
             size = math.prod(shape) * (4 if dtype == torch.float32 else 1)
             header[f"{n}.{p}"] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
                                   "data_offsets": [offset, offset + size]}
+            keys.append(f"{n}.{p}")
             offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    placeholder = checksum.digest_metadata(dict.fromkeys(keys, 0))
+    raw = json.dumps({"__metadata__": {**meta, checksum.META_KEY: placeholder}, **header},
+                     separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    at = raw.index(json.dumps(placeholder).encode()) + 1  # where the placeholder's text starts
+    crcs: dict[str, int] = {}
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for n in names:
             sp = spec_for(n, spec)
             parts = quantize_tensor(state[n], sp)
             for p in part_shapes(tuple(state[n].shape), sp):
-                f.write(parts[p].contiguous().view(torch.uint8).numpy().tobytes())
+                data = parts[p].contiguous().view(torch.uint8).numpy().tobytes()
+                crcs[f"{n}.{p}"] = checksum.crc_bytes(data)
+                f.write(data)
             advance(state[n].nbytes)
+        # As the header spells it (a JSON string inside JSON); same keys and fixed-width hex: same length.
+        digests = json.dumps(checksum.digest_metadata(crcs))[1:-1].encode()
+        assert len(digests) == len(json.dumps(placeholder)) - 2
+        f.seek(8 + at)
+        f.write(digests)
         f.flush()
         os.fsync(f.fileno())
 
@@ -233,21 +250,41 @@ class Quantized:
         return {p: self._file.get_tensor(f"{name}.{p}") for p in keys}
 
 
-def _cache_is_valid(path: Path, fingerprint: str, spec: QuantSpec, names: list[str]) -> bool:
+def _cache_is_valid(path: Path, fingerprint: str, spec: QuantSpec, names: list[str],
+                    show: bool | None = None) -> bool:
+    """The cached file is this model's, under this spec, whole, and its bytes match their CRCs. The
+    CRCs are read through once per file version (checksum.stamp remembers a file that passed)."""
     if not path.is_file():
         return False
     from safetensors import safe_open
+
+    from mixchat.progress import Progress
+
+    def reject(why: str) -> bool:
+        print(f"mixchat: the quantized cache {path} {why}; quantizing again", file=sys.stderr)
+        return False
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             keys = set(f.keys())
-    except Exception as e:  # truncated or foreign: requantize rather than fail
-        print(f"mixchat: ignoring the quantized cache {path} ({str(e).splitlines()[0][:80]}); quantizing again",
-              file=sys.stderr)
-        return False
-    return (meta.get("fingerprint"), meta.get("quant"), meta.get("version")) == (
-        fingerprint, spec.name, str(FORMAT_VERSION)) and all(f"{n}.q" in keys for n in names)
+            if (meta.get("fingerprint"), meta.get("quant"), meta.get("version")) != (
+                    fingerprint, spec.name, str(FORMAT_VERSION)) or not all(f"{n}.q" in keys for n in names):
+                return False
+            crcs = checksum.parse_metadata(meta)
+            if crcs is None or set(crcs) != keys:
+                return reject("carries no checksum (an older mixchat wrote it)")
+            if checksum.is_stamped(path):
+                return True
+            with Progress(f"checking {path.name}", path.stat().st_size, enabled=show) as bar:
+                bad = checksum.file_mismatches(path, crcs, bar.advance)
+    except Exception as e:  # noqa: BLE001 - truncated or foreign: requantize rather than fail
+        return reject(f"cannot be read ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})")
+    if bad:
+        checksum.unstamp(path)
+        return reject(f"does not match its checksum ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})")
+    checksum.stamp(path)
+    return True
 
 
 def quantize_state(state: dict[str, torch.Tensor], spec: QuantSpec, fingerprint: str | None = None,
@@ -260,7 +297,8 @@ def quantize_state(state: dict[str, torch.Tensor], spec: QuantSpec, fingerprint:
     names = [n for n in state if quantizable(n)]
     if fingerprint and use_cache:
         path = cache_path(fingerprint, spec)
-        if _cache_is_valid(path, fingerprint, spec, names):
+        checksum.remove_stale_temporaries(path.parent, "*.safetensors.tmp*")  # left by a killed quantization
+        if _cache_is_valid(path, fingerprint, spec, names, show):
             return Quantized(names, spec, path, cached=True)
     total = sum(state[n].nbytes for n in names)
     with Progress(f"quantizing to {spec.name}", total, enabled=show) as bar:
@@ -271,17 +309,22 @@ def quantize_state(state: dict[str, torch.Tensor], spec: QuantSpec, fingerprint:
 
         if fingerprint and use_cache:
             # Atomically: a crash mid-write leaves no half file that a later start would trust.
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             meta = {"fingerprint": fingerprint, "quant": spec.name, "version": str(FORMAT_VERSION)}
             try:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 _write_streaming(tmp, state, names, spec, meta, advance)
+                checksum.unstamp(path)
                 os.replace(tmp, path)
+                checksum.stamp(path)  # just written from memory: no need to read it back at the next start
                 return Quantized(names, spec, path)
             except OSError as e:
-                tmp.unlink(missing_ok=True)
-                print(f"mixchat: could not write the quantized weights to {path} ({e.strerror}); quantizing in "
-                      "memory, again at every start", file=sys.stderr)
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
+                print(f"mixchat: could not write the quantized weights to {path} ({e.strerror or e}); quantizing "
+                      "in memory, again at every start", file=sys.stderr)
                 bar.done = 0
         parts = {}
         for n in names:

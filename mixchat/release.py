@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import json
+import math
+import os
 import pickle
 import re
 import struct
@@ -83,8 +85,17 @@ class Release:
     @classmethod
     def find(cls, folder: str | Path) -> Release:
         folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise ReleaseError(f"{folder}: no such folder; pass the folder that holds params.json and the weights")
+        try:
+            os.listdir(folder)  # a folder we may not read looks empty to is_file(): say so instead
+        except PermissionError:
+            raise ReleaseError(f"{folder}: permission denied; make the folder readable (chmod a+rx) or run mixchat "
+                               "as its owner") from None
+        except NotADirectoryError:
+            raise ReleaseError(f"{folder}: is a file, not a folder; pass the folder that holds params.json and "
+                               "the weights") from None
+        except OSError:
+            raise ReleaseError(f"{folder}: no such folder; pass the folder that holds params.json and the "
+                               "weights") from None
         params = folder / "params.json"
         if not params.is_file():
             raise ReleaseError(f"{params}: missing; a release folder needs the params.json shipped with its weights")
@@ -116,7 +127,19 @@ def open_weights(path: Path) -> dict[str, torch.Tensor]:
     return _open_pth(path)
 
 
+def _open_readable(path: Path):
+    """open(path, 'rb'), with a permission problem named as one rather than as a corrupt download."""
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except PermissionError:
+        raise ReleaseError(f"{path}: permission denied; make it readable (chmod a+r) or run mixchat as the "
+                           "file's owner") from None
+    except OSError as exc:
+        raise ReleaseError(f"{path}: cannot open ({exc.strerror}); check the file, or download it again") from None
+
+
 def _check_zip(path: Path) -> None:
+    _open_readable(path).close()
     if path.stat().st_size == 0:
         raise ReleaseError(f"{path}: file is empty; download it again (`mixchat verify` checks it against RELEASE)")
     if not zipfile.is_zipfile(path):
@@ -153,27 +176,54 @@ def _open_pth(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _corrupt(path: Path, what: str) -> ReleaseError:
+    return ReleaseError(f"{path}: corrupt safetensors header ({what}); download the file again and check it with "
+                        "`mixchat verify`")
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The safetensors JSON header and the byte offset where tensor data starts."""
+    """The safetensors JSON header and the byte offset where tensor data starts.
+
+    Every entry is checked before anything trusts it: a dtype mixchat knows, a shape of non-negative
+    integers, two integer offsets in order whose span is exactly numel × itemsize, inside the file."""
     size = path.stat().st_size
-    with open(path, "rb") as f:
+    with _open_readable(path) as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise ReleaseError(f"{path}: file is truncated (no header); download it again")
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, 100 << 20):
-            raise ReleaseError(f"{path}: corrupt safetensors header; download it again")
+            raise _corrupt(path, f"it claims {n} bytes of header in a {size}-byte file")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ReleaseError(f"{path}: corrupt safetensors header; download it again") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise _corrupt(path, "not JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, f"a JSON {type(header).__name__} where an object of tensors belongs")
     header.pop("__metadata__", None)
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise ReleaseError(
-            f"{path}: file is truncated ({size} bytes, header promises {8 + n + end}); "
-            "download it again and check it with `mixchat verify`"
-        )
+    data = size - 8 - n
+    for name, meta in header.items():
+        if not isinstance(meta, dict):
+            raise _corrupt(path, f"entry {name[:60]!r} is not an object")
+        dtype = _safetensors_dtype(path, name, meta)
+        shape, offsets = meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(shape, list) or len(shape) > 8 or \
+                not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape):
+            raise _corrupt(path, f"tensor {name[:60]!r} has shape {str(shape)[:40]}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or \
+                not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+            raise _corrupt(path, f"tensor {name[:60]!r} has data_offsets {str(offsets)[:40]}")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise _corrupt(path, f"tensor {name[:60]!r} has data_offsets {offsets} out of order")
+        if end > data:
+            raise ReleaseError(
+                f"{path}: file is truncated ({size} bytes, tensor {name[:60]!r} ends at {8 + n + end}); "
+                "download it again and check it with `mixchat verify`"
+            )
+        if end - begin != math.prod(shape) * DTYPES[dtype][0]:
+            raise _corrupt(path, f"tensor {name[:60]!r} spans {end - begin} bytes, its shape {shape} of {dtype} "
+                                 f"needs {math.prod(shape) * DTYPES[dtype][0]}")
     return header, 8 + n
 
 
@@ -196,8 +246,10 @@ def _open_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _safetensors_dtype(path: Path, name: str, meta: dict) -> str:
-    if meta.get("dtype") not in _SAFETENSORS_DTYPES:
-        raise ReleaseError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+    dtype = meta.get("dtype")
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise ReleaseError(f"{path}: tensor {name[:60]!r} has unsupported dtype {str(dtype)[:20]!r}; "
+                           "mixchat reads BF16/F16/F32 release weights")
     return _SAFETENSORS_DTYPES[meta["dtype"]]
 
 
@@ -257,6 +309,12 @@ def detect_layout(keys) -> str:
     return "dense"
 
 
+def expected_count(args: ModelArgs, layout: str) -> int:
+    """How many tensors expected_shapes lists, without listing them."""
+    ffn = {"dense": 3, "torrent": 4}.get(layout, 1 + 3 * (args.moe.num_experts if args.moe else 0))
+    return 3 + args.n_layers * (6 + ffn)
+
+
 def expected_shapes(args: ModelArgs, layout: str) -> dict[str, tuple[int, ...]]:
     """Every tensor a release in `layout` must contain, with the shape params.json implies."""
     d, h, v = args.dim, args.hidden_dim, args.vocab_size
@@ -297,6 +355,13 @@ def validate(sd: dict[str, TensorInfo], args: ModelArgs, source: Path, params: P
         raise ReleaseError(
             f"{params}: has no 'moe' section but {source.name} holds mixture-of-experts weights ({layout} layout); "
             "use the params.json that came with these weights"
+        )
+    count = expected_count(args, layout)
+    if count > len(sd):  # before listing them: params.json may claim a million layers
+        raise ReleaseError(
+            f"{source}: holds {len(sd)} tensors but {params.name} ({args.n_layers} layers"
+            + (f", {args.moe.num_experts} experts" if args.moe else "")
+            + f") implies {count}; the weights and params.json do not belong together"
         )
     expected = expected_shapes(args, layout)
     missing = [k for k in expected if k not in sd]
@@ -355,6 +420,9 @@ _MD5_LINE = re.compile(r"\b([0-9a-fA-F]{32})\s+\*?([^\s║|]+)")
 def parse_release_md5(path: Path) -> dict[str, str]:
     """File name -> md5 from a RELEASE file's box-drawn checksum block."""
     try:
+        if path.stat().st_size > 1 << 20:  # Mistral's are a few KB of credits and sums
+            raise ReleaseError(f"{path}: {path.stat().st_size} bytes, too large for a RELEASE file; "
+                               "restore the one shipped with the weights")
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise ReleaseError(f"{path}: cannot read ({exc.strerror})") from None

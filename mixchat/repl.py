@@ -9,16 +9,15 @@ ollama's: /help lists them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import signal
 import sys
-import threading
 from argparse import Namespace
 from typing import TextIO
 
 from mixchat.errors import MixchatError
+from mixchat.safetext import visible
+from mixchat.signals import StopOnSignals, Terminated, TerminateOnSignals
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -58,20 +57,6 @@ def wants_plain(stdin: TextIO | None = None, stdout: TextIO | None = None) -> bo
     return not (stdin.isatty() and stdout.isatty())
 
 
-@contextlib.contextmanager
-def _stop_on_sigint(cancel: threading.Event):
-    """While the model writes, Ctrl+C (SIGINT: prompt_toolkit is not reading keys then) asks it to
-    stop after the current token; the previous handler is restored afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, lambda signum, frame: cancel.set())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
 def format_experts(per_token: list[list[list[int]]], num_experts: int, per_tok: int) -> str:
     """Counts per layer per expert of the experts a reply's tokens were routed to."""
     n_layers = len(per_token[0])
@@ -108,11 +93,15 @@ class Repl:
     # -- output ----------------------------------------------------------------------------------
 
     def say(self, text: str = "") -> None:
-        self.out.write(text + "\n")
+        self.out.write(visible(text) + "\n")  # titles, messages and file names are data: no escape acts
         self.out.flush()
 
     def dim(self, text: str) -> None:
-        self.say(f"\x1b[2m{text}\x1b[0m" if self.styled else text)
+        if self.styled:  # the only escape sequences written are mixchat's own
+            self.out.write(f"\x1b[2m{visible(text)}\x1b[0m\n")
+            self.out.flush()
+        else:
+            self.say(text)
 
     def error(self, message: str) -> None:
         self.say(f"error: {' '.join(str(message).split())}")
@@ -156,11 +145,10 @@ class Repl:
         from mixchat.generation import Done, PrefillProgress, TokenEvent
         from mixchat.oneshot import format_stats
 
-        cancel = threading.Event()
         done, experts, progress = None, [], False
         try:
-            with _stop_on_sigint(cancel):
-                for event in self.chat.send(text, self.settings, cancel, save=self.save):
+            with StopOnSignals() as stop:
+                for event in self.chat.send(text, self.settings, stop.event, save=self.save):
                     if isinstance(event, PrefillProgress):
                         if self.styled:
                             self.out.write(f"\rreading the prompt: {event.done}/{event.total} tokens")
@@ -170,7 +158,7 @@ class Repl:
                         if progress:
                             self.out.write("\r\x1b[K")
                             progress = False
-                        self.out.write(event.text)
+                        self.out.write(visible(event.text))  # model text is data: no escape sequence acts
                         self.out.flush()
                         if event.id >= 0 and event.experts is not None:
                             experts.append(event.experts)
@@ -189,7 +177,11 @@ class Repl:
         if self.show_experts and experts:
             moe = self.engine.args.moe
             self.dim(format_experts(experts, moe.num_experts, moe.num_experts_per_tok))
+        for note in done.notes:
+            self.dim(note)
         self.dim(format_stats(done))
+        if stop.terminated:  # SIGTERM/SIGHUP: the reply is saved; now leave
+            raise Terminated(stop.signum)
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -225,9 +217,7 @@ class Repl:
             from mixchat import paths
             from mixchat.store import Store
 
-            if not paths.store_path().exists():
-                return None
-            self.store = Store(paths.store_path())
+            self.store = Store(paths.store_path(), readonly=True)
         return self.store
 
     def cmd_list(self, arg: str) -> None:
@@ -326,6 +316,10 @@ class Repl:
     # -- the loop --------------------------------------------------------------------------------
 
     def loop(self, session) -> int:
+        with TerminateOnSignals():
+            return self._loop(session)
+
+    def _loop(self, session) -> int:
         while True:
             try:
                 line = session.prompt()
@@ -439,7 +433,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
     if not model:
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
     engine = Engine.load(model, **load_options(ns))
-    settings = sampling_from(ns, recommended_sampling(engine))
+    settings = sampling_from(ns, recommended_sampling(engine), str(engine.release.params))
     pool = kvstore.SessionPool(engine, paths.kv_dir())
     if conv is not None and ns.system is not None and ns.system != conv.system and not ns.no_save:
         store.update_settings(conv.id, ns.system, conv.settings)

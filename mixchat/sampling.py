@@ -2,37 +2,62 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 
+def flag_name(field: str) -> str:
+    """How a sampling field is named to the user when it came from the command line."""
+    return "--" + field.replace("_", "-")
+
+
+# field -> (whole number?, the test a value must pass, the rule in words). Every bound keeps the
+# arithmetic finite: a temperature of 1e-40 or a penalty of 1e-300 turns logits into infinities,
+# and the softmax of those into NaN.
+RULES: dict[str, tuple[bool, Callable[[float], bool], str]] = {
+    "temperature": (False, lambda v: v == 0 or 1e-3 <= v <= 100, "must be 0 (greedy) or between 0.001 and 100"),
+    "top_p": (False, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "top_k": (True, lambda v: v >= 0, "must be 0 (off) or more"),
+    "repeat_penalty": (False, lambda v: 0.01 <= v <= 100, "must be between 0.01 and 100 (1 is off)"),
+    "repeat_last_n": (True, lambda v: v >= 0, "must be 0 or more"),
+    "max_tokens": (True, lambda v: 1 <= v <= 1 << 24, "must be at least 1"),
+    "seed": (True, lambda v: 0 <= v < 1 << 64, "must be a whole number from 0 to 2^64 - 1"),
+}
+
+
 @dataclass
 class SamplingSettings:
-    """Defaults follow common practice for Mistral's instruct models (llama.cpp and Mistral's
-    examples use temperature 0.7); temperature 0 means greedy."""
+    """Defaults follow Mistral's reference and llama.cpp (temperature 0.7, no repetition penalty:
+    with a penalty, temperature 0 is no longer the model's greedy output); temperature 0 means greedy."""
 
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 0  # 0 = off
-    repeat_penalty: float = 1.1  # 1.0 = off; applied to the last `repeat_last_n` tokens
+    repeat_penalty: float = 1.0  # 1.0 = off; applied to the last `repeat_last_n` tokens
     repeat_last_n: int = 64
     max_tokens: int = 512
     seed: int | None = None
 
-    def check(self) -> None:
+    def check(self, name: Callable[[str], str] = flag_name) -> None:
+        """Refuse values the sampler cannot use. `name(field)` says where a value came from in the
+        message (a flag by default; params.json's recommendation or the settings file otherwise)."""
         from mixchat.errors import MixchatError
 
-        if self.temperature < 0:
-            raise MixchatError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
-        if not 0 < self.top_p <= 1:
-            raise MixchatError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if self.top_k < 0:
-            raise MixchatError(f"--top-k {self.top_k}: must be 0 (off) or more")
-        if self.repeat_penalty <= 0:
-            raise MixchatError(f"--repeat-penalty {self.repeat_penalty}: must be more than 0 (1 is off)")
-        if self.max_tokens < 1:
-            raise MixchatError(f"--max-tokens {self.max_tokens}: must be at least 1")
+        for field, (whole, ok, rule) in RULES.items():
+            value = getattr(self, field)
+            if field == "seed" and value is None:
+                continue
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+                kind = "a whole number" if whole else "a number"
+                raise MixchatError(f"{name(field)} {shown}: must be {kind}")
+            if not whole and not math.isfinite(value):
+                raise MixchatError(f"{name(field)} {shown}: must be a finite number")
+            if not ok(value):
+                raise MixchatError(f"{name(field)} {shown}: {rule}")
 
 
 def apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:

@@ -7,10 +7,12 @@ are the defaults new conversations start from.
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from mixchat import paths
+from mixchat import checksum, paths
 from mixchat.errors import MixchatError
 from mixchat.qformat import CHOICES
 from mixchat.sampling import SamplingSettings
@@ -23,7 +25,7 @@ class Settings:
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 0
-    repeat_penalty: float = 1.1
+    repeat_penalty: float = 1.0  # off, as in Mistral's reference: with it, temperature 0 is not greedy
     max_tokens: int = 512
     seed: int | None = None
     dtype: str = "auto"
@@ -36,17 +38,25 @@ class Settings:
     def sampling(self) -> SamplingSettings:
         s = SamplingSettings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                              repeat_penalty=self.repeat_penalty, max_tokens=self.max_tokens, seed=self.seed)
-        s.check()
+        s.check(name=str)  # named as the settings sheet and settings.json name them, not as flags
         return s
 
     def check(self) -> None:
         self.sampling()
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise MixchatError(f"dtype {self.dtype!r}: use auto, bf16, fp16 or fp32")
+            raise MixchatError(f"dtype {str(self.dtype)[:20]!r}: use auto, bf16, fp16 or fp32")
         if self.quant not in CHOICES:
-            raise MixchatError(f"quant {self.quant!r}: use " + ", ".join(CHOICES))
-        if self.threads < 0 or self.memory_budget_gb < 0 or self.kv_memory_gb <= 0 or self.expert_layer < 0:
-            raise MixchatError("threads and expert layer must be 0 or more, the KV memory budget more than 0")
+            raise MixchatError(f"quant {str(self.quant)[:20]!r}: use " + ", ".join(CHOICES))
+        if not isinstance(self.model, str) or not isinstance(self.system, str):
+            raise MixchatError("model and system must be text")
+        for name, whole in (("threads", True), ("expert_layer", True), ("memory_budget_gb", False),
+                            ("kv_memory_gb", False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                    or not math.isfinite(value) or value < 0:
+                raise MixchatError(f"{name} {str(value)[:20]}: must be a {'whole ' if whole else ''}number, 0 or more")
+        if self.threads > 1024 or self.kv_memory_gb <= 0:
+            raise MixchatError("threads must be at most 1024, and kv_memory_gb more than 0")
 
 
 def settings_path() -> Path:
@@ -70,9 +80,19 @@ def load() -> Settings:
 
 
 def save(s: Settings) -> None:
+    """Write atomically; a folder that cannot be written is a MixchatError (the settings stay in use)."""
     s.check()
     path = settings_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(s), indent=2), encoding="utf-8")
-    tmp.replace(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checksum.remove_stale_temporaries(path.parent, "settings.json.tmp*")
+        tmp.write_text(json.dumps(asdict(s), indent=2), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise MixchatError(f"{path}: cannot save the settings ({exc.strerror or exc}); they apply until mixchat "
+                           "closes — make the folder writable to keep them") from None

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from mixchat.errors import ReleaseError
 
+MAX_TOKENIZER_BYTES = 64 << 20
+
 
 class Tokenizer:
     def __init__(self, path: str | Path) -> None:
@@ -17,7 +19,18 @@ class Tokenizer:
         self.path = path
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
-            self.sp.LoadFromSerializedProto(path.read_bytes())
+            if path.stat().st_size > MAX_TOKENIZER_BYTES:
+                raise ReleaseError(f"{path}: {path.stat().st_size} bytes, too large for a tokenizer (they are a few "
+                                   "MB); use the tokenizer.model shipped with the release")
+            data = path.read_bytes()
+        except PermissionError:
+            raise ReleaseError(f"{path}: permission denied; make it readable (chmod a+r) or run mixchat as the "
+                               "file's owner") from None
+        except OSError as exc:
+            raise ReleaseError(f"{path}: cannot read ({exc.strerror}); copy the tokenizer.model shipped with the "
+                               "release into the folder") from None
+        try:
+            self.sp.LoadFromSerializedProto(data)
         except (RuntimeError, OSError) as exc:
             raise ReleaseError(
                 f"{path}: not a SentencePiece model ({str(exc).splitlines()[0][:80]}); "

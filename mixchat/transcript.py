@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+from mixchat.safetext import one_line, visible
 from mixchat.store import Conversation, StoredMessage, Summary
 
 
@@ -17,8 +18,8 @@ def format_list(rows: list[Summary]) -> str:
         return "no conversations yet"
     lines = [f"{'id':<17} {'updated':<16} {'turns':>5}  {'model':<24} title"]
     for r in rows:
-        model = r.model_path.rstrip("/").rsplit("/", 1)[-1][:24]
-        lines.append(f"{r.id:<17} {when(r.updated_at):<16} {r.turns:>5}  {model:<24} {r.title}")
+        model = one_line(r.model_path.rstrip("/").rsplit("/", 1)[-1])[:24]
+        lines.append(f"{r.id:<17} {when(r.updated_at):<16} {r.turns:>5}  {model:<24} {one_line(r.title)}")
     return "\n".join(lines)
 
 
@@ -26,16 +27,17 @@ def _stop_note(m: StoredMessage) -> str:
     if m.role != "assistant" or m.stop == "eos":
         return ""
     return {None: " [unfinished: the process stopped while writing]", "interrupted": " [stopped]",
-            "length": " [cut at the token limit]"}.get(m.stop, f" [{m.stop}]")
+            "length": " [cut at the token limit]"}.get(m.stop, f" [{one_line(str(m.stop))}]")
 
 
 def to_markdown(conv: Conversation, messages: list[StoredMessage]) -> str:
-    out = [f"# {conv.title or '(untitled)'}", "",
-           f"- id: `{conv.id}`", f"- model: `{conv.model_path}`", f"- started: {when(conv.created_at)}"]
+    """The transcript people read (and `cat` later): control characters shown, never acting."""
+    out = [f"# {one_line(conv.title) or '(untitled)'}", "",
+           f"- id: `{conv.id}`", f"- model: `{one_line(conv.model_path)}`", f"- started: {when(conv.created_at)}"]
     if conv.system:
-        out.append(f"- system prompt: {conv.system}")
+        out.append(f"- system prompt: {one_line(conv.system)}")
     for m in messages:
-        out += ["", f"## {m.role}{_stop_note(m)}", "", m.content]
+        out += ["", f"## {m.role}{_stop_note(m)}", "", visible(m.content)]
     return "\n".join(out) + "\n"
 
 

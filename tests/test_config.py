@@ -50,8 +50,8 @@ def test_unknown_keys_do_not_crash_and_are_kept():
     ({"n_layers": "32"}, "n_layers must be a positive integer"),
     ({"n_kv_heads": 5}, "multiple of n_kv_heads"),
     ({"moe": {"num_experts": 2, "num_experts_per_tok": 3}}, "exceeds"),
-    ({"sliding_window": [4096, 4096]}, "per-layer sliding windows"),
-    ({"norm_eps": "tiny"}, "norm_eps must be a positive number"),
+    ({"sliding_window": [4096, 4096]}, "sliding_window as a per-layer list"),
+    ({"norm_eps": "tiny"}, "norm_eps must be a positive finite number"),
 ])
 def test_bad_params_name_the_field(change, words):
     params = {k: v for k, v in {**MISTRAL_7B, **change}.items() if v is not None}

@@ -80,7 +80,7 @@ def test_truncated_cache_file_is_rebuilt(model):
     kv = paths.kv_dir() / f"{d1['conversation']}.safetensors"
     kv.write_bytes(kv.read_bytes()[:100])
     _, d2, proc = ask("-c", *ARGS, "--max-tokens", "4", text="again")
-    assert "unreadable" in proc.stderr.decode() and d2["cached_tokens"] == 0
+    assert "damaged" in proc.stderr.decode() and d2["cached_tokens"] == 0
     assert kv.exists()  # written anew after the turn
 
 

@@ -1,8 +1,12 @@
-"""mixchat.kernels (compiled GEMV kernels) against float64 torch references, plus the fallbacks."""
+"""mixchat.kernels (compiled GEMV kernels) against float64 torch references, plus the fallbacks.
+
+Every bound is tolerance.py's rigorous one for a single product: the kernels, on any CPU and in any
+build (kernel_isa runs the native, avx2 and portable builds here), sum K products in fp32 in their own
+order, so they are within gamma_K * sum|terms| of the exact result.
+"""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -10,6 +14,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from cpu_paths import each_kernel_isa, each_native_bf16  # noqa: F401 - fixtures
+from routing import RouterLog
+from tolerance import (
+    BF16,
+    BF16_FLIP,
+    FP64,
+    Q8_ROUNDINGS,
+    WEIGHT_ROUNDINGS,
+    Chain,
+    assert_same_argmax,
+    assert_within,
+    gamma,
+    int4_parts,
+    magnitude,
+    product_bound,
+    q8_shift,
+    routed_alike,
+    tolerance,
+)
 
 from mixchat import kernels
 
@@ -22,15 +45,24 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def assert_matches(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-    """got ~= x @ w.T within fp32 accumulation error: a few eps * sqrt(K) times sum_k |x_k w_k|."""
-    x64, w64 = x.double().reshape(-1, x.shape[-1]), w.double()
-    want = x64 @ w64.T
-    bound = 1e-6 * x.shape[-1] ** 0.5 * (x64.abs() @ w64.abs().T) + 1e-30
+def assert_matches(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, roundings: int = 0,
+                   w_abs: torch.Tensor | None = None) -> None:
+    """got = x @ w.T within tolerance.product_bound: one fp32 sum of K products per output in any order,
+    `roundings` more per term; w_abs stands for |w| where the kernels sum w's parts separately (int4)."""
+    k = x.shape[-1]
+    want = x.double().reshape(-1, k) @ w.double().T
+    mag = magnitude(x, w if w_abs is None else w_abs)
+    # the fp64 reference is itself within gamma_K(2^-53) of the exact sum
+    bound = product_bound(mag, k, roundings) + gamma(k, FP64) * mag
     assert got.dtype == torch.float32
-    got = got.reshape(want.shape).double()
-    err = (got - want).abs()
-    assert (err <= bound).all(), f"max error {err.max().item():.3g}, bound there {bound.flatten()[err.argmax()]:.3g}"
+    assert_within(got.reshape(want.shape), want, bound, f"K={k}")
+
+
+def assert_int4_matches(got: torch.Tensor, x: torch.Tensor, case: tuple, group: int, q8: bool = False) -> None:
+    packed, scale, zero, w = case
+    xr = kernels.quantize_x_q8(x.reshape(-1, x.shape[-1]), kernels.q8_block(group)) if q8 else x
+    roundings = WEIGHT_ROUNDINGS["int4"] + (Q8_ROUNDINGS if q8 else 0)
+    assert_matches(got, xr, w, roundings, int4_parts(packed, scale, zero, group))
 
 
 def int4_case(n: int, k: int, group: int, seed: int = 0):
@@ -64,7 +96,8 @@ def test_int8_matches_torch(n, k, t):
     x = torch.randn(t, k, generator=g)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, generator=g) * 0.01 + 1e-4
-    assert_matches(kernels.linear_int8(x, q, scale, exact=True), x, q.float() * scale[:, None])
+    assert_matches(kernels.linear_int8(x, q, scale, exact=True), x, q.float() * scale[:, None],
+                   WEIGHT_ROUNDINGS["int8"])
 
 
 @needs_kernels
@@ -78,7 +111,8 @@ def test_int8_q8_is_exact_for_the_rounded_x(n, k, t):
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     q[0, :5] = -127  # the most negative weight: |q| must still fit vpmaddubsw's unsigned operand
     scale = torch.rand(n, generator=g) * 0.01 + 1e-4
-    assert_matches(kernels.linear_int8(x, q, scale), kernels.quantize_x_q8(x), q.float() * scale[:, None])
+    assert_matches(kernels.linear_int8(x, q, scale), kernels.quantize_x_q8(x), q.float() * scale[:, None],
+                   WEIGHT_ROUNDINGS["int8"] + Q8_ROUNDINGS)
 
 
 @needs_kernels
@@ -91,9 +125,9 @@ def test_more_rows_than_one_pass_serves(t):
     assert_matches(kernels.linear_bf16(x, w), x, w.float())
     q = torch.randint(-127, 128, (72, 320), generator=g, dtype=torch.int8)
     s = torch.rand(72, generator=g) + 0.5
-    assert_matches(kernels.linear_int8(x, q, s, exact=True), x, q.float() * s[:, None])
-    packed, scale, zero, w4 = int4_case(72, 320, 64, seed=t)
-    assert_matches(kernels.linear_int4(x, packed, scale, zero, 64, exact=True), x, w4)
+    assert_matches(kernels.linear_int8(x, q, s, exact=True), x, q.float() * s[:, None], WEIGHT_ROUNDINGS["int8"])
+    case = int4_case(72, 320, 64, seed=t)
+    assert_int4_matches(kernels.linear_int4(x, *case[:3], 64, exact=True), x, case, 64)
 
 
 @needs_kernels
@@ -135,14 +169,13 @@ def test_gemm_matches_torch(n, k, extra, gemm_rows):
     assert_matches(kernels.linear_bf16(x, wt.t()), x, wt.t().float())
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, generator=g) * 0.01 + 1e-4
-    assert_matches(kernels.linear_int8(x, q, scale), x, q.float() * scale[:, None])
+    assert_matches(kernels.linear_int8(x, q, scale), x, q.float() * scale[:, None], WEIGHT_ROUNDINGS["int8"])
     if k % 64 == 0:
         for group in (32, 64):
-            packed, sc, zp, w4 = int4_case(n, k, group, seed=t)
-            assert_matches(kernels.linear_int4(x, packed, sc, zp, group, exact=True), x, w4)  # the GEMM
+            case = int4_case(n, k, group, seed=t)
+            assert_int4_matches(kernels.linear_int4(x, *case[:3], group, exact=True), x, case, group)  # the GEMM
             # by default int4 rounds x to Q8 for any row count: its 8-row integer kernel beats the GEMM
-            xq = kernels.quantize_x_q8(x, kernels.q8_block(group))
-            assert_matches(kernels.linear_int4(x, packed, sc, zp, group), xq, w4)
+            assert_int4_matches(kernels.linear_int4(x, *case[:3], group), x, case, group, q8=True)
 
 
 @needs_kernels
@@ -175,7 +208,8 @@ def test_gemm_and_gemv_agree(gemm_rows):
     kernels.set_gemm_min_rows(1)
     gemm = kernels.linear_bf16(x, w)
     assert kernels.get_gemm_min_rows() == 1
-    assert torch.allclose(gemv, gemm, rtol=1e-5, atol=1e-4)
+    # two fp32 sums of the same products, each within its bound of the exact one
+    assert_within(gemv, gemm, 2 * product_bound(magnitude(x, w), 512), "GEMV vs GEMM")
     with pytest.raises(ValueError):
         kernels.set_gemm_min_rows(0)
 
@@ -189,9 +223,9 @@ def test_gemm_and_gemv_agree(gemm_rows):
                                        (70, 1024, 64), (70, 1024, 128), (300, 4096, 64), (16, 14336, 128)])
 @pytest.mark.parametrize("t", ROWS)
 def test_int4_exact_matches_torch(n, k, group, t):
-    packed, scale, zero, w = int4_case(n, k, group, seed=n + k + t)
+    case = int4_case(n, k, group, seed=n + k + t)
     x = torch.randn(t, k, generator=gen(t))
-    assert_matches(kernels.linear_int4(x, packed, scale, zero, group, exact=True), x, w)
+    assert_int4_matches(kernels.linear_int4(x, *case[:3], group, exact=True), x, case, group)
 
 
 @needs_kernels
@@ -200,11 +234,10 @@ def test_int4_exact_matches_torch(n, k, group, t):
 @pytest.mark.parametrize("t", ROWS)
 def test_int4_q8_is_exact_for_the_rounded_x(n, k, group, t):
     # The default path rounds x to int8 per 32 columns (per group of 128); given that, the rest is exact fp32.
-    packed, scale, zero, w = int4_case(n, k, group, seed=n + k + t)
+    case = int4_case(n, k, group, seed=n + k + t)
     x = torch.randn(t, k, generator=gen(t))
     x[:, ::97] *= 30  # outliers: the per-block scales must follow them
-    xq = kernels.quantize_x_q8(x, kernels.q8_block(group))
-    assert_matches(kernels.linear_int4(x, packed, scale, zero, group), xq, w)
+    assert_int4_matches(kernels.linear_int4(x, *case[:3], group), x, case, group, q8=True)
 
 
 @needs_kernels
@@ -219,10 +252,15 @@ def test_int4_q8_error_is_small_next_to_int4s_own():
     packed, scale, zero = quantize_int4(w, 64)
     exact = kernels.linear_int4(x, packed, scale, zero, 64, exact=True).double()
     q8 = kernels.linear_int4(x, packed, scale, zero, 64).double()
+    # Within the contract: each x moved by at most its block's absmax / 254, and each path's fp32 sums.
+    parts = int4_parts(packed, scale, zero, 64)
+    mag = magnitude(x, parts)
+    sums = 2 * product_bound(mag, 4096, WEIGHT_ROUNDINGS["int4"] + Q8_ROUNDINGS)
+    assert_within(q8, exact, q8_shift(x, parts) + sums, "Q8 vs exact")
+    # ... and small next to the weights' own rounding: the claim above (a tenth), with room for other data
     true = x.double() @ w.double().T
     q8_err = ((q8 - exact).norm() / exact.norm()).item()
     weight_err = ((exact - true).norm() / true.norm()).item()
-    assert q8_err < 0.02
     assert q8_err < weight_err / 4
 
 
@@ -356,7 +394,7 @@ def test_concurrent_callers():
     # ctypes drops the GIL: two Python threads run kernels at once, each with its own scratch for x.
     g = gen(4)
     w = torch.randn(256, 1024, generator=g).to(torch.bfloat16)
-    packed, scale, zero, w4 = int4_case(256, 1024, 32)
+    case = packed, scale, zero, _ = int4_case(256, 1024, 32)
     xs = [torch.randn(2, 1024, generator=g) for _ in range(2)]
     errors: list[BaseException] = []
 
@@ -364,7 +402,7 @@ def test_concurrent_callers():
         try:
             for _ in range(50):
                 assert_matches(kernels.linear_bf16(x, w), x, w.float())
-                assert_matches(kernels.linear_int4(x, packed, scale, zero, 32), kernels.quantize_x_q8(x), w4)
+                assert_int4_matches(kernels.linear_int4(x, packed, scale, zero, 32), x, case, 32, q8=True)
         except BaseException as e:  # noqa: B036 - reported to the main thread
             errors.append(e)
 
@@ -406,6 +444,7 @@ def fresh_state(monkeypatch):
     """Let a test re-run kernels' one-time initialisation; monkeypatch restores the real state after."""
     monkeypatch.setattr(kernels, "_lib", None)
     monkeypatch.setattr(kernels, "_reason", None)
+    monkeypatch.setattr(kernels, "_opened", {})
     return monkeypatch
 
 
@@ -420,11 +459,12 @@ def test_disabled_by_environment(fresh_state):
     assert_matches(kernels.linear_bf16(x, w), x, w.float())
     q = torch.randint(-127, 128, (16, 128), generator=g, dtype=torch.int8)
     s = torch.rand(16, generator=g)
-    assert_matches(kernels.linear_int8(x, q, s, exact=True), x, q.float() * s[:, None])
-    assert_matches(kernels.linear_int8(x, q, s), kernels.quantize_x_q8(x), q.float() * s[:, None])
-    packed, scale, zero, w4 = int4_case(16, 128, 32)
-    assert_matches(kernels.linear_int4(x, packed, scale, zero, 32, exact=True), x, w4)
-    assert_matches(kernels.linear_int4(x, packed, scale, zero, 32), kernels.quantize_x_q8(x), w4)
+    assert_matches(kernels.linear_int8(x, q, s, exact=True), x, q.float() * s[:, None], WEIGHT_ROUNDINGS["int8"])
+    assert_matches(kernels.linear_int8(x, q, s), kernels.quantize_x_q8(x), q.float() * s[:, None],
+                   WEIGHT_ROUNDINGS["int8"] + Q8_ROUNDINGS)
+    case = int4_case(16, 128, 32)
+    assert_int4_matches(kernels.linear_int4(x, *case[:3], 32, exact=True), x, case, 32)
+    assert_int4_matches(kernels.linear_int4(x, *case[:3], 32), x, case, 32, q8=True)
 
 
 def test_no_compiler_is_a_quiet_fallback(fresh_state, tmp_path):
@@ -445,55 +485,174 @@ def test_failed_build_says_why(tmp_path):
 
 @pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler")
 def test_cached_build_is_reused(tmp_path):
-    first = kernels.build(root=tmp_path)
+    # the portable build compiles in a second, the native one in 20-30
+    first = kernels.build(flags=kernels.isa_flags("portable"), root=tmp_path)
     mtime = first.stat().st_mtime_ns
-    assert kernels.build(root=tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert kernels.build(flags=kernels.isa_flags("portable"), root=tmp_path) == first
+    assert first.stat().st_mtime_ns == mtime
     assert [p.name for p in first.parent.iterdir()] == ["libgemv.so"]  # no temporaries left
 
 
-@pytest.mark.skipif(kernels._compiler() is None or os.uname().machine not in ("x86_64", "AMD64"),
-                    reason="needs a C compiler on x86-64")
-def test_portable_build_passes_the_self_check(tmp_path):
-    # Without -march=native the AVX2 code is compiled out; the scalar path must give the same answers
-    # (load() runs the self-check and raises if it does not).
-    flags = tuple(f for f in kernels.FLAGS if f != "-march=native") + ("-march=x86-64",)
-    lib = kernels.load(kernels.build(flags=flags, root=tmp_path))
-    assert lib.mc_simd() == 0
+# ---------------------------------------------------------------------------------------------------
+# Builds (MIXCHAT_KERNEL_ISA): every side of the CPU-dependent C code, on this machine
+
+
+def test_build_flags_pin_the_code_path():
+    assert "-march=native" in kernels.isa_flags("native")
+    avx2 = kernels.isa_flags("avx2")  # what an AVX2-only CPU runs, on an AVX-512 one too
+    assert "-march=x86-64-v3" in avx2 and not any("native" in f or "avx512" in f for f in avx2)
+    assert "-DMC_PORTABLE" in kernels.isa_flags("portable")
+    with pytest.raises(ValueError, match="native, avx2, portable"):
+        kernels.isa_flags("avx512")
+
+
+@pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler")
+def test_the_environment_picks_the_build(fresh_state):
+    fresh_state.setenv("MIXCHAT_KERNEL_ISA", "portable")
+    fresh_state.delenv("MIXCHAT_KERNELS", raising=False)
+    assert kernels.available() and not kernels.simd()
+    assert kernels.reason().startswith("ok (portable build; scalar code")
+
+
+def test_an_unknown_build_is_refused(fresh_state):
+    fresh_state.setenv("MIXCHAT_KERNEL_ISA", "avx512")
+    fresh_state.delenv("MIXCHAT_KERNELS", raising=False)
+    assert not kernels.available()
+    assert "MIXCHAT_KERNEL_ISA=avx512" in kernels.reason()
+
+
+def test_the_avx2_build_is_refused_where_it_cannot_run(fresh_state):
+    # Its first AVX2 instruction would kill the process, so it is never loaded on such a CPU.
+    fresh_state.setattr(kernels, "_cpu_flags", lambda: "fpu sse sse2")
+    with pytest.raises(kernels.KernelError, match="the avx2 build needs"), kernels.forced_isa("avx2"):
+        pass
+
+
+@pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler")
+@pytest.mark.parametrize("rows", [1, 3, 9, 2 * kernels.GEMM_MIN_ROWS + 1])  # one pass, 8-row slices, the GEMM
+def test_each_build_meets_the_contract(kernel_isa, rows):
+    # Every entry point of each build, within the same bounds as the detailed tests above (which run the
+    # process's own build, native unless MIXCHAT_KERNEL_ISA says otherwise).
+    assert kernels.reason().startswith(f"ok ({kernel_isa} build")
+    if kernel_isa != "native":
+        assert kernels.simd() is (kernel_isa == "avx2")
+    g = gen(rows)
+    for n, k in ((40, 100), (72, 1024)):  # a K % 32 tail (bf16, exact int8 only); then every format
+        x = torch.randn(rows, k, generator=g)
+        x[:, ::97] *= 30
+        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        assert_matches(kernels.linear_bf16(x, w), x, w.float())
+        wt = torch.randn(k, n, generator=g).to(torch.bfloat16)
+        assert_matches(kernels.linear_bf16(x, wt.t()), x, wt.t().float())
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        s = torch.rand(n, generator=g) * 0.01 + 1e-4
+        assert_matches(kernels.linear_int8(x, q, s, exact=True), x, q.float() * s[:, None], WEIGHT_ROUNDINGS["int8"])
+        if k % 64:
+            continue
+        q8 = rows < kernels.get_gemm_min_rows()  # int8 rounds x to Q8 below the GEMM's rows
+        assert_matches(kernels.linear_int8(x, q, s), kernels.quantize_x_q8(x) if q8 else x, q.float() * s[:, None],
+                       WEIGHT_ROUNDINGS["int8"] + (Q8_ROUNDINGS if q8 else 0))
+        for group in kernels.INT4_GROUPS:
+            case = int4_case(n, k, group, seed=group)
+            assert_int4_matches(kernels.linear_int4(x, *case[:3], group, exact=True), x, case, group)
+            assert_int4_matches(kernels.linear_int4(x, *case[:3], group), x, case, group, q8=True)
+        many = [(w,), (wt.t().contiguous(),)]
+        for got, (wi,) in zip(kernels.linear_many(x, "bf16", many), many, strict=True):
+            assert torch.equal(got, kernels.linear_bf16(x, wi))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through the model
+
+
+def _run(engine, tokens: list[int], one_at_a_time: bool):
+    """Logits, expert choices and the router log of `tokens` from an empty cache."""
+    cache = engine.new_cache()
+    with RouterLog(engine.model) as log:
+        if one_at_a_time:
+            outs = [engine.model(torch.tensor([t]), cache) for t in tokens]
+        else:
+            outs = [engine.model(torch.tensor(tokens), cache)]
+    return torch.cat([o.logits for o in outs]), torch.cat([o.experts for o in outs]), log
+
+
+def expert_rows(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many tokens each expert took, [layers, n_experts], from chosen experts [T, layers, k]."""
+    return torch.stack([torch.bincount(experts[:, layer].flatten(), minlength=n_experts)
+                        for layer in range(experts.shape[1])])
 
 
 @needs_kernels
-def test_bf16_decode_through_the_kernel_matches_torch(make_release, monkeypatch):
+def test_native_bf16_decides_who_multiplies_a_prompt(monkeypatch, native_bf16):
+    from mixchat import model as model_mod
+
+    rows = []
+    real = kernels.linear_bf16
+    monkeypatch.setattr(kernels, "linear_bf16", lambda x, w: rows.append(x.shape[0]) or real(x, w))
+    layer = model_mod.Linear(64, 32).to(torch.bfloat16)
+    most = model_mod._KERNEL_MAX_ROWS
+    with torch.no_grad():
+        for t in (1, most, most + 1):
+            layer(torch.randn(t, 64))
+    # the kernels take decode and short prompts either way; longer prompts go to torch's bf16 GEMM where
+    # the CPU multiplies bf16 natively
+    assert rows == [1, most] + ([] if native_bf16 else [most + 1])
+    # without the kernels, several rows are upcast to fp32 unless bf16 is native
+    assert model_mod._upcast(model_mod._UPCAST_MIN_TOKENS, layer.weight) is not native_bf16
+
+
+@needs_kernels
+def test_bf16_decode_through_the_kernel_matches_torch(make_release, monkeypatch, native_bf16):
     from conftest import tiny_args
 
     from mixchat import model as model_mod
     from mixchat.engine import Engine
 
-    folder = make_release(tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2}), "experts")
+    args = tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2})
+    folder = make_release(args, "experts")
     engine = Engine.load(folder, show_progress=False)  # bf16 weights
     ids = engine.tokenizer.encode("Once upon a time")
-
-    def decode(e: Engine = engine) -> torch.Tensor:
-        cache = e.new_cache()
-        rows = [e.model(torch.tensor([t]), cache).logits for t in ids]  # one token at a time: the GEMV path
-        return torch.cat(rows)
-
-    def prefill() -> torch.Tensor:  # the whole prompt at once: the GEMM path
-        return engine.model(torch.tensor(ids * 4), engine.new_cache()).logits
+    prompt = ids * 4
+    assert len(prompt) > model_mod._KERNEL_MAX_ROWS  # with native bf16, torch's GEMM takes this prompt
+    chain = Chain.of(args, len(prompt))
 
     monkeypatch.setattr(model_mod, "_kernels_module", None)
-    with_kernel, prompt_kernel = decode(), prefill()
+    k_decode, k_experts, _ = _run(engine, ids, True)  # one token at a time: the GEMV path
+    k_prompt, k_prompt_experts, _ = _run(engine, prompt, False)  # the whole prompt: the GEMM path
     assert model_mod._kernels_module is kernels  # the kernel was used
     monkeypatch.setattr(model_mod, "_kernels_module", False)
-    with_torch, prompt_torch = decode(), prefill()
-    # torch's one-token path rounds x to bf16, the kernel keeps it in fp32
-    assert torch.allclose(with_kernel, with_torch, atol=0.03 * with_torch.abs().max().item())
-    # the same bf16 weights upcast exactly: only the KV cache's bf16 rounding differs
-    with_fp32 = decode(Engine.load(folder, dtype="fp32", show_progress=False))
-    assert torch.allclose(with_kernel, with_fp32, atol=0.01 * with_fp32.abs().max().item())
-    assert torch.equal(with_kernel.argmax(-1), with_fp32.argmax(-1))
-    # both prefill paths compute in fp32 from the same bf16 weights
-    assert len(ids) * 4 > kernels.get_gemm_min_rows()
-    assert torch.allclose(prompt_kernel, prompt_torch, atol=1e-4 * prompt_torch.abs().max().item())
+    t_decode, t_experts, t_log = _run(engine, ids, True)
+    t_prompt, t_prompt_experts, t_prompt_log = _run(engine, prompt, False)
+
+    # One token at a time torch rounds each bf16 product's input and output to bf16 (it upcasts to fp32
+    # only from _UPCAST_MIN_TOKENS rows on), on any CPU; the kernel keeps fp32. Both round the KV cache to
+    # bf16, where a hair's difference can flip a rounding.
+    terms = chain.rounded(BF16), chain.reordered(), BF16_FLIP
+    router = t_log.logits()
+    n = routed_alike(k_experts, t_experts, router, tolerance(router.abs().max().item(), *terms))
+    assert_within(k_decode[:n], t_decode[:n], tolerance(t_decode.abs().max().item(), *terms), "decode: kernel vs torch")
+
+    # The same bf16 weights upcast exactly: only the KV cache's bf16 rounding of every key and value (the
+    # attention scores' and output's inputs, per layer) differs.
+    f_decode, f_experts, f_log = _run(Engine.load(folder, dtype="fp32", show_progress=False), ids, True)
+    terms = 2 * args.n_layers * BF16, chain.reordered()
+    router = f_log.logits()
+    n = routed_alike(k_experts, f_experts, router, tolerance(router.abs().max().item(), *terms))
+    tol = tolerance(f_decode.abs().max().item(), *terms)
+    assert_within(k_decode[:n], f_decode[:n], tol, "decode: kernel vs fp32")
+    assert_same_argmax(k_decode[:n], f_decode[:n], tol)
+
+    # Prompts. Without native bf16 both paths multiply in fp32 (the kernels' GEMM; torch upcasts), but
+    # torch rounds an expert's products' inputs and outputs to bf16 where it is given fewer than
+    # _UPCAST_MIN_TOKENS rows. With it both take torch's bf16 GEMM (inputs and outputs rounded) for more
+    # than _KERNEL_MAX_ROWS rows, and the kernels keep fp32 in an expert given at most that many.
+    rows = torch.stack([expert_rows(e, args.moe.num_experts) for e in (k_prompt_experts, t_prompt_experts)])
+    odd = rows <= model_mod._KERNEL_MAX_ROWS if native_bf16 else rows < model_mod._UPCAST_MIN_TOKENS
+    rounded_layers = int(((rows > 0) & odd).any(dim=-1).any(dim=0).sum())  # w1/w3 and w2 in each
+    terms = chain.rounded(BF16, 2 * rounded_layers), chain.reordered(), BF16_FLIP
+    router = t_prompt_log.logits()
+    n = routed_alike(k_prompt_experts, t_prompt_experts, router, tolerance(router.abs().max().item(), *terms))
+    assert_within(k_prompt[:n], t_prompt[:n], tolerance(t_prompt.abs().max().item(), *terms), "prompt")
 
 
 def test_torrent_w2_views_decode_like_fp32(make_release):
@@ -502,14 +661,20 @@ def test_torrent_w2_views_decode_like_fp32(make_release):
 
     from mixchat.engine import Engine
 
-    folder = make_release(tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2}), "torrent")
+    args = tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2})
+    folder = make_release(args, "torrent")
     bf16 = Engine.load(folder, show_progress=False)
     fp32 = Engine.load(folder, dtype="fp32", show_progress=False)
     w2 = bf16.model.layers[0].feed_forward.experts[0].w2.weight
     assert not w2.is_contiguous() and w2.t().is_contiguous()
     ids = bf16.tokenizer.encode("Once upon a time")
-    caches = bf16.new_cache(), fp32.new_cache()
-    for t in ids:
-        got = bf16.model(torch.tensor([t]), caches[0]).logits
-        want = fp32.model(torch.tensor([t]), caches[1]).logits
-        assert torch.allclose(got, want, atol=0.05 * want.abs().max().item())
+    got, got_experts, _ = _run(bf16, ids, True)
+    want, want_experts, log = _run(fp32, ids, True)
+    # The same weights, upcast exactly in fp32: the bf16 model rounds every key and value into its cache
+    # (per layer, the inputs of the attention scores and output), and without the kernels torch rounds
+    # each product's input and output to bf16 for one token.
+    chain = Chain.of(args, len(ids))
+    terms = 2 * args.n_layers * BF16, chain.reordered(), 0.0 if kernels.available() else chain.rounded(BF16)
+    router = log.logits()
+    n = routed_alike(got_experts, want_experts, router, tolerance(router.abs().max().item(), *terms))
+    assert_within(got[:n], want[:n], tolerance(want.abs().max().item(), *terms), "bf16 vs fp32 decode")

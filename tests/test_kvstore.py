@@ -64,7 +64,7 @@ def test_truncated_cache_file_is_discarded_with_a_note(engine, tmp_path):
     kvstore.save(path, s, fp)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     fresh = Session(engine)
-    assert "unreadable" in kvstore.load(path, fresh, fp)
+    assert "damaged" in kvstore.load(path, fresh, fp)
     assert fresh.cache.pos == 0 and not path.exists()
     assert turn(fresh, [1, 415, 1369]).cached_tokens == 0
 

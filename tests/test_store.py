@@ -77,7 +77,7 @@ def test_a_file_that_is_not_a_database_is_refused_and_left_alone(tmp_path):
     path = tmp_path / "c.sqlite3"
     junk = b"this is not sqlite" * 100
     path.write_bytes(junk)
-    with pytest.raises(StoreError, match="cannot open the conversation store .* move the file aside"):
+    with pytest.raises(StoreError, match="cannot open the conversation store .* not a mixchat store.* Move it aside"):
         Store(path)
     assert path.read_bytes() == junk
 

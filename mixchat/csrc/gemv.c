@@ -34,8 +34,9 @@
  *         nibbles into fp32 costs more ALU time than half a byte per weight of memory traffic leaves,
  *         so only the Q8 path reaches the read limit, above all for T > 1.
  *
- * Built with -march=native by mixchat/kernels.py; where the compiler does not target AVX2+FMA the
- * portable scalar loops below are compiled instead (correct, slow) and mc_simd() reports 0.
+ * Built with -march=native by mixchat/kernels.py (MIXCHAT_KERNEL_ISA picks another build); where the
+ * compiler does not target AVX2+FMA, or MC_PORTABLE is defined (the portable build, which pins this path
+ * on any CPU), the portable scalar loops below are compiled instead (correct, slow) and mc_simd() reports 0.
  * Rounding in the Q8 path relies on the default MXCSR mode (round to nearest even).
  */
 #include <stdint.h>
@@ -46,7 +47,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(MC_PORTABLE)
 #include <immintrin.h>
 #define MC_AVX2 1
 #else

@@ -1,21 +1,33 @@
 """MixchatApp: the Textual front end. It holds the engine for the worker threads but never touches
 tensors: it sends turns through mixchat.chat.Chat in a worker thread, and the worker reports
-back only by posting messages (post_message never waits, so drawing cannot slow decoding)."""
+back only by posting messages (post_message never waits, so drawing cannot slow decoding).
+
+Everything shown that the user, the model or a file wrote goes through mixchat.tui.literal (or
+one_line / visible): Textual would read it as markup, and a terminal obeys its control characters.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import signal
+import threading
 import time
 from collections import Counter
 
 from textual import on, work
 from textual.app import App, ComposeResult
+from textual.await_complete import AwaitComplete
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
+from textual.notifications import SeverityLevel
 from textual.widgets import Footer, Input, ListItem, ListView, ProgressBar, Static, TabbedContent
 
 from mixchat import settings as settings_mod
 from mixchat.errors import MixchatError
+from mixchat.safetext import one_line, visible
 from mixchat.settings import Settings
 from mixchat.tui import clipboard, history
 from mixchat.tui.messages import (
@@ -27,12 +39,29 @@ from mixchat.tui.messages import (
     Prefilling,
     TokenStreamed,
 )
-from mixchat.tui.panes import ChatPane
+from mixchat.tui.panes import ChatPane, tab_label
 from mixchat.tui.screens import ConfirmScreen, HelpScreen, RenameScreen, SettingsScreen
 from mixchat.tui.status import status_text
-from mixchat.tui.widgets import ExpertPanel, MessageView, PromptInput, Sidebar, StatusBar
+from mixchat.tui.widgets import (
+    ConversationList,
+    ExpertPanel,
+    LineInput,
+    MessageView,
+    PromptInput,
+    Sidebar,
+    StatusBar,
+    conversation_row,
+)
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+# How long quitting (or deleting an open conversation) waits for a stopped reply to be saved. A
+# reply stops within one token (or one prefill chunk), so this is only hit by a stuck worker.
+STOP_WAIT_SECONDS = 5.0
+# Ended by these, the app quits as on Ctrl+Q (replies stopped and saved) with exit status 128+signum.
+QUIT_SIGNALS = ("SIGTERM", "SIGHUP")
+# After a signal, how long past STOP_WAIT_SECONDS the app may take to leave before the process
+# ends without it (a hung-up terminal makes Textual's goodbye to it block for ever).
+EXIT_GRACE_SECONDS = 3.0
 
 
 class MixchatApp(App):
@@ -58,7 +87,8 @@ class MixchatApp(App):
         ("ctrl+n", "new_chat", "New"),
         Binding("ctrl+w", "close_tab", "Close tab", priority=True),
         ("ctrl+b", "toggle_sidebar", "Sidebar"),
-        ("ctrl+o", "focus_sidebar", "Conversations"),
+        # priority: handled as it is read, so keys typed right after it already find the list.
+        Binding("ctrl+o", "focus_sidebar", "Conversations", priority=True),
         ("f1", "help", "Help"),
         ("f2", "settings", "Settings"),
         ("f3", "toggle_experts", "Experts"),
@@ -88,19 +118,25 @@ class MixchatApp(App):
         self._filter = ""
         self._history = history.load()
         self._queued: list[str] = []  # typed before the model was loaded
+        self._quitting = False
+        self._signals: list[int] = []
+        self._watchdog: threading.Timer | None = None
+        self._finished = False  # run() has returned
 
     # -- layout ----------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
         # Kept as attributes: App.query_one searches the active screen, which is a modal one
         # while the settings or help are open, and the workers' messages keep arriving then.
-        self.sidebar, self.conversations = Sidebar(), ListView(id="conversations")
+        # The filter box keeps its text on focus: typing in the list moves there, key by key.
+        self.filter_box = LineInput(placeholder="filter conversations", id="filter", select_on_focus=False)
+        self.sidebar, self.conversations = Sidebar(), ConversationList(self.filter_box, id="conversations")
         self.tabs, self.load_bar = TabbedContent(id="tabs"), ProgressBar(id="load", total=100, show_eta=False)
         self.prompt = PromptInput(self._history, id="prompt")
         self.expert_panel, self.status_bar = ExpertPanel(id="experts"), StatusBar(id="status")
         with Horizontal(id="main"):
             with self.sidebar:
-                yield Input(placeholder="filter conversations", id="filter")
+                yield self.filter_box
                 yield self.conversations
             with Vertical(id="center"):
                 yield self.tabs
@@ -111,9 +147,12 @@ class MixchatApp(App):
         yield Footer()
 
     async def on_mount(self) -> None:
+        self._catch_signals()
         self.refresh_sidebar()
         await self.new_pane()
-        self.prompt.focus()
+        # Focus now, not via focus() (queued behind keys typed during start-up: a Ctrl+O then
+        # went to the list and the prompt took the focus back from under the typing).
+        self.screen.set_focus(self.prompt)
         self.set_interval(0.25, self.update_status)
         if self.model_folder:
             self.load_model(self.model_folder)
@@ -122,6 +161,18 @@ class MixchatApp(App):
         if self.demo_note:
             self.notify(self.demo_note, timeout=12)
         self.update_status()
+
+    def on_unmount(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in self._signals:
+            loop.remove_signal_handler(signum)
+        self._signals.clear()
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = False) -> None:
+        """Textual's notify, but never markup: notices quote paths, titles, errors and replies.
+        `markup` is accepted for Textual's own callers and ignored."""
+        super().notify(visible(message), title=one_line(title), severity=severity, timeout=timeout, markup=False)
 
     # -- model loading (worker thread) -----------------------------------------------------------
 
@@ -181,8 +232,11 @@ class MixchatApp(App):
 
     @property
     def pane(self) -> ChatPane | None:
-        tabs = self.tabs
-        return tabs.active_pane if isinstance(tabs.active_pane, ChatPane) else None
+        try:
+            active = self.tabs.active_pane
+        except NoMatches:  # the app is closing and the tabs are half taken down: the status timer asks
+            return None
+        return active if isinstance(active, ChatPane) else None
 
     async def new_pane(self, cid: str | None = None, title: str = "new chat") -> ChatPane:
         self._panes += 1
@@ -213,49 +267,99 @@ class MixchatApp(App):
         dec = StreamDecoder(self.engine.tokenizer)
         return [(dec.push(t), e, None) for t, e in zip(ids, experts, strict=False)]
 
-    def refresh_sidebar(self) -> None:
+    def refresh_sidebar(self) -> AwaitComplete:
+        """Rebuild the conversation list. Await it before moving its cursor: until then the old
+        rows are still there (keys sent right after Ctrl+O found the cursor on a vanishing row)."""
         view = self.conversations
-        view.clear()
+        removed = view.clear()
+        items = []
         for s in self.store.list():
             if self._filter and self._filter.lower() not in s.title.lower():
                 continue
-            item = ListItem(Static(f"{s.title or '(untitled)'}\n[dim]{s.turns} turns · {s.id[-6:]}[/dim]"))
+            item = ListItem(Static(conversation_row(s.title, s.turns, s.id)))
             item.cid = s.id
-            view.append(item)
+            items.append(item)
+        return AwaitComplete(removed, view.extend(items))
 
     @on(Input.Changed, "#filter")
-    def filter_changed(self, event: Input.Changed) -> None:
+    async def filter_changed(self, event: Input.Changed) -> None:
         self._filter = event.value.strip()
-        self.refresh_sidebar()
+        await self.refresh_sidebar()
+
+    @on(Input.Submitted, "#filter")
+    def filter_submitted(self) -> None:
+        view = self.conversations
+        self.screen.set_focus(view)
+        if view.children:
+            view.index = 0
 
     @on(ListView.Selected, "#conversations")
     async def open_selected(self, event: ListView.Selected) -> None:
         cid = event.item.cid
         for pane in self.tabs.query(ChatPane):
-            if pane.cid == cid or (pane.chat and pane.chat.id == cid):
+            if pane.holds(cid):
                 self.tabs.active = pane.id
                 return
         await self.new_pane(cid, self.store.get(cid).title)
         self.prompt.focus()
 
-    def on_key(self, event) -> None:
-        view = self.conversations
-        if self.focused is not view or view.highlighted_child is None:
+    def _highlighted(self) -> tuple[str, str] | None:
+        """The conversation under the list's cursor: (id, title)."""
+        item = self.conversations.highlighted_child
+        if item is None:
+            return None
+        try:
+            return item.cid, self.store.get(item.cid).title
+        except MixchatError as exc:  # removed meanwhile (`mixchat rm` in another terminal)
+            self.notify(str(exc), severity="warning")
+            self.refresh_sidebar()
+            return None
+
+    def action_rename_conversation(self) -> None:
+        if chosen := self._highlighted():
+            cid, title = chosen
+            self.push_screen(RenameScreen(title), lambda new: self._rename(cid, new))
+
+    def action_delete_conversation(self) -> None:
+        if not (chosen := self._highlighted()):
             return
-        cid = view.highlighted_child.cid
-        if event.key == "r":
-            self.push_screen(RenameScreen(self.store.get(cid).title), lambda t: self._rename(cid, t))
-        elif event.key == "d":
-            self.push_screen(ConfirmScreen(f"Delete “{self.store.get(cid).title}” and its saved KV cache?"),
-                             lambda yes: self._delete(cid) if yes else None)
+        cid, title = chosen
+
+        def answered(yes: bool | None) -> None:
+            if yes:  # in a worker: it may wait for a reply to stop, and the app keeps drawing meanwhile
+                self.run_worker(self._delete(cid), group="delete")
+
+        self.push_screen(ConfirmScreen(f"Delete “{title}” and its saved KV cache?"), answered)
 
     def _rename(self, cid: str, title: str | None) -> None:
-        if title:
-            self.store.rename(cid, title)
-            self.refresh_sidebar()
+        if not title:
+            return
+        conv = self.store.rename(cid, title)
+        for pane in self.tabs.query(ChatPane):
+            if pane.holds(cid):
+                self.tabs.get_tab(pane.id).label = tab_label(conv.title)
+        self.refresh_sidebar()
 
-    def _delete(self, cid: str) -> None:
-        self.store.delete(cid)
+    async def _delete(self, cid: str) -> None:
+        """Delete a conversation, closing its tab if it is open. A reply being written there is
+        stopped and saved first: a worker left running would write into a conversation that no
+        longer exists (FOREIGN KEY constraint failed) and write its cache file again."""
+        panes = [p for p in self.tabs.query(ChatPane) if p.holds(cid)]
+        writing = [p for p in panes if p.writing]
+        if writing:
+            for pane in writing:
+                pane.cancel.set()
+            if not await self._wait_for(writing, STOP_WAIT_SECONDS):
+                self.notify("the reply did not stop in time, so nothing was deleted; try again", severity="warning")
+                return
+        for pane in panes:
+            await self._close_pane(pane)
+        try:
+            self.store.delete(cid)
+        except MixchatError as exc:  # deleted elsewhere meanwhile, or the store cannot be written
+            self.notify(str(exc), severity="warning")
+            self.refresh_sidebar()
+            return
         if self.pool:
             self.pool.forget(cid)
         else:
@@ -264,6 +368,21 @@ class MixchatApp(App):
             (paths.kv_dir() / f"{cid}.safetensors").unlink(missing_ok=True)
         self.refresh_sidebar()
         self.notify("conversation deleted")
+
+    async def _wait_for(self, panes: list[ChatPane], timeout: float) -> bool:
+        """Wait until the panes' workers have ended (their replies saved); False on timeout."""
+        end = time.monotonic() + timeout
+        while any(p.writing for p in panes):
+            if time.monotonic() > end:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _close_pane(self, pane: ChatPane) -> None:
+        pane.cancel.set()
+        await self.tabs.remove_pane(pane.id)
+        if not list(self.tabs.query(ChatPane)):
+            await self.new_pane()
 
     # -- sending and streaming -------------------------------------------------------------------
 
@@ -311,7 +430,7 @@ class MixchatApp(App):
         pane.busy = True
         pane.phase = "prefilling"
         pane.stats = {"started": time.monotonic(), "count": 0}
-        self.generate(pane, kind, text, index, settings)
+        pane.worker = self.generate(pane, kind, text, index, settings)
 
     @work(thread=True, group="generate")
     def generate(self, pane: ChatPane, kind: str, text: str, index: int | None, settings) -> None:
@@ -324,6 +443,10 @@ class MixchatApp(App):
             events = chat.edit(index, text, settings, pane.cancel) if kind == "edit" else \
                 chat.send(text, settings, pane.cancel)
             for ev in events:
+                if self.return_code is not None:
+                    # The app is ending (even by a crash, which unmounts nothing): stop, so the
+                    # reply is saved as interrupted and the process is not kept alive decoding.
+                    pane.cancel.set()
                 if isinstance(ev, TokenEvent):
                     count += 1
                     now = time.monotonic()
@@ -336,7 +459,8 @@ class MixchatApp(App):
                     self.post_message(GenerationFinished(pid, ev.text, ev.stop, {
                         "ttft": ev.time_to_first_token, "prefill_tps": ev.prefill_tokens_per_second,
                         "decode_tps": ev.decode_tokens_per_second, "cached": ev.cached_tokens,
-                        "prefilled": ev.prefilled_tokens, "generated": len(ev.generated)}, chat.id))
+                        "prefilled": ev.prefilled_tokens, "generated": len(ev.generated)}, chat.id,
+                        list(ev.notes)))
         except MixchatError as exc:
             self.post_message(GenerationFailed(pid, str(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug must show in the app, not kill the worker silently
@@ -368,21 +492,26 @@ class MixchatApp(App):
         if self.show_experts and pane is self.pane:
             self.refresh_experts()
 
-    async def on_generation_finished(self, msg: GenerationFinished) -> None:
+    def on_generation_finished(self, msg: GenerationFinished) -> None:
+        for note in msg.notes:  # told even when the tab is gone
+            self.notify(note, severity="warning", timeout=10)
         pane = self._pane(msg.pane_id)
         if pane is None:
             return
+        if msg.conversation_id and pane.cid != msg.conversation_id:
+            pane.cid = msg.conversation_id
         pane.busy, pane.phase = False, msg.reason
         pane.stats.update(msg.stats, tps=msg.stats["decode_tps"])
         if pane.reply is not None:
             pane.reply.streaming = False
             pane.reply.stop = msg.reason
             pane.reply.text = msg.text
-            await pane.reply.refresh_body()
-        if msg.conversation_id and pane.cid != msg.conversation_id:
-            pane.cid = msg.conversation_id
+            pane.reply.redraw()
         if pane.cid:
-            self.tabs.get_tab(pane.id).label = self.store.get(pane.cid).title[:24]
+            try:
+                self.tabs.get_tab(pane.id).label = tab_label(self.store.get(pane.cid).title)
+            except MixchatError:  # deleted meanwhile (`mixchat rm`): the worker's error says so
+                pass
         self.refresh_sidebar()
         self.update_status()
 
@@ -422,10 +551,62 @@ class MixchatApp(App):
     # -- actions ---------------------------------------------------------------------------------
 
     async def action_quit(self) -> None:
-        # Stop every reply first: a worker thread still decoding would keep the process alive.
-        for pane in self.tabs.query(ChatPane):
+        self.quit_gracefully(0)
+
+    def quit_gracefully(self, code: int = 0) -> None:
+        """Stop every reply, wait (at most STOP_WAIT_SECONDS) until the workers have saved them,
+        marked interrupted, with their KV caches, then exit with `code` (it becomes
+        `self.return_code`, which the CLI returns). Asked again meanwhile, it exits at once."""
+        panes = list(self.tabs.query(ChatPane))
+        for pane in panes:
             pane.cancel.set()
-        self.exit()
+        writing = [p for p in panes if p.writing]
+        if not writing or self._quitting:
+            self.exit(return_code=code)
+            return
+        self._quitting = True
+        self.notify("stopping the reply and saving it …")
+        self.run_worker(self._exit_when_saved(writing, code), group="quit")
+
+    async def _exit_when_saved(self, panes: list[ChatPane], code: int) -> None:
+        await self._wait_for(panes, STOP_WAIT_SECONDS)
+        self.exit(return_code=code)
+
+    def _catch_signals(self) -> None:
+        """SIGTERM (kill, shutdown) and SIGHUP (the terminal closed) quit like Ctrl+Q; by default
+        they would end the process mid-reply with the terminal left in raw mode."""
+        try:
+            loop = asyncio.get_running_loop()
+            for name in QUIT_SIGNALS:
+                signum = getattr(signal, name, None)
+                if signum is not None:
+                    loop.add_signal_handler(signum, self._on_signal, signum)
+                    self._signals.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # no signal handlers on this loop (Windows) or thread (not the main one)
+
+    def _on_signal(self, signum: int) -> None:
+        code = 128 + signum
+        if self._watchdog is None and not self.is_headless:
+            # SIGHUP: the terminal is gone, and restoring its modes on the way out then blocks for
+            # ever on a write to it (Textual's writer thread died of EIO). The replies are saved
+            # first, within STOP_WAIT_SECONDS; past the grace the process ends without the app.
+            self._watchdog = threading.Timer(STOP_WAIT_SECONDS + EXIT_GRACE_SECONDS, self._end_process, (code,))
+            self._watchdog.daemon = True
+            self._watchdog.start()
+        # Called by the event loop, outside any message handler: hand over to the app's queue.
+        self.call_later(self.quit_gracefully, code)
+
+    def _end_process(self, code: int) -> None:
+        if not self._finished:
+            os._exit(code)
+
+    def run(self, **kwargs) -> object:
+        """App.run; once it has returned, a signal's watchdog (see _on_signal) stands down."""
+        try:
+            return super().run(**kwargs)
+        finally:
+            self._finished = True
 
     def action_stop(self) -> None:
         pane = self.pane
@@ -486,21 +667,16 @@ class MixchatApp(App):
         self.prompt.focus()
 
     async def action_close_tab(self) -> None:
-        pane = self.pane
-        if pane is None:
-            return
-        pane.cancel.set()
-        await self.tabs.remove_pane(pane.id)
-        if not list(self.tabs.query(ChatPane)):
-            await self.new_pane()
+        if self.pane is not None:
+            await self._close_pane(self.pane)
 
     def action_toggle_sidebar(self) -> None:
         self.sidebar.toggle_class("hidden")
 
-    def action_focus_sidebar(self) -> None:
+    async def action_focus_sidebar(self) -> None:
         self.sidebar.remove_class("hidden")
-        self.refresh_sidebar()
-        self.conversations.focus()
+        await self.refresh_sidebar()
+        self.screen.set_focus(self.conversations)  # now: the keys typed next must find it there
         if self.conversations.children:
             self.conversations.index = 0
 
@@ -531,21 +707,21 @@ class MixchatApp(App):
         self.refresh_experts()
         self.notify("settings saved")
 
-    async def action_toggle_experts(self) -> None:
+    def action_toggle_experts(self) -> None:
         self.show_experts = not self.show_experts
         self.expert_panel.set_class(self.show_experts, "shown")
-        await self._recolour()
+        self._recolour()
         self.refresh_experts()
 
-    async def action_next_layer(self) -> None:
+    def action_next_layer(self) -> None:
         if self.engine is None:
             return
         self.settings.expert_layer = (self.settings.expert_layer + 1) % self.engine.args.n_layers
-        await self._recolour()
+        self._recolour()
         self.refresh_experts()
         self.notify(f"expert view: layer {self.settings.expert_layer}")
 
-    async def _recolour(self) -> None:
+    def _recolour(self) -> None:
         pane = self.pane
         if pane is None:
             return
@@ -553,7 +729,7 @@ class MixchatApp(App):
             if view.role == "assistant":
                 view.expert_layer = self.settings.expert_layer if self.show_experts else None
                 if not view.streaming:
-                    await view.refresh_body()
+                    view.redraw()
 
     def action_select_token(self, message_index: int, token_index: int) -> None:
         pane = self.pane

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from textual.message import Message
 
@@ -48,6 +48,7 @@ class GenerationFinished(Message):
     reason: str  # eos | length | interrupted (not "stop": Message.stop is a method)
     stats: dict
     conversation_id: str | None
+    notes: list[str] = field(default_factory=list)  # e.g. the KV cache could not be saved
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
@@ -12,7 +13,10 @@ from textual.widgets import Button, Input, Label, Markdown, Static
 from mixchat.errors import MixchatError
 from mixchat.progress import human_bytes
 from mixchat.qformat import memory_estimates
+from mixchat.safetext import one_line, visible
 from mixchat.settings import Settings
+from mixchat.tui.literal import literal
+from mixchat.tui.widgets import LineInput
 
 FIELD_HELP = {
     "model": "release folder (params.json, consolidated.00.pth, tokenizer.model)",
@@ -62,6 +66,9 @@ class SettingsScreen(ModalScreen[Settings | None]):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
+        # Inputs draw control characters raw, so a value holding any is shown with them made
+        # visible; left as shown, the field keeps its original value (see collect).
+        self.shown: dict[str, tuple[str, str]] = {}
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -71,10 +78,13 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 with Grid():
                     for f in fields(Settings):
                         value = getattr(self.settings, f.name)
+                        raw = "" if value is None else str(value)
+                        self.shown[f.name] = (visible(raw), raw)
                         yield Label(f.name)
-                        yield Input("" if value is None else str(value), id=f"set-{f.name}",
+                        yield LineInput(visible(raw), id=f"set-{f.name}",
                                     placeholder=FIELD_HELP.get(f.name, ""), tooltip=FIELD_HELP.get(f.name))
-                yield Static(validate_model_folder(self.settings.model) or "", id="model-check")
+                # The verdict quotes the folder's path and the loader's errors: literal text.
+                yield Static(literal(validate_model_folder(self.settings.model) or ""), id="model-check")
                 yield Static("", id="error")
             with Horizontal():
                 yield Button("Cancel", id="cancel")
@@ -82,12 +92,18 @@ class SettingsScreen(ModalScreen[Settings | None]):
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "set-model":
-            self.query_one("#model-check", Static).update(validate_model_folder(event.value.strip()) or "")
+            self.query_one("#model-check", Static).update(literal(validate_model_folder(self.value("model")) or ""))
+
+    def value(self, name: str) -> str:
+        """What field `name` holds: its original value while it still shows that unchanged."""
+        text = self.query_one(f"#set-{name}", Input).value
+        shown, original = self.shown.get(name, (None, None))
+        return (original if text == shown else text).strip()
 
     def collect(self) -> Settings:
         values = {}
         for f in fields(Settings):
-            raw = self.query_one(f"#set-{f.name}", Input).value.strip()
+            raw = self.value(f.name)
             kind = f.type if isinstance(f.type, str) else f.type.__name__
             try:
                 if "int" in kind and "None" in kind:
@@ -108,7 +124,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
         try:
             self.dismiss(self.collect())
         except MixchatError as exc:
-            self.query_one("#error", Static).update(str(exc))
+            self.query_one("#error", Static).update(literal(str(exc)))
 
     def action_cancel(self) -> None:
         self.dismiss(None)
@@ -118,26 +134,31 @@ class SettingsScreen(ModalScreen[Settings | None]):
 
 
 class ConfirmScreen(ModalScreen[bool]):
+    """Asks before something that cannot be undone. No letter answers it (typing "today" into the
+    conversation list once confirmed a delete with its "y"): the safe button has the focus, so
+    Enter cancels; confirming takes Tab (or an arrow) to the other button, then Enter, or a click."""
+
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
     ConfirmScreen > Vertical { width: 60; height: auto; border: thick $error; background: $surface; padding: 1 2; }
     ConfirmScreen Horizontal { height: auto; align: right middle; margin-top: 1; }
+    ConfirmScreen Button { margin-left: 1; }
     """
-    BINDINGS = [("escape", "no", "No"), ("y", "yes", "Yes")]
+    BINDINGS = [("escape", "no", "Cancel"), ("left", "app.focus_previous", "Previous"),
+                ("right", "app.focus_next", "Next")]
+    AUTO_FOCUS = "#no"
 
-    def __init__(self, question: str) -> None:
+    def __init__(self, question: str, yes: str = "Delete") -> None:
         super().__init__()
-        self.question = question
+        self.question, self.yes = question, yes
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static(self.question)
+            yield Static(literal(self.question))
+            yield Static(Text(f"Tab to “{self.yes}”, then Enter; Esc or Enter here cancels.", style="dim"))
             with Horizontal():
-                yield Button("No", id="no")
-                yield Button("Yes, delete", id="yes", variant="error")
-
-    def action_yes(self) -> None:
-        self.dismiss(True)
+                yield Button("Cancel", id="no")
+                yield Button(Text(self.yes), id="yes", variant="error")
 
     def action_no(self) -> None:
         self.dismiss(False)
@@ -160,10 +181,12 @@ class RenameScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Static("New title (Enter to save, Esc to cancel)")
-            yield Input(self.title_text, id="title")
+            yield LineInput(one_line(self.title_text), id="title")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.dismiss(event.value.strip() or None)
+        # Unchanged: keep the title as stored (the box shows its control characters as glyphs).
+        title = event.value.strip()
+        self.dismiss(title if title and title != one_line(self.title_text).strip() else None)
 
     def action_cancel(self) -> None:
         self.dismiss(None)
@@ -183,8 +206,9 @@ you typed before.
 | Ctrl+Y / Ctrl+K | copy the last reply / its last code block (or those of the message you clicked) |
 | Ctrl+N | new conversation (in a new tab) · Ctrl+W closes the tab |
 | F2 | settings · F3 expert view · F4 next expert layer · F1 this help |
-| Ctrl+O | go to the conversation list: Enter opens · r renames · d deletes; type in its box to filter |
-| Ctrl+Q | quit (conversations are saved as you go) |
+| Ctrl+O | go to the conversation list: Enter opens · F6 renames · Delete deletes; typing filters it |
+| | a delete asks: Tab to *Delete*, then Enter (Enter alone or Esc cancels) |
+| Ctrl+Q | quit: a reply being written is stopped, kept (marked *stopped*) and saved first |
 
 The status bar shows the speed while the model writes (tokens per second, time to first token,
 prefill speed), how much of the context is used, and how many tokens the KV cache re-used.

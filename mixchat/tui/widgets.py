@@ -8,9 +8,13 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 from textual import events
+from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import Markdown, Static, TextArea
+from textual.widgets import Input, ListView, Markdown, Static, TextArea
+
+from mixchat.safetext import one_line, visible
+from mixchat.tui.literal import literal
 
 EXPERT_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
                  "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000"]
@@ -48,11 +52,20 @@ class MessageView(Vertical):
         self.expert_layer: int | None = None  # None: expert colouring off
 
     def compose(self):
-        yield Static(self._label(), classes="role")
+        yield Static(Text(self._label()), classes="role")
         if self.role == "assistant" and not self.streaming and self.expert_layer is None:
-            yield Markdown(self.text)
+            # Markdown is parsed as Markdown, never as Rich markup; a link only posts LinkClicked
+            # (its target is quoted into a fixed `link(...)` action), and open_links=False keeps a
+            # model's link from launching a browser: see on_markdown_link_clicked.
+            yield Markdown(visible(self.text), open_links=False)
         else:
             yield Static(self._body(), classes="body")
+
+    def on_markdown_link_clicked(self, event: Markdown.LinkClicked) -> None:
+        # A reply's links are the model's words, not the user's choice: show where one points
+        # (the terminal can open it from there) instead of opening it.
+        event.stop()
+        self.app.notify(f"link (not opened): {one_line(event.href)}", timeout=10)
 
     def _label(self) -> str:
         marks = {"interrupted": " · stopped", "length": " · cut at the token limit",
@@ -62,19 +75,25 @@ class MessageView(Vertical):
 
     def _body(self) -> Text:
         if self.expert_layer is None or not self.tokens or self.tokens[0][1] is None:
-            return Text(self.text)
+            return literal(self.text)
         out = Text()
         for i, (piece, experts, _) in enumerate(self.tokens):
             layer = min(self.expert_layer, len(experts) - 1)
             e = experts[layer][0]
             # Background colour per expert, as in the Mixtral paper's routing figure; click for details.
-            out.append(piece, Style(bgcolor=expert_color(e), color="black",
-                                    meta={"@click": f"app.select_token({self.index},{i})"}))
+            out.append(visible(piece), Style(bgcolor=expert_color(e), color="black",
+                                             meta={"@click": f"app.select_token({self.index},{i})"}))
         return out
 
     async def refresh_body(self) -> None:
         await self.remove_children()
         await self.mount_all(list(self.compose()))
+
+    def redraw(self) -> None:
+        """refresh_body, run on this widget's own queue. Awaited in one of the app's handlers it
+        would hold up the app's queue, and for good if the tab is closed meanwhile (the removal
+        waits for that queue while the mount waits for the removed tab)."""
+        self.call_later(self.refresh_body)
 
     def append(self, piece: str, experts, weights) -> None:
         """Streaming: cheap update of a single Static, no re-mount."""
@@ -102,6 +121,17 @@ class PromptInput(TextArea):
         super().__init__(soft_wrap=True, show_line_numbers=False, **kw)
         self.inputs = history or []
         self._recall = len(self.inputs)
+
+    def load_text(self, text: str) -> None:
+        # Text put back here (the history file, a piped first message brought back by Ctrl+E) may
+        # hold control characters, which the TextArea would draw raw.
+        super().load_text(visible(text))
+
+    async def _on_paste(self, event: events.Paste) -> None:
+        event.prevent_default()  # TextArea's own handler is called here, not again by the MRO
+        # Terminals send pasted line ends as CR; any other control character is shown, not drawn.
+        event.text = visible(event.text.replace("\r\n", "\n").replace("\r", "\n"))
+        await super()._on_paste(event)
 
     async def _on_key(self, event: events.Key) -> None:
         if event.key == "enter":
@@ -159,8 +189,9 @@ class ExpertPanel(Static):
         out = Table.grid(padding=(0, 1))
         out.add_column()
         out.add_row(Text(f"Expert view · colour = top expert at layer {layer}", style="bold"))
-        tok_table = Table("layer", "experts (weight)", box=None, padding=(0, 1), title=f"{title}: "
-                          f"{token[0]!r}" if token else title)
+        # A str title would be parsed as markup; the token is model text ("[/INST]" among them).
+        tok_table = Table("layer", "experts (weight)", box=None, padding=(0, 1),
+                          title=literal(f"{title}: {token[0]!r}" if token else title, style="table.title"))
         if token and token[1] is not None:
             experts, weights = token[1], token[2]
             for i, ids in enumerate(experts):
@@ -185,6 +216,49 @@ class ExpertPanel(Static):
             heat.add_row(str(i), *cells)
         out.add_row(heat)
         self.update(out)
+
+
+class LineInput(Input):
+    """A one-line Input whose pasted text has its control characters shown, not drawn raw."""
+
+    def _on_paste(self, event: events.Paste) -> None:
+        event.text = one_line(event.text)
+        super()._on_paste(event)
+        event.prevent_default()  # Input's handler ran just now; the MRO would run it again
+
+
+def conversation_row(title: str, turns: int, cid: str) -> Text:
+    """A sidebar row: the title as written (it is the user's first message), then the details."""
+    row = Text(one_line(title) or "(untitled)")
+    row.append(f"\n{turns} turns · {one_line(cid[-6:])}", style="dim")
+    return row
+
+
+class ConversationList(ListView):
+    """The saved conversations. No printable key is a command here: the filter word "today" once
+    meant d(elete) + y(es). Whatever is typed goes to the filter box; deleting and renaming are on
+    keys that typing does not produce."""
+
+    BINDINGS = [
+        Binding("delete", "app.delete_conversation", "Delete"),
+        Binding("f6", "app.rename_conversation", "Rename"),
+    ]
+
+    def __init__(self, typing_goes_to: Input, **kw) -> None:
+        super().__init__(**kw)
+        self.typing_goes_to = typing_goes_to
+
+    def on_key(self, event: events.Key) -> None:
+        if not (event.is_printable and event.character):
+            return
+        event.stop()
+        event.prevent_default()
+        box = self.typing_goes_to
+        box.cursor_position = len(box.value)
+        box.insert_text_at_cursor(event.character)
+        # Now, not via focus() (which waits a message round): keys typed right after this one
+        # must already go to the box, in order.
+        self.screen.set_focus(box)
 
 
 class Sidebar(Vertical):

@@ -1,0 +1,37 @@
+"""Fixtures that force each side of the CPU-dependent branches, so one machine tests them all.
+
+- kernel_isa: the compiled kernels' build (kernels.isa_flags: native, avx2, portable), swapped in for
+  the test with kernels.forced_isa; skips where that build cannot run here (avx2 on a CPU without it).
+  Parametrize it indirectly to pick builds: @pytest.mark.parametrize("kernel_isa", [...], indirect=True).
+- native_bf16: MIXCHAT_NATIVE_BF16 off and on (model.native_bf16: torch's bf16 GEMM for prompts, as on
+  CPUs with AVX512-BF16 or AMX, or the kernels' fp32 one).
+
+A test module that uses them imports the fixture functions (`from cpu_paths import each_kernel_isa  # noqa:
+F401`); the fixtures' own names differ, so test arguments do not shadow the import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+
+from mixchat import kernels, model
+
+
+@pytest.fixture(name="kernel_isa", params=kernels.ISAS)
+def each_kernel_isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(kernels.forced_isa(request.param))
+        except kernels.KernelError as e:
+            pytest.skip(f"the {request.param} build of the kernels cannot run here: {e}")
+        yield request.param
+
+
+@pytest.fixture(name="native_bf16", params=[False, True], ids=["fp32-prompts", "native-bf16"])
+def each_native_bf16(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    monkeypatch.setenv("MIXCHAT_NATIVE_BF16", "1" if request.param else "0")
+    assert model.native_bf16() is request.param
+    return request.param
