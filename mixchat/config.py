@@ -7,7 +7,10 @@ Defaults (each documented because the release files disagree about what they spe
 - head_dim     = dim // n_heads
 - n_kv_heads   = n_heads (plain multi-head attention)
 - norm_eps     = 1e-5
-- sliding_window = None (full attention); Mixtral's torrent omits it, later releases write null
+- sliding_window = None (full attention); Mixtral's torrent omits it, later releases write null.
+                 A list (Ministral) is a pattern of per-layer windows repeated over the layers, as
+                 mistral-inference reads it (null in it: full attention); `_sliding_window` is an
+                 alias some releases use. `layer_windows` holds each layer's window either way.
 - rope_theta   = 1e6 when there is no sliding window, else 1e4. This is Mistral's own reference
                  rule of Dec 2023: Mistral-7B-v0.1 (window 4096) was trained with 1e4 and the Mixtral
                  torrent (no window, no rope_theta) only works with 1e6.
@@ -56,16 +59,25 @@ class ModelArgs:
     n_kv_heads: int
     norm_eps: float
     rope_theta: float
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window every layer shares; None: full attention, or per-layer
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     moe: MoeArgs | None = None
     defaulted: tuple[str, ...] = ()
+    layer_windows: tuple[int | None, ...] = ()  # each layer's window (None: full attention); from_dict fills it
     # Keys of params.json mixchat does not use; kept so `inspect` can show them.
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def is_moe(self) -> bool:
         return self.moe is not None
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer` in keys (self included), or None for full attention."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
+
+    @property
+    def has_window(self) -> bool:
+        return any(w is not None for w in (self.layer_windows or (self.sliding_window,)))
 
     @property
     def n_rep(self) -> int:
@@ -95,13 +107,22 @@ class ModelArgs:
         head_dim = opt("head_dim", dim // n_heads)
         n_kv_heads = opt("n_kv_heads", n_heads)
         norm_eps = opt("norm_eps", 1e-5, float)
-        if isinstance(params.get("sliding_window"), list):
-            raise ConfigError(f"{source}: sliding_window as a per-layer list is not supported by mixchat yet; "
-                              "use a release whose sliding_window is a number or null")
-        sliding_window = None if params.get("sliding_window") is None else get_int("sliding_window")
-        if "sliding_window" not in params:
+        n_layers = get_int("n_layers")
+        if params.get("sliding_window") is not None and params.get("_sliding_window") is not None:
+            raise ConfigError(f"{source}: gives both sliding_window and _sliding_window; keep one")
+        key = "sliding_window" if params.get("_sliding_window") is None else "_sliding_window"
+        raw_window = params.get(key)
+        if "sliding_window" not in params and "_sliding_window" not in params:
             defaulted.append("sliding_window")
-        rope_theta = opt("rope_theta", 1e6 if sliding_window is None else 1e4, float)
+        if isinstance(raw_window, list):
+            pattern = _window_pattern(raw_window, key, n_layers, source)
+            layer_windows = tuple(pattern[i % len(pattern)] for i in range(n_layers))
+            sliding_window = layer_windows[0] if len(set(layer_windows)) == 1 else None
+        else:
+            sliding_window = None if raw_window is None else _reader({key: raw_window}, source)(key)
+            layer_windows = (sliding_window,) * n_layers
+        has_window = any(w is not None for w in layer_windows)
+        rope_theta = opt("rope_theta", 1e4 if has_window else 1e6, float)
         max_seq_len = opt("max_seq_len", DEFAULT_MAX_SEQ_LEN)
 
         moe = None
@@ -123,12 +144,17 @@ class ModelArgs:
         if head_dim < 2 or head_dim % 2:
             raise ConfigError(f"{source}: head_dim ({head_dim}) must be even for rotary embeddings")
 
+        model_type = params.get("model_type", "transformer")
+        if model_type != "transformer":
+            raise ConfigError(f"{source}: model_type {_shown(model_type)} is not a transformer (Codestral Mamba is a "
+                              "state-space model); mixchat runs Mistral and Mixtral transformers")
         used = set(REQUIRED) | {
-            "head_dim", "n_kv_heads", "norm_eps", "sliding_window", "rope_theta", "max_seq_len", "moe",
+            "head_dim", "n_kv_heads", "norm_eps", "sliding_window", "_sliding_window", "rope_theta", "max_seq_len",
+            "moe", "model_type",
         }
         return cls(
             dim=dim,
-            n_layers=get_int("n_layers"),
+            n_layers=n_layers,
             hidden_dim=get_int("hidden_dim"),
             n_heads=n_heads,
             vocab_size=get_int("vocab_size"),
@@ -140,6 +166,7 @@ class ModelArgs:
             max_seq_len=max_seq_len,
             moe=moe,
             defaulted=tuple(defaulted),
+            layer_windows=layer_windows,
             extra={k: v for k, v in params.items() if k not in used},
         )
 
@@ -170,11 +197,22 @@ class ModelArgs:
             "dim": self.dim, "n_layers": self.n_layers, "head_dim": self.head_dim,
             "hidden_dim": self.hidden_dim, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
             "norm_eps": self.norm_eps, "vocab_size": self.vocab_size, "rope_theta": self.rope_theta,
-            "sliding_window": self.sliding_window,
+            "sliding_window": self.sliding_window if len(set(self.layer_windows)) <= 1 else list(self.layer_windows),
         }
+        if "max_seq_len" not in self.defaulted:
+            out["max_seq_len"] = self.max_seq_len
         if self.moe is not None:
             out["moe"] = {"num_experts": self.moe.num_experts, "num_experts_per_tok": self.moe.num_experts_per_tok}
         return out
+
+
+def _window_pattern(raw: list, key: str, n_layers: int, source: str) -> tuple[int | None, ...]:
+    """A per-layer window pattern: each entry a window or null (full attention), repeated over the layers."""
+    if not raw or len(raw) > n_layers or n_layers % len(raw):
+        raise ConfigError(f"{source}: {key} lists {len(raw)} windows, which do not repeat evenly over {n_layers} "
+                          "layers; use the params.json that came with these weights")
+    return tuple(None if w is None else _reader({"sliding_window": w}, f"{source} ({key} list)")("sliding_window")
+                 for w in raw)
 
 
 def _shown(value: Any) -> str:

@@ -41,8 +41,8 @@ def test_omitted_optional_fields_get_documented_defaults():
 
 
 def test_unknown_keys_do_not_crash_and_are_kept():
-    a = ModelArgs.from_dict({**MISTRAL_7B, "model_type": "transformer", "lora": {"rank": 8}})
-    assert a.extra == {"model_type": "transformer", "lora": {"rank": 8}}
+    a = ModelArgs.from_dict({**MISTRAL_7B, "model_type": "transformer", "lora": {"rank": 8}, "new_field": [1]})
+    assert a.extra == {"lora": {"rank": 8}, "new_field": [1]}
 
 
 @pytest.mark.parametrize("change, words", [
@@ -50,7 +50,10 @@ def test_unknown_keys_do_not_crash_and_are_kept():
     ({"n_layers": "32"}, "n_layers must be a positive integer"),
     ({"n_kv_heads": 5}, "multiple of n_kv_heads"),
     ({"moe": {"num_experts": 2, "num_experts_per_tok": 3}}, "exceeds"),
-    ({"sliding_window": [4096, 4096]}, "sliding_window as a per-layer list"),
+    ({"sliding_window": [4096, 4096, 4096]}, "do not repeat evenly over 32 layers"),
+    ({"sliding_window": [4096, "x"]}, "sliding_window must be a positive integer"),
+    ({"sliding_window": 4096, "_sliding_window": 4096}, "both sliding_window and _sliding_window"),
+    ({"model_type": "mamba"}, "not a transformer"),
     ({"norm_eps": "tiny"}, "norm_eps must be a positive finite number"),
 ])
 def test_bad_params_name_the_field(change, words):
@@ -70,3 +73,22 @@ def test_to_params_round_trips():
     a = ModelArgs.from_dict(MIXTRAL_TORRENT)
     b = ModelArgs.from_dict(json.loads(json.dumps(a.to_params())))
     assert (b.dim, b.moe, b.rope_theta, b.sliding_window) == (a.dim, a.moe, a.rope_theta, a.sliding_window)
+
+
+@pytest.mark.parametrize("window, expected", [
+    (None, (None,) * 4),
+    (4096, (4096,) * 4),
+    ([8, None], (8, None, 8, None)),  # Ministral-style: a pattern repeated over the layers, null = full
+    ([16, 16], (16,) * 4),
+])
+def test_sliding_windows_per_layer(window, expected):
+    a = ModelArgs.from_dict({**MISTRAL_7B, "n_layers": 4, "sliding_window": window})
+    assert a.layer_windows == expected and [a.window(i) for i in range(4)] == list(expected)
+    assert a.sliding_window == (expected[0] if len(set(expected)) == 1 else None)
+    assert a.has_window == any(w is not None for w in expected)
+    assert ModelArgs.from_dict(a.to_params()).layer_windows == expected  # written back as read
+
+
+def test_the_underscore_alias_of_sliding_window():
+    a = ModelArgs.from_dict({**MIXTRAL_TORRENT, "_sliding_window": 4096})
+    assert a.sliding_window == 4096 and a.rope_theta == 1e4 and "sliding_window" not in a.defaulted
