@@ -110,8 +110,9 @@ def model_fingerprint(release: Release) -> str:
     h = hashlib.sha256()
     for path in (release.params, release.tokenizer):
         h.update(path.read_bytes() if path.is_file() else b"")
-    st = release.weights.stat()
-    h.update(f"{release.weights.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for path in release.weight_files:
+        st = path.stat()
+        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -233,7 +234,8 @@ class Engine:
         # Pinned weights are converted as they are copied into huge pages (below): one copy, not two.
         if dev.type == "cpu" and (pin or all(t.dtype == dt for t in state.values())):
             if warm:
-                warm_page_cache(release.weights, show_progress, on_progress)
+                for path in release.weight_files:
+                    warm_page_cache(path, show_progress, on_progress)
             elif asked_to_warm and not pin:  # --quant or a budget leave the file cold, but not the embedding rows
                 touch_pages(state["tok_embeddings.weight"])
         else:
@@ -269,7 +271,7 @@ class Engine:
 
             experts = offload(model, load_expert, _expert_bytes(args, dt, spec), capacity, prefetch)
         if pin:
-            state = hugepages.copy_into_huge_pages(state, f"reading {release.weights.name} into memory",
+            state = hugepages.copy_into_huge_pages(state, f"reading {release.weights_label.name} into memory",
                                                    show=show_progress, on_progress=on_progress,
                                                    dtypes=convert)
         # assign=True makes the parameters *be* these tensors (mapped or pinned) instead of copies.
@@ -291,7 +293,7 @@ class Engine:
                 return (f"the model produced NaN/infinite logits: the quantized weights {name} hold non-finite values "
                         f"(from {cache_path(self.fingerprint, self.quant)}); check the release with `mixchat verify "
                         f"{folder}`, then delete that file so mixchat quantizes again")
-            return (f"the model produced NaN/infinite logits: tensor {name} in {self.release.weights} holds "
+            return (f"the model produced NaN/infinite logits: tensor {name} in {self.release.weights_label} holds "
                     f"non-finite values; the file is damaged or not a real release: check it with `mixchat verify "
                     f"{folder}` and download it again")
         return (f"the model produced NaN/infinite logits although every weight of {folder} is finite: the "

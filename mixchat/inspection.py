@@ -13,7 +13,16 @@ from mixchat.config import ModelArgs
 from mixchat.errors import ChecksumError, MixchatError, ReleaseError
 from mixchat.progress import Progress, human_bytes
 from mixchat.qformat import memory_estimates
-from mixchat.release import Release, TensorInfo, detect_layout, open_release, parse_release_md5, read_header, validate
+from mixchat.release import (
+    Release,
+    TensorInfo,
+    detect_layout,
+    open_release,
+    parse_release_md5,
+    read_headers,
+    text_model,
+    validate,
+)
 from mixchat.safetext import visible
 
 
@@ -51,6 +60,43 @@ def implied_by_shapes(sd: dict[str, TensorInfo], layout: str) -> dict[str, Any]:
     return out
 
 
+# The releases mixchat recognises, by the shapes that identify them. n_layers is left out of the match
+# (benchmarks cut folders to a few layers) and said beside the name instead.
+FAMILIES: list[tuple[str, dict[str, Any], int]] = [
+    ("Mistral-7B v0.1", {"dim": 4096, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 32000,
+                         "moe": None}, 32),
+    ("Mistral-7B v0.3 / Mathstral-7B", {"dim": 4096, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
+                                        "vocab_size": 32768, "moe": None}, 32),
+    ("Mixtral-8x7B", {"dim": 4096, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8, "moe": 8}, 32),
+    ("Mixtral-8x22B", {"dim": 6144, "hidden_dim": 16384, "n_heads": 48, "n_kv_heads": 8, "moe": 8}, 56),
+    ("Mistral-Nemo (12B) / Pixtral-12B", {"dim": 5120, "hidden_dim": 14336, "head_dim": 128, "n_heads": 32,
+                                          "n_kv_heads": 8, "vocab_size": 131072, "moe": None}, 40),
+    ("Mistral-Small (24B)", {"dim": 5120, "hidden_dim": 32768, "head_dim": 128, "n_heads": 32, "n_kv_heads": 8,
+                             "vocab_size": 131072, "moe": None}, 40),
+    ("Mistral-Small (22B) / Codestral-22B", {"dim": 6144, "hidden_dim": 16384, "n_heads": 48, "n_kv_heads": 8,
+                                             "vocab_size": 32768, "moe": None}, 56),
+    ("Ministral-8B", {"dim": 4096, "hidden_dim": 12288, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 131072,
+                      "moe": None}, 36),
+    ("Mistral-Large 2 (123B)", {"dim": 12288, "hidden_dim": 28672, "n_heads": 96, "n_kv_heads": 8,
+                                "vocab_size": 32768, "moe": None}, 88),
+]
+
+
+def family(args: ModelArgs, layout: str = "dense") -> str:
+    """A one-line description: the release family these shapes belong to (or the architecture), the
+    layers and the width, e.g. "Mistral-Nemo (12B) / Pixtral-12B-like: 40 layers, dim 5120"."""
+    values = {"dim": args.dim, "hidden_dim": args.hidden_dim, "head_dim": args.head_dim, "n_heads": args.n_heads,
+              "n_kv_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
+              "moe": args.moe.num_experts if args.moe else None}
+    shape = f"{args.n_layers} layers, dim {args.dim}"
+    for name, wanted, layers in FAMILIES:
+        if all(values[k] == v for k, v in wanted.items()):
+            cut = "" if args.n_layers == layers else f" (cut to {args.n_layers} of its {layers} layers)"
+            return f"{name}-like: {shape}{cut}"
+    kind = f"Mixtral-style MoE ({args.moe.num_experts} experts)" if args.moe else "Mistral-style dense model"
+    return f"{kind}: {shape}"
+
+
 def _declared(args: ModelArgs) -> dict[str, Any]:
     d = {"vocab_size": args.vocab_size, "dim": args.dim, "n_layers": args.n_layers,
          "n_heads * head_dim": args.n_heads * args.head_dim,
@@ -64,7 +110,9 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
     """Everything `mixchat inspect` shows, as plain data (the --json output)."""
     release = Release.find(folder)
     args = release.args()
-    sd = read_header(release.weights)
+    everything = read_headers(release)
+    sd = text_model(everything, args)  # a vision encoder's tensors are skipped: mixchat chats in text
+    skipped = {k: t for k, t in everything.items() if k not in sd}
     layout = detect_layout(sd)
 
     namespaces = Counter(k.split(".")[0] for k in sd)
@@ -75,7 +123,7 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
     estimates = memory_estimates({k: tuple(t.shape) for k, t in sd.items()})
 
     try:
-        validate(sd, args, release.weights, release.params)
+        validate(sd, args, release.weights_label, release.params)
         problem = None
     except ReleaseError as exc:
         problem = str(exc)
@@ -114,7 +162,12 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
 
     return {
         "folder": str(release.folder),
-        "weights": {"file": release.weights.name, "bytes": release.weights.stat().st_size},
+        "family": family(args, layout),
+        "weights": {"file": release.weights_label.name, "files": [p.name for p in release.weight_files],
+                    "bytes": sum(p.stat().st_size for p in release.weight_files)},
+        "vision_encoder": None if not skipped and "vision_encoder" not in args.extra else {
+            "tensors": len(skipped), "bytes": sum(t.nbytes for t in skipped.values()),
+            "note": "skipped: mixchat chats in text; images are not supported"},
         "tokenizer": tok,
         "release_md5_entries": len(release_sums),
         "architecture": arch,
@@ -122,7 +175,8 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
         "params": {
             "dim": args.dim, "n_layers": args.n_layers, "head_dim": args.head_dim, "hidden_dim": args.hidden_dim,
             "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "norm_eps": args.norm_eps,
-            "vocab_size": args.vocab_size, "rope_theta": args.rope_theta, "sliding_window": args.sliding_window,
+            "vocab_size": args.vocab_size, "rope_theta": args.rope_theta,
+            "sliding_window": args.sliding_window if len(set(args.layer_windows)) <= 1 else list(args.layer_windows),
             "max_seq_len": args.max_seq_len,
             "moe": None if args.moe is None else {"num_experts": args.moe.num_experts,
                                                   "num_experts_per_tok": args.moe.num_experts_per_tok},
@@ -156,10 +210,13 @@ def human_count(n: int) -> str:
 
 def format_report(r: dict[str, Any]) -> str:
     p = r["params"]
+    files = r["weights"]["files"]
     lines = [
-        f"{r['folder']}",
+        f"{visible(r['folder'])}",
+        f"  family         {r['family']}",
         f"  architecture   {r['architecture']}, {r['layout']} layout",
-        f"  weights        {r['weights']['file']} ({human_bytes(r['weights']['bytes'])}), "
+        f"  weights        {r['weights']['file']} ({human_bytes(r['weights']['bytes'])}"
+        + (f" in {len(files)} shards" if len(files) > 1 else "") + "), "
         f"{r['tensors']} tensors, dtypes {', '.join(f'{k}×{v}' for k, v in r['dtypes'].items())}",
         f"  parameters     {human_count(r['parameters'])} ({human_bytes(r['bytes'])})"
         + (f", {human_count(r['active_parameters_per_token'])} active per token"
@@ -173,6 +230,9 @@ def format_report(r: dict[str, Any]) -> str:
     else:
         note = "" if tok["matches_params"] else f"  MISMATCH: params.json says {p['vocab_size']}"
         lines.append(f"  tokenizer      {tok['path']}: {tok['vocab_size']} pieces ({tok['version']}){note}")
+    if r["vision_encoder"]:
+        v = r["vision_encoder"]
+        lines.append(f"  vision encoder {v['tensors']} tensors ({human_bytes(v['bytes'])}), {v['note']}")
     lines.append(f"  RELEASE        {r['release_md5_entries']} md5 entries (check them with `mixchat verify`)")
     lines.append("")
     lines.append("params.json (* = not in the file, default used)")
@@ -229,7 +289,7 @@ def verify_release(folder: str | Path, out=print, show_progress: bool | None = N
     if a listed file is missing or differs."""
     opened = open_release(folder)
     a = opened.args
-    out(f"OK        params.json, {opened.release.weights.name} and tokenizer.model fit together "
+    out(f"OK        params.json, {opened.release.weights_label.name} and {opened.release.tokenizer.name} fit together "
         f"({opened.layout} layout, {a.n_layers} layers, vocab {a.vocab_size})")
     release_file = opened.release.release_file
     if not release_file.is_file():
@@ -257,6 +317,9 @@ def verify_release(folder: str | Path, out=print, show_progress: bool | None = N
         else:
             out(f"MISMATCH  {visible(name)}  expected {expected}, found {found}")
             bad.append(visible(name))
+    for path in opened.release.weight_files:
+        if path.name not in sums:  # the release did not list it: nothing to compare with, but say so
+            out(f"UNLISTED  {visible(path.name)}: RELEASE has no md5 for it")
     if refused:
         raise ChecksumError(
             f"{release_file}: lists {len(refused)} file(s) outside the folder ({', '.join(refused)[:200]}), which "

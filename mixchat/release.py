@@ -78,9 +78,21 @@ class Release:
 
     folder: Path
     params: Path
-    weights: Path
+    weights: Path  # the weights file, or the first of several shards
     tokenizer: Path
     release_file: Path
+    shards: tuple[Path, ...] = ()  # every weights file (consolidated-0000N-of-0000M.safetensors); one if unsharded
+
+    @property
+    def weight_files(self) -> tuple[Path, ...]:
+        return self.shards or (self.weights,)
+
+    @property
+    def weights_label(self) -> Path:
+        """How messages name the weights: the file, or the shards' common pattern."""
+        if len(self.weight_files) == 1:
+            return self.weights
+        return self.folder / f"consolidated-*-of-{len(self.weight_files):05d}.safetensors"
 
     @classmethod
     def find(cls, folder: str | Path) -> Release:
@@ -100,20 +112,75 @@ class Release:
         if not params.is_file():
             raise ReleaseError(f"{params}: missing; a release folder needs the params.json shipped with its weights")
         weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
-        shards = sorted(folder.glob("consolidated.0[1-9].pth"))
-        if shards:
+        parallel = sorted(folder.glob("consolidated.0[1-9].pth"))
+        if parallel:
             raise ReleaseError(
-                f"{shards[0]}: model-parallel shards are not supported; merge them into one consolidated.00.pth"
+                f"{parallel[0]}: model-parallel shards are not supported; merge them into one consolidated.00.pth"
             )
+        shards = _shards(folder)
+        if shards and weights is not None:
+            raise ReleaseError(f"{folder}: holds both {weights.name} and {shards[0].name}…; keep the files of one "
+                               "release")
+        if shards:
+            weights = shards[0]
         if weights is None:
             raise ReleaseError(
-                f"{folder}: no weights found (looked for {', '.join(WEIGHT_NAMES)}); "
-                "download consolidated.00.pth from the release"
+                f"{folder}: no weights found (looked for {', '.join(WEIGHT_NAMES)} and consolidated-0000N-of-0000M"
+                ".safetensors); download the weights from the release"
             )
-        return cls(folder, params, weights, folder / "tokenizer.model", folder / "RELEASE")
+        return cls(folder, params, weights, folder / "tokenizer.model", folder / "RELEASE", tuple(shards))
 
     def args(self) -> ModelArgs:
         return ModelArgs.from_file(self.params)
+
+
+_SHARD = re.compile(r"consolidated-(\d{5})-of-(\d{5})\.safetensors")
+
+
+def _shards(folder: Path) -> list[Path]:
+    """Larger releases split their weights into consolidated-0000N-of-0000M.safetensors: all M of
+    them, or a one-line error naming the first that is missing."""
+    found = {}
+    totals = set()
+    for p in folder.glob("consolidated-*-of-*.safetensors"):
+        if m := _SHARD.fullmatch(p.name):
+            found[int(m[1])] = p
+            totals.add(int(m[2]))
+    if not found:
+        return []
+    if len(totals) != 1:
+        raise ReleaseError(f"{folder}: holds shards of different splits (of {', '.join(map(str, sorted(totals)))}); "
+                           "keep the files of one release")
+    (total,) = totals
+    for i in range(1, total + 1):
+        if i not in found:
+            missing = folder / f"consolidated-{i:05d}-of-{total:05d}.safetensors"
+            raise ReleaseError(f"{missing}: missing ({len(found)} of {total} shards are here); download it from "
+                               "the release")
+    if max(found) > total:
+        raise ReleaseError(f"{found[max(found)]}: a shard past {total}; keep the files of one release")
+    return [found[i] for i in range(1, total + 1)]
+
+
+def read_headers(release: Release) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes of every weights file of the release, as one state dict."""
+    merged: dict[str, TensorInfo] = {}
+    where: dict[str, Path] = {}
+    for path in release.weight_files:
+        for name, info in read_header(path).items():
+            if name in merged:
+                raise ReleaseError(f"{path}: tensor {name[:60]!r} is also in {where[name].name}; the shards belong to "
+                                   "different releases")
+            merged[name], where[name] = info, path
+    return merged
+
+
+def open_release_weights(release: Release) -> dict[str, torch.Tensor]:
+    """Every weights file of the release memory-mapped, as one state dict (no tensor is read)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in release.weight_files:
+        state.update(open_weights(path))
+    return state
 
 
 def open_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -300,6 +367,19 @@ def describe(sd: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
     return {k: TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in sd.items()}
 
 
+TEXT_MODEL = ("tok_embeddings.", "norm.", "output.", "layers.")
+
+
+def text_model(sd: dict, args: ModelArgs) -> dict:
+    """The tensors of the language model. A release with a vision encoder (Pixtral, Mistral-Small 3.1)
+    also ships its image tower (vision_encoder.*, vision_language_adapter.*, …): mixchat chats in
+    text, so those are skipped (inspect says so). Without one declared, every tensor must be the
+    language model's, and validate() names any other."""
+    if args.extra.get("vision_encoder") is None:
+        return sd
+    return {k: v for k, v in sd.items() if k.startswith(TEXT_MODEL)}
+
+
 def detect_layout(keys) -> str:
     keys = list(keys)
     if any(".block_sparse_moe." in k for k in keys):
@@ -456,7 +536,8 @@ def open_release(folder: str | Path) -> OpenedRelease:
     tokenizer = Tokenizer(release.tokenizer)
     tokenizer.check_vocab(args.vocab_size, release.params)
     # Names and shapes are checked from the header first: a mismatch is reported before torch loads anything.
-    layout = validate(read_header(release.weights), args, release.weights, release.params)
-    state = open_weights(release.weights)
-    validate(describe(state), args, release.weights, release.params)  # the same file, read by torch
+    header = text_model(read_headers(release), args)
+    layout = validate(header, args, release.weights_label, release.params)
+    state = text_model(open_release_weights(release), args)
+    validate(describe(state), args, release.weights_label, release.params)  # the same files, read by torch
     return OpenedRelease(release, args, state, layout, tokenizer)

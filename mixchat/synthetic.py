@@ -26,7 +26,8 @@ def mistral_common_tokenizer(version: str = "v1") -> Path | None:
         return None
     data = Path(mistral_common.__file__).parent / "data"
     names = {"v1": "tokenizer.model.v1", "v2": "mistral_instruct_tokenizer_240216.model.v2",
-             "v3": "mistral_instruct_tokenizer_240323.model.v3"}
+             "v3": "mistral_instruct_tokenizer_240323.model.v3", "v7": "mistral_instruct_tokenizer_241114.model.v7",
+             "tekken": "tekken_240911.json", "tekken-240718": "tekken_240718.json"}
     path = data / names[version]
     return path if path.is_file() else None
 
@@ -68,14 +69,25 @@ def write_release_file(folder: Path, names: list[str]) -> None:
 def write_release(folder: str | Path, args: ModelArgs, layout: str = "dense", dtype: torch.dtype = torch.bfloat16,
                   seed: int = 0, tokenizer: Path | None = None, params: dict | None = None,
                   safetensors: bool = False, state: dict[str, torch.Tensor] | None = None,
-                  std: float = 0.02) -> Path:
+                  std: float = 0.02, shards: int = 0, tokenizer_name: str | None = None) -> Path:
     """Write a complete release folder. `params` overrides the params.json written (to test
-    defaults and omissions); `state` overrides the random weights."""
+    defaults and omissions); `state` overrides the random weights; `shards` > 1 splits them into
+    consolidated-0000N-of-0000M.safetensors files, as the larger releases ship. The tokenizer is
+    copied as `tokenizer_name` (default: tekken.json for a tekken file, else tokenizer.model)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.json").write_text(json.dumps(params if params is not None else args.to_params(), indent=2))
     sd = state if state is not None else random_state(args, layout, dtype, seed, std)
-    if safetensors:
+    if shards > 1:
+        from safetensors.torch import save_file
+
+        names = list(sd)
+        files = [f"consolidated-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+        for i, name in enumerate(files):
+            part = names[i * len(names) // shards : (i + 1) * len(names) // shards]
+            save_file({k: sd[k].contiguous() for k in part}, str(folder / name))
+        weights = files
+    elif safetensors:
         from safetensors.torch import save_file
 
         weights = "consolidated.safetensors"
@@ -85,7 +97,9 @@ def write_release(folder: str | Path, args: ModelArgs, layout: str = "dense", dt
         torch.save(sd, folder / weights)
     del sd
     tokenizer = tokenizer or mistral_common_tokenizer("v1")
+    name = tokenizer_name or ("tekken.json" if tokenizer is not None and str(tokenizer).endswith(".json")
+                              else "tokenizer.model")
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, folder / "tokenizer.model")
-    write_release_file(folder, ["params.json", weights, "tokenizer.model"])
+        shutil.copyfile(tokenizer, folder / name)
+    write_release_file(folder, ["params.json", *([weights] if isinstance(weights, str) else weights), name])
     return folder
