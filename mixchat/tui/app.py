@@ -4,67 +4,45 @@ back only by posting messages (post_message never waits, so drawing cannot slow 
 
 Everything shown that the user, the model or a file wrote goes through mixchat.tui.literal (or
 one_line / visible): Textual would read it as markup, and a terminal obeys its control characters.
+
+The app's jobs beyond layout, model loading, status and the small actions are mixins, one module
+each: the conversation list (mixchat.tui.conversations), sending and streaming replies
+(mixchat.tui.sending), and quitting on Ctrl+Q or a signal (mixchat.tui.quitting).
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import signal
 import threading
-import time
 from collections import Counter
 
-from textual import on, work
+from textual import work
 from textual.app import App, ComposeResult
-from textual.await_complete import AwaitComplete
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.notifications import SeverityLevel
-from textual.widgets import Footer, Input, ListItem, ListView, ProgressBar, Static, TabbedContent
+from textual.widgets import Footer, ProgressBar, TabbedContent
 
 from mixchat import settings as settings_mod
 from mixchat.errors import MixchatError
 from mixchat.safetext import one_line, visible
 from mixchat.settings import Settings
 from mixchat.tui import clipboard, history
-from mixchat.tui.messages import (
-    GenerationFailed,
-    GenerationFinished,
-    ModelFailed,
-    ModelLoaded,
-    ModelProgress,
-    Prefilling,
-    TokenStreamed,
-)
-from mixchat.tui.panes import ChatPane, tab_label
-from mixchat.tui.screens import ConfirmScreen, HelpScreen, RenameScreen, SettingsScreen
+from mixchat.tui.conversations import ConversationsMixin
+from mixchat.tui.messages import ModelFailed, ModelLoaded, ModelProgress
+from mixchat.tui.panes import ChatPane
+from mixchat.tui.quitting import QuittingMixin
+from mixchat.tui.screens import HelpScreen, SettingsScreen
+from mixchat.tui.sending import SendingMixin
 from mixchat.tui.status import status_text
-from mixchat.tui.widgets import (
-    ConversationList,
-    ExpertPanel,
-    LineInput,
-    MessageView,
-    PromptInput,
-    Sidebar,
-    StatusBar,
-    conversation_row,
-)
+from mixchat.tui.widgets import ConversationList, ExpertPanel, LineInput, MessageView, PromptInput, Sidebar, StatusBar
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
-# How long quitting (or deleting an open conversation) waits for a stopped reply to be saved. A
-# reply stops within one token (or one prefill chunk), so this is only hit by a stuck worker.
-STOP_WAIT_SECONDS = 5.0
-# Ended by these, the app quits as on Ctrl+Q (replies stopped and saved) with exit status 128+signum.
-QUIT_SIGNALS = ("SIGTERM", "SIGHUP")
-# After a signal, how long past STOP_WAIT_SECONDS the app may take to leave before the process
-# ends without it (a hung-up terminal makes Textual's goodbye to it block for ever).
-EXIT_GRACE_SECONDS = 3.0
 
 
-class MixchatApp(App):
+# The mixins come before App: their action_quit and run override App's.
+class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
     TITLE = "mixchat"
     CSS = """
     #main { height: 1fr; }
@@ -163,10 +141,7 @@ class MixchatApp(App):
         self.update_status()
 
     def on_unmount(self) -> None:
-        loop = asyncio.get_running_loop()
-        for signum in self._signals:
-            loop.remove_signal_handler(signum)
-        self._signals.clear()
+        self._release_signals()
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
                timeout: float | None = None, markup: bool = False) -> None:
@@ -228,7 +203,7 @@ class MixchatApp(App):
         for note in pane.chat.notes:
             self.notify(note, timeout=10)
 
-    # -- panes and the sidebar -------------------------------------------------------------------
+    # -- panes (tabs) ----------------------------------------------------------------------------
 
     @property
     def pane(self) -> ChatPane | None:
@@ -267,262 +242,11 @@ class MixchatApp(App):
         dec = StreamDecoder(self.engine.tokenizer)
         return [(dec.push(t), e, None) for t, e in zip(ids, experts, strict=False)]
 
-    def refresh_sidebar(self) -> AwaitComplete:
-        """Rebuild the conversation list. Await it before moving its cursor: until then the old
-        rows are still there (keys sent right after Ctrl+O found the cursor on a vanishing row)."""
-        view = self.conversations
-        removed = view.clear()
-        items = []
-        for s in self.store.list():
-            if self._filter and self._filter.lower() not in s.title.lower():
-                continue
-            item = ListItem(Static(conversation_row(s.title, s.turns, s.id)))
-            item.cid = s.id
-            items.append(item)
-        return AwaitComplete(removed, view.extend(items))
-
-    @on(Input.Changed, "#filter")
-    async def filter_changed(self, event: Input.Changed) -> None:
-        self._filter = event.value.strip()
-        await self.refresh_sidebar()
-
-    @on(Input.Submitted, "#filter")
-    def filter_submitted(self) -> None:
-        view = self.conversations
-        self.screen.set_focus(view)
-        if view.children:
-            view.index = 0
-
-    @on(ListView.Selected, "#conversations")
-    async def open_selected(self, event: ListView.Selected) -> None:
-        cid = event.item.cid
-        for pane in self.tabs.query(ChatPane):
-            if pane.holds(cid):
-                self.tabs.active = pane.id
-                return
-        await self.new_pane(cid, self.store.get(cid).title)
-        self.prompt.focus()
-
-    def _highlighted(self) -> tuple[str, str] | None:
-        """The conversation under the list's cursor: (id, title)."""
-        item = self.conversations.highlighted_child
-        if item is None:
-            return None
-        try:
-            return item.cid, self.store.get(item.cid).title
-        except MixchatError as exc:  # removed meanwhile (`mixchat rm` in another terminal)
-            self.notify(str(exc), severity="warning")
-            self.refresh_sidebar()
-            return None
-
-    def action_rename_conversation(self) -> None:
-        if chosen := self._highlighted():
-            cid, title = chosen
-            self.push_screen(RenameScreen(title), lambda new: self._rename(cid, new))
-
-    def action_delete_conversation(self) -> None:
-        if not (chosen := self._highlighted()):
-            return
-        cid, title = chosen
-
-        def answered(yes: bool | None) -> None:
-            if yes:  # in a worker: it may wait for a reply to stop, and the app keeps drawing meanwhile
-                self.run_worker(self._delete(cid), group="delete")
-
-        self.push_screen(ConfirmScreen(f"Delete “{title}” and its saved KV cache?"), answered)
-
-    def _rename(self, cid: str, title: str | None) -> None:
-        if not title:
-            return
-        conv = self.store.rename(cid, title)
-        for pane in self.tabs.query(ChatPane):
-            if pane.holds(cid):
-                self.tabs.get_tab(pane.id).label = tab_label(conv.title)
-        self.refresh_sidebar()
-
-    async def _delete(self, cid: str) -> None:
-        """Delete a conversation, closing its tab if it is open. A reply being written there is
-        stopped and saved first: a worker left running would write into a conversation that no
-        longer exists (FOREIGN KEY constraint failed) and write its cache file again."""
-        panes = [p for p in self.tabs.query(ChatPane) if p.holds(cid)]
-        writing = [p for p in panes if p.writing]
-        if writing:
-            for pane in writing:
-                pane.cancel.set()
-            if not await self._wait_for(writing, STOP_WAIT_SECONDS):
-                self.notify("the reply did not stop in time, so nothing was deleted; try again", severity="warning")
-                return
-        for pane in panes:
-            await self._close_pane(pane)
-        try:
-            self.store.delete(cid)
-        except MixchatError as exc:  # deleted elsewhere meanwhile, or the store cannot be written
-            self.notify(str(exc), severity="warning")
-            self.refresh_sidebar()
-            return
-        if self.pool:
-            self.pool.forget(cid)
-        else:
-            from mixchat import paths
-
-            (paths.kv_dir() / f"{cid}.safetensors").unlink(missing_ok=True)
-        self.refresh_sidebar()
-        self.notify("conversation deleted")
-
-    async def _wait_for(self, panes: list[ChatPane], timeout: float) -> bool:
-        """Wait until the panes' workers have ended (their replies saved); False on timeout."""
-        end = time.monotonic() + timeout
-        while any(p.writing for p in panes):
-            if time.monotonic() > end:
-                return False
-            await asyncio.sleep(0.05)
-        return True
-
     async def _close_pane(self, pane: ChatPane) -> None:
         pane.cancel.set()
         await self.tabs.remove_pane(pane.id)
         if not list(self.tabs.query(ChatPane)):
             await self.new_pane()
-
-    # -- sending and streaming -------------------------------------------------------------------
-
-    @on(PromptInput.Submitted)
-    def prompt_submitted(self, event: PromptInput.Submitted) -> None:
-        history.append(event.text)
-        self.send(event.text)
-
-    def send(self, text: str) -> None:
-        pane = self.pane
-        if pane is None:
-            return
-        if pane.busy:
-            self.notify("the model is still writing: Esc stops it")
-            self.prompt.load_text(text)  # keep what was typed
-            return
-        if pane.chat is None:
-            if self.model_error:
-                self.notify(self.model_error, severity="error")
-                self.prompt.load_text(text)  # nothing typed is lost
-            else:
-                self._queued.append(text)
-                self.notify("the model is still loading: your message is sent as soon as it is ready")
-            return
-        editing, pane.editing = pane.editing, None
-        self._start(pane, "edit" if editing is not None else "send", text, editing)
-
-    def _start(self, pane: ChatPane, kind: str, text: str, index: int | None) -> None:
-        try:
-            settings = self.settings.sampling()
-        except MixchatError as exc:
-            self.notify(str(exc), severity="error")
-            return
-        n = len(pane.views()) if index is None else index  # position of the new user message
-        if index is not None:  # edit / regenerate: the views from that message on go away
-            for view in pane.views()[index:]:
-                view.remove()
-        pane.log_view.mount(MessageView("user", text, n))
-        pane.reply = MessageView("assistant", "", n + 1, None)
-        pane.reply.streaming = True
-        pane.reply.expert_layer = self.settings.expert_layer if self.show_experts else None
-        pane.log_view.mount(pane.reply)
-        pane.log_view.scroll_end(animate=False)
-        pane.cancel.clear()
-        pane.busy = True
-        pane.phase = "prefilling"
-        pane.stats = {"started": time.monotonic(), "count": 0}
-        pane.worker = self.generate(pane, kind, text, index, settings)
-
-    @work(thread=True, group="generate")
-    def generate(self, pane: ChatPane, kind: str, text: str, index: int | None, settings) -> None:
-        from mixchat.generation import Done, PrefillProgress, TokenEvent
-
-        chat, pid = pane.chat, pane.id
-        first = None
-        count = 0
-        try:
-            events = chat.edit(index, text, settings, pane.cancel) if kind == "edit" else \
-                chat.send(text, settings, pane.cancel)
-            for ev in events:
-                if self.return_code is not None:
-                    # The app is ending (even by a crash, which unmounts nothing): stop, so the
-                    # reply is saved as interrupted and the process is not kept alive decoding.
-                    pane.cancel.set()
-                if isinstance(ev, TokenEvent):
-                    count += 1
-                    now = time.monotonic()
-                    first = first or now
-                    tps = (count - 1) / (now - first) if count > 1 and now > first else 0.0
-                    self.post_message(TokenStreamed(pid, ev.id, ev.text, ev.experts, ev.expert_weights, tps, count))
-                elif isinstance(ev, PrefillProgress):
-                    self.post_message(Prefilling(pid, ev.done, ev.total))
-                elif isinstance(ev, Done):
-                    self.post_message(GenerationFinished(pid, ev.text, ev.stop, {
-                        "ttft": ev.time_to_first_token, "prefill_tps": ev.prefill_tokens_per_second,
-                        "decode_tps": ev.decode_tokens_per_second, "cached": ev.cached_tokens,
-                        "prefilled": ev.prefilled_tokens, "generated": len(ev.generated)}, chat.id,
-                        list(ev.notes)))
-        except MixchatError as exc:
-            self.post_message(GenerationFailed(pid, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - a bug must show in the app, not kill the worker silently
-            self.post_message(GenerationFailed(pid, f"{type(exc).__name__}: {exc}"))
-
-    def _pane(self, pane_id: str) -> ChatPane | None:
-        try:
-            return self.tabs.query_one(f"#{pane_id}", ChatPane)
-        except Exception:  # noqa: BLE001 - the tab was closed while the worker ran
-            return None
-
-    def on_prefilling(self, msg: Prefilling) -> None:
-        pane = self._pane(msg.pane_id)
-        if pane:
-            pane.phase = f"prefill {msg.done}/{msg.total}"
-
-    def on_token_streamed(self, msg: TokenStreamed) -> None:
-        pane = self._pane(msg.pane_id)
-        if pane is None or pane.reply is None:
-            return
-        pane.phase = "writing"
-        pane.reply.append(msg.text, msg.experts, msg.weights)
-        pane.count_usage(msg.experts)
-        pane.last_token = (msg.text, msg.experts, msg.weights)
-        pane.stats.update(tps=msg.tokens_per_second, count=msg.count, last=time.monotonic())
-        if msg.count == 1:
-            pane.stats["ttft"] = time.monotonic() - pane.stats["started"]
-        pane.log_view.scroll_end(animate=False)
-        if self.show_experts and pane is self.pane:
-            self.refresh_experts()
-
-    def on_generation_finished(self, msg: GenerationFinished) -> None:
-        for note in msg.notes:  # told even when the tab is gone
-            self.notify(note, severity="warning", timeout=10)
-        pane = self._pane(msg.pane_id)
-        if pane is None:
-            return
-        if msg.conversation_id and pane.cid != msg.conversation_id:
-            pane.cid = msg.conversation_id
-        pane.busy, pane.phase = False, msg.reason
-        pane.stats.update(msg.stats, tps=msg.stats["decode_tps"])
-        if pane.reply is not None:
-            pane.reply.streaming = False
-            pane.reply.stop = msg.reason
-            pane.reply.text = msg.text
-            pane.reply.redraw()
-        if pane.cid:
-            try:
-                self.tabs.get_tab(pane.id).label = tab_label(self.store.get(pane.cid).title)
-            except MixchatError:  # deleted meanwhile (`mixchat rm`): the worker's error says so
-                pass
-        self.refresh_sidebar()
-        self.update_status()
-
-    def on_generation_failed(self, msg: GenerationFailed) -> None:
-        pane = self._pane(msg.pane_id)
-        if pane is not None:
-            pane.busy, pane.phase = False, "error"
-            if pane.reply is not None and not pane.reply.text:
-                pane.reply.remove()
-                pane.reply = None
-        self.notify(msg.error, severity="error", timeout=10)
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -549,92 +273,6 @@ class MixchatApp(App):
                    "selected token" if getattr(self, "_selected", None) else "last token")
 
     # -- actions ---------------------------------------------------------------------------------
-
-    async def action_quit(self) -> None:
-        self.quit_gracefully(0)
-
-    def quit_gracefully(self, code: int = 0) -> None:
-        """Stop every reply, wait (at most STOP_WAIT_SECONDS) until the workers have saved them,
-        marked interrupted, with their KV caches, then exit with `code` (it becomes
-        `self.return_code`, which the CLI returns). Asked again meanwhile, it exits at once."""
-        panes = list(self.tabs.query(ChatPane))
-        for pane in panes:
-            pane.cancel.set()
-        writing = [p for p in panes if p.writing]
-        if not writing or self._quitting:
-            self.exit(return_code=code)
-            return
-        self._quitting = True
-        self.notify("stopping the reply and saving it …")
-        self.run_worker(self._exit_when_saved(writing, code), group="quit")
-
-    async def _exit_when_saved(self, panes: list[ChatPane], code: int) -> None:
-        await self._wait_for(panes, STOP_WAIT_SECONDS)
-        self.exit(return_code=code)
-
-    def _catch_signals(self) -> None:
-        """SIGTERM (kill, shutdown) and SIGHUP (the terminal closed) quit like Ctrl+Q; by default
-        they would end the process mid-reply with the terminal left in raw mode."""
-        try:
-            loop = asyncio.get_running_loop()
-            for name in QUIT_SIGNALS:
-                signum = getattr(signal, name, None)
-                if signum is not None:
-                    loop.add_signal_handler(signum, self._on_signal, signum)
-                    self._signals.append(signum)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # no signal handlers on this loop (Windows) or thread (not the main one)
-
-    def _on_signal(self, signum: int) -> None:
-        code = 128 + signum
-        if self._watchdog is None and not self.is_headless:
-            # SIGHUP: the terminal is gone, and restoring its modes on the way out then blocks for
-            # ever on a write to it (Textual's writer thread died of EIO). The replies are saved
-            # first, within STOP_WAIT_SECONDS; past the grace the process ends without the app.
-            self._watchdog = threading.Timer(STOP_WAIT_SECONDS + EXIT_GRACE_SECONDS, self._end_process, (code,))
-            self._watchdog.daemon = True
-            self._watchdog.start()
-        # Called by the event loop, outside any message handler: hand over to the app's queue.
-        self.call_later(self.quit_gracefully, code)
-
-    def _end_process(self, code: int) -> None:
-        if not self._finished:
-            os._exit(code)
-
-    def run(self, **kwargs) -> object:
-        """App.run; once it has returned, a signal's watchdog (see _on_signal) stands down."""
-        try:
-            return super().run(**kwargs)
-        finally:
-            self._finished = True
-
-    def action_stop(self) -> None:
-        pane = self.pane
-        if pane and pane.busy:
-            pane.cancel.set()
-
-    def action_regenerate(self) -> None:
-        pane = self.pane
-        if not pane or pane.busy or pane.chat is None:
-            return
-        msgs = pane.chat.messages
-        if not msgs or msgs[-1].role != "assistant":
-            self.notify("there is no reply to regenerate")
-            return
-        self._start(pane, "edit", msgs[-2].content, len(msgs) - 2)
-
-    def action_edit_last(self) -> None:
-        pane = self.pane
-        if not pane or pane.busy or pane.chat is None:
-            return
-        users = [i for i, m in enumerate(pane.chat.messages) if m.role == "user"]
-        if not users:
-            return
-        pane.editing = users[-1]
-        prompt = self.prompt
-        prompt.load_text(pane.chat.messages[users[-1]].content)
-        prompt.focus()
-        self.notify("editing your last message: Enter resends it, the replies after it are replaced")
 
     def _message_to_copy(self) -> tuple[str, str]:
         """The focused message (click or Tab to one), else the last reply."""
@@ -669,16 +307,6 @@ class MixchatApp(App):
     async def action_close_tab(self) -> None:
         if self.pane is not None:
             await self._close_pane(self.pane)
-
-    def action_toggle_sidebar(self) -> None:
-        self.sidebar.toggle_class("hidden")
-
-    async def action_focus_sidebar(self) -> None:
-        self.sidebar.remove_class("hidden")
-        await self.refresh_sidebar()
-        self.screen.set_focus(self.conversations)  # now: the keys typed next must find it there
-        if self.conversations.children:
-            self.conversations.index = 0
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

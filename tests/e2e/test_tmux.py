@@ -66,10 +66,8 @@ def test_chat_in_a_real_terminal_then_reopen(make_release, tmp_path):
         term.keys("C-o")
         term.wait_for("Hello from tmux")  # the sidebar lists the saved conversation
         term.keys("Enter")
-        time.sleep(1.0)
-        screen = term.screen()
+        screen = term.wait_for("assistant")  # the reopened conversation's reply (on a busy machine, not at once)
         assert screen.count("Hello from tmux") >= 2  # in the sidebar and reopened in the chat
-        assert "assistant" in screen
     finally:
         term.close()
 
