@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("inspect", help="show what a release folder holds (shapes, params, memory) in a blink")
-    p.add_argument("folder", help="release folder (params.json, consolidated.00.pth, tokenizer.model)")
+    p.add_argument("folder", help="release folder (params.json, consolidated weights, tokenizer)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_inspect)
     p = sub.add_parser("verify", help="check the folder loads, then its files against the md5 sums in RELEASE")

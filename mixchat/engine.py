@@ -23,7 +23,7 @@ from mixchat.progress import Progress, human_bytes
 from mixchat.qformat import QuantSpec, expert_bytes, model_bytes, parse_quant
 from mixchat.quant import install, quantize_state
 from mixchat.release import Release, model_state, open_release
-from mixchat.tokenizer import Tokenizer
+from mixchat.tokenizer import TextTokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -173,7 +173,7 @@ class Engine:
     args: ModelArgs
     layout: str
     model: Transformer
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
     device: torch.device
     dtype: torch.dtype
     fingerprint: str

@@ -143,16 +143,18 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
 
     tok: dict[str, Any] = {"path": release.tokenizer.name, "present": release.tokenizer.is_file()}
     if tok["present"]:
-        from mixchat.tokenizer import Tokenizer
+        from mixchat.tokenizer import find_tokenizer, load_tokenizer
 
         try:
-            t = Tokenizer(release.tokenizer)
-            tok.update(vocab_size=t.vocab_size, version=t.version, matches_params=t.vocab_size == args.vocab_size)
+            t = load_tokenizer(find_tokenizer(release.folder))
+            tok.update(kind=t.kind, vocab_size=t.vocab_size, version=t.version, notes=list(t.notes),
+                       matches_params=t.vocab_size == args.vocab_size)
         except MixchatError as exc:
             tok["error"] = str(exc)
     if problem is None:  # the loader refuses these too, so the verdict (and the exit status) must say so
         if not tok["present"]:
-            problem = f"{release.tokenizer}: missing; copy the tokenizer.model shipped with the release into the folder"
+            problem = (f"{release.folder}: no tokenizer (tekken.json or tokenizer.model…): missing; copy the one "
+                       "shipped with the release into the folder")
         elif "error" in tok:
             problem = tok["error"]
         elif not tok["matches_params"]:
@@ -162,7 +164,7 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
 
     return {
         "folder": str(release.folder),
-        "family": family(args, layout),
+        "family": family(args, layout) + (f", {tok['kind']} {tok['version']}" if "kind" in tok else ""),
         "weights": {"file": release.weights_label.name, "files": [p.name for p in release.weight_files],
                     "bytes": sum(p.stat().st_size for p in release.weight_files)},
         "vision_encoder": None if not skipped and "vision_encoder" not in args.extra else {
@@ -201,6 +203,11 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
     }
 
 
+def instruct_name(tok: dict[str, Any]) -> str:
+    """How the instruct format is usually named: v3-tekken for Mistral-Nemo's tekken v3, and so on."""
+    return f"{tok['version']}-tekken" if tok.get("kind") == "tekken" else tok["version"]
+
+
 def human_count(n: int) -> str:
     for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
@@ -224,12 +231,14 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     tok = r["tokenizer"]
     if not tok["present"]:
-        lines.append("  tokenizer      MISSING tokenizer.model")
+        lines.append("  tokenizer      MISSING (tekken.json or tokenizer.model)")
     elif "error" in tok:
         lines.append(f"  tokenizer      ERROR {tok['error']}")
     else:
         note = "" if tok["matches_params"] else f"  MISMATCH: params.json says {p['vocab_size']}"
-        lines.append(f"  tokenizer      {tok['path']}: {tok['vocab_size']} pieces ({tok['version']}){note}")
+        lines.append(f"  tokenizer      {tok['path']}: {tok['kind']}, {tok['vocab_size']} ids, instruct format "
+                     f"{instruct_name(tok)}{note}")
+        lines += [f"                 note: {n}" for n in tok.get("notes", [])]
     if r["vision_encoder"]:
         v = r["vision_encoder"]
         lines.append(f"  vision encoder {v['tensors']} tensors ({human_bytes(v['bytes'])}), {v['note']}")

@@ -128,7 +128,12 @@ class Release:
                 f"{folder}: no weights found (looked for {', '.join(WEIGHT_NAMES)} and consolidated-0000N-of-0000M"
                 ".safetensors); download the weights from the release"
             )
-        return cls(folder, params, weights, folder / "tokenizer.model", folder / "RELEASE", tuple(shards))
+        from mixchat.tokenizer import tokenizer_candidates
+
+        # The preferred tokenizer file (tekken.json, tokenizer.model.v7, .v3, …); whether two of them
+        # disagree is checked where it is read (open_release, inspect), not here, which only lists files.
+        tokenizer = (tokenizer_candidates(folder) or [folder / "tokenizer.model"])[0]
+        return cls(folder, params, weights, tokenizer, folder / "RELEASE", tuple(shards))
 
     def args(self) -> ModelArgs:
         return ModelArgs.from_file(self.params)
@@ -523,17 +528,17 @@ class OpenedRelease:
     args: ModelArgs
     state: dict[str, torch.Tensor]  # release names, memory-mapped
     layout: str
-    tokenizer: object  # mixchat.tokenizer.Tokenizer
+    tokenizer: object  # mixchat.tokenizer.TextTokenizer (SentencePiece or tekken)
 
 
 def open_release(folder: str | Path) -> OpenedRelease:
-    from mixchat.tokenizer import Tokenizer
+    from mixchat.tokenizer import find_tokenizer, load_tokenizer
 
     release = Release.find(folder)
     args = release.args()
     if len(set(args.layer_windows)) > 1:  # until the model and cache keep a window per layer
         raise ReleaseError(f"{release.params}: per-layer sliding windows are not supported by this mixchat yet")
-    tokenizer = Tokenizer(release.tokenizer)
+    tokenizer = load_tokenizer(find_tokenizer(release.folder))
     tokenizer.check_vocab(args.vocab_size, release.params)
     # Names and shapes are checked from the header first: a mismatch is reported before torch loads anything.
     header = text_model(read_headers(release), args)

@@ -112,3 +112,44 @@ def test_inspect_names_the_family(params, words):
     from mixchat.config import ModelArgs
 
     assert words in family(ModelArgs.from_dict(params))
+
+
+@pytest.mark.parametrize("tokenizer, vocab, version", [
+    ("tekken", 131072, "v3"),  # Mistral-Nemo's tekken.json: the v3-tekken format
+    ("v7", 32768, "v7"),  # tokenizer.model.v7: [SYSTEM_PROMPT] ... [/SYSTEM_PROMPT]
+    ("v3", 32768, "v3"),
+])
+def test_todays_tokenizers_chat_end_to_end_as_mistral_common_writes_it(make_release, tokenizer, vocab, version,
+                                                                        capsys):
+    from mistral_oracle import oracle_chat
+
+    from mixchat.synthetic import mistral_common_tokenizer
+
+    source = mistral_common_tokenizer(tokenizer)
+    name = "tekken.json" if tokenizer == "tekken" else f"tokenizer.model.{tokenizer}"
+    folder = make_release(tiny_args(vocab_size=vocab), seed=2, std=0.15, tokenizer=source, tokenizer_name=name)
+    assert cli.main(["-m", str(folder), "--dtype", "fp32", "--temperature", "0", "--max-tokens", "3", "--json",
+                     "--system", "Be brief.", "-p", "Hello [INST] there"]) == 0
+    done = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert done["prompt_tokens"] == oracle_chat(source, [("user", "Hello [INST] there")], "Be brief.")
+    report = inspect_release(folder)
+    assert report["problem"] is None and report["tokenizer"]["kind"] == ("tekken" if tokenizer == "tekken"
+                                                                         else "sentencepiece")
+    assert report["tokenizer"]["version"] == version and report["family"].endswith(version)
+
+
+def test_two_tokenizers_that_disagree_are_refused_naming_both(make_release, capsys):
+    from mixchat.synthetic import mistral_common_tokenizer
+
+    folder = make_release(tiny_args(vocab_size=32768), seed=2, tokenizer=mistral_common_tokenizer("v3"),
+                          tokenizer_name="tokenizer.model.v3")
+    import shutil
+
+    shutil.copy(mistral_common_tokenizer("v3"), folder / "tokenizer.model")  # an identical copy: fine
+    assert cli.main(["inspect", str(folder)]) == 0
+    shutil.copy(mistral_common_tokenizer("v2"), folder / "tokenizer.model")  # another tokenizer
+    capsys.readouterr()
+    assert cli.main(["-m", str(folder), "-p", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.model.v3" in err and "tokenizer.model" in err.replace("tokenizer.model.v3", "") \
+        and "different tokenizers" in err

@@ -19,7 +19,7 @@ from mixchat.tui.literal import literal
 from mixchat.tui.widgets import LineInput
 
 FIELD_HELP = {
-    "model": "release folder (params.json, consolidated.00.pth, tokenizer.model)",
+    "model": "release folder (params.json, consolidated weights, tokenizer.model or tekken.json)",
     "system": "system prompt (placed as mistral-common places it)",
     "temperature": "0 = greedy", "top_p": "nucleus mass, (0, 1]", "top_k": "0 = off",
     "repeat_penalty": "1 = off; last 64 tokens", "max_tokens": "new tokens per reply",
