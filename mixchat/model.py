@@ -2,6 +2,8 @@
 
 Parameter names equal the release's own (mistral-inference's experts layout for MoE), so loading is
 a name-for-name assignment. The model owns no state besides its weights: the KV cache is passed in.
+Each layer attends within its own sliding window (args.window(i), None: the whole sequence), which it
+gets from the cache as its step's mask over its buffer's slots (Ministral mixes windowed and full layers).
 Norms, rotary embeddings and softmax run in fp32 whatever the weight dtype, as the reference does
 and because CPU bf16 reductions are both slow and lossy.
 """
@@ -189,7 +191,7 @@ class Attention(nn.Module):
         q = apply_rotary(q.view(t, self.n_heads, hd), rope)  # [T, H, hd]
         k = apply_rotary(k.view(t, nkv, hd), rope)  # [T, Hkv, hd]
         v = v.view(t, nkv, hd)
-        cache_k, cache_v = kv  # [Hkv, capacity, hd]
+        cache_k, cache_v = kv  # this layer's [Hkv, capacity, hd]
         cache_k[:, step.slots] = k.transpose(0, 1).to(cache_k.dtype)
         cache_v[:, step.slots] = v.transpose(0, 1).to(cache_v.dtype)
         keys, values = cache_k[:, : step.length], cache_v[:, : step.length]  # [Hkv, S, hd]
@@ -198,7 +200,7 @@ class Attention(nn.Module):
         if keys.dtype != q.dtype or _upcast(t, keys):
             q, keys, values = q.float(), keys.float(), values.float()
         # Grouped-query attention without repeating keys (query head h uses kv head h // (H / Hkv)); the
-        # mask is [T, S], shared by all heads.
+        # mask (causal, and this layer's window) is [T, S], shared by all heads.
         out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=step.mask,
                                              enable_gqa=True)  # [H, T, hd]
         return self.wo(out.transpose(0, 1).reshape(t, -1).to(x.dtype))
@@ -249,9 +251,10 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), rope, step, kv)
         return self._feed_forward(h)
 
-    def decode(self, fast, h, rope, step, slot: int, kv):
-        """forward() for one token through kernels.DecodeLayer `fast`: h is updated in place."""
-        fast.attention(h, rope, *kv, slot, step.length, step.mask)
+    def decode(self, fast, h, rope, step, kv):
+        """forward() for one token through kernels.DecodeLayer `fast`: h is updated in place. The layer's
+        window reaches the C side as its step's mask, over its own buffer's slots."""
+        fast.attention(h, rope, *kv, step.slot, step.length, step.mask)
         if fast.has_ffn:
             fast.ffn(h)
             return h, None, None
@@ -376,7 +379,7 @@ class Transformer(nn.Module):
         """The layers as kernels.DecodeLayer for a one-token step with residual h, or None where the plain
         path must run (no kernels, a weight format or shape they do not take, a GPU, gradients)."""
         if not fused_decode or torch.is_grad_enabled() or (k := kernels_or_none()) is None \
-                or not k.DecodeLayer.takes(h, cache.k):
+                or not all(k.DecodeLayer.takes(h, b.k) for b in cache.buffers):
             return None
         # The C side holds raw pointers, so the layers are rebuilt whenever a weight was replaced: a new
         # parameter, buffer or module anywhere (quantization, an assignment) bumps _registrations, and a
@@ -438,17 +441,16 @@ class Transformer(nn.Module):
         )
 
     def _step(self, tokens: torch.Tensor, cache: KVCache, rows: str) -> Output:
-        step = cache.prepare(tokens.shape[0])
-        rope = rotary_angles(step.positions, self.args.head_dim, self.args.rope_theta)
+        steps = cache.prepare(tokens.shape[0])  # per layer: where its buffer takes the chunk, its window's mask
+        rope = rotary_angles(steps[0].positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens).to(residual_dtype(self.tok_embeddings.weight))  # [T, D]
         fast = self.decode_layers(h, cache) if tokens.shape[0] == 1 else None
-        slot = int(step.slots[0]) if fast else 0
         experts, weights = [], []
         for i, layer in enumerate(self.layers):
             if fast:
-                h, chosen, w = layer.decode(fast[i], h, rope, step, slot, cache.layer(i))
+                h, chosen, w = layer.decode(fast[i], h, rope, steps[i], cache.layer(i))
             else:
-                h, chosen, w = layer(h, rope, step, cache.layer(i))
+                h, chosen, w = layer(h, rope, steps[i], cache.layer(i))
             if chosen is not None:
                 experts.append(chosen)
                 weights.append(w)

@@ -536,8 +536,6 @@ def open_release(folder: str | Path) -> OpenedRelease:
 
     release = Release.find(folder)
     args = release.args()
-    if len(set(args.layer_windows)) > 1:  # until the model and cache keep a window per layer
-        raise ReleaseError(f"{release.params}: per-layer sliding windows are not supported by this mixchat yet")
     tokenizer = load_tokenizer(find_tokenizer(release.folder))
     tokenizer.check_vocab(args.vocab_size, release.params)
     # Names and shapes are checked from the header first: a mismatch is reported before torch loads anything.

@@ -38,7 +38,8 @@ def _rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 def attention_train(attn: Attention, x: torch.Tensor, rope: torch.Tensor,
                     sliding_window: int | None = None) -> torch.Tensor:
-    """Causal grouped-query self-attention over [B, T, D] with the module's own wq/wk/wv/wo."""
+    """Causal grouped-query self-attention over [B, T, D] with the module's own wq/wk/wv/wo, each query
+    seeing the last `sliding_window` keys (itself included) when the layer has a window."""
     b, t, _ = x.shape
     h, nkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q = _rotary(attn.wq(x).view(b, t, h, hd), rope).transpose(1, 2)  # [B, H, T, hd]
@@ -91,8 +92,8 @@ def forward_train(model: Transformer, tokens: torch.Tensor, dropout: float = 0.0
     rope = rotary_angles(torch.arange(t, device=tokens.device), args.head_dim, args.rope_theta)
     h = F.dropout(model.tok_embeddings(tokens), p)  # [B, T, D]
     router_logits, experts = [], []
-    for layer in model.layers:
-        h = h + F.dropout(attention_train(layer.attention, layer.attention_norm(h), rope, args.sliding_window), p)
+    for i, layer in enumerate(model.layers):
+        h = h + F.dropout(attention_train(layer.attention, layer.attention_norm(h), rope, args.window(i)), p)
         x = layer.ffn_norm(h)
         ff = layer.feed_forward
         if isinstance(ff, MoeFeedForward):

@@ -10,12 +10,16 @@ import pytest
 import torch
 from conftest import tiny_args
 from cpu_paths import each_kernel_isa  # noqa: F401 - fixture
+from hf_oracle import hf_forward, hf_model
 from routing import RouterLog
+from test_model_vs_hf import random_tokens
 from tolerance import BF16_FLIP, Q8_FLIP, Chain, assert_same_argmax, assert_within, routed_alike, tolerance
 
 from mixchat import kernels
 from mixchat import model as model_mod
+from mixchat.cache import KVCache
 from mixchat.engine import Engine
+from mixchat.release import open_weights
 
 needs_kernels = pytest.mark.skipif(not kernels.simd(),
                                    reason=f"compiled AVX2 kernels not available: {kernels.reason()}")
@@ -118,8 +122,7 @@ def test_fused_decode_follows_a_prefilled_prompt_and_an_fp32_cache(make_release)
     for fused in (True, False):
         model_mod.fused_decode = fused
         try:
-            cache = engine.new_cache()
-            cache.k, cache.v = cache.k.float(), cache.v.float()  # the C side takes fp32 caches too
+            cache = KVCache(engine.args, torch.float32)  # the C side takes fp32 caches too
             engine.model(torch.tensor(ids[:7]), cache)  # a prompt (plain path), then decode steps
             outs.append(torch.cat([engine.model(torch.tensor([t]), cache).logits for t in ids[7:]]))
         finally:
@@ -128,6 +131,31 @@ def test_fused_decode_follows_a_prefilled_prompt_and_an_fp32_cache(make_release)
     # differ by their fp32 sums' order alone.
     tol = tolerance(outs[1].abs().max().item(), Chain.of(args, len(ids)).reordered())
     assert_within(outs[0], outs[1], tol, "fused vs plain, fp32 cache")
+
+
+@needs_kernels
+def test_fused_decode_keeps_each_layers_window(make_release):
+    """Per-layer windows (Ministral) through the C step: each layer gets its own buffer's slot, length and
+    mask. With an fp32 cache and the bf16 weights (exact in fp32) nothing is rounded coarser than fp32, so
+    the fused steps are checked against HF's Ministral itself; with the bf16 cache, against the plain path."""
+    args = tiny_args(**{**SHAPES, "sliding_window": [6, None]})
+    folder = make_release(args, seed=3, std=0.1)
+    engine = Engine.load(folder, show_progress=False)
+    ids = random_tokens(30, seed=5)  # the window-6 layer's 6 + 4 - 1 slots roll over three times
+    cache = KVCache(engine.args, torch.float32, chunk_size=4)
+    logits = torch.cat([engine.model(torch.tensor([t]), cache).logits for t in ids])
+    assert engine.model._decode_built.layers is not None  # the fused step ran
+    assert [(b.window, b.capacity) for b in cache.buffers] == [(6, 9), (None, 32)]
+    hf = hf_model(open_weights(folder / "consolidated.00.pth"), args, "dense")
+    ref, _, _ = hf_forward(hf, ids, args)
+    assert_within(logits, ref, tolerance(ref.abs().max().item(), Chain.of(args, len(ids)).reordered()),
+                  "fused, fp32 cache, vs HF")
+
+    fused_out, fused_cache = decode_steps(engine, ids, True)
+    plain_out, plain_cache, _ = plain_steps(engine, ids)
+    assert_same_logits(fused_out, plain_out, args, len(ids), None)
+    for f, p in zip(fused_cache.buffers, plain_cache.buffers, strict=True):
+        assert torch.equal(f.slot_pos, p.slot_pos)
 
 
 @needs_kernels

@@ -26,11 +26,14 @@ def run(session: Session, prompt, settings=GREEDY, cancel=None) -> tuple[list[To
     return [e for e in events if isinstance(e, TokenEvent)], events[-1]
 
 
-@pytest.fixture(params=["dense-window", "mixtral"])
+@pytest.fixture(params=["dense-window", "mixtral", "ministral"])
 def engine(request, make_release):
     if request.param == "dense-window":
         args = tiny_args(sliding_window=12, rope_theta=1e4)
         folder = make_release(args, "dense", seed=11, std=0.15)
+    elif request.param == "ministral":  # a windowed and a full-attention layer: HF's Ministral with layer_types
+        args = tiny_args(sliding_window=[8, None])
+        folder = make_release(args, "dense", seed=13, std=0.15)
     else:
         args = tiny_args(moe=MOE)
         folder = make_release(args, "torrent", seed=12, std=0.15)
@@ -38,7 +41,8 @@ def engine(request, make_release):
 
 
 def test_greedy_tokens_match_hf_generate(engine):
-    """Prompt + output (about 40 tokens) is longer than the 12-token window of the dense model."""
+    """Prompt + output (about 40 tokens) is longer than the 12-token window of the dense model and the 8-token
+    one of Ministral's first layer (HF generates with its own cache: a sliding-window layer per window)."""
     prompt = encode_chat(engine.tokenizer, [Message("user", "Tell me a story about a dragon and a knight.")])
     tokens, done = run(Session(engine), prompt)
     hf = hf_model(open_weights(engine.release.weights), engine.args, engine.layout)
@@ -91,6 +95,7 @@ def test_regenerating_rewinds_the_cache(engine):
     assert done.cached_tokens == len(prompt) - 1
 
 
+@pytest.mark.parametrize("engine", ["dense-window", "mixtral"], indirect=True)  # sampling: no window matters
 def test_same_seed_same_text_and_seeds_differ(engine):
     prompt = encode_chat(engine.tokenizer, [Message("user", "Once upon a time")])
     s = SamplingSettings(temperature=1.0, top_p=0.9, top_k=50, max_tokens=16, seed=42)

@@ -13,13 +13,17 @@ import pytest
 import torch
 from conftest import tiny_args
 from cpu_paths import each_native_bf16  # noqa: F401 - fixture
-from hf_oracle import hf_forward, hf_model
+from hf_oracle import hf_expresses, hf_forward, hf_model
 from routing import RouterLog
 from tolerance import BF16, Chain, assert_same_argmax, assert_within, routed_alike, tolerance
 
 from mixchat import model as model_mod
+from mixchat.cache import KVCache
+from mixchat.config import ModelArgs
 from mixchat.engine import Engine, resolve_dtype
+from mixchat.model import Transformer
 from mixchat.release import open_weights
+from mixchat.synthetic import random_state
 
 
 def run_mixchat(engine: Engine, tokens: list[int], prompt_len: int, chunk: int):
@@ -64,6 +68,82 @@ def test_dense_sliding_window_matches_hf_in_chunks_and_past_the_window(make_rele
                     "dense")
     no_window, _, _ = hf_forward(full, tokens, args)
     assert (no_window[10:] - ref[10:]).abs().max() > tol
+
+
+@pytest.mark.parametrize("pattern", [[5, 5, None], [3, None, 7]], ids=["ministral", "two-windows"])
+def test_per_layer_windows_match_hf_in_chunks_and_past_every_window(make_release, pattern):
+    """Ministral's params.json pattern: HF's MinistralForCausalLM with layer_types where its windowed layers
+    share one size; with two sizes, HF's decoder layers each under HF's mask for its own window."""
+    args = tiny_args(sliding_window=pattern, n_layers=3)
+    folder = make_release(args, "dense", seed=8, std=0.1)
+    engine = Engine.load(folder, dtype="fp32", warm=False)
+    assert engine.args.layer_windows == tuple(pattern) and engine.args.rope_theta == 1e4
+    tokens = random_tokens(40, seed=8)
+    # A 30-token prompt in chunks of 4, then 10 decode steps: the window-3 layer's buffer (3 + 4 - 1 slots)
+    # rolls over six times, the window-5 and 7 ones four and three times.
+    logits, _, _, _ = run_mixchat(engine, tokens, prompt_len=30, chunk=4)
+
+    sd = open_weights(folder / "consolidated.00.pth")
+    hf = hf_model(sd, args, "dense")
+    assert type(hf).__name__ == "MinistralForCausalLM" and hf_expresses(args) == (pattern == [5, 5, None])
+    ref, _, _ = hf_forward(hf, tokens, args)
+    tol = fp32_tolerance(engine, ref, len(tokens))
+    assert_within(logits, ref, tol, "mixchat vs HF")
+
+    # Each layer's own window matters: with the layers of any one window given another (a window for the
+    # full-attention ones, full attention for the windowed), HF's logits move further than the tolerance.
+    sized = [w for w in pattern if w is not None]
+    for w in dict.fromkeys(pattern):
+        other = [(min(sized) if x is None else None) if x == w else x for x in pattern]
+        changed = tiny_args(sliding_window=other, n_layers=3, rope_theta=1e4)
+        moved, _, _ = hf_forward(hf_model(sd, changed, "dense"), tokens, changed)
+        assert (moved - ref).abs().max() > tol, f"windows {other} give the logits of {pattern}"
+
+
+def test_nemo_shapes_match_hf():
+    """Mistral-Nemo in small: head_dim given and not dim / n_heads (Nemo: dim 5120, 32 heads of 128; here
+    dim 96, 4 heads of 32), rope_theta 1e6, tekken's 131072 ids, against HF's MistralForCausalLM."""
+    args = ModelArgs.from_dict({"dim": 96, "n_layers": 2, "head_dim": 32, "hidden_dim": 160, "n_heads": 4,
+                                "n_kv_heads": 2, "norm_eps": 1e-5, "vocab_size": 131072, "rope_theta": 1e6,
+                                "sliding_window": None})
+    assert args.n_heads * args.head_dim != args.dim and args.window(0) is None
+    sd = random_state(args, "dense", torch.float32, seed=9, std=0.1)
+    model = Transformer(args)
+    model.load_state_dict(sd)
+    rng = random.Random(9)
+    tokens = [1] + [rng.randrange(3, 131072) for _ in range(31)]
+    cache = KVCache(args, chunk_size=5)
+    outs = [model(torch.tensor(tokens[:24]), cache)] + [model(torch.tensor([t]), cache) for t in tokens[24:]]
+    logits = torch.cat([o.logits for o in outs])
+
+    hf = hf_model(sd, args, "dense")
+    assert type(hf).__name__ == "MistralForCausalLM" and hf.model.layers[0].self_attn.head_dim == 32
+    ref, _, _ = hf_forward(hf, tokens, args)
+    tol = tolerance(ref.abs().max().item(), Chain.of(args, len(tokens)).reordered())
+    assert_within(logits, ref, tol, "mixchat vs HF")
+    # rope_theta is honoured: at Mistral-7B's 1e4 HF's logits are elsewhere
+    other = ModelArgs.from_dict({**args.to_params(), "rope_theta": 1e4})
+    moved, _, _ = hf_forward(hf_model(sd, other, "dense"), tokens, other)
+    assert (moved - ref).abs().max() > tol
+
+
+@pytest.mark.parametrize("layout", ["torrent", "experts"])
+def test_mixtral_with_six_experts_matches_hf(make_release, layout):
+    """A non-8 expert count (6, top-2) in both MoE layouts, against HF's Mixtral."""
+    args = tiny_args(moe={"num_experts": 6, "num_experts_per_tok": 2}, n_layers=2)
+    folder = make_release(args, layout, seed=10, std=0.1)
+    engine = Engine.load(folder, dtype="fp32", warm=False)
+    tokens = random_tokens(24, seed=4)
+    logits, experts, weights, router = run_mixchat(engine, tokens, prompt_len=16, chunk=6)
+    hf = hf_model(open_weights(folder / "consolidated.00.pth"), engine.args, layout)
+    ref, ref_experts, ref_weights = hf_forward(hf, tokens, engine.args)
+    assert experts.shape == (24, 2, 2) and router.shape == (24, 2, 6)
+    router_tol = fp32_tolerance(engine, router, len(tokens))
+    n = routed_alike(experts, ref_experts, router, router_tol)
+    assert n == len(tokens), "a near-tie in this model's routing: the test needs another seed"
+    assert_within(weights, ref_weights, router_tol / 2, "mixing weights")
+    assert_within(logits, ref, fp32_tolerance(engine, ref, len(tokens)), "mixchat vs HF")
+    assert set(experts.flatten().tolist()) == set(range(6))  # every expert, the last two included
 
 
 @pytest.mark.parametrize("layout", ["torrent", "experts"])
