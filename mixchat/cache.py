@@ -47,6 +47,18 @@ def available_memory() -> int:
     return 0
 
 
+def kv_memory(device: torch.device, mapped: int = 0) -> int:
+    """Bytes a KV cache may take on `device` now (0: unknown): free memory less `mapped` (weights in the
+    page cache, which the kernel counts as free) and KV_RESERVE."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu" and (free := available_memory()):
+        free -= mapped
+    else:
+        return 0
+    return max(free - KV_RESERVE, 1)
+
+
 def buffer_limit(window: int | None, chunk_size: int, max_tokens: int) -> int:
     """The most slots a buffer for layers with this window ever holds (see the module docstring)."""
     return max_tokens if window is None else min(max_tokens, window + chunk_size - 1)
@@ -70,6 +82,40 @@ def kv_tokens_within(args: ModelArgs, dtype: torch.dtype, budget: int, chunk_siz
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if kv_bytes(args, dtype, mid, chunk_size) <= budget else (lo, mid - 1)
     return lo
+
+
+KV_RESERVE = 1 << 30  # bytes left free beside the KV cache: activations, logits, the app, the OS
+
+
+def choose_context(args: ModelArgs, dtype: torch.dtype, free: int, requested: int | None = None,
+                   what: str = "--context", chunk_size: int = DEFAULT_CHUNK) -> tuple[int, str | None]:
+    """The context a conversation may grow to (KVCache's max_tokens) and, when memory made it shorter than
+    params.json's max_seq_len, a one-line note saying so. `free` is the memory the KV cache may take (0:
+    unknown, so max_seq_len). A 12B model's 128k tokens take ~20 GB of bf16 KV: sizing by max_seq_len would
+    promise a context the machine cannot hold, and fail deep into a long conversation. `requested` (the
+    flag or setting named `what`) must fit both; ContextError says what would."""
+    per_token = kv_bytes(args, dtype, 1, chunk_size)
+    if requested is not None:
+        if not 1 < requested <= args.max_seq_len:
+            raise ContextError(f"{what} {requested}: must be from 2 to the model's max_seq_len, {args.max_seq_len}")
+        need = kv_bytes(args, dtype, requested, chunk_size)
+        if free and need > free:
+            fits = kv_tokens_within(args, dtype, free, chunk_size)
+            raise ContextError(f"{what} {requested}: its KV cache takes {_gb(need)} ({per_token // 1024} KiB/token), "
+                               f"{_gb(free)} is free; use {what} {fits} or less")
+        return requested, None
+    if not free or kv_bytes(args, dtype, args.max_seq_len, chunk_size) <= free:
+        return args.max_seq_len, None
+    fits = kv_tokens_within(args, dtype, free, chunk_size)
+    if fits < 2:
+        raise ContextError(f"no memory is left for a KV cache ({_gb(free)} free after the weights); close other "
+                           "programs, or load the model with --quant int8 or int4")
+    return fits, (f"context {fits} of the model's {args.max_seq_len} tokens: that is what the KV cache "
+                  f"({per_token // 1024} KiB/token) can take in the {_gb(free)} free; {what} chooses another")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
 
 
 @dataclass

@@ -70,9 +70,12 @@ class Chat:
         prompt = self.prompt(text)
         limit = self.session.context_limit
         if len(prompt) >= limit:
+            e = self.engine
+            why = (e.context_note if e.context_note and limit == e.context else
+                   "params.json's max_seq_len" if limit == e.args.max_seq_len else "as --context or the settings ask")
             raise ContextError(
-                f"the conversation would be {len(prompt)} tokens but {self.engine.release.folder} holds {limit} "
-                "tokens of context; start a new conversation or shorten the message"
+                f"the conversation would be {len(prompt)} tokens but the context holds {limit} ({why}); start a new "
+                "conversation or shorten the message"
             )
         save = save and self.store is not None
         created = False

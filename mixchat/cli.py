@@ -157,6 +157,8 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
         settings.quant = ns.quant
     if ns.memory_budget:
         settings.memory_budget_gb = ns.memory_budget
+    if ns.context:
+        settings.context = ns.context
     settings.check()
     app = MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note)
     app.run()
@@ -213,6 +215,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-budget", type=float, metavar="GB",
                    help="Mixtral: keep the weights within GB, loading experts on demand into an LRU cache "
                         "(with prefetching); for models larger than memory")
+    g.add_argument("--context", type=int, metavar="TOKENS",
+                   help="the tokens a conversation may hold (default: params.json's max_seq_len, or what the "
+                        "KV cache can take in the memory left after the weights, if less)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mixchat import hugepages
-from mixchat.cache import DEFAULT_CHUNK, KVCache, available_memory
+from mixchat.cache import DEFAULT_CHUNK, KVCache, available_memory, choose_context, kv_bytes, kv_memory
 from mixchat.config import ModelArgs
 from mixchat.errors import MixchatError
 from mixchat.experts import ExpertCache, offload
@@ -117,6 +117,7 @@ def model_fingerprint(release: Release) -> str:
 
 
 MAX_THREADS = 1024
+MAX_CONTEXT = 1 << 24  # beyond config.LIMITS' max_seq_len: checked against the model's own at load
 
 
 def load_options(ns) -> dict:
@@ -128,8 +129,11 @@ def load_options(ns) -> dict:
     if budget is not None and not (math.isfinite(budget) and budget > 0):
         raise MixchatError(f"--memory-budget {budget}: must be a positive number of GB (leave it out to keep every "
                            "weight in memory)")
+    context = getattr(ns, "context", None)
+    if context is not None and not 1 < context <= MAX_CONTEXT:
+        raise MixchatError(f"--context {context}: must be a number of tokens from 2 to the model's max_seq_len")
     return {"dtype": ns.dtype, "device": ns.device, "threads": ns.threads, "quant": getattr(ns, "quant", None),
-            "memory_budget": budget * 1e9 if budget else None}
+            "memory_budget": budget * 1e9 if budget else None, "context": context}
 
 
 def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> int:
@@ -181,12 +185,16 @@ class Engine:
     quant: QuantSpec | None = None
     quant_cached: bool = False  # the quantized weights came from the cache, not from quantizing now
     experts: ExpertCache | None = None  # set when a memory budget keeps only some experts resident
+    context: int = 0  # the tokens a new conversation's KV cache may grow to (choose_context); 0: max_seq_len
+    context_note: str | None = None  # why context is below max_seq_len, when memory made it so
+    kv_free: int = 0  # bytes the KV cache could take when the model was loaded (0: unknown)
 
     @classmethod
     def load(cls, folder: str | Path, dtype: str = "auto", device: str = "cpu", threads: int | None = None,
              warm: bool = True, show_progress: bool | None = None,
              on_progress: Callable[[int, int], None] | None = None, quant: str | None = None,
-             memory_budget: float | None = None, prefetch: bool = True, huge_pages: bool | None = None) -> Engine:
+             memory_budget: float | None = None, prefetch: bool = True, huge_pages: bool | None = None,
+             context: int | None = None) -> Engine:
         """`on_progress(bytes_done, bytes_total)` reports reading, converting or quantizing the
         weights (the TUI's progress bar); `show_progress` draws a bar on stderr (default: when it is
         a tty). `quant` is 'int8', 'int4' or 'int4-G' (see mixchat.quant); None keeps the weights.
@@ -195,7 +203,9 @@ class Engine:
         the weights into huge pages when they fit in free memory (default: no, unless the environment
         sets MIXCHAT_HUGEPAGES=1); otherwise they stay mapped from the file. Measured on a 7B folder
         (2 AVX2 cores): decode 4 % faster, but loading took 63 s instead of 10 and peak RSS 24 GB
-        instead of 16 (the file's cached pages and the copy), so it is for long sessions only."""
+        instead of 16 (the file's cached pages and the copy), so it is for long sessions only.
+        `context` is the tokens a conversation may hold (default: max_seq_len, or less when its KV cache
+        would not fit the memory left after the weights; see choose_context)."""
         set_threads(threads)
         asked_to_warm = warm
         if huge_pages is None:
@@ -232,7 +242,9 @@ class Engine:
             and resident < 0.85 * available_memory()
         warm = warm and not pin
         # Pinned weights are converted as they are copied into huge pages (below): one copy, not two.
+        mapped = 0
         if dev.type == "cpu" and (pin or all(t.dtype == dt for t in state.values())):
+            mapped = 0 if pin else state_bytes
             if warm:
                 for path in release.weight_files:
                     warm_page_cache(path, show_progress, on_progress)
@@ -277,7 +289,12 @@ class Engine:
         # assign=True makes the parameters *be* these tensors (mapped or pinned) instead of copies.
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()
-        return cls(release, args, layout, model, opened.tokenizer, dev, dt, fingerprint, spec, cached, experts)
+        # Weights mapped from the file sit in the page cache, which MemAvailable counts as free: the KV
+        # cache must not count on evicting them. Converted, pinned or quantized weights are already taken.
+        kv_free = kv_memory(dev, mapped)
+        chosen, note = choose_context(args, dt, kv_free, context)
+        return cls(release, args, layout, model, opened.tokenizer, dev, dt, fingerprint, spec, cached, experts,
+                   chosen, note, kv_free)
 
     def explain_non_finite(self) -> str:
         """Why the model produced NaN or infinite logits, as one line for the user: the first weight
@@ -300,4 +317,15 @@ class Engine:
                 f"activations overflowed in {str(self.dtype).removeprefix('torch.')}; try --dtype fp32")
 
     def new_cache(self, chunk_size: int = DEFAULT_CHUNK, max_tokens: int | None = None) -> KVCache:
-        return KVCache(self.args, self.dtype, self.device, chunk_size=chunk_size, max_tokens=max_tokens)
+        """A KV cache that may grow to `max_tokens` (default: the engine's context)."""
+        return KVCache(self.args, self.dtype, self.device, chunk_size=chunk_size,
+                       max_tokens=max_tokens or self.context or None)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """What one more token costs in the KV cache while no sliding window is full."""
+        return kv_bytes(self.args, self.dtype, 1)
+
+    def set_context(self, requested: int | None, what: str = "--context") -> None:
+        """Choose the context for conversations started from now on (None: what fits, as at load)."""
+        self.context, self.context_note = choose_context(self.args, self.dtype, self.kv_free, requested, what)

@@ -125,8 +125,9 @@ class Session:
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) >= self.context_limit:
+            why = f" ({self.engine.context_note})" if self.engine.context_note else ""
             raise ContextError(
-                f"the prompt is {len(prompt)} tokens but the context holds {self.context_limit}; "
+                f"the prompt is {len(prompt)} tokens but the context holds {self.context_limit}{why}; "
                 "shorten it or start a new conversation"
             )
         model, tokenizer = self.engine.model, self.engine.tokenizer

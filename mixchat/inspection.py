@@ -9,6 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mixchat.cache import kv_bytes, kv_memory, kv_tokens_within
 from mixchat.config import ModelArgs
 from mixchat.errors import ChecksumError, MixchatError, ReleaseError
 from mixchat.progress import Progress, human_bytes
@@ -132,8 +135,10 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
     checks = [{"field": f, "params_json": declared.get(f), "shapes": implied.get(f),
                "ok": declared.get(f) == implied.get(f)} for f in declared]
 
-    kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2
-    cache_tokens = min(args.sliding_window or args.max_seq_len, args.max_seq_len)
+    # What the engine would choose for a bf16 load now: weights mapped from the file stay in the page cache.
+    kv_per_token = kv_bytes(args, torch.bfloat16, 1)
+    kv_free = kv_memory(torch.device("cpu"), estimates.get("bf16", n_bytes))
+    fits = kv_tokens_within(args, torch.bfloat16, kv_free) if kv_free else args.max_seq_len
     if args.moe:
         expert_params = sum(t.numel for k, t in sd.items() if ".experts." in k or ".block_sparse_moe.w" in k)
         active = n_params - expert_params + expert_params * args.moe.num_experts_per_tok // args.moe.num_experts
@@ -198,8 +203,10 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
         "problem": problem,
         "memory_estimate_bytes": estimates,
         "kv_cache_bytes_per_token_bf16": kv_per_token,
-        "kv_cache_max_tokens": cache_tokens,
-        "kv_cache_max_bytes_bf16": kv_per_token * cache_tokens,
+        "kv_cache_max_tokens": args.max_seq_len,
+        "kv_cache_max_bytes_bf16": kv_bytes(args, torch.bfloat16, args.max_seq_len),
+        "kv_cache_free_bytes_now": kv_free,
+        "kv_cache_fits_tokens_now": fits,
     }
 
 
@@ -268,7 +275,14 @@ def format_report(r: dict[str, Any]) -> str:
     est = r["memory_estimate_bytes"]
     lines.append("memory: weights " + ", ".join(f"{k} {human_bytes(v)}" for k, v in est.items())
                  + f"; KV cache {human_bytes(r['kv_cache_bytes_per_token_bf16'])}/token in bf16, "
-                 f"at most {human_bytes(r['kv_cache_max_bytes_bf16'])} ({r['kv_cache_max_tokens']} tokens)")
+                 f"{human_bytes(r['kv_cache_max_bytes_bf16'])} for the whole context "
+                 f"({r['kv_cache_max_tokens']} tokens)")
+    fits, free = r["kv_cache_fits_tokens_now"], r["kv_cache_free_bytes_now"]
+    if fits < r["kv_cache_max_tokens"]:
+        lines.append(f"context that fits now: {fits} tokens (what a KV cache can take in the {human_bytes(free)} "
+                     "free beside the bf16 weights); mixchat uses that unless --context asks for less")
+    elif free:
+        lines.append(f"context that fits now: all {fits} tokens ({human_bytes(free)} free beside the bf16 weights)")
     return "\n".join(lines)
 
 

@@ -45,6 +45,14 @@ def m002_settings_routing_timings(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX messages_by_conversation ON messages (conversation_id, position)")
 
 
+@migration
+def m003_context_start(db: sqlite3.Connection) -> None:
+    # The first message the model still sees once a full context dropped the oldest turns (the
+    # system prompt is always kept): saved, so a reopened conversation makes the same cut and its
+    # saved KV cache still matches.
+    db.execute("ALTER TABLE conversations ADD COLUMN context_start INTEGER NOT NULL DEFAULT 0")
+
+
 class NewerSchemaError(Exception):
     """The file was written by a newer mixchat: this one must not write to it, let alone migrate it."""
 

@@ -188,7 +188,8 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
             "prefill_tokens_per_second": round(done.prefill_tokens_per_second, 3),
             "decode_tokens_per_second": round(done.decode_tokens_per_second, 3),
             "time_to_first_token": round(done.time_to_first_token, 3),
-            "conversation": cid,
+            "conversation": cid, "context": chat.session.context_limit if chat else engine.context,
+            "kv_bytes_per_token": engine.kv_bytes_per_token,
             **({"experts": engine.experts.stats.as_dict()} if engine.experts is not None else {}),
         }) + "\n")
     elif not done.text.endswith("\n"):
@@ -196,6 +197,8 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
     for note in done.notes:
         _say(err, note)
     if show_stats:
+        if engine.context_note:
+            _say(err, engine.context_note)
         _say(err, format_stats(done) + (f", saved as {cid}" if cid else ""))
         if engine.experts is not None:
             from mixchat.bench import format_experts

@@ -16,6 +16,7 @@ from argparse import Namespace
 from typing import TextIO
 
 from mixchat.errors import MixchatError
+from mixchat.progress import human_bytes
 from mixchat.safetext import visible
 from mixchat.signals import StopOnSignals, Terminated, TerminateOnSignals
 
@@ -118,6 +119,8 @@ class Repl:
         kind = f"MoE, {e.args.moe.num_experts} experts" if e.args.is_moe else "dense"
         self.dim(f"mixchat {__version__}: {e.release.folder} ({kind}, {str(e.dtype).removeprefix('torch.')}, "
                  f"{e.device}); /help for commands, /bye or Ctrl+D to leave")
+        self.dim(e.context_note or f"context {self.chat.session.context_limit} tokens, KV cache "
+                 f"{human_bytes(e.kv_bytes_per_token)}/token")
         if not self.save:
             self.dim("--no-save: nothing from this session is written to the conversation store")
         self.notes()

@@ -33,6 +33,7 @@ class Settings:
     memory_budget_gb: float = 0.0  # 0 = all weights resident; else Mixtral's experts load on demand
     threads: int = 0  # 0 = torch's choice
     kv_memory_gb: float = 4.0
+    context: int = 0  # tokens per conversation; 0 = max_seq_len, or what the KV cache can take in free memory
     expert_layer: int = 0
 
     def sampling(self) -> SamplingSettings:
@@ -49,7 +50,7 @@ class Settings:
             raise MixchatError(f"quant {str(self.quant)[:20]!r}: use " + ", ".join(CHOICES))
         if not isinstance(self.model, str) or not isinstance(self.system, str):
             raise MixchatError("model and system must be text")
-        for name, whole in (("threads", True), ("expert_layer", True), ("memory_budget_gb", False),
+        for name, whole in (("threads", True), ("expert_layer", True), ("memory_budget_gb", False), ("context", True),
                             ("kv_memory_gb", False)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
@@ -57,6 +58,8 @@ class Settings:
                 raise MixchatError(f"{name} {str(value)[:20]}: must be a {'whole ' if whole else ''}number, 0 or more")
         if self.threads > 1024 or self.kv_memory_gb <= 0:
             raise MixchatError("threads must be at most 1024, and kv_memory_gb more than 0")
+        if self.context == 1 or self.context > 1 << 24:
+            raise MixchatError(f"context {self.context}: 0 (what fits), or from 2 to the model's max_seq_len tokens")
 
 
 def settings_path() -> Path:

@@ -43,6 +43,7 @@ class Conversation:
     settings: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+    context_start: int = 0  # position of the first message the model still sees (older turns dropped)
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Store:
 
     def __init__(self, path: Path, readonly: bool = False, timeout: float | None = None) -> None:
         self.file = StoreFile(path, readonly, timeout)
+        self._columns: str | None = None
 
     def close(self) -> None:
         self.file.close()
@@ -156,15 +158,23 @@ class Store:
         return conv
 
     def _conversation(self, row: tuple) -> Conversation:
-        cid, title, model_path, fp, system, settings, created, updated = row
+        cid, title, model_path, fp, system, settings, created, updated, context_start = row
         try:
             parsed = json.loads(settings or "{}")
         except json.JSONDecodeError:
             raise StoreError(f"{self.path}: conversation {cid} has corrupt settings; "
                              f"`mixchat rm {cid}` removes it") from None
-        return Conversation(cid, title, model_path, fp, system, parsed, created, updated)
+        return Conversation(cid, title, model_path, fp, system, parsed, created, updated,
+                            context_start if isinstance(context_start, int) and context_start >= 0 else 0)
 
-    _COLUMNS = "id, title, model_path, model_fingerprint, system, settings, created_at, updated_at"
+    @property
+    def _COLUMNS(self) -> str:  # noqa: N802 - read like the constant it was
+        """The conversation columns; a store opened read-only before migration 3 has no context_start."""
+        if self._columns is None:
+            names = {row[1] for row in self.db.execute("PRAGMA table_info(conversations)")}
+            self._columns = ("id, title, model_path, model_fingerprint, system, settings, created_at, updated_at, "
+                             + ("context_start" if "context_start" in names else "0"))
+        return self._columns
 
     def _find(self, db: sqlite3.Connection, cid: str) -> Conversation:
         prefix = check_id(cid)
@@ -221,6 +231,14 @@ class Store:
                              (system, json.dumps(settings), cid))
             if cur.rowcount == 0:
                 raise self._deleted(cid, "its settings were not saved")
+
+    def set_context_start(self, cid: str, position: int) -> None:
+        """Record that the model sees this conversation from message `position` on (a full context
+        dropped the turns before it; 0: all of it)."""
+        with self.file.tx() as db:
+            cur = db.execute("UPDATE conversations SET context_start = ? WHERE id = ?", (max(0, int(position)), cid))
+            if cur.rowcount == 0:
+                raise self._deleted(cid, "where its context starts was not saved")
 
     def delete(self, cid: str) -> Conversation:
         """Returns what it deleted, for the caller to say so."""

@@ -114,7 +114,7 @@ def test_prompt_over_the_context(make_release):
     params = {**args.to_params(), "max_seq_len": 32}
     folder = make_release(args, params=params)
     proc = mixchat("-m", str(folder), stdin=("word " * 100).encode())
-    assert proc.returncode == 2 and "tokens of context" in one_error_line(proc)
+    assert proc.returncode == 2 and "the context holds" in one_error_line(proc)
 
 
 def test_no_model_and_bad_flags(mixtral, tmp_path, monkeypatch, capsys):

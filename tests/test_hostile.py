@@ -418,7 +418,7 @@ CASES = [
     Case("input", "-p empty", ("-m", "{model}", *FAST, "-p", ""), 2, ("-p", "empty")),
     Case("input", "-p only an escape", ("-m", "{model}", *FAST, "-p", "\x1b"), 2, ("empty",)),
     Case("input", "--system not UTF-8", chat("--system", "\udcff"), 2, ("--system", "utf-8")),
-    Case("input", "a prompt longer than the context", ("-m", "{model}", *FAST), 2, ("tokens of context",),
+    Case("input", "a prompt longer than the context", ("-m", "{model}", *FAST), 2, ("the context holds",),
          stdin=b"word " * 900, prepare=p(max_seq_len=256), after=nothing_stored),
     Case("input", "-c with nothing to continue", ("-c", *FAST, "-p", "Hi"), 2, ("no conversation",)),
     Case("input", "--raw with -c", ("-m", "{model}", "--raw", "-c", "-p", "Hi"), 2, ("--raw",)),

@@ -131,7 +131,7 @@ def test_context_overflow_is_one_line_and_the_repl_continues(make_release):
     rc, text = drive(ns, ENTER.join(["tell me " * 30, "hi", "/bye"]) + ENTER)
     assert rc == 0
     (err,) = errors(text)
-    assert "holds 40 tokens of context" in err
+    assert "the context holds 40" in err
     msgs = store().messages(store().latest().id)
     assert [m.content for m in msgs if m.role == "user"] == ["hi"]
 

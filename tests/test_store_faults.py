@@ -139,15 +139,15 @@ def test_a_store_path_that_is_a_folder(tmp_path):
 
 
 def newer(path: Path, drop_column: bool = False) -> bytes:
-    """What a later mixchat with a third migration would leave behind."""
+    """What a later mixchat with one more migration would leave behind."""
     seeded(path)
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("BEGIN")
     db.execute("ALTER TABLE conversations ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0")
     if drop_column:
         db.execute("ALTER TABLE messages DROP COLUMN experts")
-    db.execute("INSERT INTO _migrations VALUES ('m003_pinned', 0)")
-    db.execute("PRAGMA user_version = 3")
+    db.execute("INSERT INTO _migrations VALUES ('m999_pinned', 0)")
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     db.execute("COMMIT")
     db.close()
     return path.read_bytes()
@@ -171,7 +171,7 @@ def test_a_newer_schema_is_never_written_or_migrated(tmp_path):
     with pytest.raises(StoreError) as err:
         Store(path)
     msg = str(err.value)
-    assert f"written by a newer mixchat (schema 3, this one knows {len(MIGRATIONS)})" in msg
+    assert f"written by a newer mixchat (schema {len(MIGRATIONS) + 1}, this one knows {len(MIGRATIONS)})" in msg
     assert "pip install -U mixchat" in msg and "`mixchat list`, `show` and `export` can still read it" in msg
     db = sqlite3.connect(path, isolation_level=None)
     with pytest.raises(NewerSchemaError):
@@ -184,9 +184,9 @@ def test_a_newer_user_version_alone_is_enough_to_refuse(tmp_path):
     path = tmp_path / "c.sqlite3"
     seeded(path)
     db = sqlite3.connect(path)
-    db.execute("PRAGMA user_version = 7")
+    db.execute("PRAGMA user_version = 70")
     db.close()
-    with pytest.raises(StoreError, match="schema 7, this one knows"):
+    with pytest.raises(StoreError, match="schema 70, this one knows"):
         Store(path)
 
 
@@ -223,9 +223,10 @@ def test_an_older_schema_is_read_without_touching_the_file(tmp_path):
     before = path.read_bytes()
     ro = Store(path, readonly=True)
     assert ro.get("0001").settings == {} and ro.messages("0001")[0].experts is None
+    assert ro.get("0001").context_start == 0 and [s.title for s in ro.list()] == ["old talk"]
     ro.close()
     assert path.read_bytes() == before
-    assert migrations.pending(sqlite3.connect(path)) == ["m002_settings_routing_timings"]
+    assert migrations.pending(sqlite3.connect(path)) == ["m002_settings_routing_timings", "m003_context_start"]
 
 
 def test_stores_opened_at_once_migrate_once(tmp_path):
@@ -313,7 +314,7 @@ def test_a_lock_held_while_an_old_store_needs_migrating(tmp_path, monkeypatch):
             Store(path)
     finally:
         db.execute("ROLLBACK")
-    assert migrations.pending(db) == ["m002_settings_routing_timings"]
+    assert migrations.pending(db) == ["m002_settings_routing_timings", "m003_context_start"]
 
 
 @pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan"])

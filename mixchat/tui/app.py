@@ -159,6 +159,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             engine = Engine.load(folder, dtype=self.settings.dtype, threads=self.settings.threads or None,
                                  quant=self.settings.quant, show_progress=False,
                                  memory_budget=self.settings.memory_budget_gb * 1e9 or None,
+                                 context=self.settings.context or None,
                                  on_progress=lambda d, t: self.post_message(ModelProgress(d, t)))
         except MixchatError as exc:
             self.post_message(ModelFailed(str(exc)))
@@ -317,6 +318,12 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
     def _settings_saved(self, new: Settings | None) -> None:
         if new is None:
             return
+        if new.context != self.settings.context and self.engine is not None:
+            try:  # new conversations take it; the open ones keep the cache they have
+                self.engine.set_context(new.context or None, "context")
+            except MixchatError as exc:
+                self.notify(str(exc), title="context not changed", severity="error", timeout=12)
+                new.context = self.settings.context
         old, self.settings = self.settings, new
         settings_mod.save(new)
         pane = self.pane

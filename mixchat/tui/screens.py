@@ -28,6 +28,7 @@ FIELD_HELP = {
     "memory_budget_gb": "Mixtral: 0 = all weights in memory; else experts load on demand within it",
     "threads": "0 = torch's choice",
     "kv_memory_gb": "live KV caches across open conversations",
+    "context": "tokens per conversation; 0 = max_seq_len or what fits in memory",
     "expert_layer": "layer whose routing colours the tokens",
 }
 

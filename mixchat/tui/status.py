@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.text import Text
 
+from mixchat.progress import human_bytes
 from mixchat.safetext import one_line
 from mixchat.tui.widgets import gauge
 
@@ -48,7 +49,9 @@ def status_text(engine, pane, model_error: str | None, model_folder: str | None,
             out.append(f" · {s['decode_tps']:.2f} tok/s · first token {s['ttft']:.2f} s · prefill "
                        f"{s['prefill_tps']:.1f} tok/s · {pane.phase}")
         used, limit = pane.chat.context_used(), pane.chat.session.context_limit
-        out.append(f"\ncontext {gauge(used, limit)} {used}/{limit}")
+        out.append(f"\ncontext {gauge(used, limit)} {used}/{limit} · KV {human_bytes(e.kv_bytes_per_token)}/token")
+        if limit < e.args.max_seq_len:  # memory or --context chose less than params.json allows
+            out.append(f" (of {e.args.max_seq_len}{', as memory allows' if e.context_note else ''})")
         if used > 0.9 * limit:
             out.append(" ")
             out.append("nearly full: the reply will stop when it is; start a new conversation", style="bold red")
