@@ -30,13 +30,14 @@ from mixchat.safetext import one_line, visible
 from mixchat.settings import Settings
 from mixchat.tui import clipboard, history
 from mixchat.tui.conversations import ConversationsMixin
+from mixchat.tui.expertpanel import ExpertPanel
 from mixchat.tui.messages import ModelFailed, ModelLoaded, ModelProgress
 from mixchat.tui.panes import ChatPane
 from mixchat.tui.quitting import QuittingMixin
 from mixchat.tui.screens import HelpScreen, SettingsScreen
 from mixchat.tui.sending import SendingMixin
-from mixchat.tui.status import status_text
-from mixchat.tui.widgets import ConversationList, ExpertPanel, LineInput, MessageView, PromptInput, Sidebar, StatusBar
+from mixchat.tui.status import StatusBar, status_text
+from mixchat.tui.widgets import ConversationList, LineInput, MessageView, PromptInput, Sidebar
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 

@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 from rich.text import Text
+from textual.widgets import Static
 
 from mixchat.progress import human_bytes
 from mixchat.safetext import one_line
-from mixchat.tui.widgets import gauge
 
 
 def status_text(engine, pane, model_error: str | None, model_folder: str | None, demo: bool = False) -> Text:
@@ -62,3 +62,12 @@ def status_text(engine, pane, model_error: str | None, model_folder: str | None,
     else:
         out.append("\n")
     return out
+
+
+class StatusBar(Static):
+    DEFAULT_CSS = "StatusBar { height: 2; background: $panel; color: $text; padding: 0 1; }"
+
+
+def gauge(used: int, limit: int, width: int = 12) -> str:
+    frac = min(used / limit, 1.0) if limit else 0.0
+    return "█" * round(frac * width) + "░" * (width - round(frac * width))

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from rich.style import Style
-from rich.table import Table
 from rich.text import Text
 from textual import events
 from textual.binding import Binding
@@ -14,14 +11,8 @@ from textual.message import Message
 from textual.widgets import Input, ListView, Markdown, Static, TextArea
 
 from mixchat.safetext import one_line, visible
+from mixchat.tui.colors import expert_color
 from mixchat.tui.literal import literal
-
-EXPERT_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
-                 "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000"]
-
-
-def expert_color(e: int) -> str:
-    return EXPERT_COLORS[e % len(EXPERT_COLORS)]
 
 
 class MessageView(Vertical):
@@ -163,59 +154,6 @@ class PromptInput(TextArea):
             self.load_text(self.inputs[self._recall] if self._recall < len(self.inputs) else "")
             return
         await super()._on_key(event)
-
-
-class StatusBar(Static):
-    DEFAULT_CSS = "StatusBar { height: 2; background: $panel; color: $text; padding: 0 1; }"
-
-
-def gauge(used: int, limit: int, width: int = 12) -> str:
-    frac = min(used / limit, 1.0) if limit else 0.0
-    return "█" * round(frac * width) + "░" * (width - round(frac * width))
-
-
-class ExpertPanel(Static):
-    """Per layer: the experts the current/selected token used, with weights; and the running
-    layer × expert usage heat-map of the conversation."""
-
-    DEFAULT_CSS = "ExpertPanel { width: 46; height: 1fr; border-left: solid $primary; padding: 0 1; overflow-y: auto; }"
-
-    def show(self, moe: bool, n_experts: int, layer: int, token: tuple | None, usage: list[Counter],
-             title: str = "last token") -> None:
-        if not moe:
-            self.update(Text("Expert view\n\nThis is a dense model: every token goes through the same "
-                             "feed-forward block, so there is no routing to show.", style="italic"))
-            return
-        out = Table.grid(padding=(0, 1))
-        out.add_column()
-        out.add_row(Text(f"Expert view · colour = top expert at layer {layer}", style="bold"))
-        # A str title would be parsed as markup; the token is model text ("[/INST]" among them).
-        tok_table = Table("layer", "experts (weight)", box=None, padding=(0, 1),
-                          title=literal(f"{title}: {token[0]!r}" if token else title, style="table.title"))
-        if token and token[1] is not None:
-            experts, weights = token[1], token[2]
-            for i, ids in enumerate(experts):
-                cells = Text()
-                for k, e in enumerate(ids):
-                    cells.append(f"e{e}", Style(color=expert_color(e), bold=True))
-                    cells.append(f"={weights[i][k]:.2f}  " if weights else "  ")
-                tok_table.add_row(Text(f"{i}", style="reverse" if i == layer else ""), cells)
-        out.add_row(tok_table)
-        heat = Table(box=None, padding=(0, 1), title="usage this conversation (share of tokens)")
-        heat.add_column("L")
-        for e in range(n_experts):
-            heat.add_column(Text(f"e{e}", style=expert_color(e)), justify="right")
-        shades = " ░▒▓█"
-        for i, counts in enumerate(usage):
-            total = sum(counts.values()) or 1
-            cells = []
-            for e in range(n_experts):
-                share = counts.get(e, 0) / total
-                cells.append(Text(shades[min(4, round(share * 2 * 4))] * 2 + f"{share:.0%}".rjust(4),
-                                  style=expert_color(e)))
-            heat.add_row(str(i), *cells)
-        out.add_row(heat)
-        self.update(out)
 
 
 class LineInput(Input):

@@ -11,7 +11,9 @@ from conftest import tiny_args
 
 from mixchat.settings import Settings
 from mixchat.tui.app import ChatPane, MixchatApp
-from mixchat.tui.widgets import ExpertPanel, MessageView, PromptInput, StatusBar
+from mixchat.tui.expertpanel import ExpertPanel
+from mixchat.tui.status import StatusBar
+from mixchat.tui.widgets import MessageView, PromptInput
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 

@@ -19,8 +19,9 @@ from mixchat.safetext import one_line, visible
 from mixchat.settings import Settings
 from mixchat.store import Store, make_title
 from mixchat.tui.app import MixchatApp
+from mixchat.tui.expertpanel import ExpertPanel
 from mixchat.tui.screens import ConfirmScreen, HelpScreen, RenameScreen, SettingsScreen
-from mixchat.tui.widgets import ExpertPanel, StatusBar
+from mixchat.tui.status import StatusBar
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 SIZE = (160, 100)  # tall: everything checked is on screen at once
