@@ -36,8 +36,9 @@ from mixchat.tui.panes import ChatPane
 from mixchat.tui.quitting import QuittingMixin
 from mixchat.tui.screens import HelpScreen, SettingsScreen
 from mixchat.tui.sending import SendingMixin
+from mixchat.tui.sidebar import ConversationList, Sidebar
 from mixchat.tui.status import StatusBar, status_text
-from mixchat.tui.widgets import ConversationList, LineInput, MessageView, PromptInput, Sidebar
+from mixchat.tui.widgets import LineInput, MessageView, PromptInput
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 

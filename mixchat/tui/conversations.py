@@ -11,7 +11,7 @@ from mixchat.errors import MixchatError
 from mixchat.tui.panes import ChatPane, tab_label
 from mixchat.tui.quitting import STOP_WAIT_SECONDS
 from mixchat.tui.screens import ConfirmScreen, RenameScreen
-from mixchat.tui.widgets import conversation_row
+from mixchat.tui.sidebar import conversation_row
 
 
 class ConversationsMixin(MessagePump):
