@@ -1,5 +1,7 @@
-"""Command line. `mixchat` with a question on stdin or -p answers once on stdout; subcommands
-inspect, verify and bench work on a release folder.
+"""Command line. `mixchat "question"`, -p or a question on stdin answers once on stdout; without one,
+in a terminal, the app opens. Commands: inspect, verify and bench work on a release folder; list,
+show, search, export, import, rm and rename on the saved conversations. A first positional argument
+that is a command's name is that command, any other is the question (parse_args).
 
 Expected failures are MixchatError: one line on stderr and a non-zero exit, never a traceback.
 """
@@ -9,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+from pathlib import Path
 
 from mixchat import __version__
 from mixchat.errors import MixchatError
@@ -49,29 +53,66 @@ def _store(readonly: bool = False):
 
 
 def _list(ns: argparse.Namespace) -> int:
-    from mixchat.transcript import format_list
+    from mixchat.exporting import format_list
 
     print(format_list(_store(readonly=True).list()))
     return 0
 
 
 def _show(ns: argparse.Namespace) -> int:
-    from mixchat.transcript import to_json, to_markdown
+    from mixchat.exporting import dumps, export_json, export_markdown
 
     store = _store(readonly=True)
-    conv = store.get(ns.id)
-    messages = store.messages(conv.id)
-    print(to_json(conv, messages) if getattr(ns, "format", "markdown") == "json" else to_markdown(conv, messages),
-          end="")
+    if getattr(ns, "format", "markdown") == "json":
+        print(dumps(export_json(store, ns.id)), end="")
+    else:
+        print(export_markdown(store, ns.id), end="")
+    return 0
+
+
+def _search(ns: argparse.Namespace) -> int:
+    from mixchat.exporting import format_hit
+    from mixchat.oneshot import check_text
+    from mixchat.safetext import one_line
+    from mixchat.store import search_words
+
+    text = check_text(ns.text, "the search text", "give the words to search for")
+    if not search_words(text):
+        raise MixchatError(f"the search text {one_line(text)[:40]!r} has no letters or digits; give the words to "
+                           "search for")
+    if not 1 <= ns.limit <= 10_000:
+        raise MixchatError(f"--limit {ns.limit}: give a number of hits from 1 to 10000")
+    hits = _store(readonly=True).search(text, ns.limit)
+    for hit in hits:
+        print(format_hit(hit))
+    if not hits:
+        # Not an error (exit 0): the search worked and found nothing, as an empty `list` is not one.
+        print(f"no match: no conversation holds every word of {one_line(text)}")
+    return 0
+
+
+def _import(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mixchat.exporting import add_imported, parse_import, read_json_file
+    from mixchat.safetext import one_line
+    from mixchat.store import short_id
+
+    path = Path(ns.file)
+    imported = parse_import(read_json_file(path), str(path))  # all checked before the store is opened
+    conv = add_imported(_store(), imported)
+    print(f"{short_id(conv.id)}: {one_line(conv.title) or '(untitled)'} ({len(imported.messages)} messages, "
+          f"imported from {one_line(str(path))})")
     return 0
 
 
 def _rm(ns: argparse.Namespace) -> int:
     from mixchat import paths
     from mixchat.safetext import one_line
+    from mixchat.store import short_id
 
     conv = _store().delete(ns.id)
-    print(f"deleted {conv.id} ({one_line(conv.title) or '(untitled)'}) and its messages")
+    print(f"deleted {short_id(conv.id)} ({one_line(conv.title) or '(untitled)'}) and its messages")
     kv = paths.kv_dir() / f"{conv.id}.safetensors"
     try:
         kv.unlink(missing_ok=True)
@@ -84,9 +125,10 @@ def _rm(ns: argparse.Namespace) -> int:
 def _rename(ns: argparse.Namespace) -> int:
     from mixchat.oneshot import check_text
     from mixchat.safetext import one_line
+    from mixchat.store import short_id
 
     conv = _store().rename(ns.id, check_text(ns.title, "the title", "give the new title"))
-    print(f"{conv.id}: {one_line(conv.title)}")
+    print(f"{short_id(conv.id)}: {one_line(conv.title)}")
     return 0
 
 
@@ -135,17 +177,19 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
 
     load_options(ns)  # the model and sampling flags are checked as in every other front end, by name
     sampling_from(ns)
-    settings = settings_mod.load()
-    if note:  # the demo model: its recommended sampling (it loops when greedy) over the saved defaults
-        from pathlib import Path
-
+    settings, saved_keys = settings_mod.load_with_keys()
+    params = Path(model) / "params.json" if model else None
+    if params is not None and params.is_file():
+        # A folder's recommended sampling (the demo's: it loops when greedy) fills in what the user did
+        # not save; a saved value wins, as in one-shot and line mode, and flags win over both (below).
         from mixchat.config import ModelArgs
 
-        params = Path(model) / "params.json"
-        recommended = recommended_sampling(extra=ModelArgs.from_file(params).extra)
+        try:
+            recommended = recommended_sampling(extra=ModelArgs.from_file(params).extra)
+        except MixchatError:
+            recommended = {}  # the app says what is wrong with the folder when it loads it
         sampling_from(ns, recommended, str(params))  # a bad value is blamed on the file
-        for key, value in recommended.items():
-            setattr(settings, key, value)
+        settings_mod.apply_recommended(settings, saved_keys, recommended)
     for key in ("temperature", "top_p", "top_k", "repeat_penalty", "seed", "max_tokens", "system"):
         if getattr(ns, key, None) is not None:  # flags given now win over the saved settings
             setattr(settings, key, getattr(ns, key))
@@ -159,6 +203,8 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
         settings.memory_budget_gb = ns.memory_budget
     if ns.context:
         settings.context = ns.context
+    if ns.when_full is not None:
+        settings.when_full = ns.when_full
     settings.check()
     app = MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note)
     app.run()
@@ -181,16 +227,22 @@ def _reattach_terminal() -> None:
 def _chat(ns: argparse.Namespace) -> int:
     from mixchat import oneshot
 
+    source = "-p/--prompt"
+    positional = getattr(ns, "prompt_text", None)
+    if positional is not None:
+        if ns.prompt is not None:
+            raise MixchatError("the message is given twice, as PROMPT and with -p; give it once")
+        ns.prompt, source = positional, "PROMPT"
     if ns.system:
         oneshot.check_text(ns.system, "--system", "give the system prompt's text, or leave --system out")
     if ns.interactive:
         first = oneshot.read_stdin() if not sys.stdin.isatty() else ns.prompt
         if first is not None:
-            first = oneshot.check_text(first, "-p/--prompt", "give the first message")
+            first = oneshot.check_text(first, source, "give the first message")
         _reattach_terminal()
         return _interactive(ns, first)
     if ns.prompt is not None:
-        text = oneshot.check_text(ns.prompt, "-p/--prompt", "give the question to ask")
+        text = oneshot.check_text(ns.prompt, source, "give the question to ask")
     elif not sys.stdin.isatty():
         text = oneshot.read_stdin()
     else:
@@ -220,26 +272,46 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                         "KV cache can take in the memory left after the weights, if less)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("inspect", "verify", "list", "show", "search", "export", "import", "rm", "rename", "bench")
+USAGE = "%(prog)s [options] [PROMPT]\n       %(prog)s COMMAND [args]  (COMMAND: " + ", ".join(COMMANDS) + ")"
+EPILOG = ("PROMPT is the message, as one argument (quote it), like -p; stdin is then not read. A PROMPT that is "
+          "exactly a command's name is that command: to ask the model about one of those words, give it with -p "
+          "or after -- (mixchat -- list). Conversation ids: `mixchat list` shows the short form; every command "
+          "also takes the full id or a unique prefix or suffix of at least 4 characters. Exit status: 0; 1 when "
+          "inspect or verify find a folder that does not check out; 2 on an error (one line on stderr); 128+N "
+          "after signal N stopped a reply (130: Ctrl+C). search exits 0 also when nothing matched.")
+
+
+def build_parser(prompt: bool = False) -> argparse.ArgumentParser:
+    """The command line. prompt=True: the options and a positional PROMPT, without the commands
+    (main picks it when the first positional argument is not a command's name)."""
     parser = argparse.ArgumentParser(
-        prog="mixchat",
+        prog="mixchat", usage=USAGE, epilog=EPILOG,
         description="Chat with Mistral and Mixtral release folders, with mixchat's own model code. "
-        "Pipe a question in (echo hi | mixchat -m DIR) or pass -p; the answer streams to stdout.",
+        "Ask with mixchat \"QUESTION\", -p QUESTION or a pipe (echo hi | mixchat -m DIR); the answer streams "
+        "to stdout. Without a question, in a terminal, mixchat opens the app.",
     )
     parser.add_argument("--version", action="version", version=f"mixchat {__version__}")
     parser.add_argument("--home", metavar="DIR", help="keep conversations and caches here (default: $MIXCHAT_HOME, "
                         "else the per-user data folder)")
+    if prompt:
+        parser.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="the message to answer, like -p")
     _model_options(parser)
     c = parser.add_argument_group("one-shot answer")
-    c.add_argument("-p", "--prompt", help="the message to answer (default: all of stdin, which must be UTF-8)")
+    c.add_argument("-p", "--prompt", help="the message to answer (default: PROMPT, else all of stdin, which must be "
+                   "UTF-8)")
     c.add_argument("--system", help="system prompt, placed where mistral-common places it")
     c.add_argument("--raw", action="store_true", help="no chat format: BOS + the text, plain completion")
     c.add_argument("--json", action="store_true", help="one JSON object per token, then a summary line")
     c.add_argument("--stats", action="store_true", help="print speed and token counts to stderr (default: if a tty)")
     c.add_argument("-c", "--continue", dest="cont", action="store_true",
                    help="add this turn to the most recent conversation (its KV cache is re-used)")
-    c.add_argument("--cid", metavar="ID", help="add this turn to conversation ID (or a unique prefix of it)")
+    c.add_argument("--cid", metavar="ID", help="add this turn to conversation ID (its short form, or a unique "
+                   "prefix or suffix of it)")
     c.add_argument("--no-save", action="store_true", help="do not save this exchange as a conversation")
+    c.add_argument("--when-full", choices=["drop", "stop"], default=None,
+                   help="when a conversation outgrows its context: drop its oldest turns to make room (the system "
+                        "prompt stays), or stop and say so (default: the saved setting, else drop)")
     i = parser.add_argument_group("interactive")
     i.add_argument("-i", "--interactive", action="store_true",
                    help="send stdin (or -p) as the first message, then keep chatting in the terminal")
@@ -254,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="same seed and settings give the same text")
     s.add_argument("--max-tokens", type=int, help="stop after this many new tokens (default 512)")
     parser.set_defaults(func=_chat)
+    if prompt:
+        return parser
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("inspect", help="show what a release folder holds (shapes, params, memory) in a blink")
@@ -263,20 +337,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check the folder loads, then its files against the md5 sums in RELEASE")
     p.add_argument("folder", help="release folder with a RELEASE file")
     p.set_defaults(func=_verify)
-    p = sub.add_parser("list", help="saved conversations, newest first")
+    an_id = "conversation id: the short form `list` shows, the full id, or a unique prefix or suffix"
+    p = sub.add_parser("list", help="saved conversations, newest first (with their short ids)")
     p.set_defaults(func=_list)
     p = sub.add_parser("show", help="print a conversation's transcript")
-    p.add_argument("id", help="conversation id or a unique prefix")
+    p.add_argument("id", help=an_id)
     p.set_defaults(func=_show)
+    p = sub.add_parser("search", help="find words in conversations' messages and titles, newest first; exit 0 "
+                       "also when nothing matched")
+    p.add_argument("text", help="the words, all of which must be there (each as a word or a word's start; case "
+                   "and accents ignored); quotes, * and the like are just characters")
+    p.add_argument("-n", "--limit", type=int, default=50, help="show at most this many hits (default 50)")
+    p.set_defaults(func=_search)
     p = sub.add_parser("export", help="write a conversation as markdown or JSON to stdout")
-    p.add_argument("id", help="conversation id or a unique prefix")
+    p.add_argument("id", help=an_id)
     p.add_argument("--format", choices=["markdown", "json"], default="markdown")
     p.set_defaults(func=_show)
+    p = sub.add_parser("import", help="add a conversation from a file `export --format json` wrote, as a new "
+                       "conversation; prints its short id")
+    p.add_argument("file", metavar="FILE.json")
+    p.set_defaults(func=_import)
     p = sub.add_parser("rm", help="delete a conversation and its saved KV cache")
-    p.add_argument("id", help="conversation id or a unique prefix")
+    p.add_argument("id", help=an_id)
     p.set_defaults(func=_rm)
     p = sub.add_parser("rename", help="change a conversation's title")
-    p.add_argument("id", help="conversation id or a unique prefix")
+    p.add_argument("id", help=an_id)
     p.add_argument("title")
     p.set_defaults(func=_rename)
     p = sub.add_parser("bench", help="load time, peak RSS, prefill and decode tokens/sec against the memory ceiling")
@@ -289,11 +374,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_positional(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str | None, bool]:
+    """The first argument that is neither an option nor an option's value, and whether a `--`
+    came before it. argparse cannot tell a PROMPT from a COMMAND by itself: both are positional."""
+    takes_value = {opt: action.nargs != 0 for action in parser._actions for opt in action.option_strings}
+    longs = [opt for opt in takes_value if opt.startswith("--")]
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return (argv[i + 1] if i + 1 < len(argv) else None), True
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+            # argparse accepts a unique abbreviation of a long option (--temp 0)
+            matches = [name] if name in takes_value else [o for o in longs if o.startswith(name)]
+            if "=" not in arg and len(matches) == 1 and takes_value[matches[0]]:
+                i += 1
+        elif arg.startswith("-") and len(arg) > 1 and not _NEGATIVE.match(arg):
+            # -ic (flags together), -mDIR (a value attached), -im DIR (the last one takes the next)
+            for j in range(1, len(arg)):
+                if takes_value.get("-" + arg[j]):
+                    i += j == len(arg) - 1
+                    break
+        else:
+            return arg, False
+        i += 1
+    return None, False
+
+
+_NEGATIVE = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse reads these as values, not options
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """A first positional argument that names a command is that command; any other is the PROMPT."""
+    parser = build_parser()
+    first, after_dashes = _first_positional(parser, argv)
+    if first is not None and (after_dashes or first not in COMMANDS):
+        parser = build_parser(prompt=True)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     from mixchat.safetext import visible
     from mixchat.signals import Terminated
 
-    ns = build_parser().parse_args(argv)
+    ns = parse_args(sys.argv[1:] if argv is None else list(argv))
     if ns.home:
         os.environ["MIXCHAT_HOME"] = ns.home
     try:

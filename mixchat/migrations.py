@@ -53,6 +53,42 @@ def m003_context_start(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE conversations ADD COLUMN context_start INTEGER NOT NULL DEFAULT 0")
 
 
+@migration
+def m004_message_search(db: sqlite3.Connection) -> None:
+    # Full-text search over what was said (`mixchat search`, the app's filter). An FTS5 index with
+    # external content: it reads the text from `messages` instead of keeping a second copy, so the
+    # triggers below must tell it every change, old text included. unicode61 (the default) splits
+    # on what is not a letter or digit and ignores case and accents.
+    try:
+        db.execute("CREATE VIRTUAL TABLE message_search USING fts5(content, content='messages', content_rowid='id')")
+    except sqlite3.OperationalError as exc:
+        if "no such module" not in str(exc):
+            raise
+        # This SQLite was built without FTS5 (rare: Python's builds and the distributions' have it):
+        # no index, and Store.search falls back to a LIKE scan of the messages. The migration still
+        # counts as applied, so such a store is not migrated again when opened by an SQLite with
+        # FTS5; its searches stay scans.
+        return
+    db.execute("""
+        CREATE TRIGGER message_search_insert AFTER INSERT ON messages BEGIN
+            INSERT INTO message_search (rowid, content) VALUES (new.id, new.content);
+        END""")
+    # Also on the deletes that ON DELETE CASCADE makes when a conversation is deleted.
+    db.execute("""
+        CREATE TRIGGER message_search_delete AFTER DELETE ON messages BEGIN
+            INSERT INTO message_search (message_search, rowid, content) VALUES ('delete', old.id, old.content);
+        END""")
+    # A streaming reply is saved every few tokens, often with the same text (a token that is not yet
+    # a whole character): re-indexed only when its text changed.
+    db.execute("""
+        CREATE TRIGGER message_search_update AFTER UPDATE OF content ON messages
+        WHEN old.content IS NOT new.content BEGIN
+            INSERT INTO message_search (message_search, rowid, content) VALUES ('delete', old.id, old.content);
+            INSERT INTO message_search (rowid, content) VALUES (new.id, new.content);
+        END""")
+    db.execute("INSERT INTO message_search (message_search) VALUES ('rebuild')")  # the messages already there
+
+
 class NewerSchemaError(Exception):
     """The file was written by a newer mixchat: this one must not write to it, let alone migrate it."""
 

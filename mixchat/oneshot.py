@@ -6,7 +6,7 @@ import json
 import sys
 import threading
 from argparse import Namespace
-from typing import TextIO
+from typing import Any, TextIO
 
 from mixchat.errors import MixchatError
 from mixchat.safetext import visible
@@ -66,18 +66,47 @@ def recommended_sampling(engine=None, extra: dict | None = None) -> dict:
     return {k: v for k, v in rec.items() if k in keys} if isinstance(rec, dict) else {}
 
 
-def sampling_from(ns: Namespace, recommended: dict | None = None, source: str = "params.json"):
-    """Sampling settings from the flags given, then the model's recommendation, then the defaults.
-    A bad value is blamed on where it came from: a flag, or `source` (never a flag not given)."""
+def sampling_from(ns: Namespace, recommended: dict | None = None, source: str = "params.json",
+                  saved: dict | None = None, saved_source: str = "settings.json"):
+    """Sampling settings from the flags given, then the values the user saved (`saved`: only the keys
+    settings.json holds), then the model's recommendation, then the defaults (settings.py's rule). A
+    bad value is blamed on where it came from: a flag, `saved_source` or `source`."""
     from mixchat.sampling import SamplingSettings, flag_name
+    from mixchat.settings import SAMPLING_KEYS
 
-    keys = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens", "seed")
-    given = {k: v for k in keys if (v := getattr(ns, k, None)) is not None}
-    recommended = recommended or {}
-    s = SamplingSettings(**{**recommended, **given})
-    s.check(name=lambda f: f"{source}: mixchat.sampling.{f}" if f in recommended and f not in given
-            else flag_name(f))
+    given = {k: v for k in SAMPLING_KEYS if (v := getattr(ns, k, None)) is not None}
+    recommended, saved = recommended or {}, {k: v for k, v in (saved or {}).items() if k in SAMPLING_KEYS}
+    s = SamplingSettings(**{**recommended, **saved, **given})
+
+    def name(f: str) -> str:
+        if f in given:
+            return flag_name(f)
+        if f in saved:
+            return f"{saved_source}: {f}"
+        return f"{source}: mixchat.sampling.{f}" if f in recommended else flag_name(f)
+
+    s.check(name=name)
     return s
+
+
+def saved_settings() -> tuple[Any, dict[str, Any], frozenset[str]]:
+    """settings.json as every front end reads it: the settings, and the sampling values the user
+    saved (those win over a folder's recommendation; defaults do not)."""
+    from mixchat import settings as settings_mod
+
+    saved, keys = settings_mod.load_with_keys()
+    return saved, {k: getattr(saved, k) for k in settings_mod.SAMPLING_KEYS if k in keys}, keys
+
+
+def when_full_from(ns: Namespace, saved, keys: frozenset[str]) -> str:
+    """--when-full if given, else the saved setting, else "drop"."""
+    from mixchat.settings import WHEN_FULL, choose
+
+    value, _ = choose("when_full", {"when_full": getattr(ns, "when_full", None)}, saved, keys)
+    if value not in WHEN_FULL:
+        raise MixchatError(f"--when-full {str(value)[:20]}: use drop (the oldest turns make room) or stop (a full "
+                           "conversation refuses new messages)")
+    return value
 
 
 def _say(err: TextIO, line: str) -> None:
@@ -136,13 +165,16 @@ def _raw(engine, text: str, settings, cancel):
 
 def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None = None) -> int:
     from mixchat import kvstore, paths
-    from mixchat.chat import Chat
+    from mixchat.chat import Chat, ContextTrimmed
     from mixchat.engine import Engine, load_options
     from mixchat.generation import Done, TokenEvent
+    from mixchat.settings import settings_path
     from mixchat.store import Store
 
     out, err = out or sys.stdout, err or sys.stderr  # looked up now: tests and callers may swap them
     sampling_from(ns)  # fail on a bad flag before the model loads; the real settings come after
+    saved, saved_sampling, saved_keys = saved_settings()
+    when_full = when_full_from(ns, saved, saved_keys)
     continuing = bool(ns.cont or ns.cid)
     if ns.raw and continuing:
         raise MixchatError("--raw is a plain completion, not a conversation: it cannot continue one (-c/--cid)")
@@ -154,9 +186,10 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
 
     engine = Engine.load(model, **load_options(ns))
-    settings = sampling_from(ns, recommended_sampling(engine), str(engine.release.params))
+    settings = sampling_from(ns, recommended_sampling(engine), str(engine.release.params), saved_sampling,
+                             str(settings_path()))
     show_stats = ns.stats or err.isatty()
-    done = None
+    done = trimmed = None
     with StopOnSignals() as stop:
         cancel = stop.event
         if ns.raw:
@@ -167,10 +200,12 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
                 _say(err, note)
             if conv and ns.system is not None and ns.system != conv.system:
                 store.update_settings(conv.id, ns.system, conv.settings)
-            events = chat.send(text, settings, cancel, save=save)
+            events = chat.send(text, settings, cancel, save=save, when_full=when_full)
         output = _Output(out, cancel)
         for event in events:
-            if isinstance(event, TokenEvent):
+            if isinstance(event, ContextTrimmed):
+                trimmed = event
+            elif isinstance(event, TokenEvent):
                 if ns.json:
                     line = {"token": event.id, "text": event.text}
                     if event.experts is not None:
@@ -189,6 +224,8 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
             "decode_tokens_per_second": round(done.decode_tokens_per_second, 3),
             "time_to_first_token": round(done.time_to_first_token, 3),
             "conversation": cid, "context": chat.session.context_limit if chat else engine.context,
+            "dropped_messages": trimmed.dropped_messages if trimmed else 0,
+            "context_start": chat.context_start if chat else 0,
             "kv_bytes_per_token": engine.kv_bytes_per_token,
             **({"experts": engine.experts.stats.as_dict()} if engine.experts is not None else {}),
         }) + "\n")

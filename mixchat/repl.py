@@ -80,15 +80,21 @@ class _Stop(Exception):
 
 
 class Repl:
-    def __init__(self, ns: Namespace, engine, pool, store, conv, settings, out: TextIO) -> None:
+    def __init__(self, ns: Namespace, engine, pool, store, conv, settings, out: TextIO, *,
+                 when_full: str = "drop", system: str | None = None) -> None:
+        """`system`: the saved system prompt a new conversation starts with (--system wins; a reopened
+        conversation keeps its own). `when_full`: what a full context does (Chat.send)."""
         from mixchat.chat import Chat
 
         self.ns, self.engine, self.pool, self.store, self.settings, self.out = ns, engine, pool, store, settings, out
+        self.when_full = when_full
         self.save = not ns.no_save
         self.show_experts = False
         self.session = None  # the PromptSession, set by run()
         self.armed = False  # the last key at the prompt was Ctrl+C on an empty line: another one leaves
-        self.chat = Chat(engine, pool, store, conv, ns.system)
+        if ns.system is not None or conv is not None:
+            system = ns.system  # None for a reopened conversation: it keeps its own
+        self.chat = Chat(engine, pool, store, conv, system or None)
         self.styled = out.isatty() and os.environ.get("TERM", "") != "dumb"
 
     # -- output ----------------------------------------------------------------------------------
@@ -151,7 +157,8 @@ class Repl:
         done, experts, progress = None, [], False
         try:
             with StopOnSignals() as stop:
-                for event in self.chat.send(text, self.settings, stop.event, save=self.save):
+                for event in self.chat.send(text, self.settings, stop.event, save=self.save,
+                                            when_full=self.when_full):
                     if isinstance(event, PrefillProgress):
                         if self.styled:
                             self.out.write(f"\rreading the prompt: {event.done}/{event.total} tokens")
@@ -224,7 +231,7 @@ class Repl:
         return self.store
 
     def cmd_list(self, arg: str) -> None:
-        from mixchat.transcript import format_list
+        from mixchat.exporting import format_list
 
         store = self._open_store()
         self.say(format_list(store.list() if store else []))
@@ -424,11 +431,20 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
 
     from mixchat import kvstore, paths
     from mixchat.engine import Engine, load_options
-    from mixchat.oneshot import _resolve_conversation, recommended_sampling, sampling_from
+    from mixchat.oneshot import (
+        _resolve_conversation,
+        recommended_sampling,
+        sampling_from,
+        saved_settings,
+        when_full_from,
+    )
+    from mixchat.settings import settings_path
     from mixchat.store import Store
 
     out = out or sys.stdout
     sampling_from(ns)  # fail on a bad flag before the model loads; the real settings come after
+    saved, saved_sampling, saved_keys = saved_settings()
+    when_full = when_full_from(ns, saved, saved_keys)
     continuing = bool(ns.cont or ns.cid)
     store = Store(paths.store_path()) if (not ns.no_save or continuing) else None
     conv = _resolve_conversation(ns, store) if continuing else None
@@ -436,13 +452,14 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
     if not model:
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
     engine = Engine.load(model, **load_options(ns))
-    settings = sampling_from(ns, recommended_sampling(engine), str(engine.release.params))
+    settings = sampling_from(ns, recommended_sampling(engine), str(engine.release.params), saved_sampling,
+                             str(settings_path()))
     pool = kvstore.SessionPool(engine, paths.kv_dir())
     if conv is not None and ns.system is not None and ns.system != conv.system and not ns.no_save:
         store.update_settings(conv.id, ns.system, conv.settings)
         conv.system = ns.system
 
-    repl = Repl(ns, engine, pool, store, conv, settings, out)
+    repl = Repl(ns, engine, pool, store, conv, settings, out, when_full=when_full, system=saved.system)
     dumb = output is None and is_dumb_terminal()  # PromptSession's own test for its plain-text prompt
     repl.session = PromptSession(PROMPT, history=_history(ns.no_save), key_bindings=_key_bindings(repl, dumb),
                                  prompt_continuation=CONTINUATION, input=input, output=output)

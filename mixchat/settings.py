@@ -1,7 +1,10 @@
-"""User settings for the interactive front ends, saved as JSON in platformdirs' config folder.
+"""User settings, saved as JSON in platformdirs' config folder and shared by every front end.
 
 Sampling and the system prompt are also stored with each conversation (they belong to it); these
-are the defaults new conversations start from.
+are the defaults new conversations start from. The app, line mode and one-shot answers all start
+from this file, by one rule (`choose`): a flag given now wins, then a value the user saved (a key
+present in settings.json, even one equal to the default), then what the release folder recommends
+(params.json "mixchat": {"sampling": ...}), then the defaults below.
 """
 
 from __future__ import annotations
@@ -11,11 +14,17 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from mixchat import checksum, paths
 from mixchat.errors import MixchatError
 from mixchat.qformat import CHOICES
 from mixchat.sampling import SamplingSettings
+
+# What Chat.send does when the next turn would not fit the context: "drop" the oldest turns from the
+# model's view (they stay in the store), or "stop" and refuse the message (what mixchat did before this setting).
+WHEN_FULL = ("drop", "stop")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens", "seed")
 
 
 @dataclass
@@ -35,6 +44,7 @@ class Settings:
     kv_memory_gb: float = 4.0
     context: int = 0  # tokens per conversation; 0 = max_seq_len, or what the KV cache can take in free memory
     expert_layer: int = 0
+    when_full: str = "drop"
 
     def sampling(self) -> SamplingSettings:
         s = SamplingSettings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -60,6 +70,9 @@ class Settings:
             raise MixchatError("threads must be at most 1024, and kv_memory_gb more than 0")
         if self.context == 1 or self.context > 1 << 24:
             raise MixchatError(f"context {self.context}: 0 (what fits), or from 2 to the model's max_seq_len tokens")
+        if self.when_full not in WHEN_FULL:
+            raise MixchatError(f"when_full {str(self.when_full)[:20]!r}: use drop (the oldest turns make room) or "
+                               "stop (a full conversation refuses new messages)")
 
 
 def settings_path() -> Path:
@@ -67,19 +80,49 @@ def settings_path() -> Path:
 
 
 def load() -> Settings:
+    return load_with_keys()[0]
+
+
+def load_with_keys() -> tuple[Settings, frozenset[str]]:
+    """The saved settings, and which of them the file actually holds: a value the user saved wins
+    over a release folder's recommendation, a default does not (see `choose`)."""
     path = settings_path()
-    if not path.is_file():
-        return Settings()
     try:
+        if not path.is_file():
+            return Settings(), frozenset()
         raw = json.loads(path.read_text(encoding="utf-8"))
         known = {f.name for f in fields(Settings)}
-        s = Settings(**{k: v for k, v in raw.items() if k in known})
+        given = {k: v for k, v in raw.items() if k in known}
+        s = Settings(**given)
         s.check()
-        return s
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError, MixchatError):
-        # A broken settings file must not keep the app from starting; the defaults are used and
-        # the file is only replaced when the user saves settings again.
-        return Settings()
+        return s, frozenset(given)
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError, AttributeError, OSError, MixchatError):
+        # A broken settings file must not keep any front end from starting; the defaults are used
+        # and the file is only replaced when the user saves settings again.
+        return Settings(), frozenset()
+
+
+def choose(key: str, flags: dict[str, Any], saved: Settings, saved_keys: frozenset[str],
+           recommended: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """One setting by the shared rule: a flag given now, else a value saved in settings.json, else the
+    folder's recommendation, else the default. Returns the value and where it came from ("flag",
+    "saved", "recommended" or "default"), so a bad value can be blamed on its source."""
+    if flags.get(key) is not None:
+        return flags[key], "flag"
+    if key in saved_keys:
+        return getattr(saved, key), "saved"
+    if recommended and key in recommended:
+        return recommended[key], "recommended"
+    return getattr(Settings(), key), "default"
+
+
+def apply_recommended(s: Settings, saved_keys: frozenset[str], recommended: dict[str, Any]) -> Settings:
+    """`s` with a release folder's recommended sampling in place of every value the user did not
+    save (the app's settings; the caller then applies the flags given now)."""
+    for key, value in recommended.items():
+        if key in SAMPLING_KEYS and key not in saved_keys:
+            setattr(s, key, value)
+    return s
 
 
 def save(s: Settings) -> None:

@@ -14,9 +14,12 @@ from a newer mixchat (as far as the columns it reads still exist) and before any
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import sqlite3
 import time
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +32,14 @@ from mixchat.storefile import ConversationDeleted, StoreError, StoreFile
 from mixchat.storefile import db_timeout as db_timeout
 
 TITLE_CHARS = 60
-ID_ALPHABET = frozenset("0123456789abcdef")
+# Crockford's base32, lower-cased: digits and letters in ASCII order (so ids sort as their numbers
+# do), without i, l and o (taken for 1 and 0 when copied by hand) and u (Crockford's guard against
+# ids that spell words). Stores from mixchat 0.3 and before hold hexadecimal ids: a subset of it.
+CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+ID_ALPHABET = frozenset(CROCKFORD)
 MIN_PREFIX = 4  # like git's abbreviations: shorter prefixes match too much to act on, `rm` above all
+SHORT_ID = 8  # characters of an id that `list` shows and every command accepts
+MAX_SEARCH_WORDS = 32
 
 
 @dataclass
@@ -69,9 +78,38 @@ class Summary:
     updated_at: float
 
 
+@dataclass
+class SearchHit:
+    """A message (or a title) that holds every word searched for. `snippet` is the stored text as
+    it is, control characters included: one_line() it before it reaches a terminal."""
+
+    conversation_id: str
+    title: str
+    position: int  # the message's position in its conversation; -1 when the title matched
+    role: str  # "user" or "assistant"; "title" when the title matched
+    snippet: str  # the words around the match ("…" where text was cut); the title for a title hit
+    updated_at: float  # the conversation's
+
+
+def _base32(number: int, width: int) -> str:
+    return "".join(CROCKFORD[(number >> (5 * i)) & 31] for i in reversed(range(width)))
+
+
 def new_id() -> str:
-    """Milliseconds since the epoch, then randomness: ids sort by creation time."""
-    return f"{int(time.time() * 1000):011x}{secrets.token_hex(3)}"
+    """A ULID, lower-cased: 10 characters of milliseconds since the epoch (48 bits), then 16 of
+    randomness (80 bits). Ids sort by creation time, and two made in the same millisecond, on two
+    machines, or in two stores later merged by `import` do not collide. The hexadecimal ids of
+    mixchat 0.3 shared their first six characters for years; here the first ten are shared for
+    days, so the short form that people see and type is the random end (short_id)."""
+    return _base32((time.time_ns() // 1_000_000) & ((1 << 48) - 1), 10) + _base32(secrets.randbits(80), 16)
+
+
+def short_id(cid: str) -> str:
+    """The part of an id people read and type: its last SHORT_ID characters. For a new id they are
+    40 random bits; for a 0.3 hexadecimal id, 24 random bits after the milliseconds' last digits.
+    A suffix for both kinds (the app's sidebar always showed ids' ends), and every command accepts
+    a unique suffix as well as a unique prefix (Store.get)."""
+    return cid[-SHORT_ID:]
 
 
 def make_title(text: str) -> str:
@@ -93,8 +131,8 @@ def check_id(cid: str) -> str:
     lowered = cid.strip().lower()
     if not set(lowered) <= ID_ALPHABET:
         # Worded like an id that is not there (which it is not), plus why no id can look like it.
-        raise StoreError(f"no conversation {shown}: conversation ids are hexadecimal (0-9 and a-f), "
-                         "as `mixchat list` shows them")
+        raise StoreError(f"no conversation {shown}: conversation ids are digits and letters (0-9 and a-z without "
+                         "i, l, o and u; hexadecimal in stores from mixchat 0.3), as `mixchat list` shows them")
     return lowered
 
 
@@ -177,20 +215,25 @@ class Store:
         return self._columns
 
     def _find(self, db: sqlite3.Connection, cid: str) -> Conversation:
-        prefix = check_id(cid)
-        row = db.execute(f"SELECT {self._COLUMNS} FROM conversations WHERE id = ?", (prefix,)).fetchone()
+        text = check_id(cid)
+        row = db.execute(f"SELECT {self._COLUMNS} FROM conversations WHERE id = ?", (text,)).fetchone()
         if row is not None:
             return self._conversation(row)
-        if len(prefix) < MIN_PREFIX:
+        if len(text) < MIN_PREFIX:
             raise StoreError(f"{_shown(cid)} is too short to pick a conversation: give at least {MIN_PREFIX} "
                              "characters of its id (`mixchat list` shows them)")
-        # substr, not LIKE: LIKE ignores case and has wildcards; the prefix is plain hex anyway.
-        (count,) = db.execute("SELECT COUNT(*) FROM conversations WHERE substr(id, 1, ?) = ?",
-                              (len(prefix), prefix)).fetchone()
+        # A prefix (what git users type) or a suffix (the short form `list` and the app show); the
+        # union, so that text which is the start of one id and the end of another picks neither.
+        # substr, not LIKE: LIKE ignores case and has wildcards; the text is plain base32 anyway.
+        where = "substr(id, 1, :n) = :t OR (length(id) >= :n AND substr(id, -:n) = :t)"
+        params = {"n": len(text), "t": text}
+        (count,) = db.execute(f"SELECT COUNT(*) FROM conversations WHERE {where}", params).fetchone()
         if count == 0:
             raise StoreError(f"no conversation {_shown(cid)} in {self.path}; `mixchat list` shows them")
-        rows = db.execute(f"SELECT {self._COLUMNS} FROM conversations WHERE substr(id, 1, ?) = ? ORDER BY id DESC "
-                          "LIMIT 3", (len(prefix), prefix)).fetchall()
+        # Newest first by creation time, not by id: a store holds both 0.3's hex ids and ULIDs,
+        # which do not sort against each other.
+        rows = db.execute(f"SELECT {self._COLUMNS} FROM conversations WHERE {where} "
+                          "ORDER BY created_at DESC, id DESC LIMIT 3", params).fetchall()
         if count > 1:
             shown = ", ".join(f"{r[0]} ({one_line(r[1] or '(untitled)')[:30]})" for r in rows)
             more = f" and {count - len(rows)} more" if count > len(rows) else ""
@@ -198,7 +241,8 @@ class Store:
         return self._conversation(rows[0])
 
     def get(self, cid: str) -> Conversation:
-        """By full id or a unique prefix of at least MIN_PREFIX characters (like git)."""
+        """By full id, or a unique prefix or suffix (the short form, short_id) of at least MIN_PREFIX
+        characters; the one-line StoreError for an ambiguous one lists the candidates."""
         with self.file.using():
             return self._find(self.db, cid)
 
@@ -310,3 +354,137 @@ class Store:
         with self.file.tx() as db:
             self._require(db, cid, "the edit was not saved")
             db.execute("DELETE FROM messages WHERE conversation_id = ? AND position >= ?", (cid, position))
+
+    def add_conversation(self, title: str, model_path: str, fingerprint: str, system: str | None,
+                         settings: dict[str, Any], messages: Sequence[StoredMessage]) -> Conversation:
+        """A new conversation (new id) with all its messages, in one transaction: all of it or
+        nothing (`mixchat import`). Of each message, its role, content, token_ids, experts, stop,
+        timings and created_at are kept; ids and positions are the store's."""
+        now = time.time()
+        if not title:
+            title = next((make_title(m.content) for m in messages if m.role == "user"), "")
+        conv = Conversation(new_id(), make_title(title), model_path, fingerprint, system, dict(settings), now, now)
+        with self.file.tx() as db:
+            db.execute("INSERT INTO conversations (id, title, model_path, model_fingerprint, system, settings,"
+                       " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (conv.id, conv.title, conv.model_path, conv.model_fingerprint, conv.system,
+                        json.dumps(conv.settings), now, now))
+            db.executemany(
+                "INSERT INTO messages (conversation_id, position, role, content, token_ids, experts, stop, timings,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(conv.id, position, m.role, m.content, _json_or_null(m.token_ids), _json_or_null(m.experts),
+                  m.stop, _json_or_null(m.timings), m.created_at or now) for position, m in enumerate(messages)])
+        return conv
+
+    # -- search ----------------------------------------------------------------------------------
+
+    def search(self, text: str, limit: int = 50) -> list[SearchHit]:
+        """Messages and titles that hold every word of `text` (each as a word or the start of one,
+        ignoring case and accents), newest conversation first, then by position, the title first;
+        at most `limit` hits. `text` is plain words: quotes, `*`, `-`, NEAR, AND and the like are
+        searched for as words or ignored as punctuation, never obeyed. Works read-only."""
+        words = search_words(text)
+        if not words or limit <= 0:
+            return []
+        with self.file.using():
+            hits = self._title_hits(words)
+            try:
+                hits += self._message_hits_fts(words, limit)
+            except _NoFts:
+                hits += self._message_hits_scan(words, limit)
+        # Two stable sorts: by position, then by conversation, newest first.
+        hits.sort(key=lambda h: h.position)
+        hits.sort(key=lambda h: (h.updated_at, h.conversation_id), reverse=True)
+        return hits[:limit]
+
+    def _title_hits(self, words: list[str]) -> list[SearchHit]:
+        # Titles are few and short: matched here, by the same rule as the index's.
+        rows = self.db.execute("SELECT id, title, updated_at FROM conversations WHERE title != ''")
+        return [SearchHit(cid, title, -1, "title", title, updated) for cid, title, updated in rows
+                if _holds_words(title, words)]
+
+    def _has_fts(self) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'message_search'").fetchone() is not None
+
+    def _message_hits_fts(self, words: list[str], limit: int) -> list[SearchHit]:
+        if not self._has_fts():
+            raise _NoFts
+        # Every word quoted as an FTS5 string (so no operator or syntax in it can act) and made a
+        # prefix query; strings side by side must all match.
+        query = " ".join('"' + w.replace('"', '""') + '"*' for w in words)
+        try:
+            rows = self.db.execute("""
+                SELECT c.id, c.title, m.position, m.role, snippet(message_search, 0, '', '', '…', 16), c.updated_at
+                FROM message_search
+                JOIN messages m ON m.id = message_search.rowid
+                JOIN conversations c ON c.id = m.conversation_id
+                WHERE message_search MATCH ?
+                ORDER BY c.updated_at DESC, c.id DESC, m.position LIMIT ?""", (query, limit)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such module" in str(exc):  # a store indexed elsewhere, read by an SQLite without FTS5
+                raise _NoFts from None
+            raise
+        return [SearchHit(*r) for r in rows]
+
+    def _message_hits_scan(self, words: list[str], limit: int) -> list[SearchHit]:
+        """Without FTS5 (an SQLite built without it, or a newer store without the index): a LIKE
+        scan of every message. LIKE folds ASCII letters only, so here `élan` does not find `Élan`
+        and `cafe` does not find `café`, which the index finds; the rest matches as the index does
+        (each candidate is checked by the same word rule as titles)."""
+        like = " AND ".join("m.content LIKE ? ESCAPE '\\'" for _ in words)
+        params = ["%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" for w in words]
+        rows = self.db.execute(f"""
+            SELECT c.id, c.title, m.position, m.role, m.content, c.updated_at
+            FROM messages m JOIN conversations c ON c.id = m.conversation_id
+            WHERE {like} ORDER BY c.updated_at DESC, c.id DESC, m.position""", params)
+        hits = []
+        for cid, title, position, role, content, updated in rows:
+            if _holds_words(content, words):
+                hits.append(SearchHit(cid, title, position, role, _snippet(content, words), updated))
+                if len(hits) == limit:
+                    break
+        return hits
+
+
+class _NoFts(Exception):
+    """This store, or this SQLite, has no full-text index to search."""
+
+
+_WORD = re.compile(r"[^\W_]+")  # letters and digits, as FTS5's unicode61 tokenizer splits text
+
+
+def _fold(word: str) -> str:
+    """Lower case without accents, as the index compares words."""
+    return "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c)).casefold()
+
+
+def search_words(text: str) -> list[str]:
+    """The words of a search, folded; StoreError for more than MAX_SEARCH_WORDS."""
+    words = list(dict.fromkeys(w for w in (_fold(m) for m in _WORD.findall(text)) if w))
+    if len(words) > MAX_SEARCH_WORDS:
+        raise StoreError(f"the search has {len(words)} words; give at most {MAX_SEARCH_WORDS}")
+    return words
+
+
+def _holds_words(text: str, words: list[str]) -> bool:
+    have = [_fold(w) for w in _WORD.findall(text)]
+    return all(any(h.startswith(w) for h in have) for w in words)
+
+
+def _snippet(text: str, words: list[str], tokens: int = 16) -> str:
+    """The words around the first match, as FTS5's snippet() cuts them: `tokens` words, the
+    text before the first or after the last word kept where the cut reaches the text's start or
+    end, "…" where it does not."""
+    spans = [(m.start(), m.end(), _fold(m.group())) for m in _WORD.finditer(text)]
+    if not spans:
+        return text
+    first = next((i for i, (_, _, h) in enumerate(spans) if any(h.startswith(w) for w in words)), 0)
+    hi = min(len(spans), max(0, first - tokens // 2 + 1) + tokens)
+    lo = max(0, hi - tokens)
+    start = spans[lo][0] if lo else 0
+    end = spans[hi - 1][1] if hi < len(spans) else len(text)
+    return ("…" if lo else "") + text[start:end] + ("…" if hi < len(spans) else "")
+
+
+def _json_or_null(value: Any) -> str | None:
+    return json.dumps(value) if value is not None else None

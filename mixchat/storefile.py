@@ -93,6 +93,16 @@ def _uri(path: Path, **params: str) -> str:
     return f"file:{urllib.parse.quote(str(path.absolute()))}?{urllib.parse.urlencode(params)}"
 
 
+# The store files this process holds open through SQLite, by (device, inode), with how many times.
+# Closing *any* descriptor of a file drops every POSIX lock the process holds on it, SQLite's included
+# (fcntl locks are per process, not per descriptor): reading the header of a file that another Store
+# of this process has open with a plain open()/close() would let another process write under that
+# Store's feet ("database disk image is malformed"). SQLite defers its own closes for this reason; a
+# file it already accepted needs no second look at its header.
+_open_here: dict[tuple[int, int], int] = {}
+_open_here_lock = threading.Lock()
+
+
 class StoreFile:
     """The SQLite file of the conversation store at `path`, and its one connection, `db`.
 
@@ -113,9 +123,23 @@ class StoreFile:
         # The TUI writes from worker threads through this one connection: one transaction at a time.
         self._lock = threading.RLock()
         self.db = self._open_readonly() if readonly else self._open()
+        self._inode: tuple[int, int] | None = None
+        try:
+            st = self.path.stat()
+        except OSError:
+            return  # a missing store read as empty
+        self._inode = (st.st_dev, st.st_ino)
+        with _open_here_lock:
+            _open_here[self._inode] = _open_here.get(self._inode, 0) + 1
 
     def close(self) -> None:
         self.db.close()
+        if self._inode is not None:
+            with _open_here_lock:
+                left = _open_here.pop(self._inode, 1) - 1
+                if left > 0:
+                    _open_here[self._inode] = left
+            self._inode = None
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -252,7 +276,9 @@ class StoreFile:
         if stat.S_ISDIR(st.st_mode):
             raise StoreError(f"{self.path} is a folder, not the conversation store file; move it aside "
                              f"(mv {_q(self.path)} {_q(_aside(self.path))}) so that mixchat can create the store")
-        if st.st_size:
+        with _open_here_lock:
+            held = (st.st_dev, st.st_ino) in _open_here
+        if st.st_size and not held:
             try:
                 with open(self.path, "rb") as f:
                     head = f.read(len(SQLITE_MAGIC))
@@ -339,6 +365,12 @@ class StoreFile:
         if code == _CONSTRAINT and "FOREIGN KEY" in detail:
             return ConversationDeleted(None, "the conversation was deleted (with `mixchat rm` or in another "
                                        "window), so this change was not saved; start a new conversation")
+        if "no such module: fts5" in detail:
+            # A store whose search index (migration 4) was made by an SQLite with FTS5: every change
+            # to its messages updates the index, which this SQLite cannot do.
+            return StoreError(f"cannot {action} {self.path}: its search index needs SQLite's FTS5, which the SQLite "
+                              f"in this Python ({sqlite3.sqlite_version}) lacks{unsaved}; run mixchat with a Python "
+                              "whose sqlite3 has FTS5 (python.org's and the distributions' do)")
         if self.newer is not None and ("no such column" in detail or "no such table" in detail):
             return StoreError(f"cannot read {self.path} ({detail}): it was {self.newer}")
         return StoreError(f"the conversation store {self.path} failed ({type(exc).__name__}: {detail}){unsaved}; "

@@ -162,3 +162,102 @@ def test_sampling_recommended_in_params_json_applies_unless_a_flag_overrides(mak
     assert runs[0] == runs[1] == tokens("--temperature", "0", "--max-tokens", "6")
     assert len(runs[0]) <= 6
     assert tokens("--temperature", "0", "--max-tokens", "9")[: len(runs[0])] == runs[0]
+
+
+# -- the command line's shape: a positional PROMPT beside the commands, --when-full ---------------------
+
+
+@pytest.mark.parametrize("argv, command, prompt", [
+    (["What is a dragon?"], None, "What is a dragon?"),
+    (["list"], "list", None),
+    (["search", "sea"], "search", None),
+    (["import", "a.json"], "import", None),
+    (["rm", "abcd"], "rm", None),
+    (["-m", "list", "show", "abcd"], "show", None),  # `list` is -m's value: `show` is the first positional
+    (["--model", "search", "why?"], None, "why?"),
+    (["--model=x", "export", "abcd"], "export", None),
+    (["--temp", "0", "list"], "list", None),  # argparse's abbreviation of --temperature takes a value
+    (["-mDIR", "hi"], None, "hi"),
+    (["-im", "DIR", "hi"], None, "hi"),
+    (["-c", "--cid", "abcd", "and then?"], None, "and then?"),
+    (["--", "list"], None, "list"),  # after --, even a command's name is the prompt
+    (["--", "-5 degrees?"], None, "-5 degrees?"),
+    (["-p", "list"], None, None),
+    ([], None, None),
+])
+def test_a_first_positional_that_names_a_command_is_that_command(argv, command, prompt):
+    from mixchat.cli import COMMANDS, parse_args
+
+    assert {"list", "show", "export", "rm", "rename", "search", "import", "inspect", "verify", "bench"} == set(COMMANDS)
+    ns = parse_args(argv)
+    assert getattr(ns, "command", None) == command and getattr(ns, "prompt_text", None) == prompt
+
+
+def test_every_command_still_parses():
+    from mixchat.cli import parse_args
+
+    for argv, func in [(["inspect", "d"], "_inspect"), (["verify", "d"], "_verify"), (["list"], "_list"),
+                       (["show", "abcd"], "_show"), (["export", "abcd", "--format", "json"], "_show"),
+                       (["rm", "abcd"], "_rm"), (["rename", "abcd", "t"], "_rename"), (["search", "x", "-n", "3"],
+                       "_search"), (["import", "f.json"], "_import"), (["bench", "-m", "d"], "_bench")]:
+        assert parse_args(argv).func.__name__ == func, argv
+
+
+def test_when_full_is_parsed_and_checked(capsys):
+    from mixchat.cli import parse_args
+
+    assert parse_args(["-p", "x"]).when_full is None
+    assert parse_args(["--when-full", "drop", "q"]).when_full == "drop"
+    assert parse_args(["--when-full", "stop", "-i"]).when_full == "stop"
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--when-full", "later", "q"])
+    assert exit_.value.code == 2 and "invalid choice: 'later'" in capsys.readouterr().err
+
+
+def test_help_says_how_a_prompt_and_a_command_are_told_apart():
+    out = mixchat("--help").stdout.decode()
+    assert "[PROMPT]" in out and "is that command" in out and "mixchat -- list" in out and "--when-full" in out
+
+
+def test_a_positional_prompt_is_answered_like_p(mixtral):
+    flags = ["-m", str(mixtral), "--no-save", "--json", "--temperature", "0", "--max-tokens", "6"]
+    by_p = mixchat(*flags, "-p", "What is a dragon?", stdin=None)
+    positional = mixchat(*flags, "What is a dragon?", stdin=None)
+    assert by_p.returncode == positional.returncode == 0, positional.stderr
+    lines = [[json.loads(line) for line in proc.stdout.decode().splitlines()] for proc in (by_p, positional)]
+    assert lines[0][:-1] == lines[1][:-1] and len(lines[0]) > 1  # the same tokens (greedy)
+    assert lines[0][-1]["prompt_tokens"] == lines[1][-1]["prompt_tokens"]
+    proc = mixchat(*flags, "-p", "one", "two")
+    assert proc.returncode == 2 and "given twice, as PROMPT and with -p" in one_error_line(proc)
+    proc = mixchat(*flags, "caf\udce9".encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape"))
+    assert proc.returncode == 2 and "PROMPT is not UTF-8 (byte 0xe9" in one_error_line(proc)
+
+
+def test_when_full_reaches_the_apps_settings(monkeypatch):
+    """_interactive hands --when-full to the app's Settings (once settings.py has the field)."""
+    import dataclasses
+
+    from mixchat import cli, repl
+    from mixchat import settings as settings_mod
+    from mixchat.tui import app as app_mod
+
+    with_field = settings_mod.Settings if hasattr(settings_mod.Settings(), "when_full") else \
+        dataclasses.make_dataclass("WithWhenFull", [("when_full", str, "drop")], bases=(settings_mod.Settings,))
+    seen = []
+
+    class FakeApp:
+        return_code = 0
+
+        def __init__(self, settings, **kw) -> None:
+            seen.append(settings)
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(repl, "wants_plain", lambda: False)
+    monkeypatch.setattr(app_mod, "MixchatApp", FakeApp)
+    for load, argv, expected in [(with_field, ["--when-full", "stop"], "stop"), (with_field, [], "drop")]:
+        monkeypatch.setattr(settings_mod, "load", load)
+        ns = cli.parse_args(["-m", "somewhere", *argv])
+        assert cli._interactive(ns, None) == 0
+        assert getattr(seen[-1], "when_full", None) == expected

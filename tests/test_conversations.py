@@ -18,7 +18,7 @@ from mixchat.chat_format import Message, encode_chat
 from mixchat.engine import Engine
 from mixchat.generation import Session
 from mixchat.sampling import SamplingSettings
-from mixchat.store import Store
+from mixchat.store import Store, short_id
 
 ARGS = ["--dtype", "fp32", "--temperature", "0", "--repeat-penalty", "1", "--json"]
 
@@ -126,7 +126,7 @@ def test_list_show_export_rename_rm(model):
     _, d, _ = ask("-m", str(model), *ARGS, "--max-tokens", "3", "--system", "Be kind.", text="Tell me a joke")
     cid = d["conversation"]
     listing = mixchat("list").stdout.decode()
-    assert cid in listing and "Tell me a joke" in listing and model.name in listing
+    assert short_id(cid) in listing and "Tell me a joke" in listing and model.name in listing
 
     md = mixchat("export", cid, "--format", "markdown").stdout.decode()
     assert md.startswith("# Tell me a joke") and "## user\n\nTell me a joke" in md and "system prompt: Be kind." in md
@@ -139,7 +139,7 @@ def test_list_show_export_rename_rm(model):
     kv = paths.kv_dir() / f"{cid}.safetensors"
     assert kv.exists()
     assert mixchat("rm", cid).returncode == 0
-    assert not kv.exists() and cid not in mixchat("list").stdout.decode()
+    assert not kv.exists() and short_id(cid) not in mixchat("list").stdout.decode()
     proc = mixchat("show", cid)
     assert proc.returncode == 2 and "no conversation" in one_error_line(proc)
 

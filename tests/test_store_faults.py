@@ -22,7 +22,7 @@ from test_cli import mixchat, one_error_line
 
 from mixchat import migrations
 from mixchat.migrations import MIGRATIONS, NewerSchemaError, migrate
-from mixchat.store import ConversationDeleted, Store, StoreError
+from mixchat.store import ConversationDeleted, Store, StoreError, short_id
 
 
 @pytest.fixture
@@ -226,7 +226,7 @@ def test_an_older_schema_is_read_without_touching_the_file(tmp_path):
     assert ro.get("0001").context_start == 0 and [s.title for s in ro.list()] == ["old talk"]
     ro.close()
     assert path.read_bytes() == before
-    assert migrations.pending(sqlite3.connect(path)) == ["m002_settings_routing_timings", "m003_context_start"]
+    assert migrations.pending(sqlite3.connect(path)) == [fn.__name__ for fn in MIGRATIONS[1:]]
 
 
 def test_stores_opened_at_once_migrate_once(tmp_path):
@@ -314,7 +314,7 @@ def test_a_lock_held_while_an_old_store_needs_migrating(tmp_path, monkeypatch):
             Store(path)
     finally:
         db.execute("ROLLBACK")
-    assert migrations.pending(db) == ["m002_settings_routing_timings", "m003_context_start"]
+    assert migrations.pending(db) == [fn.__name__ for fn in MIGRATIONS[1:]]
 
 
 @pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan"])
@@ -471,12 +471,13 @@ def test_a_read_only_store_file(tmp_path, read_only):
 # -- ids --------------------------------------------------------------------------------------------
 
 
-HEX = "conversation ids are hexadecimal"
+ALPHABET = "conversation ids are digits and letters"
 
 
 @pytest.mark.parametrize("bad, says", [
-    ("", "no conversation id given"), ("  ", "no conversation id given"), ("%", HEX), ("_", HEX), ("0%", HEX),
-    ("019_", HEX), ("' OR 1=1 --", HEX), ("*", HEX), ("zzzz", HEX), ("\x1b]0;pwned\x07", HEX),
+    ("", "no conversation id given"), ("  ", "no conversation id given"), ("%", ALPHABET), ("_", ALPHABET),
+    ("0%", ALPHABET), ("019_", ALPHABET), ("' OR 1=1 --", ALPHABET), ("*", ALPHABET), ("?", ALPHABET),
+    ("[0-9]*", ALPHABET), ("ilou", ALPHABET), ("\x1b]0;pwned\x07", ALPHABET), ("zzzz", "no conversation 'zzzz'"),
 ])
 def test_ids_are_checked_before_anything_is_deleted(store, bad, says):
     a, b = store.create("m", "f"), store.create("m", "f")
@@ -498,7 +499,7 @@ def test_a_prefix_must_be_long_enough_and_unique(store):
         store.delete(common)
     msg = str(err.value)
     assert msg.startswith(f"'{common}' matches 5 conversations: ") and msg.endswith("and 2 more; give more of the id")
-    newest = max(convs, key=lambda c: c.id)  # ids made in the same millisecond order by their random part
+    newest = max(convs, key=lambda c: (c.created_at, c.id))  # candidates are listed newest first
     assert msg.startswith(f"'{common}' matches 5 conversations: {newest.id} ({newest.title}), ")
     assert len(store.list()) == 5
     gone = store.delete(convs[2].id.upper())  # as typed from a screen that shows capitals
@@ -584,11 +585,11 @@ def test_rm_with_an_empty_id_or_a_wildcard_deletes_nothing():
     s.close()
     for bad in ("", "%", "_"):
         proc = mixchat("rm", bad)
-        assert proc.returncode == 2 and ("conversation ids are hexadecimal" in one_error_line(proc)
+        assert proc.returncode == 2 and (ALPHABET in one_error_line(proc)
                                          or "no conversation id given" in one_error_line(proc))
     assert [x.id for x in Store(paths.store_path(), readonly=True).list()] == [c.id]
     proc = mixchat("rm", c.id[:8])
-    assert proc.returncode == 0 and proc.stdout.decode() == f"deleted {c.id} (precious) and its messages\n"
+    assert proc.returncode == 0 and proc.stdout.decode() == f"deleted {short_id(c.id)} (precious) and its messages\n"
 
 
 def test_list_on_random_bytes_is_one_line_and_changes_nothing():
@@ -600,3 +601,28 @@ def test_list_on_random_bytes_is_one_line_and_changes_nothing():
     proc = mixchat("list")
     assert proc.returncode == 2 and "not a mixchat store" in one_error_line(proc)
     assert paths.store_path().read_bytes() == junk
+
+
+def test_opening_a_store_again_keeps_sqlites_locks(tmp_path):
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it: reading the
+    header of a store this process already has open with a plain open() let another process write
+    under the open Store and corrupt the file within a few rounds."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.sqlite3"
+    held = [Store(path)]
+    cid = held[0].create("m", "fp").id
+    writer = ("import sys; from pathlib import Path; from mixchat.store import Store\n"
+              "s = Store(Path(sys.argv[1]))\n"
+              "for _ in range(20): s.add_message(sys.argv[2], 'user', 'hello there ' * 50)\n"
+              "s.close()\n")
+    try:
+        for i in range(12):
+            subprocess.run([sys.executable, "-c", writer, str(path), cid], check=True, timeout=60)
+            held.append(Store(path))  # another handle in this process, left open
+            assert len(held[-1].messages(cid)) == 20 * (i + 1)
+        assert held[0].db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        for s in held:
+            s.close()

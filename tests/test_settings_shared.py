@@ -1,0 +1,106 @@
+"""One settings file for every front end: one-shot answers and line mode start from settings.json
+as the app does. A flag given now wins, then a value the user saved (a key the file holds), then
+the release folder's recommendation (the demo recommends temperature 0.8), then the defaults."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mixchat import paths, settings
+from mixchat.errors import MixchatError
+from mixchat.settings import Settings, apply_recommended, choose, load_with_keys, settings_path
+
+DEMO = paths.demo_model()
+
+
+def write_settings(raw) -> None:
+    path = settings_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(raw if isinstance(raw, str) else json.dumps(raw), encoding="utf-8")
+
+
+def test_load_with_keys_tells_saved_values_from_defaults():
+    assert load_with_keys() == (Settings(), frozenset())  # no file
+    write_settings({"temperature": 0, "system": "Be brief.", "not_a_setting": 3})
+    s, keys = load_with_keys()
+    assert keys == {"temperature", "system"} and s.temperature == 0 and s.top_p == Settings().top_p
+    assert settings.load() == s
+    for broken in ("{not json", '["a list"]', json.dumps({"when_full": "sometimes"}), json.dumps({"top_k": -1})):
+        write_settings(broken)
+        assert load_with_keys() == (Settings(), frozenset()), broken  # a broken file never stops a front end
+
+
+def test_choose_follows_one_rule():
+    saved, keys = Settings(temperature=0.0, top_p=0.5), frozenset({"temperature"})
+    recommended = {"temperature": 0.8, "top_p": 0.9, "repeat_penalty": 1.15}
+    assert choose("temperature", {"temperature": 0.3}, saved, keys, recommended) == (0.3, "flag")
+    assert choose("temperature", {"temperature": None}, saved, keys, recommended) == (0.0, "saved")
+    assert choose("top_p", {}, saved, keys, recommended) == (0.9, "recommended")  # 0.5 was not saved
+    assert choose("top_k", {}, saved, keys, recommended) == (0, "default")
+    app = apply_recommended(Settings(temperature=0.0), keys, {**recommended, "system": "ignored"})
+    assert (app.temperature, app.top_p, app.repeat_penalty, app.system) == (0.0, 0.9, 1.15, "")
+
+
+def test_when_full_is_a_setting_checked_like_the_others():
+    assert Settings().when_full == "drop"
+    Settings(when_full="stop").check()
+    with pytest.raises(MixchatError, match="when_full 'sometimes': use drop .* or stop"):
+        Settings(when_full="sometimes").check()
+    settings.save(Settings(when_full="stop"))
+    assert load_with_keys()[0].when_full == "stop"
+
+
+def ask(*args: str) -> list[int]:
+    """`echo hi | mixchat ARGS` on the demo model: the reply's token ids."""
+    proc = subprocess.run([sys.executable, "-m", "mixchat", "-m", str(DEMO), "--dtype", "fp32", "--no-save", "--json",
+                           "--max-tokens", "24", *args], input=b"hi", capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line)["token"] for line in proc.stdout.decode().splitlines()[:-1]]
+
+
+@pytest.mark.skipif(DEMO is None, reason="the demo model ships with the checkout")
+def test_saved_sampling_wins_over_the_demos_recommendation_and_flags_win_over_both():
+    # No settings file: the demo's recommendation (temperature 0.8, top-p 0.9, penalty 1.15) applies.
+    recommended = ask("--seed", "1")
+    assert recommended == ask("--seed", "1", "--temperature", "0.8", "--top-p", "0.9", "--repeat-penalty", "1.15")
+    greedy = ask("--temperature", "0", "--repeat-penalty", "1.15")  # the recommended penalty still applies
+    assert recommended != greedy
+
+    write_settings({"temperature": 0})  # saved by the user: wins over the folder's 0.8
+    assert ask("--seed", "1") == greedy and ask("--seed", "2") == greedy
+    assert ask("--seed", "1", "--temperature", "0.8") == recommended  # a flag given now wins
+
+    # A value the user saved, even the default, is still theirs: penalty 1 here is pure greedy.
+    write_settings({"temperature": 0, "repeat_penalty": 1.0})
+    assert ask("--seed", "3") == ask("--temperature", "0", "--repeat-penalty", "1")
+
+
+def test_line_mode_starts_from_the_saved_settings(make_release):
+    from conftest import tiny_args
+    from test_repl import ENTER, drive, errors, namespace
+
+    from mixchat.store import Store
+
+    args = tiny_args()
+    model = make_release(args, seed=5, std=0.15, params={**args.to_params(), "max_seq_len": 96})
+    write_settings({"temperature": 0, "top_k": 7, "system": "Be brief.", "when_full": "stop"})
+    lines = ["/set", *(f"tell me about the sea, day {i}" for i in range(12)), "/bye"]
+    rc, text = drive(namespace("-m", str(model), "--max-tokens", "6"), ENTER.join(lines) + ENTER)
+    assert rc == 0
+    assert "temperature=0 " in text.replace("temperature=0.0", "temperature=0") and "top_k=7" in text
+    store = Store(paths.store_path())
+    conv = store.latest()
+    assert conv.system == "Be brief."
+    errs = errors(text)
+    assert errs and all("--when-full drop" in e for e in errs), text  # the saved "stop" refuses when full
+    assert conv.context_start == 0
+
+    # Flags given now win: --system and --temperature; a new conversation.
+    rc, text = drive(namespace("-m", str(model), "--max-tokens", "6", "--system", "Be long.", "--temperature", "0.5"),
+                     ENTER.join(["/set", "hello", "/bye"]) + ENTER)
+    assert rc == 0 and "temperature=0.5" in text and "top_k=7" in text
+    assert store.latest().system == "Be long."
