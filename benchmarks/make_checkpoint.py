@@ -61,6 +61,9 @@ def main() -> int:
     params = dict(PRESETS[ns.preset])
     if ns.layers:
         params["n_layers"] = ns.layers
+        if isinstance(params.get("sliding_window"), list):  # a cut model keeps the pattern's first layers
+            pattern = params["sliding_window"]
+            params["sliding_window"] = [pattern[i % len(pattern)] for i in range(ns.layers)]
     args = ModelArgs.from_dict(params)
     tokenizer = ns.tokenizer or mistral_common_tokenizer("tekken" if args.vocab_size == 131072 else "v1")
     if tokenizer is None:

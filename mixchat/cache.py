@@ -31,6 +31,7 @@ import torch
 
 from mixchat.config import ModelArgs
 from mixchat.errors import ContextError
+from mixchat.progress import human_bytes
 
 DEFAULT_CHUNK = 256
 
@@ -101,7 +102,7 @@ def choose_context(args: ModelArgs, dtype: torch.dtype, free: int, requested: in
         need = kv_bytes(args, dtype, requested, chunk_size)
         if free and need > free:
             fits = kv_tokens_within(args, dtype, free, chunk_size)
-            raise ContextError(f"{what} {requested}: its KV cache takes {_gb(need)} ({per_token // 1024} KiB/token), "
+            raise ContextError(f"{what} {requested}: its KV cache takes {_gb(need)} ({human_bytes(per_token)}/token), "
                                f"{_gb(free)} is free; use {what} {fits} or less")
         return requested, None
     if not free or kv_bytes(args, dtype, args.max_seq_len, chunk_size) <= free:
@@ -111,7 +112,7 @@ def choose_context(args: ModelArgs, dtype: torch.dtype, free: int, requested: in
         raise ContextError(f"no memory is left for a KV cache ({_gb(free)} free after the weights); close other "
                            "programs, or load the model with --quant int8 or int4")
     return fits, (f"context {fits} of the model's {args.max_seq_len} tokens: that is what the KV cache "
-                  f"({per_token // 1024} KiB/token) can take in the {_gb(free)} free; {what} chooses another")
+                  f"({human_bytes(per_token)}/token) can take in the {_gb(free)} free; {what} chooses another")
 
 
 def _gb(n: int) -> str:

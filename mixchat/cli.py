@@ -25,8 +25,14 @@ def _inspect(ns: argparse.Namespace) -> int:
 
     report = inspect_release(ns.folder)
     print(json.dumps(report, indent=2) if ns.json else format_report(report))
-    # The report is printed either way; the exit status lets scripts tell a usable folder.
-    return 0 if report["problem"] is None else 1
+    # The report is printed either way; the exit status lets scripts tell a usable folder, and the
+    # verdict goes to stderr too, as every other command's failures do.
+    if report["problem"] is None:
+        return 0
+    from mixchat.safetext import one_line
+
+    print(f"mixchat: error: {one_line(report['problem'])}", file=sys.stderr)
+    return 1
 
 
 def _verify(ns: argparse.Namespace) -> int:
@@ -241,6 +247,10 @@ def _chat(ns: argparse.Namespace) -> int:
             first = oneshot.check_text(first, source, "give the first message")
         _reattach_terminal()
         return _interactive(ns, first)
+    if ns.plain and (ns.prompt is not None or not sys.stdin.isatty()):
+        # Line mode reads a terminal; taking a pipe or -p as one message would send `/bye` to the model.
+        raise MixchatError("--plain is the line mode, which reads its messages from a terminal: leave --plain out "
+                           "for a one-shot answer to piped text or -p, or add -i to start line mode with it")
     if ns.prompt is not None:
         text = oneshot.check_text(ns.prompt, source, "give the question to ask")
     elif not sys.stdin.isatty():

@@ -111,7 +111,13 @@ class Release:
         params = folder / "params.json"
         if not params.is_file():
             raise ReleaseError(f"{params}: missing; a release folder needs the params.json shipped with its weights")
-        weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
+        found = [folder / n for n in WEIGHT_NAMES if (folder / n).is_file()]
+        if len(found) > 1:
+            # Which of them the user meant cannot be known, and loading one while RELEASE lists the other
+            # would let `verify` pass on weights it never checked (mistral-inference refuses it too).
+            raise ReleaseError(f"{folder}: holds both {found[0].name} and {found[1].name}; keep the weights file of "
+                               "one release (the one RELEASE lists) and move the other out of the folder")
+        weights = found[0] if found else None
         parallel = sorted(folder.glob("consolidated.0[1-9].pth"))
         if parallel:
             raise ReleaseError(
@@ -536,10 +542,18 @@ def open_release(folder: str | Path) -> OpenedRelease:
 
     release = Release.find(folder)
     args = release.args()
-    tokenizer = load_tokenizer(find_tokenizer(release.folder))
-    tokenizer.check_vocab(args.vocab_size, release.params)
+    tokenizer_path = find_tokenizer(release.folder)
+    tokenizer = load_tokenizer(tokenizer_path)
     # Names and shapes are checked from the header first: a mismatch is reported before torch loads anything.
     header = text_model(read_headers(release), args)
+    embedding = header.get("tok_embeddings.weight")
+    if args.vocab_size != tokenizer.vocab_size and embedding is not None \
+            and embedding.shape[0] == tokenizer.vocab_size:
+        # Tokenizer and weights agree with each other: params.json is the odd one out.
+        raise ReleaseError(f"{release.params}: says vocab_size {args.vocab_size}, but {tokenizer_path.name} and the "
+                           f"embedding in {release.weights_label.name} both have {tokenizer.vocab_size}; set "
+                           f"vocab_size to {tokenizer.vocab_size} or use the params.json shipped with these weights")
+    tokenizer.check_vocab(args.vocab_size, release.params)
     layout = validate(header, args, release.weights_label, release.params)
     state = text_model(open_release_weights(release), args)
     validate(describe(state), args, release.weights_label, release.params)  # the same files, read by torch

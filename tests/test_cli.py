@@ -261,3 +261,9 @@ def test_when_full_reaches_the_apps_settings(monkeypatch):
         ns = cli.parse_args(["-m", "somewhere", *argv])
         assert cli._interactive(ns, None) == 0
         assert getattr(seen[-1], "when_full", None) == expected
+
+
+def test_plain_line_mode_refuses_a_pipe_instead_of_sending_it_as_one_message(mixtral):
+    proc = mixchat("--plain", "--model", str(mixtral), stdin=b"hello\nsecond message\n/bye\n")
+    assert proc.returncode == 2 and "--plain is the line mode" in one_error_line(proc)
+    assert mixchat("list").stdout.decode().startswith("no conversations")  # nothing was sent or saved

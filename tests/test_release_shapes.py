@@ -153,3 +153,29 @@ def test_two_tokenizers_that_disagree_are_refused_naming_both(make_release, caps
     err = capsys.readouterr().err
     assert "tokenizer.model.v3" in err and "tokenizer.model" in err.replace("tokenizer.model.v3", "") \
         and "different tokenizers" in err
+
+
+def test_two_weight_files_are_refused_rather_than_one_picked(make_release, capsys):
+    import shutil
+
+    folder = make_release(tiny_args(), seed=2)
+    shutil.copy(folder / "consolidated.00.pth", folder / "consolidated.safetensors")  # a stray file beside it
+    for argv in (["-m", str(folder), "-p", "hi"], ["verify", str(folder)]):
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "holds both consolidated.safetensors and consolidated.00.pth" in err and len(err.splitlines()) == 1
+
+
+def test_a_wrong_vocab_size_blames_params_json_when_tokenizer_and_weights_agree(make_release, capsys):
+    folder = make_release(tiny_args(), seed=2)
+    params = json.loads((folder / "params.json").read_text())
+    params["vocab_size"] = 32001
+    (folder / "params.json").write_text(json.dumps(params))
+    assert cli.main(["-m", str(folder), "-p", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mixchat: error: {folder / 'params.json'}: says vocab_size 32001") and \
+        "set vocab_size to 32000" in err
+    assert cli.main(["inspect", str(folder)]) == 1
+    out, err = capsys.readouterr()
+    assert "vocab_size" in out and len(err.splitlines()) == 1 and err.startswith("mixchat: error: ")
