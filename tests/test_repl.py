@@ -18,7 +18,7 @@ from mixchat.cli import build_parser
 from mixchat.engine import Engine
 from mixchat.generation import Session
 from mixchat.sampling import SamplingSettings
-from mixchat.store import Store
+from mixchat.store import Store, short_id
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 ENTER, META_ENTER, CTRL_C, CTRL_D = "\r", "\x1b\r", "\x03", "\x04"
@@ -142,10 +142,11 @@ def test_new_list_and_open(model):
     assert rc == 0
     newest, oldest = store().list()
     listing = text[text.index("updated"):]
-    assert newest.id in listing and oldest.id in listing and "first question" in listing
-    assert listing.index(newest.id) < listing.index(oldest.id)
+    new, old = short_id(newest.id), short_id(oldest.id)
+    assert new in listing and old in listing and "first question" in listing
+    assert listing.index(new) < listing.index(old)
 
-    rc, text = drive(ns, ENTER.join([f"/open {oldest.id[:13]}", "follow-up", "/save", "/bye"]) + ENTER)
+    rc, text = drive(ns, ENTER.join([f"/open {old}", "follow-up", "/save", "/bye"]) + ENTER)
     assert rc == 0
     assert ">>> first question" in text  # its last messages are shown on opening
     msgs = store().messages(oldest.id)

@@ -11,7 +11,10 @@ from mixchat.errors import MixchatError
 from mixchat.tui.panes import ChatPane, tab_label
 from mixchat.tui.quitting import STOP_WAIT_SECONDS
 from mixchat.tui.screens import ConfirmScreen, RenameScreen
-from mixchat.tui.sidebar import conversation_row
+from mixchat.tui.sidebar import conversation_row, hit_row
+from mixchat.tui.widgets import MessageView
+
+SEARCH_HITS = 30  # message hits listed under the matching titles
 
 
 class ConversationsMixin(MessagePump):
@@ -24,17 +27,37 @@ class ConversationsMixin(MessagePump):
     # -- the list --------------------------------------------------------------------------------
 
     def refresh_sidebar(self) -> AwaitComplete:
-        """Rebuild the conversation list. Await it before moving its cursor: until then the old
-        rows are still there (keys sent right after Ctrl+O found the cursor on a vanishing row)."""
+        """Rebuild the conversation list: every conversation, or with a filter, those whose title
+        holds it, then the messages that hold its words (the store's search). Await it before moving
+        its cursor: until then the old rows are still there (keys sent right after Ctrl+O found the
+        cursor on a vanishing row)."""
         view = self.conversations
         removed = view.clear()
         items = []
-        for s in self.store.list():
-            if self._filter and self._filter.lower() not in s.title.lower():
+        needle = self._filter.lower()
+        summaries = self.store.list()
+        for s in summaries:
+            if needle and needle not in s.title.lower():
                 continue
-            item = ListItem(Static(conversation_row(s.title, s.turns, s.id)))
-            item.cid = s.id
+            item = ListItem(Static(conversation_row(s)))
+            item.cid, item.position = s.id, None
             items.append(item)
+        if needle:
+            listed = {item.cid for item in items}
+            by_id = {s.id: s for s in summaries}
+            try:
+                hits = self.store.search(self._filter, SEARCH_HITS)
+            except MixchatError:  # too many words, and the like: the titles still filter
+                hits = []
+            for hit in hits:
+                if hit.conversation_id in listed or hit.conversation_id not in by_id:
+                    continue  # one row per conversation: its title's, or its first message that matched
+                # A title the plain filter missed (the search folds accents, matches word starts).
+                row = hit_row(hit) if hit.position >= 0 else conversation_row(by_id[hit.conversation_id])
+                item = ListItem(Static(row))
+                item.cid, item.position = hit.conversation_id, (hit.position if hit.position >= 0 else None)
+                items.append(item)
+                listed.add(hit.conversation_id)
         return AwaitComplete(removed, view.extend(items))
 
     @on(Input.Changed, "#filter")
@@ -43,21 +66,37 @@ class ConversationsMixin(MessagePump):
         await self.refresh_sidebar()
 
     @on(Input.Submitted, "#filter")
-    def filter_submitted(self) -> None:
+    async def filter_submitted(self) -> None:
+        """Enter in the filter opens the first match (the list keeps the rest for the arrows)."""
         view = self.conversations
-        self.screen.set_focus(view)
         if view.children:
             view.index = 0
+            await self.open_conversation(view.children[0].cid, view.children[0].position)
+        else:
+            self.screen.set_focus(view)
 
     @on(ListView.Selected, "#conversations")
     async def open_selected(self, event: ListView.Selected) -> None:
-        cid = event.item.cid
-        for pane in self.tabs.query(ChatPane):
-            if pane.holds(cid):
-                self.tabs.active = pane.id
+        await self.open_conversation(event.item.cid, getattr(event.item, "position", None))
+
+    async def open_conversation(self, cid: str, position: int | None = None) -> None:
+        """Show conversation `cid` (its tab if open, else a new one), scrolled to message `position`."""
+        pane = next((p for p in self.tabs.query(ChatPane) if p.holds(cid)), None)
+        if pane is not None:
+            self.tabs.active = pane.id
+        else:
+            try:
+                conv = self.store.get(cid)
+            except MixchatError as exc:  # removed meanwhile (`mixchat rm` in another terminal)
+                self.notify(str(exc), severity="warning")
+                self.refresh_sidebar()
                 return
-        await self.new_pane(cid, self.store.get(cid).title)
+            pane = await self.new_pane(conv.id, conv.title)
         self.prompt.focus()
+        if position is not None:
+            views = [v for v in pane.query(MessageView) if v.index == position]
+            if views:
+                pane.log_view.scroll_to_widget(views[0], animate=False, top=True)
 
     # -- rename and delete -----------------------------------------------------------------------
 
@@ -79,10 +118,10 @@ class ConversationsMixin(MessagePump):
             self.push_screen(RenameScreen(title), lambda new: self._rename(cid, new))
 
     def action_delete_conversation(self) -> None:
-        if not (chosen := self._highlighted()):
-            return
-        cid, title = chosen
+        if chosen := self._highlighted():
+            self.ask_delete(*chosen)
 
+    def ask_delete(self, cid: str, title: str) -> None:
         def answered(yes: bool | None) -> None:
             if yes:  # in a worker: it may wait for a reply to stop, and the app keeps drawing meanwhile
                 self.run_worker(self._delete(cid), group="delete")
@@ -138,4 +177,3 @@ class ConversationsMixin(MessagePump):
         self.screen.set_focus(self.conversations)  # now: the keys typed next must find it there
         if self.conversations.children:
             self.conversations.index = 0
-

@@ -11,7 +11,8 @@ from textual.widgets import TabPane
 from textual.worker import Worker
 
 from mixchat.tui.literal import literal_line
-from mixchat.tui.widgets import ChatLog, MessageView
+from mixchat.tui.messages import TokenBatch
+from mixchat.tui.widgets import ChatLog, ContextDivider, MessageView
 
 TAB_CHARS = 24
 
@@ -27,7 +28,7 @@ class ChatPane(TabPane):
     def __init__(self, pane_id: str, title: str, cid: str | None = None) -> None:
         super().__init__(tab_label(title), id=pane_id)
         self.cid = cid
-        self.chat = None  # mixchat.chat.Chat, made once the model is loaded
+        self._chat = None
         self.cancel = threading.Event()
         self.busy = False
         self.worker: Worker | None = None  # the thread writing the current (or last) reply
@@ -37,6 +38,11 @@ class ChatPane(TabPane):
         self.stats: dict = {}
         self.phase = ""
         self.editing: int | None = None
+        self.panel_drawn = 0.0  # when the expert panel last followed this tab's stream
+        self.drawn_at = 0.0  # when the reply last took a batch of tokens (0: not yet)
+        self.drawn_cpu = 0.0  # the UI thread's CPU time then
+        self.draw_every = 0.0  # seconds between two redraws of the reply, as their cost allows
+        self.pending: TokenBatch | None = None  # posted by the worker, not yet drawn
 
     def compose(self) -> ComposeResult:
         yield ChatLog()
@@ -45,6 +51,19 @@ class ChatPane(TabPane):
         # A tab that goes away (closed, or the app ends) stops its reply: the worker then saves
         # it, marked interrupted, instead of decoding on unseen.
         self.cancel.set()
+
+    @property
+    def chat(self):
+        """mixchat.chat.Chat, made once the model is loaded."""
+        return self._chat
+
+    @chat.setter
+    def chat(self, chat) -> None:
+        # A reopened conversation whose oldest messages the model no longer sees shows where that
+        # starts, whoever attaches its Chat (the views are on screen by then).
+        self._chat = chat
+        if chat is not None and self.is_mounted:
+            self.sync_context_cut()
 
     def holds(self, cid: str) -> bool:
         """Whether this tab shows conversation `cid` (a new chat learns its id from its worker)."""
@@ -70,3 +89,30 @@ class ChatPane(TabPane):
             self.usage.append(Counter())
         for layer, chosen in enumerate(experts):
             self.usage[layer].update(chosen)
+
+    def show_context_cut(self, start: int, dropped_tokens: int | None, context: int | None) -> None:
+        """The divider before message `start`, the first the model still sees (none for 0); it
+        replaces any earlier one. With every message dropped it ends the log, above what comes next."""
+        log = self.log_view
+        for old in self.query(ContextDivider):
+            old.remove()
+        if start <= 0:
+            return
+        divider = ContextDivider(start, dropped_tokens, context)
+        views = self.views()
+        if start < len(views):
+            log.mount(divider, before=views[start])
+        else:
+            log.mount(divider)
+
+    def sync_context_cut(self) -> None:
+        """The divider where the Chat's context starts now (a reopened conversation, an edit), if it
+        is not there already: counting the dropped tokens tokenizes those messages again."""
+        chat = self._chat
+        if chat is None:
+            return
+        start = chat.context_start
+        drawn = [d.start for d in self.query(ContextDivider)]
+        if drawn == ([start] if start > 0 else []):
+            return
+        self.show_context_cut(start, chat.dropped_tokens() if start > 0 else None, chat.session.context_limit)

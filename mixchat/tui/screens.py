@@ -2,67 +2,74 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Markdown, Static
+from textual.widgets import Button, Input, Label, Markdown, Select, Static
 
+from mixchat import settings as settings_mod
 from mixchat.errors import MixchatError
-from mixchat.progress import human_bytes
-from mixchat.qformat import memory_estimates
+from mixchat.qformat import CHOICES
 from mixchat.safetext import one_line, visible
 from mixchat.settings import Settings
 from mixchat.tui.literal import literal
+from mixchat.tui.modelpicker import FolderCheck, verdict_text
 from mixchat.tui.widgets import LineInput
 
 FIELD_HELP = {
-    "model": "release folder (params.json, consolidated weights, tokenizer.model or tekken.json)",
-    "system": "system prompt (placed as mistral-common places it)",
-    "temperature": "0 = greedy", "top_p": "nucleus mass, (0, 1]", "top_k": "0 = off",
-    "repeat_penalty": "1 = off; last 64 tokens", "max_tokens": "new tokens per reply",
-    "seed": "empty = random", "dtype": "auto, bf16, fp16, fp32",
-    "quant": "none, int8, int4 (-32/-64/-128): weight-only, cached after the first load",
+    "model": "release folder (params.json, consolidated weights, tokenizer.model or tekken.json); Ctrl+L lists "
+             "recent ones",
+    "system": "system prompt, placed as mistral-common places it; empty = none",
+    "temperature": "0 = greedy; higher is more varied", "top_p": "nucleus mass, (0, 1]; 1 = off",
+    "top_k": "0 = off", "repeat_penalty": "1 = off; over the last 64 tokens", "max_tokens": "new tokens per reply",
+    "seed": "empty = random", "dtype": "auto: bf16 on a CPU with AVX2, else fp32",
+    "quant": "weight-only, cached after the first load; int4-32/64/128: group size",
     "memory_budget_gb": "Mixtral: 0 = all weights in memory; else experts load on demand within it",
     "threads": "0 = torch's choice",
     "kv_memory_gb": "live KV caches across open conversations",
     "context": "tokens per conversation; 0 = max_seq_len or what fits in memory",
     "expert_layer": "layer whose routing colours the tokens",
+    "when_full": "a full conversation: drop its oldest turns from the model's view, or stop and say so",
 }
 
 
-def validate_model_folder(folder: str) -> str | None:
-    """The loader's own verdict on a folder (names, shapes, tokenizer), without loading weights."""
-    if not folder:
+def choices(name: str, current: str) -> list[tuple[str, str]] | None:
+    """The values a field may take, for a Select; None for a free field."""
+    if name == "dtype":
+        values = ["auto", "bf16", "fp16", "fp32"]
+    elif name == "quant":
+        values = list(CHOICES)
+    elif name == "when_full":
+        values = list(settings_mod.WHEN_FULL)
+    elif name == "threads":
+        values = [str(i) for i in range((os.cpu_count() or 1) + 1)]
+    else:
         return None
-    from mixchat.release import open_release
-
-    try:
-        opened = open_release(folder)
-    except MixchatError as exc:
-        return str(exc)
-    a = opened.args
-    memory = memory_estimates({k: tuple(t.shape) for k, t in opened.state.items()})
-    return f"ok: {opened.layout} layout, {a.n_layers} layers, dim {a.dim}" + (
-        f", {a.moe.num_experts} experts top-{a.moe.num_experts_per_tok}" if a.moe else "") + (
-        "\nweights in memory: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in memory.items()))
+    if current not in values:  # a value saved on a bigger machine stays choosable
+        values.append(current)
+    return [("0 (torch's choice)" if name == "threads" and v == "0" else v, v) for v in values]
 
 
-class SettingsScreen(ModalScreen[Settings | None]):
+class SettingsScreen(FolderCheck, ModalScreen[Settings | None]):
     DEFAULT_CSS = """
     SettingsScreen { align: center middle; }
     SettingsScreen > Vertical {
-        width: 90%; max-width: 100; height: 90%; border: thick $primary; background: $surface;
+        width: 96%; max-width: 110; height: 96%; border: thick $primary; background: $surface;
     }
-    SettingsScreen Grid { grid-size: 2; grid-columns: 16 1fr; grid-rows: auto; height: auto; grid-gutter: 0 1; }
-    SettingsScreen Label { padding: 1 0 0 0; }
-    SettingsScreen #model-check { color: $text-muted; padding: 0 1; height: auto; }
+    SettingsScreen Grid { grid-size: 2; grid-columns: 18 1fr; grid-rows: auto; height: auto; grid-gutter: 0 1; }
+    SettingsScreen Grid > Label { padding: 1 0 0 1; text-style: bold; }
+    SettingsScreen .field { height: auto; }
+    SettingsScreen .help { color: $text-muted; padding: 0 1; height: auto; }
+    SettingsScreen #model-check { padding: 0 1; height: auto; }
     SettingsScreen #error { color: $error; height: auto; padding: 0 1; }
     SettingsScreen Horizontal { height: auto; align: right middle; }
     """
     BINDINGS = [("escape", "cancel", "Cancel"), ("ctrl+s", "save", "Save")]
+    AUTO_FOCUS = "#set-model"
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
@@ -73,31 +80,48 @@ class SettingsScreen(ModalScreen[Settings | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static("[b]Settings[/b]  (saved for new conversations; sampling and system prompt also "
-                         "apply to the open one)")
+            yield Static("[b]Settings[/b]  Ctrl+S saves, Esc cancels. Saved for new conversations; sampling and "
+                         "the system prompt also apply to the open one.")
             with VerticalScroll():
                 with Grid():
                     for f in fields(Settings):
                         value = getattr(self.settings, f.name)
                         raw = "" if value is None else str(value)
                         self.shown[f.name] = (visible(raw), raw)
-                        yield Label(f.name)
-                        yield LineInput(visible(raw), id=f"set-{f.name}",
-                                    placeholder=FIELD_HELP.get(f.name, ""), tooltip=FIELD_HELP.get(f.name))
-                # The verdict quotes the folder's path and the loader's errors: literal text.
-                yield Static(literal(validate_model_folder(self.settings.model) or ""), id="model-check")
+                        yield Label(f.name.replace("_", " "))
+                        with Vertical(classes="field"):
+                            options = choices(f.name, raw)
+                            if options is not None:
+                                yield Select(options, value=raw, allow_blank=False, id=f"set-{f.name}")
+                            else:
+                                yield LineInput(visible(raw), id=f"set-{f.name}")
+                            if f.name == "model":
+                                # The verdict quotes the folder's path and the loader's errors: literal text.
+                                yield Static("", id="model-check")
+                            yield Static(FIELD_HELP.get(f.name, ""), classes="help", markup=False)
                 yield Static("", id="error")
             with Horizontal():
                 yield Button("Cancel", id="cancel")
                 yield Button("Save", id="save", variant="primary")
 
+    def on_mount(self) -> None:
+        self.check_later(self.value("model"), self._show_verdict)
+
+    def _show_verdict(self, folder: str, verdict: tuple[bool, str] | None) -> None:
+        if self.value("model") == folder.strip():
+            self.query_one("#model-check", Static).update(verdict_text(verdict))
+
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "set-model":
-            self.query_one("#model-check", Static).update(literal(validate_model_folder(self.value("model")) or ""))
+            self.query_one("#model-check", Static).update(Text("checking…", style="dim"))
+            self.check_later(self.value("model"), self._show_verdict)
 
     def value(self, name: str) -> str:
         """What field `name` holds: its original value while it still shows that unchanged."""
-        text = self.query_one(f"#set-{name}", Input).value
+        widget = self.query_one(f"#set-{name}")
+        if isinstance(widget, Select):
+            return str(widget.value)
+        text = widget.value
         shown, original = self.shown.get(name, (None, None))
         return (original if text == shown else text).strip()
 
@@ -196,28 +220,44 @@ class RenameScreen(ModalScreen[str | None]):
 HELP = """\
 # mixchat
 
-Type a message and press **Enter** to send it; **Ctrl+J** starts a new line; **Up** recalls what
-you typed before.
+Type a message in the box at the bottom and press **Enter** to send it; **Ctrl+J** starts a new
+line; **Up** recalls what you typed before. **Ctrl+P** lists every command, with its key.
 
 | key | does |
 |---|---|
-| Esc | stop the reply (the partial text is kept, marked *stopped*, and saved) |
-| Ctrl+R | regenerate the last reply (the KV cache rewinds; the history is not recomputed) |
-| Ctrl+E | edit your last message: it comes back into the input; Enter resends it |
-| Ctrl+Y / Ctrl+K | copy the last reply / its last code block (or those of the message you clicked) |
-| Ctrl+N | new conversation (in a new tab) · Ctrl+W closes the tab |
-| F2 | settings · F3 expert view · F4 next expert layer · F1 this help |
-| Ctrl+O | go to the conversation list: Enter opens · F6 renames · Delete deletes; typing filters it |
+| Enter | send (from the input) |
+| Esc | stop the reply (kept, marked *stopped*, saved); with nothing to stop, unpin the expert view's token |
+| Ctrl+O | the conversation list: Enter opens · F6 renames · Delete deletes |
 | | a delete asks: Tab to *Delete*, then Enter (Enter alone or Esc cancels) |
+| | typing there filters the list and searches inside the conversations; Enter opens the first match |
+| Ctrl+N | new conversation, in a new tab · Ctrl+F4 closes the tab (it stays saved) |
+| Ctrl+PgDn | next tab · Ctrl+PgUp previous tab · Alt+1 … Alt+9 tab by number (where the terminal reports Alt) |
+| F2 | settings · F3 expert view · F4 / Shift+F4 next / previous expert layer · F1 this help |
+| Ctrl+L | choose a model: recent release folders, or type a path (→ completes a folder name) |
+| Ctrl+R, F5 | regenerate the last reply (the KV cache rewinds; the history is not recomputed) |
+| F12 | edit your last message: it comes back into the input; Enter resends it |
+| F8 / F9 | copy the last reply / its last code block (or those of the message you clicked) |
+| Ctrl+B | show or hide the conversation list |
+| Ctrl+P | every command: also rename, delete or export (Markdown, JSON) the open conversation |
 | Ctrl+Q | quit: a reply being written is stopped, kept (marked *stopped*) and saved first |
 
-The status bar shows the speed while the model writes (tokens per second, time to first token,
-prefill speed), how much of the context is used, and how many tokens the KV cache re-used.
-When the context is full, the reply stops (`cut at the token limit`): start a new conversation.
+The input keeps its own editing keys: Ctrl+A / Ctrl+E (start / end of line), Ctrl+W (delete a
+word), Ctrl+K / Ctrl+U (delete to the end / start), Ctrl+Z / Ctrl+Y (undo / redo), Ctrl+arrows
+(word by word).
+
+The tabs open when you quit are opened again at the next start.
+
+The status bar shows the model, the speed while it writes (tokens per second, time to first token,
+prefill speed), and on its second line how much of the context is used (and how many tokens of
+older turns were dropped from the model's view to make room), and how many tokens the KV cache
+re-used. What happens when the context is full is a setting (`when full`): the oldest turns drop
+out of the model's view (they stay saved), or the reply stops.
 
 The expert view (Mixtral-style models) colours each generated token by the expert it went to at
-the chosen layer, like the routing figure of the Mixtral paper; click a token to see its experts
-and weights at every layer; the heat-map shows how often each expert was used in this conversation.
+the chosen layer, like the routing figure of the Mixtral paper. It follows the newest token; click
+a token to pin it and see its experts and weights at every layer (click it again, or Esc, to
+follow the reply again); the heat-map gives the share of this conversation's tokens each expert
+took at each layer, in per cent.
 """
 
 

@@ -1,6 +1,9 @@
 """Sending a message and streaming its reply: the generation worker thread and the messages it
-posts back (Prefilling, TokenStreamed, GenerationFinished, GenerationFailed), and the actions on
-the reply being written (stop, regenerate, edit the last message)."""
+posts back (Prefilling, ContextCut, TokensStreamed, GenerationFinished, GenerationFailed), and the
+actions on the reply being written (stop, regenerate, edit the last message).
+
+Tokens reach the UI in batches (TokenBatch), drawn at most every DRAW_SECONDS: one message and
+one redraw per token kept the UI thread (and the GIL) busy enough to slow decoding down to a third."""
 
 from __future__ import annotations
 
@@ -11,9 +14,26 @@ from textual.message_pump import MessagePump
 
 from mixchat.errors import MixchatError
 from mixchat.tui import history
-from mixchat.tui.messages import GenerationFailed, GenerationFinished, Prefilling, TokenStreamed
+from mixchat.tui.messages import (
+    ContextCut,
+    GenerationFailed,
+    GenerationFinished,
+    Prefilling,
+    TokenBatch,
+    TokensStreamed,
+)
 from mixchat.tui.panes import ChatPane, tab_label
 from mixchat.tui.widgets import MessageView, PromptInput
+
+# A reply is redrawn at most every DRAW_SECONDS (a terminal shows no more), and less often when the
+# UI thread's work since the last redraw comes to more than UI_SHARE of the time: composing a
+# 120x40 screen takes 10-40 ms of CPU on a small machine, and every such ms is taken from the
+# model's threads. A slow model's tokens still show about as they come; a fast one's come in fewer,
+# larger pieces (at worst every MAX_DRAW_SECONDS).
+DRAW_SECONDS = 1 / 30
+MAX_DRAW_SECONDS = 0.5
+UI_SHARE = 0.05
+EXPERT_PANEL_SECONDS = 0.5  # the expert panel (a table over every layer) follows the stream this often
 
 
 class SendingMixin(MessagePump):
@@ -62,24 +82,29 @@ class SendingMixin(MessagePump):
         pane.log_view.mount(MessageView("user", text, n))
         pane.reply = MessageView("assistant", "", n + 1, None)
         pane.reply.streaming = True
-        pane.reply.expert_layer = self.settings.expert_layer if self.show_experts else None
+        moe = self.engine is not None and self.engine.args.moe is not None
+        # A dense model's reply has no routing to colour: it streams as Markdown either way.
+        pane.reply.expert_layer = self.settings.expert_layer if self.show_experts and moe else None
         pane.log_view.mount(pane.reply)
         pane.log_view.scroll_end(animate=False)
         pane.cancel.clear()
         pane.busy = True
         pane.phase = "prefilling"
         pane.stats = {"started": time.monotonic(), "count": 0}
+        pane.drawn_at, pane.draw_every = 0.0, DRAW_SECONDS  # the first tokens show at once
         pane.worker = self.generate(pane, kind, text, index, settings)
 
     # -- the reply (worker thread) ---------------------------------------------------------------
 
     @work(thread=True, group="generate")
     def generate(self, pane: ChatPane, kind: str, text: str, index: int | None, settings) -> None:
+        from mixchat.chat import ContextTrimmed
         from mixchat.generation import Done, PrefillProgress, TokenEvent
 
         chat, pid = pane.chat, pane.id
-        first = None
+        first = 0.0
         count = 0
+        batch: TokenBatch | None = None
         try:
             events = chat.edit(index, text, settings, pane.cancel) if kind == "edit" else \
                 chat.send(text, settings, pane.cancel)
@@ -89,13 +114,22 @@ class SendingMixin(MessagePump):
                     # reply is saved as interrupted and the process is not kept alive decoding.
                     pane.cancel.set()
                 if isinstance(ev, TokenEvent):
+                    # Per token, only this: the UI takes the tokens in batches (see TokenBatch).
                     count += 1
                     now = time.monotonic()
-                    first = first or now
-                    tps = (count - 1) / (now - first) if count > 1 and now > first else 0.0
-                    self.post_message(TokenStreamed(pid, ev.id, ev.text, ev.experts, ev.expert_weights, tps, count))
-                elif isinstance(ev, PrefillProgress):
+                    token = (ev.text, ev.experts, ev.expert_weights)
+                    if batch is None or not batch.add(token, count, now):
+                        batch = TokenBatch(first or now)
+                        first = batch.first
+                        batch.add(token, count, now)
+                        self.post_message(TokensStreamed(pid, batch))
+                    continue
+                if isinstance(ev, PrefillProgress):
                     self.post_message(Prefilling(pid, ev.done, ev.total))
+                elif isinstance(ev, ContextTrimmed):
+                    # Counted here, off the UI thread: the dropped messages are tokenized again.
+                    self.post_message(ContextCut(pid, ev.context_start, chat.dropped_tokens(),
+                                                 chat.session.context_limit))
                 elif isinstance(ev, Done):
                     self.post_message(GenerationFinished(pid, ev.text, ev.stop, {
                         "ttft": ev.time_to_first_token, "prefill_tps": ev.prefill_tokens_per_second,
@@ -120,19 +154,46 @@ class SendingMixin(MessagePump):
         if pane:
             pane.phase = f"prefill {msg.done}/{msg.total}"
 
-    def on_token_streamed(self, msg: TokenStreamed) -> None:
+    def on_context_cut(self, msg: ContextCut) -> None:
         pane = self._pane(msg.pane_id)
-        if pane is None or pane.reply is None:
+        if pane is not None:
+            pane.show_context_cut(msg.context_start, msg.dropped_tokens, msg.context)
+
+    def on_tokens_streamed(self, msg: TokensStreamed) -> None:
+        pane = self._pane(msg.pane_id)
+        if pane is None:
+            return
+        pane.pending = msg.batch
+        wait = pane.drawn_at + pane.draw_every - time.monotonic()
+        if wait > 0:
+            # Too soon after the last redraw: the worker goes on adding to this batch meanwhile.
+            self.set_timer(wait, lambda: self._draw_tokens(msg.pane_id, msg.batch))
+        else:
+            self._draw_tokens(msg.pane_id, msg.batch)
+
+    def _draw_tokens(self, pane_id: str, batch: TokenBatch) -> None:
+        pane = self._pane(pane_id)
+        if pane is None or batch.taken:  # the tab was closed, or the end of the reply drew it
+            return
+        tokens = batch.take()
+        now, cpu = time.monotonic(), time.thread_time()
+        if pane.drawn_at:
+            # What the UI thread spent since the last redraw (that redraw's composing included).
+            pane.draw_every = min(MAX_DRAW_SECONDS, max(DRAW_SECONDS, (cpu - pane.drawn_cpu) / UI_SHARE))
+        pane.pending, pane.drawn_at, pane.drawn_cpu = None, now, cpu
+        if pane.reply is None or not tokens:
             return
         pane.phase = "writing"
-        pane.reply.append(msg.text, msg.experts, msg.weights)
-        pane.count_usage(msg.experts)
-        pane.last_token = (msg.text, msg.experts, msg.weights)
-        pane.stats.update(tps=msg.tokens_per_second, count=msg.count, last=time.monotonic())
-        if msg.count == 1:
-            pane.stats["ttft"] = time.monotonic() - pane.stats["started"]
+        pane.reply.extend(tokens)
+        for _, experts, _ in tokens:
+            pane.count_usage(experts)
+        pane.last_token = tokens[-1]
+        pane.stats.update(tps=batch.tokens_per_second(), count=batch.count, last=now)
+        if batch.count == len(tokens):  # the reply's first batch
+            pane.stats["ttft"] = now - pane.stats["started"]
         pane.log_view.scroll_end(animate=False)
-        if self.show_experts and pane is self.pane:
+        if self.show_experts and pane is self.pane and now - pane.panel_drawn >= EXPERT_PANEL_SECONDS:
+            pane.panel_drawn = now
             self.refresh_experts()
 
     def on_generation_finished(self, msg: GenerationFinished) -> None:
@@ -141,30 +202,36 @@ class SendingMixin(MessagePump):
         pane = self._pane(msg.pane_id)
         if pane is None:
             return
+        if pane.pending is not None:  # the last tokens, still waiting for their redraw
+            self._draw_tokens(pane.id, pane.pending)
         if msg.conversation_id and pane.cid != msg.conversation_id:
             pane.cid = msg.conversation_id
         pane.busy, pane.phase = False, msg.reason
         pane.stats.update(msg.stats, tps=msg.stats["decode_tps"])
         if pane.reply is not None:
-            pane.reply.streaming = False
-            pane.reply.stop = msg.reason
-            pane.reply.text = msg.text
-            pane.reply.redraw()
+            pane.reply.finish(msg.reason, msg.text)
+        pane.sync_context_cut()  # an edit may have moved it back
         if pane.cid:
             try:
                 self.tabs.get_tab(pane.id).label = tab_label(self.store.get(pane.cid).title)
             except MixchatError:  # deleted meanwhile (`mixchat rm`): the worker's error says so
                 pass
+        if self.show_experts and pane is self.pane:
+            self.refresh_experts()  # the last token, which the throttled updates may have skipped
         self.refresh_sidebar()
         self.update_status()
 
     def on_generation_failed(self, msg: GenerationFailed) -> None:
         pane = self._pane(msg.pane_id)
         if pane is not None:
+            if pane.pending is not None:
+                self._draw_tokens(pane.id, pane.pending)
             pane.busy, pane.phase = False, "error"
             if pane.reply is not None and not pane.reply.text:
                 pane.reply.remove()
                 pane.reply = None
+            elif pane.reply is not None:
+                pane.reply.finish("error", pane.reply.text)  # kept (and saved) as far as it got
         self.notify(msg.error, severity="error", timeout=10)
 
     # -- actions on the reply --------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.text import Text
 from textual import events
 from textual.binding import Binding
@@ -9,12 +11,36 @@ from textual.containers import Vertical
 from textual.widgets import Input, ListView
 
 from mixchat.safetext import one_line
+from mixchat.store import SearchHit, Summary, short_id
 
 
-def conversation_row(title: str, turns: int, cid: str) -> Text:
-    """A sidebar row: the title as written (it is the user's first message), then the details."""
-    row = Text(one_line(title) or "(untitled)")
-    row.append(f"\n{turns} turns · {one_line(cid[-6:])}", style="dim")
+def when(ts: float) -> str:
+    """A conversation's last change: the time today, else the date."""
+    if time.strftime("%Y-%m-%d", time.localtime(ts)) == time.strftime("%Y-%m-%d"):
+        return time.strftime("today %H:%M", time.localtime(ts))
+    return time.strftime("%Y-%m-%d", time.localtime(ts))
+
+
+def model_name(model_path: str) -> str:
+    return one_line(model_path.rstrip("/").rsplit("/", 1)[-1]) or "?"
+
+
+def conversation_row(s: Summary) -> Text:
+    """A sidebar row: the whole title as written (it is the user's first message; the row wraps),
+    then when, how long, the model it was written with and the short id `mixchat show` takes."""
+    row = Text(one_line(s.title) or "(untitled)")
+    row.append(f"\n{when(s.updated_at)} · {s.turns} turn{'' if s.turns == 1 else 's'}", style="dim")
+    row.append(f"\n{model_name(s.model_path)} · {short_id(s.id)}", style="dim")
+    return row
+
+
+def hit_row(hit: SearchHit) -> Text:
+    """A search hit in a conversation's messages: the conversation, then the words around the match."""
+    row = Text(one_line(hit.title) or "(untitled)")
+    who = "you" if hit.role == "user" else "assistant"
+    row.append(f"\n{who}: ", style="dim")
+    row.append(one_line(hit.snippet), style="italic")
+    row.append(f"\n{when(hit.updated_at)} · {short_id(hit.conversation_id)}", style="dim")
     return row
 
 

@@ -10,13 +10,13 @@ from textual.message import Message
 from textual.widgets import Input, Markdown, Static, TextArea
 
 from mixchat.safetext import one_line, visible
-from mixchat.tui.colors import expert_color
+from mixchat.tui.colors import expert_color, expert_text_color
 from mixchat.tui.literal import literal
 
 
 class MessageView(Vertical):
-    """One message. Assistant text streams in as plain text and settles into Markdown; with the
-    expert view on, it shows each token coloured by the expert it went to at the chosen layer,
+    """One message. An assistant reply streams as Markdown (appended, never re-parsed whole); with
+    the expert view on, it shows each token coloured by the expert it went to at the chosen layer,
     and each token is clickable to show its routing at every layer."""
 
     DEFAULT_CSS = """
@@ -40,16 +40,26 @@ class MessageView(Vertical):
         self.tokens: list[tuple[str, list | None, list | None]] = tokens or []
         self.streaming = False
         self.expert_layer: int | None = None  # None: expert colouring off
+        self._markdown: Markdown | None = None
+        self._shown: Text | None = None  # what the Static body shows, appended to while streaming
+        self._drawn_layer: int | None = None  # the expert layer the body was composed with
+        self._unsent = ""  # streamed text not yet given to the Markdown
+        self._pumping = False
 
     def compose(self):
         yield Static(Text(self._label()), classes="role")
-        if self.role == "assistant" and not self.streaming and self.expert_layer is None:
+        self._drawn_layer = self.expert_layer
+        self._markdown = self._shown = None
+        if self.role == "assistant" and not self._colours_tokens():  # as _settle expects
             # Markdown is parsed as Markdown, never as Rich markup; a link only posts LinkClicked
             # (its target is quoted into a fixed `link(...)` action), and open_links=False keeps a
             # model's link from launching a browser: see on_markdown_link_clicked.
-            yield Markdown(visible(self.text), open_links=False)
+            self._unsent = ""
+            self._markdown = Markdown("" if self.streaming else visible(self.text), open_links=False)
+            yield self._markdown
         else:
-            yield Static(self._body(), classes="body")
+            self._shown = self._body()
+            yield Static(self._shown, classes="body")
 
     def on_markdown_link_clicked(self, event: Markdown.LinkClicked) -> None:
         # A reply's links are the model's words, not the user's choice: show where one points
@@ -57,23 +67,48 @@ class MessageView(Vertical):
         event.stop()
         self.app.notify(f"link (not opened): {one_line(event.href)}", timeout=10)
 
+    def focus_on_click(self) -> bool:
+        # A click on a coloured token selects it for the expert panel; taking the focus too would
+        # pull it from the prompt the user is typing in. A click elsewhere focuses the message for
+        # Ctrl+Y / Ctrl+K. Textual asks before forwarding the MouseDown, so look at what is under it.
+        try:
+            style = self.screen.get_style_at(*self.app.mouse_position)
+        except Exception:  # noqa: BLE001 - not on screen: nothing under the pointer to protect
+            return True
+        return "@click" not in style.meta
+
     def _label(self) -> str:
         marks = {"interrupted": " · stopped", "length": " · cut at the token limit",
-                 None: " · unfinished"}
+                 "error": " · failed", None: " · unfinished"}
         mark = "" if self.streaming or self.role == "user" else marks.get(self.stop, "")
         return ("you" if self.role == "user" else "assistant") + mark
+
+    def _colours_tokens(self) -> bool:
+        """Whether the body is coloured tokens rather than Markdown: with the expert view on, for a
+        reply with routing (a reply being written is given an expert layer only on a MoE model)."""
+        if self.expert_layer is None:
+            return False
+        return self.streaming or (bool(self.tokens) and self.tokens[0][1] is not None)
 
     def _body(self) -> Text:
         if self.expert_layer is None or not self.tokens or self.tokens[0][1] is None:
             return literal(self.text)
         out = Text()
-        for i, (piece, experts, _) in enumerate(self.tokens):
-            layer = min(self.expert_layer, len(experts) - 1)
-            e = experts[layer][0]
-            # Background colour per expert, as in the Mixtral paper's routing figure; click for details.
-            out.append(visible(piece), Style(bgcolor=expert_color(e), color="black",
-                                             meta={"@click": f"app.select_token({self.index},{i})"}))
+        self._add_tokens(out, 0, self.expert_layer)
         return out
+
+    def _add_tokens(self, out: Text, first: int, layer: int) -> None:
+        """Append tokens[first:] to `out`, each on its expert's colour at `layer` (as in the Mixtral
+        paper's routing figure) with the text colour that keeps it readable, and clickable for
+        details."""
+        for i in range(first, len(self.tokens)):
+            piece, experts, _ = self.tokens[i]
+            if experts is None:  # no routing to colour by
+                out.append(visible(piece))
+                continue
+            e = experts[min(layer, len(experts) - 1)][0]
+            out.append(visible(piece), Style(bgcolor=expert_color(e), color=expert_text_color(e),
+                                             meta={"@click": f"app.select_token({self.index},{i})"}))
 
     async def refresh_body(self) -> None:
         await self.remove_children()
@@ -85,11 +120,80 @@ class MessageView(Vertical):
         waits for that queue while the mount waits for the removed tab)."""
         self.call_later(self.refresh_body)
 
-    def append(self, piece: str, experts, weights) -> None:
-        """Streaming: cheap update of a single Static, no re-mount."""
-        self.text += piece
-        self.tokens.append((piece, experts, weights))
-        self.query_one(".body", Static).update(self._body())
+    def extend(self, pieces: list[tuple[str, list | None, list | None]]) -> None:
+        """Streaming: add a batch of tokens to what is shown, without redrawing what is there."""
+        first = len(self.tokens)
+        self.tokens.extend(pieces)
+        added = "".join(p[0] for p in pieces)
+        self.text += added
+        if self._markdown is not None:
+            self._unsent += added
+            if not self._pumping:
+                self._pumping = True
+                self.call_later(self._pump_markdown)
+        elif self._shown is not None:
+            # In the layer it began with: a layer chosen meanwhile recolours it all once it ends.
+            if self._drawn_layer is None:
+                self._shown.append(visible(added))
+            else:
+                self._add_tokens(self._shown, first, self._drawn_layer)
+            self.query_one(".body", Static).update(self._shown)
+
+    async def _pump_markdown(self) -> None:
+        # One Markdown.append at a time: each works out, when called, which lines it re-parses
+        # (from the last top-level block on), so two in flight would mount the same blocks twice.
+        # What arrives meanwhile is appended in one go next.
+        try:
+            while self._markdown is not None and self._unsent:
+                raw = self._unsent
+                # A CR that may be the first half of CR LF waits for the next piece: `visible`
+                # drops it then, and shows it otherwise.
+                keep = 1 if raw.endswith("\r") else 0
+                chunk, self._unsent = raw[:len(raw) - keep], raw[len(raw) - keep:]
+                if not chunk:
+                    break
+                await self._markdown.append(visible(chunk))
+        finally:
+            self._pumping = False
+
+    def finish(self, stop: str, text: str) -> None:
+        """The reply is done: mark it (stopped, cut...) and settle its text, on this widget's own
+        queue (after the Markdown appends still queued there; see redraw for why not awaited)."""
+        self.streaming, self.stop = False, stop
+        self.call_later(self._settle, text)
+
+    async def _settle(self, text: str) -> None:
+        streamed, self.text = self.text, text
+        wants_markdown = self.role == "assistant" and not self._colours_tokens()
+        if self._drawn_layer != self.expert_layer or (self._markdown is not None) != wants_markdown:
+            await self.refresh_body()  # the expert view was switched while it streamed
+            return
+        self.query_one(".role", Static).update(Text(self._label()))
+        if self._markdown is not None:
+            await self._pump_markdown()
+            if self._unsent or self._markdown.source != visible(text):
+                self._unsent = ""
+                await self._markdown.update(visible(text))
+        elif streamed != text:
+            self._shown = self._body()
+            self.query_one(".body", Static).update(self._shown)
+
+
+class ContextDivider(Static):
+    """The line above the first message the model still sees, once the oldest were dropped to fit
+    its context."""
+
+    DEFAULT_CSS = "ContextDivider { height: 1; margin: 0 0 1 0; color: $warning; text-align: center; }"
+
+    def __init__(self, start: int, dropped_tokens: int | None, context: int | None) -> None:
+        super().__init__(Text(context_cut_text(dropped_tokens, context)))
+        self.start, self.dropped_tokens, self.context = start, dropped_tokens, context
+
+
+def context_cut_text(dropped_tokens: int | None, context: int | None) -> str:
+    why = f"to fit the {context}-token context" if context else "to fit the context"
+    dropped = f"{dropped_tokens} tokens dropped {why}" if dropped_tokens is not None else f"dropped {why}"
+    return f"─ the model no longer sees the messages above ({dropped}) ─"
 
 
 class ChatLog(VerticalScroll):

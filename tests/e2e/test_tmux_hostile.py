@@ -240,9 +240,9 @@ from mixchat.settings import Settings
 from mixchat.tui.app import MixchatApp
 
 class Crashing(MixchatApp):
-    def on_token_streamed(self, msg):
-        super().on_token_streamed(msg)
-        if msg.count >= 20:
+    def on_tokens_streamed(self, msg):
+        super().on_tokens_streamed(msg)
+        if msg.batch.count >= 20:
             raise RuntimeError("a bug")
 
 app = Crashing(model={str(folder)!r}, settings=Settings(max_tokens=100000), first_message="go on and on")

@@ -24,10 +24,16 @@ def folder(tmp_path):
                          tokenizer=mistral_common_tokenizer("v1"))
 
 
-def make_app(folder, tmp_path):
+@pytest.fixture(autouse=True)
+def _fixed_dates(monkeypatch):
+    """The sidebar shows when each conversation changed: the same time on every run."""
+    monkeypatch.setattr("mixchat.tui.sidebar.when", lambda ts: "today 12:00")
+
+
+def make_app(folder, tmp_path, **kw):
     from mixchat.tui.app import MixchatApp
 
-    settings = Settings(dtype="fp32", temperature=0, repeat_penalty=1.0, max_tokens=12)
+    settings = Settings(dtype="fp32", temperature=0, repeat_penalty=1.0, max_tokens=12, **kw)
     return MixchatApp(model=str(folder), settings=settings, store=Store(tmp_path / "store.sqlite3"))
 
 
@@ -64,6 +70,8 @@ def test_settings_sheet(snap_compare, folder, tmp_path):
         await loaded(pilot)
         await pilot.press("f2")
         await pilot.pause(0.2)
+        pilot.app.screen.set_focus(None)  # the first field has the focus: a blinking cursor depends on timing
+        await pilot.pause(0.1)
 
     assert snap_compare(make_app(folder, tmp_path), terminal_size=SIZE, run_before=open_settings)
 
@@ -75,3 +83,52 @@ def test_expert_view(snap_compare, folder, tmp_path, monkeypatch):
         await answered(pilot)
 
     assert snap_compare(make_app(folder, tmp_path), terminal_size=(130, 36), run_before=experts)
+
+
+def test_main_screen_at_80_columns(snap_compare, folder, tmp_path):
+    assert snap_compare(make_app(folder, tmp_path), terminal_size=(80, 24), run_before=loaded)
+
+
+def test_narrow_expert_view(snap_compare, folder, tmp_path, monkeypatch):
+    monkeypatch.setattr("mixchat.store.new_id", lambda: "19abcdef0123456789")
+
+    async def experts(pilot):
+        await pilot.press("f3")
+        await answered(pilot)
+
+    assert snap_compare(make_app(folder, tmp_path), terminal_size=(80, 24), run_before=experts)
+
+
+def test_model_picker(snap_compare, folder, tmp_path, monkeypatch):
+    # Relative paths: the picker shows each folder's path, and tmp_path differs from run to run.
+    monkeypatch.chdir(folder.parent)
+    app = make_app("tiny-mixtral", tmp_path)
+    app.state.remember_model("missing-release")
+    app.state.remember_model("tiny-mixtral")
+
+    async def pick(pilot):
+        await loaded(pilot)
+        await pilot.press("ctrl+l")
+        end = time.monotonic() + 30
+        while time.monotonic() < end and len(getattr(pilot.app.screen, "verdicts", {})) < 2:
+            await pilot.pause(0.05)
+        pilot.app.screen.set_focus(None)
+        await pilot.pause(0.1)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=pick)
+
+
+def test_settings_sheet_at_80_columns(snap_compare, folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(folder.parent)
+
+    async def open_settings(pilot):
+        await loaded(pilot)
+        await pilot.press("f2")
+        end = time.monotonic() + 30
+        while time.monotonic() < end and "ok:" not in str(pilot.app.screen.query_one("#model-check").content):
+            await pilot.pause(0.05)
+        pilot.app.screen.set_focus(None)
+        await pilot.pause(0.1)
+
+    assert snap_compare(make_app("tiny-mixtral", tmp_path, model="tiny-mixtral"), terminal_size=(80, 24),
+                        run_before=open_settings)

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from conftest import tiny_args
+from textual.widgets import Static
 
 from mixchat import paths
 from mixchat.generation import Done, Session, TokenEvent
@@ -20,6 +21,7 @@ from mixchat.settings import Settings
 from mixchat.store import Store, make_title
 from mixchat.tui.app import MixchatApp
 from mixchat.tui.expertpanel import ExpertPanel
+from mixchat.tui.modelpicker import ModelMismatchScreen
 from mixchat.tui.screens import ConfirmScreen, HelpScreen, RenameScreen, SettingsScreen
 from mixchat.tui.status import StatusBar
 
@@ -154,7 +156,7 @@ def test_markup_and_controls_in_messages_replies_tabs_sidebar_and_expert_view(mi
                 app.action_select_token(1, i)
                 await pilot.pause()
                 token_table = panel.content.columns[0]._cells[1]
-                assert token_table.title.plain == f"selected token: {piece!r}"
+                assert token_table.title.plain == f"pinned token: {piece!r}"
                 if len(repr(piece)) < 16:  # else it is cut short on screen
                     assert repr(piece) in drawn(app, panel)
             # Expert view off: the finished reply is Markdown, still literal.
@@ -186,6 +188,12 @@ def test_saved_titles_start_up_and_open_literally(mixtral):
                 app.conversations.focus()
                 app.conversations.index = position
                 await pilot.press("enter")
+                # Written with another model: the app asks, quoting its folder literally.
+                await wait_until(pilot, lambda: isinstance(app.screen, ModelMismatchScreen)
+                                 and len(app.screen.query(Static)) > 0)
+                drawn(app)
+                assert "/models/[/INST] ␛]0;pwned␇ [@click=app.quit]x[/]" in plain(app.screen.query_one(Static))
+                await pilot.press("escape")  # go on with the loaded model
                 await pilot.pause(0.1)
             assert {p.cid for p in app.tabs.query("ChatPane")} >= set(ids)
             for pane in app.tabs.query("ChatPane"):
@@ -276,7 +284,9 @@ def test_model_folder_and_errors_in_the_status_bar_and_settings(tmp_path, monkey
             await pilot.pause(0.1)
             sheet = app.screen
             assert sheet.query_one("#set-model").value == visible(folder)
-            assert "[/INST] ␛]0;pwned␇ [@click=app.quit]x[/]" in plain(sheet.query_one("#model-check"))
+            # The verdict comes from a worker thread, a moment after the sheet opens.
+            await wait_until(pilot, lambda: "[/INST] ␛]0;pwned␇ [@click=app.quit]x[/]" in
+                             plain(sheet.query_one("#model-check")), timeout=10)
             drawn(app)
             # An error quoting what was typed.
             sheet.query_one("#set-temperature").value = "[/INST] [@click=app.quit]x[/]"
@@ -343,12 +353,12 @@ def test_typing_in_the_conversation_list_only_filters(tmp_path):
                 assert app.focused is app.filter_box and app.filter_box.value == word
                 assert len(app.conversations.children) == left
                 assert sorted(s.id for s in app.store.list()) == sorted(ids)
-            # Enter in the box goes back to the (filtered) list.
+            # Enter in the box opens the first match.
             app.filter_box.value = ""
             await pilot.pause()
             await pilot.press("ctrl+o", *"lake", "enter")
-            assert app.focused is app.conversations and app.conversations.index == 0
-            assert app.conversations.highlighted_child.cid == ids[0]
+            await wait_until(pilot, lambda: app.pane is not None and app.pane.cid == ids[0])
+            assert app.conversations.index == 0 and app.conversations.highlighted_child.cid == ids[0]
             # Hidden with Ctrl+B, the list comes back with Ctrl+O and takes the typing as well.
             await pilot.press("ctrl+b")
             assert app.sidebar.has_class("hidden")
@@ -509,10 +519,10 @@ def test_a_crash_mid_reply_exits_non_zero_and_still_stops_and_saves_the_reply(mi
 
     def crash(self, msg):
         seen.append(self._pane(msg.pane_id).chat.id)
-        if msg.count >= 5:
+        if msg.batch.count >= 5:
             raise RuntimeError("a bug in the app")
 
-    monkeypatch.setattr(MixchatApp, "on_token_streamed", crash)
+    monkeypatch.setattr(MixchatApp, "on_tokens_streamed", crash)
 
     async def scenario():
         app = MixchatApp(model=str(mixtral), settings=settings())

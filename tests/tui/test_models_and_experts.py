@@ -1,0 +1,323 @@
+"""Issue 17 in the app, at 80×24 and 160×45: the expert view follows the reply unless a token is
+pinned and writes every share as a number, collapsing at 80 columns; the sidebar shows dates,
+models and short ids and searches inside conversations; the model picker, the per-conversation
+model and the settings sheet, whose folder check runs off the UI thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+import time
+
+import pytest
+from conftest import tiny_args
+from textual.widgets import Select
+
+from mixchat.settings import Settings
+from mixchat.store import Store, short_id
+from mixchat.tui import modelpicker
+from mixchat.tui.app import MixchatApp
+from mixchat.tui.expertpanel import share_cell
+from mixchat.tui.modelpicker import DirectorySuggester, ModelMismatchScreen, ModelPicker, folder_verdict
+from mixchat.tui.panes import ChatPane
+from mixchat.tui.screens import SettingsScreen
+
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+SIZES = [(80, 24), (160, 45)]
+
+
+async def wait_until(pilot, condition, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting")
+        await pilot.pause(0.05)
+
+
+def settings(**kw) -> Settings:
+    base = dict(dtype="fp32", temperature=1.0, top_p=1.0, repeat_penalty=1.0, max_tokens=8, seed=1)
+    base.update(kw)
+    return Settings(**base)
+
+
+def plain(widget) -> str:
+    from rich.console import Console
+
+    console = Console(width=300, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(widget.content)
+    return console.export_text()
+
+
+def asking(app) -> bool:
+    """Whether the question about the conversation's model is up, buttons and all."""
+    return isinstance(app.screen, ModelMismatchScreen) and len(app.screen.query("Button")) > 0
+
+
+def shows(panel, text: str) -> bool:
+    """Whether the panel holds `text`, wherever a narrow panel wrapped it."""
+    return re.sub(r"\s+", "", text) in re.sub(r"\s+", "", plain(panel))
+
+
+def region_text(app, widget) -> str:
+    strips = app.screen._compositor.render_strips()
+    r = widget.region
+    return "\n".join(s.crop(r.x, r.right).text for s in strips[r.y:r.bottom])
+
+
+async def send(pilot, app, text: str) -> None:
+    app.prompt.focus()
+    app.prompt.load_text(text)
+    await pilot.press("enter")
+    pane = app.pane
+    await wait_until(pilot, lambda: not pane.busy and pane.reply is not None and not pane.reply.streaming
+                     and pane.cid is not None)
+
+
+@pytest.fixture
+def mixtral(make_release):
+    return make_release(tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15)
+
+
+# -- 4. the expert view ------------------------------------------------------------------------------
+
+
+def test_every_share_is_a_number():
+    assert share_cell(0.0, False).strip() == "0%" and share_cell(0.0, True).strip() == "0"
+    assert share_cell(1.0, True) == "100" and share_cell(0.456, False).endswith(" 46%")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_expert_view_follows_the_reply_pins_a_token_and_fits_80_columns(mixtral, tmp_path, size):
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(), store=Store(tmp_path / "s.sqlite3"))
+        async with app.run_test(size=size) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await pilot.press("f3")
+            await send(pilot, app, "route me")
+            pane, panel = app.pane, app.expert_panel
+            text = plain(panel)
+            assert shows(panel, f"newest token: {pane.reply.tokens[-1][0]!r}")
+            # Every heat-map cell is a number, the zeros too: layer rows of 4 numbers.
+            rows = [line for line in text.splitlines() if re.match(r"^\s*\d\s+\S", line)]
+            heat = [r for r in rows if len(re.findall(r"\d+%?", r)) == 5]
+            assert len(heat) == 3, text
+            # The newest token's weights, per layer.
+            assert len(re.findall(r"e\d=\d\.\d\d", text)) == 3 * 2
+            # Pinned: a click (the token's action) holds it while the next reply streams.
+            app.action_select_token(1, 0)
+            pinned = pane.reply.tokens[0]
+            assert shows(panel, f"pinned token: {pinned[0]!r}")
+            await send(pilot, app, "and again")
+            assert shows(panel, f"pinned token: {pinned[0]!r}")
+            # Esc with nothing to stop lets go: the view follows the newest token again.
+            await pilot.press("escape")
+            assert shows(panel, f"newest token: {pane.reply.tokens[-1][0]!r}")
+            app.action_select_token(1, 0)
+            app.action_select_token(1, 0)  # a second click on it unpins too
+            assert "newest token" in plain(panel)
+            # Shift+F4 goes back a layer, F4 forward.
+            await pilot.press("shift+f4")
+            assert app.settings.expert_layer == 2
+            await pilot.press("f4")
+            assert app.settings.expert_layer == 0
+            # At 80 columns: a compact panel, and the sidebar makes way so the chat stays readable.
+            center = app.query_one("#center")
+            if size[0] == 80:
+                assert panel.has_class("narrow") and app.sidebar.has_class("hidden")
+                assert panel.region.width <= 32 and center.region.width >= 44
+                shown = region_text(app, panel)
+                cells = shown.split("e0 e1 e2 e3")[1].splitlines()[1:4]  # numbers only, no shades or %
+                assert all(re.fullmatch(r"│ \d( +\d{1,3}){4} *", line) for line in cells), shown
+                await pilot.press("f3")  # the panel closed, the sidebar is back
+                assert not app.sidebar.has_class("hidden")
+            else:
+                assert not panel.has_class("narrow") and not app.sidebar.has_class("hidden")
+                assert center.region.width >= 70
+
+    asyncio.run(scenario())
+
+
+# -- 5. the sidebar ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_sidebar_rows_and_search_inside_conversations(mixtral, tmp_path, size):
+    long_title = "What would Elizabeth Bennet say about a long walk to Netherfield in the rain"
+
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(), store=Store(tmp_path / "s.sqlite3"))
+        async with app.run_test(size=size) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await send(pilot, app, long_title)
+            first = app.pane.cid
+            await pilot.press("ctrl+n")
+            await send(pilot, app, "Tell me about pemberley gardens")
+            await send(pilot, app, "and the lake behind the house")
+            second = app.pane.cid
+            rows = {item.cid: plain(item.query_one("Static")) for item in app.conversations.children}
+            title = app.store.get(first).title
+            assert title in rows[first].replace("\n", "")  # whole, not cut at a fixed length
+            assert f"today {time.strftime('%H')}" in rows[first] and short_id(first) in rows[first]
+            assert "2 turns" in rows[second] and mixtral.name in rows[second]
+            # The short id is what `mixchat show` takes.
+            assert app.store.get(short_id(second)).id == second
+            # Search: "lake" is in the second conversation's messages, not its title.
+            await pilot.press("ctrl+o", *"lake")
+            await wait_until(pilot, lambda: len(app.conversations.children) == 1)
+            row = plain(app.conversations.children[0].query_one("Static"))
+            assert "you: and the lake behind the house" in row
+            await pilot.press("ctrl+n")  # another tab is active; Enter opens (here: goes to) the match
+            await pilot.press("ctrl+o", "enter")
+            await wait_until(pilot, lambda: app.pane is not None and app.pane.cid == second)
+            # A word in no conversation: nothing listed, and Enter opens nothing.
+            app.filter_box.value = ""
+            await pilot.press("ctrl+o", *"xyzzy", "enter")
+            await pilot.pause(0.1)
+            assert len(app.conversations.children) == 0 and app.pane.cid == second
+
+    asyncio.run(scenario())
+
+
+# -- 6. models and settings ----------------------------------------------------------------------
+
+
+def test_folder_verdicts_and_directory_completion(mixtral, tmp_path):
+    ok, line = folder_verdict(str(mixtral))
+    assert ok and "Mixtral-style MoE (4 experts): 3 layers, dim 64" in line and "weights in memory" in line
+    ok, line = folder_verdict(str(tmp_path / "nowhere"))
+    assert not ok and "nowhere" in line
+    (tmp_path / "models" / "mistral-7b").mkdir(parents=True)
+    (tmp_path / "models" / "mixtral-8x7b").mkdir()
+    (tmp_path / "models" / "mixtral.txt").write_text("not a folder")
+    (tmp_path / "models" / ".hidden").mkdir()
+    suggest = DirectorySuggester()
+
+    async def ask(value):
+        return await suggest.get_suggestion(value)
+
+    base = str(tmp_path / "models")
+    assert asyncio.run(ask(base + "/mix")) == base + "/mixtral-8x7b/"
+    assert asyncio.run(ask(base + "/mis")) == base + "/mistral-7b/"
+    assert asyncio.run(ask(base + "/m")) == base + "/mistral-7b/"
+    assert asyncio.run(ask(base + "/")) == base + "/mistral-7b/"  # not the hidden one
+    assert asyncio.run(ask(base + "/.h")) == base + "/.hidden/"
+    assert asyncio.run(ask(base + "/zz")) is None and asyncio.run(ask("")) is None
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_model_picker_lists_recent_folders_and_loads_the_chosen_one(make_release, tmp_path, size):
+    a = make_release(tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15)
+    b = make_release(tiny_args(n_layers=2), seed=3, std=0.15)
+
+    async def scenario():
+        app = MixchatApp(model=str(a), settings=settings(), store=Store(tmp_path / "s.sqlite3"))
+        app.state.remember_model(str(tmp_path / "gone"))  # a folder since deleted: listed, with why
+        async with app.run_test(size=size) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await pilot.press("ctrl+l")
+            await wait_until(pilot, lambda: isinstance(app.screen, ModelPicker))
+            picker = app.screen
+            assert picker.recent == [str(a), str(tmp_path / "gone")]
+            await wait_until(pilot, lambda: len(picker.verdicts) == 2)
+            items = list(picker.query("ListItem"))
+            first, second = (plain(item.query_one(".row")) for item in items)
+            assert "(loaded now)" in first and "ok: Mixtral" in first
+            assert "gone" in second and not picker.verdicts[str(tmp_path / "gone")][0]
+            # Typing a path: checked a moment later, in a worker.
+            assert app.screen.focused.id == "picker-path"
+            await pilot.press(*str(b))
+            check = picker.query_one("#picker-path-check")
+            await wait_until(pilot, lambda: "ok: Mistral-style dense model" in plain(check))
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.engine is not None and app.engine.release.folder == b)
+            assert app.settings.model == str(b) and app.state.recent_models[:2] == [str(b), str(a)]
+            assert app.pane.chat is not None and app.engine.args.moe is None
+
+    asyncio.run(scenario())
+
+
+def test_a_conversation_reopens_with_its_own_model(make_release, tmp_path):
+    a = make_release(tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15)
+    b = make_release(tiny_args(n_layers=2), seed=3, std=0.15)
+    store_path = tmp_path / "s.sqlite3"
+
+    async def scenario():
+        app = MixchatApp(model=str(a), settings=settings(), store=Store(store_path))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await send(pilot, app, "written with a")
+            cid = app.pane.cid
+        # Started on b, the restored tab (written with a) asks before going on.
+        app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: asking(app))
+            assert app.pane.cid == cid
+            shown = plain(app.screen.query_one("Static"))
+            assert f"It was written with: {a}" in shown and f"Loaded now:           {b}" in shown
+            assert app.screen.focused.id == "switch"
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.engine is not None and app.engine.release.folder == a)
+            assert app.pane.chat is not None and app.pane.chat.id == cid
+            assert not isinstance(app.screen, ModelMismatchScreen)  # asked once
+        # The folder is gone: it says which model the conversation needs; Esc goes on with this one.
+        app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
+        a.rename(tmp_path / "moved")
+        async with app.run_test(size=(160, 45)) as pilot:
+            await wait_until(pilot, lambda: asking(app))
+            assert "not there any more" in plain(app.screen.query_one("Static"))
+            assert not app.screen.query("#switch")
+            await pilot.press("escape")
+            await pilot.pause(0.1)
+            assert app.pane.chat is not None and app.engine.release.folder == b
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_settings_sheet_has_choices_and_checks_the_folder_off_the_ui_thread(mixtral, tmp_path, size, monkeypatch):
+    checks: list[tuple[str, bool]] = []
+    real = modelpicker.folder_verdict
+
+    def recording(folder):
+        checks.append((folder, threading.current_thread() is threading.main_thread()))
+        return real(folder)
+
+    monkeypatch.setattr(modelpicker, "folder_verdict", recording)
+
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(model=str(mixtral)), store=Store(tmp_path / "s.sqlite3"))
+        async with app.run_test(size=size) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await pilot.press("f2")
+            await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+            sheet = app.screen
+            assert sheet.focused.id == "set-model"
+            await wait_until(pilot, lambda: "ok: Mixtral" in plain(sheet.query_one("#model-check")))
+            for name, wanted in (("dtype", ["auto", "bf16", "fp16", "fp32"]), ("when_full", ["drop", "stop"]),
+                                 ("quant", ["none", "int8", "int4", "int4-32", "int4-64", "int4-128"])):
+                select = sheet.query_one(f"#set-{name}", Select)
+                assert [v for _, v in select._options] == wanted
+            threads = sheet.query_one("#set-threads", Select)
+            assert [v for _, v in threads._options] == [str(i) for i in range((os.cpu_count() or 1) + 1)]
+            assert "release folder" in plain(sheet.query_one(".help"))
+            # Typing a path: one check after the typing stops, never on the UI thread.
+            checks.clear()
+            box = sheet.query_one("#set-model")
+            box.value = ""
+            await pilot.press(*str(tmp_path / "nope"))
+            await wait_until(pilot, lambda: "nope" in plain(sheet.query_one("#model-check")), timeout=10)
+            await pilot.pause(0.5)
+            assert checks and len(checks) < 5 and not any(on_main for _, on_main in checks)
+            box.value = str(mixtral)
+            sheet.query_one("#set-dtype", Select).value = "bf16"
+            sheet.query_one("#set-when_full", Select).value = "stop"
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+            assert app.settings.dtype == "bf16" and app.settings.when_full == "stop"
+            await wait_until(pilot, lambda: app.engine is not None)
+            assert "bfloat16" in str(app.engine.dtype)
+            assert isinstance(app.pane, ChatPane)
+
+    asyncio.run(scenario())
