@@ -118,6 +118,11 @@ async def in_app(folder: str, settings: Settings, prompt: str, experts: bool) ->
 
 
 def main() -> int:
+    from mixchat.engine import keep_thread_serial
+
+    # This thread is the app's UI thread below: serial before any torch op, as MixchatApp makes it (the
+    # synthetic folder's random weights are made here too).
+    keep_thread_serial()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="release folder (default: the demo model)")
     ap.add_argument("--synthetic", action="store_true",
@@ -140,15 +145,21 @@ def main() -> int:
     # Greedy, no penalty, no early stop but the model's own end of sequence: the same tokens every run.
     settings = Settings(temperature=0, top_p=1.0, repeat_penalty=1.0, max_tokens=ns.max_tokens, seed=1,
                         dtype=ns.dtype, threads=ns.threads)
-    engine = Engine.load(str(folder), dtype=settings.dtype, threads=settings.threads or None, show_progress=False)
-    _, n = one_shot(engine, settings, ns.prompt)  # also a warm-up: first-call allocations and kernel choice
+    # Everything that runs torch runs outside the main thread, as in the app (which loads and decodes in
+    # worker threads): once the main thread has run a parallel op, its OpenMP team spins beside every
+    # other thread's and decoding from another thread is about 3x slower on 2 cores (measured here).
+    def load(path: Path):
+        return Engine.load(str(path), dtype=settings.dtype, threads=settings.threads or None, show_progress=False)
+
+    engine = in_thread(load, folder)
+    _, n = in_thread(one_shot, engine, settings, ns.prompt)  # also a warm-up: allocations and kernel choice
     if n < 0.9 * ns.max_tokens and not (ns.model or ns.synthetic):
         # The demo was trained to end its replies (a few dozen tokens): too short to time streaming.
         print(f"the demo model's greedy reply ends after {n} tokens: using its shape with random weights "
               "and a 4096-token context instead")
         folder = synthetic_release(Path(HOME) / "synthetic")
-        engine = Engine.load(str(folder), dtype=settings.dtype, threads=settings.threads or None, show_progress=False)
-        one_shot(engine, settings, ns.prompt)
+        engine = in_thread(load, folder)
+        in_thread(one_shot, engine, settings, ns.prompt)
     print(f"model {folder} · {cpu_kind()} · torch threads {__import__('torch').get_num_threads()}")
 
     runs: dict[str, list[float]] = {"one-shot": [], "app": [], "app+experts": []}

@@ -60,6 +60,29 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def keep_thread_serial() -> bool:
+    """Make the calling thread run its own torch ops on one thread; other threads keep torch's count.
+
+    For the app's UI thread, which decodes nothing but allocates a KV cache now and then: once a thread
+    has run one parallel op, libgomp keeps a team of worker threads for it for good, and with more such
+    threads than cores it stops spinning between parallel regions in every team, so decoding in the
+    worker thread ran 3-4x slower on 2 cores (measured: 1013 against 278 tok/s on the demo's shape after
+    one torch.zeros in the main thread). Returns whether it could (False: no libgomp found)."""
+    import ctypes
+    import glob
+
+    torch.get_num_threads()  # torch's per-thread OpenMP set-up now, or its first parallel op would undo this
+    libs = sorted(glob.glob(str(Path(torch.__file__).parent / "lib" / "libgomp*.so*")))
+    try:
+        lib = ctypes.CDLL(libs[0]) if libs else None
+        if lib is None or not hasattr(lib, "omp_set_num_threads"):
+            return False
+        lib.omp_set_num_threads(1)
+    except OSError:
+        return False
+    return True
+
+
 def warm_page_cache(path: Path, show: bool | None = None,
                     on_progress: Callable[[int, int], None] | None = None) -> None:
     """Fault the whole file into the page cache before the first token, with a progress bar.

@@ -173,3 +173,20 @@ def test_the_settings_sheet_sets_the_context_of_new_conversations(make_release, 
             assert app.engine.context == 1024 and app.settings.context == 1024
 
     asyncio.run(scenario())
+
+
+def test_the_ui_thread_keeps_its_torch_ops_serial_without_slowing_other_threads():
+    """MixchatApp makes its (UI) thread serial: a parallel op there would keep an OpenMP team that
+    slows decoding in the worker thread 3-4x on 2 cores (benchmarks/app_stream.py). Other threads
+    keep torch's thread count. In a subprocess: it changes the calling thread for good."""
+    code = ("import threading, torch\n"
+            "torch.set_num_threads(2)\n"
+            "from mixchat.engine import keep_thread_serial\n"
+            "assert keep_thread_serial()\n"
+            "torch.zeros(10_000_000)\n"
+            "seen = []\n"
+            "t = threading.Thread(target=lambda: seen.append(torch.get_num_threads())); t.start(); t.join()\n"
+            "print(torch.get_num_threads(), seen[0])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [b"1", b"2"]

@@ -132,6 +132,9 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
     def __init__(self, model: str | None = None, settings: Settings | None = None, first_message: str | None = None,
                  store=None, demo_note: str | None = None) -> None:
         super().__init__()
+        from mixchat.engine import keep_thread_serial
+
+        keep_thread_serial()  # this (UI) thread's few tensor allocations must not slow the decoding worker
         self.settings = settings or settings_mod.load()
         self.model_folder = model or self.settings.model
         self.first_message = first_message
