@@ -252,7 +252,7 @@ def test_a_conversation_reopens_with_its_own_model(make_release, tmp_path):
         # Started on b, the restored tab (written with a) asks before going on.
         app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_until(pilot, lambda: asking(app))
+            await wait_until(pilot, lambda: asking(app) and app.screen.focused is not None)  # focus comes after mount
             assert app.pane.cid == cid
             shown = plain(app.screen.query_one("Static"))
             assert f"It was written with: {a}" in shown and f"Loaded now:           {b}" in shown

@@ -484,7 +484,9 @@ def test_quit_mid_reply_stops_and_saves_it_first(mixtral):
         app = MixchatApp(model=str(mixtral), settings=settings())
         async with app.run_test(size=(120, 40), notifications=True) as pilot:
             pane = await streaming(pilot, app)
-            await pilot.press("ctrl+q")
+            # Posted, not pilot.press: press waits for the app to go idle, and an app that exits
+            # meanwhile (the reply saved quickly) may never do so.
+            app.simulate_key("ctrl+q")
             await wait_until(pilot, lambda: app.return_code is not None)
             # Exiting came only after the worker had ended, i.e. saved.
             assert not pane.writing
