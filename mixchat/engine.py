@@ -60,8 +60,9 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def keep_thread_serial() -> bool:
-    """Make the calling thread run its own torch ops on one thread; other threads keep torch's count.
+def keep_thread_serial(threads: int = 1) -> bool:
+    """Make the calling thread run its own torch ops on `threads` threads (1: serially); other threads
+    keep torch's count.
 
     For the app's UI thread, which decodes nothing but allocates a KV cache now and then: once a thread
     has run one parallel op, libgomp keeps a team of worker threads for it for good, and with more such
@@ -77,7 +78,7 @@ def keep_thread_serial() -> bool:
         lib = ctypes.CDLL(libs[0]) if libs else None
         if lib is None or not hasattr(lib, "omp_set_num_threads"):
             return False
-        lib.omp_set_num_threads(1)
+        lib.omp_set_num_threads(threads)
     except OSError:
         return False
     return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mixchat.config import ModelArgs
 from mixchat.synthetic import mistral_common_tokenizer, write_release
@@ -39,3 +40,17 @@ def make_release(tmp_path, v1_tokenizer):
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXCHAT_HOME", str(tmp_path / "home"))
+
+
+_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _main_thread_keeps_torchs_threads():
+    """A MixchatApp built in a test makes this (pytest's main) thread serial for good, as it makes its
+    UI thread: the tests after it would run their models on one thread."""
+    yield
+    if torch.get_num_threads() != _THREADS:
+        from mixchat.engine import keep_thread_serial
+
+        keep_thread_serial(_THREADS)
