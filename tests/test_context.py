@@ -8,11 +8,11 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from conftest import tiny_args
+from tui.pilot import wait_until
 
 from mixchat import cache
 from mixchat.cache import choose_context, kv_bytes, kv_tokens_within
@@ -106,13 +106,6 @@ def test_inspect_shows_kv_per_token_and_the_context_that_fits(make_release, monk
     small = inspect_release(folder)
     assert small["kv_cache_fits_tokens_now"] == 1000
     assert "context that fits now: 1000 tokens" in format_report(small)
-
-
-async def wait_until(pilot, condition, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "timed out waiting"
-        await pilot.pause(0.05)
 
 
 def mixchat(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:

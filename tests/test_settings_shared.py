@@ -62,8 +62,8 @@ def ask(*args: str) -> list[int]:
     return [json.loads(line)["token"] for line in proc.stdout.decode().splitlines()[:-1]]
 
 
-@pytest.mark.skipif(DEMO is None, reason="the demo model ships with the checkout")
 def test_saved_sampling_wins_over_the_demos_recommendation_and_flags_win_over_both():
+    assert DEMO is not None, "the demo model ships with the checkout (assets/demo)"
     # No settings file: the demo's recommendation (temperature 0.8, top-p 0.9, penalty 1.15) applies.
     recommended = ask("--seed", "1")
     assert recommended == ask("--seed", "1", "--temperature", "0.8", "--top-p", "0.9", "--repeat-penalty", "1.15")

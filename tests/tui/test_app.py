@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 
 import pytest
 from conftest import tiny_args
@@ -14,16 +12,10 @@ from mixchat.tui.app import ChatPane, MixchatApp
 from mixchat.tui.expertpanel import ExpertPanel
 from mixchat.tui.status import StatusBar
 from mixchat.tui.widgets import MessageView, PromptInput
+from tui.pilot import plain as _plain
+from tui.pilot import wait_until
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
-
-
-async def wait_until(pilot, condition, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("timed out waiting")
-        await pilot.pause(0.05)
 
 
 def settings(**kw) -> Settings:
@@ -40,12 +32,7 @@ async def send(pilot, app, text: str) -> None:
 
 
 def plain(widget) -> str:
-    """What a Static shows, as plain text (Rich renderables are printed to a recording console)."""
-    from rich.console import Console
-
-    console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
-    console.print(widget.content)
-    return console.export_text()
+    return _plain(widget, width=200)
 
 
 def status(app) -> str:

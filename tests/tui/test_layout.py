@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 
 import pytest
 from conftest import tiny_args
@@ -19,17 +18,10 @@ from mixchat.tui.app import COMMANDS, MixchatApp
 from mixchat.tui.panes import ChatPane
 from mixchat.tui.status import fit, shortened, status_text
 from mixchat.tui.widgets import PromptInput
+from tui.pilot import wait_until
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 SIZES = [(80, 24), (160, 45)]
-
-
-async def wait_until(pilot, condition, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("timed out waiting")
-        await pilot.pause(0.05)
 
 
 def settings(**kw) -> Settings:

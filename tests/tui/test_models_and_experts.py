@@ -23,31 +23,16 @@ from mixchat.tui.expertpanel import share_cell
 from mixchat.tui.modelpicker import DirectorySuggester, ModelMismatchScreen, ModelPicker, folder_verdict
 from mixchat.tui.panes import ChatPane
 from mixchat.tui.screens import SettingsScreen
+from tui.pilot import plain, wait_until
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 SIZES = [(80, 24), (160, 45)]
-
-
-async def wait_until(pilot, condition, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("timed out waiting")
-        await pilot.pause(0.05)
 
 
 def settings(**kw) -> Settings:
     base = dict(dtype="fp32", temperature=1.0, top_p=1.0, repeat_penalty=1.0, max_tokens=8, seed=1)
     base.update(kw)
     return Settings(**base)
-
-
-def plain(widget) -> str:
-    from rich.console import Console
-
-    console = Console(width=300, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
-    console.print(widget.content)
-    return console.export_text()
 
 
 def asking(app) -> bool:

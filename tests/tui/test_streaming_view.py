@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 from conftest import tiny_args
@@ -21,6 +20,7 @@ from mixchat.tui import colors
 from mixchat.tui.app import MixchatApp
 from mixchat.tui.expertpanel import ExpertPanel
 from mixchat.tui.widgets import ContextDivider, MessageView, PromptInput, context_cut_text
+from tui.pilot import wait_until as _wait_until
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 SIZE = (140, 50)
@@ -33,11 +33,7 @@ def settings(**kw) -> Settings:
 
 
 async def wait_until(pilot, condition, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("timed out waiting")
-        await pilot.pause(0.02)
+    await _wait_until(pilot, condition, timeout, step=0.02)  # a finer step: streamed batches come quickly
 
 
 def routing(i: int) -> tuple[list, list]:

@@ -24,6 +24,7 @@ from mixchat.tui.expertpanel import ExpertPanel
 from mixchat.tui.modelpicker import ModelMismatchScreen
 from mixchat.tui.screens import ConfirmScreen, HelpScreen, RenameScreen, SettingsScreen
 from mixchat.tui.status import StatusBar
+from tui.pilot import plain, wait_until
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 SIZE = (160, 100)  # tall: everything checked is on screen at once
@@ -41,14 +42,6 @@ def settings(**kw) -> Settings:
     return Settings(**base)
 
 
-async def wait_until(pilot, condition, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("timed out waiting")
-        await pilot.pause(0.05)
-
-
 def drawn(app, widget=None) -> str:
     """What the terminal is sent for the screen (or for `widget`'s part of it), as lines of text;
     asserts on the way that not one raw control character is among it."""
@@ -60,15 +53,6 @@ def drawn(app, widget=None) -> str:
         return "\n".join(s.text for s in strips)
     r = widget.region
     return "\n".join(s.crop(r.x, r.right).text for s in strips[r.y:r.bottom])
-
-
-def plain(widget) -> str:
-    """A Static's content printed to a wide recording console (for text that wraps on screen)."""
-    from rich.console import Console
-
-    console = Console(width=300, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
-    console.print(widget.content)
-    return console.export_text()
 
 
 def notices(app) -> list[str]:
