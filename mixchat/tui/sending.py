@@ -7,6 +7,8 @@ one redraw per token kept the UI thread (and the GIL) busy enough to slow decodi
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
 
 from textual import on, work
@@ -27,12 +29,16 @@ from mixchat.tui.widgets import MessageView, PromptInput
 
 # A reply is redrawn at most every DRAW_SECONDS (a terminal shows no more), and less often when the
 # UI thread's work since the last redraw comes to more than UI_SHARE of the time: composing a
-# 120x40 screen takes 10-40 ms of CPU on a small machine, and every such ms is taken from the
-# model's threads. A slow model's tokens still show about as they come; a fast one's come in fewer,
-# larger pieces (at worst every MAX_DRAW_SECONDS).
+# 120x40 screen takes 10-40 ms of CPU on a small machine, all of it holding the GIL the decoding
+# thread needs between its torch ops. A slow model's tokens still show about as they come; a fast
+# one's come in fewer, larger pieces (at worst every MAX_DRAW_SECONDS). The first tokens show at
+# once; the second redraw waits FIRST_WAIT_SECONDS (the first one's cost, mounting the reply
+# included, is known only when the second comes), unless an earlier reply measured the cost.
 DRAW_SECONDS = 1 / 30
-MAX_DRAW_SECONDS = 0.5
-UI_SHARE = 0.05
+FIRST_WAIT_SECONDS = 0.25
+MAX_DRAW_SECONDS = 1.0
+UI_SHARE = 0.03
+MOUNT_WAIT_SECONDS = 0.5  # at most, for the new messages to be on screen before the model starts
 EXPERT_PANEL_SECONDS = 0.5  # the expert panel (a table over every layer) follows the stream this often
 
 
@@ -91,13 +97,25 @@ class SendingMixin(MessagePump):
         pane.busy = True
         pane.phase = "prefilling"
         pane.stats = {"started": time.monotonic(), "count": 0}
-        pane.drawn_at, pane.draw_every = 0.0, DRAW_SECONDS  # the first tokens show at once
-        pane.worker = self.generate(pane, kind, text, index, settings)
+        # The first tokens show at once (drawn_at 0); then as the last reply's redraws allowed.
+        pane.drawn_at, pane.draw_every = 0.0, pane.draw_every or FIRST_WAIT_SECONDS
+        # The worker runs from now (a quit waits for it and so the message is saved), but begins
+        # once the new messages are on screen: mounting and laying them out takes the UI thread
+        # 20-60 ms, which would otherwise be taken from the first tokens' decoding.
+        mounted = threading.Event()
+        self.call_after_refresh(mounted.set)
+        # While replies stream, the cyclic garbage collector looks only at objects made since: a full
+        # collection walks every object of the process (100-300 ms holding the GIL, several times a
+        # reply) and the decoding thread waits for it. Unfrozen when no reply is being written, so
+        # what became garbage meanwhile is still collected.
+        gc.freeze()
+        pane.worker = self.generate(pane, kind, text, index, settings, mounted)
 
     # -- the reply (worker thread) ---------------------------------------------------------------
 
     @work(thread=True, group="generate")
-    def generate(self, pane: ChatPane, kind: str, text: str, index: int | None, settings) -> None:
+    def generate(self, pane: ChatPane, kind: str, text: str, index: int | None, settings,
+                 mounted: threading.Event | None = None) -> None:
         from mixchat.chat import ContextTrimmed
         from mixchat.generation import Done, PrefillProgress, TokenEvent
 
@@ -105,6 +123,8 @@ class SendingMixin(MessagePump):
         first = 0.0
         count = 0
         batch: TokenBatch | None = None
+        if mounted is not None:
+            mounted.wait(MOUNT_WAIT_SECONDS)
         try:
             events = chat.edit(index, text, settings, pane.cancel) if kind == "edit" else \
                 chat.send(text, settings, pane.cancel)
@@ -196,11 +216,16 @@ class SendingMixin(MessagePump):
             pane.panel_drawn = now
             self.refresh_experts()
 
+    def _unfreeze_heap(self) -> None:
+        if not any(p.busy for p in self.tabs.query(ChatPane)):
+            gc.unfreeze()
+
     def on_generation_finished(self, msg: GenerationFinished) -> None:
         for note in msg.notes:  # told even when the tab is gone
             self.notify(note, severity="warning", timeout=10)
         pane = self._pane(msg.pane_id)
         if pane is None:
+            self._unfreeze_heap()
             return
         if pane.pending is not None:  # the last tokens, still waiting for their redraw
             self._draw_tokens(pane.id, pane.pending)
@@ -220,6 +245,7 @@ class SendingMixin(MessagePump):
             self.refresh_experts()  # the last token, which the throttled updates may have skipped
         self.refresh_sidebar()
         self.update_status()
+        self._unfreeze_heap()
 
     def on_generation_failed(self, msg: GenerationFailed) -> None:
         pane = self._pane(msg.pane_id)
@@ -232,6 +258,7 @@ class SendingMixin(MessagePump):
                 pane.reply = None
             elif pane.reply is not None:
                 pane.reply.finish("error", pane.reply.text)  # kept (and saved) as far as it got
+        self._unfreeze_heap()
         self.notify(msg.error, severity="error", timeout=10)
 
     # -- actions on the reply --------------------------------------------------------------------

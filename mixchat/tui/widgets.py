@@ -12,6 +12,7 @@ from textual.widgets import Input, Markdown, Static, TextArea
 from mixchat.safetext import one_line, visible
 from mixchat.tui.colors import expert_color, expert_text_color
 from mixchat.tui.literal import literal
+from mixchat.tui.tokentext import TokenText
 
 
 class MessageView(Vertical):
@@ -59,7 +60,9 @@ class MessageView(Vertical):
             yield self._markdown
         else:
             self._shown = self._body()
-            yield Static(self._shown, classes="body")
+            # Coloured tokens: a TokenText, which wraps only the last line again as tokens come.
+            yield (TokenText(self._shown, classes="body") if self._colours_tokens() else
+                   Static(self._shown, classes="body"))
 
     def on_markdown_link_clicked(self, event: Markdown.LinkClicked) -> None:
         # A reply's links are the model's words, not the user's choice: show where one points
@@ -133,11 +136,17 @@ class MessageView(Vertical):
                 self.call_later(self._pump_markdown)
         elif self._shown is not None:
             # In the layer it began with: a layer chosen meanwhile recolours it all once it ends.
+            part = Text()
             if self._drawn_layer is None:
-                self._shown.append(visible(added))
+                part.append(visible(added))
             else:
-                self._add_tokens(self._shown, first, self._drawn_layer)
-            self.query_one(".body", Static).update(self._shown)
+                self._add_tokens(part, first, self._drawn_layer)
+            self._shown.append_text(part)
+            body = self.query_one(".body")
+            if isinstance(body, TokenText):
+                body.append(part)
+            else:
+                body.update(self._shown)
 
     async def _pump_markdown(self) -> None:
         # One Markdown.append at a time: each works out, when called, which lines it re-parses
@@ -176,7 +185,7 @@ class MessageView(Vertical):
                 await self._markdown.update(visible(text))
         elif streamed != text:
             self._shown = self._body()
-            self.query_one(".body", Static).update(self._shown)
+            self.query_one(".body").update(self._shown)
 
 
 class ContextDivider(Static):

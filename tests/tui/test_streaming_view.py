@@ -328,3 +328,35 @@ def test_the_expert_view_switched_while_a_reply_streams_applies_once_it_ends(mix
             assert reply.tokens == [(p, *routing(i)) for i, p in enumerate(pieces)]
 
     asyncio.run(scenario())
+
+
+# -- the garbage collector -------------------------------------------------------------------------
+
+
+def test_the_heap_is_frozen_only_while_a_reply_streams(mixtral, monkeypatch):
+    # A full collection walks every object of the process holding the GIL, which the decoding
+    # thread needs: while a reply streams, what existed before it is out of the collector's sight;
+    # afterwards it is not (garbage made meanwhile is still collected).
+    import gc
+
+    gate = threading.Event()
+    monkeypatch.setattr(Session, "generate", scripted(["a", "b", "c", "d"], gate, hold_before=2))
+
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings())
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            assert gc.get_freeze_count() == 0
+            app.send("hello")
+            pane = app.pane
+            await wait_until(pilot, lambda: pane.reply is not None and len(pane.reply.tokens) == 2)
+            assert gc.get_freeze_count() > 10000 and gc.isenabled()
+            gate.set()
+            await wait_until(pilot, lambda: finished(pane))
+            assert gc.get_freeze_count() == 0
+            assert pane.reply.text == "abcd"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gc.unfreeze()
