@@ -51,8 +51,8 @@ def synthetic_release(folder: Path) -> Path:
     import json
 
     from mixchat import paths
-    from mixchat.config import ModelArgs
-    from mixchat.synthetic import write_release
+    from mixchat.dev.synthetic import write_release
+    from mixchat.release.config import ModelArgs
 
     demo = paths.demo_model()
     params = json.loads((demo / "params.json").read_text())
@@ -63,10 +63,10 @@ def synthetic_release(folder: Path) -> Path:
 
 
 def one_shot(engine, settings: Settings, prompt: str) -> tuple[float, int]:
-    from mixchat.chat import Chat
-    from mixchat.generation import Done
-    from mixchat.kvstore import SessionPool
-    from mixchat.store import Store
+    from mixchat.conversations.chat import Chat
+    from mixchat.conversations.kvstore import SessionPool
+    from mixchat.conversations.store import Store
+    from mixchat.engine.generation import Done
 
     # Saved as it is written, as `mixchat -p` and the app do (a commit every few tokens).
     store = Store(Path(tempfile.mkdtemp(dir=HOME)) / "s.sqlite3")
@@ -91,8 +91,8 @@ def in_thread(fn, *args):
 
 async def in_app(folder: str, settings: Settings, prompt: str, experts: bool) -> tuple[float, int, float]:
     """Decode tokens/s, tokens, and the CPU seconds the UI thread spent on the reply."""
-    from mixchat.store import Store
-    from mixchat.tui.app import MixchatApp
+    from mixchat.conversations.store import Store
+    from mixchat.frontends.tui.app import MixchatApp
 
     app = MixchatApp(model=folder, settings=settings, store=Store(Path(tempfile.mkdtemp(dir=HOME)) / "s.sqlite3"))
     async with app.run_test(size=(120, 40)) as pilot:
@@ -118,7 +118,7 @@ async def in_app(folder: str, settings: Settings, prompt: str, experts: bool) ->
 
 
 def main() -> int:
-    from mixchat.engine import keep_thread_serial
+    from mixchat.engine.engine import keep_thread_serial
 
     # This thread is the app's UI thread below: serial before any torch op, as MixchatApp makes it (the
     # synthetic folder's random weights are made here too).
@@ -135,7 +135,7 @@ def main() -> int:
     ns = ap.parse_args()
 
     from mixchat import paths
-    from mixchat.engine import Engine
+    from mixchat.engine.engine import Engine
 
     folder = (synthetic_release(Path(HOME) / "synthetic") if ns.synthetic else
               Path(ns.model) if ns.model else paths.demo_model())

@@ -1,4 +1,4 @@
-"""Prompt-sized products (prefill): torch's CPU GEMMs against mixchat.kernels' GEMM.
+"""Prompt-sized products (prefill): torch's CPU GEMMs against mixchat.speed.kernels' GEMM.
 
     python benchmarks/gemm.py [--threads 2] [--rows 16 128] [--group 128] [--rounds 3]
 
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mixchat import kernels
+from mixchat.speed import kernels
 
 
 def timed(fn: Callable[[], object], min_s: float) -> float:

@@ -1,4 +1,4 @@
-"""Weight-streaming speed of matrix-vector products: torch's CPU kernels against mixchat.kernels.
+"""Weight-streaming speed of matrix-vector products: torch's CPU kernels against mixchat.speed.kernels.
 
     python benchmarks/gemv.py [--threads 2] [--rows 1 4] [--group 64] [--rounds 5] [--min-mb 400]
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mixchat import kernels
+from mixchat.speed import kernels
 
 Method = Callable[[torch.Tensor, int], torch.Tensor]
 

@@ -63,8 +63,8 @@ def main() -> int:
 
     import torch
 
-    import mixchat.engine as engine_mod
-    from mixchat.engine import Engine
+    import mixchat.engine.engine as engine_mod
+    from mixchat.engine.engine import Engine
 
     if ns.drop_caches:
         drop_caches()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from mixchat.config import ModelArgs
-from mixchat.synthetic import mistral_common_tokenizer, write_release
+from mixchat.dev.synthetic import mistral_common_tokenizer, write_release
+from mixchat.release.config import ModelArgs
 
 PRESETS = {
     "mistral-7b": {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,

@@ -3,7 +3,7 @@
     python benchmarks/offload.py /data/mixtral-4l-random --budget 5 [--quant none int8 int4] [--tokens 32]
 
 For each precision, loads the folder twice in fresh processes: without a budget (every expert
-resident; needs the memory) and with `--budget` GB (experts on demand, mixchat.experts), decodes
+resident; needs the memory) and with `--budget` GB (experts on demand, mixchat.speed.experts), decodes
 the same greedy tokens from the same prompt, and prints whether they are identical, decode tok/s,
 the expert cache's hit rate and the process's peak anonymous memory. Not run in CI.
 """
@@ -31,7 +31,7 @@ def _anon_peak_gb() -> float:
 def child(folder: str, quant: str | None, budget: float | None, tokens: int) -> dict:
     import torch
 
-    from mixchat.engine import Engine
+    from mixchat.engine.engine import Engine
 
     start = time.perf_counter()
     engine = Engine.load(folder, quant=quant, memory_budget=budget * 1e9 if budget else None, show_progress=False)

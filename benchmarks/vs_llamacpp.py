@@ -13,7 +13,7 @@ What it does, caching everything under --cache-dir (default ~/.cache/mixchat-ben
    Mixtral as llama, with expert_count for MoE), streaming one tensor at a time: besides the
    memory-mapped checkpoint it holds at most one layer's stacked experts (~1 GB for Mixtral 8x7B).
 3. Quantises it with llama-quantize to Q8_0 and Q4_0 (only those --quant asks for), choosing the
-   tensors as mixchat's --quant does (mixchat/qformat.py): every attention and feed-forward matrix
+   tensors as mixchat's --quant does (mixchat/speed/qformat.py): every attention and feed-forward matrix
    at the one type, output.weight at 8 bits, token embedding and MoE router left in BF16 (--pure
    --token-embedding-type bf16 --output-tensor-type q8_0). llama.cpp's default recipe (Q6_K output,
    Q8_0 attention for 8 experts, quantised embedding) would make it a comparison of recipes.
@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from mixchat.config import ModelArgs
+    from mixchat.release.config import ModelArgs
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 TARGETS = ("llama-bench", "llama-quantize")
@@ -346,7 +346,7 @@ def convert_to_gguf(folder: Path, out: Path) -> None:
     gguf = require_gguf()
     import numpy as np
 
-    from mixchat.release import model_state, open_release
+    from mixchat.release.folder import model_state, open_release
 
     opened = open_release(folder)
     args = opened.args
@@ -424,7 +424,7 @@ def convert_to_gguf(folder: Path, out: Path) -> None:
 def gguf_dir(cache: Path, folder: Path) -> Path:
     """This folder's GGUF cache: keyed by its path, weights size and mtime and params.json, so
     replaced weights are converted again instead of benchmarking a stale copy."""
-    from mixchat.release import Release
+    from mixchat.release.folder import Release
 
     release = Release.find(folder)
     st = release.weights.stat()
@@ -443,7 +443,7 @@ def check_disk(where: Path, needed: int) -> None:
 
 def prepare_ggufs(folder: Path, cache: Path, precisions: list[str], quantize: Path, threads: int) -> dict[str, Path]:
     """The GGUF file of each precision, converting and quantising only what the cache lacks."""
-    from mixchat.release import Release, read_header
+    from mixchat.release.folder import Release, read_header
 
     out_dir = gguf_dir(cache, folder)
     files = {p: out_dir / PRECISIONS[p][1] for p in precisions}
@@ -599,15 +599,15 @@ def mixchat_quant_flag(precision: str, choices: set[str], int4: str) -> list[str
 def mixchat_weights_gb(folder: Path, quant: str | None) -> float:
     """The weight bytes mixchat keeps for `quant` (its bench's "quant" name, e.g. int4-g64; None
     for the release dtype): `mixchat inspect`'s estimate, else the release file's size."""
-    from mixchat.release import Release
+    from mixchat.release.folder import Release
 
     try:
-        from mixchat.inspection import inspect_release
+        from mixchat.release.inspection import inspect_release
 
         estimate = inspect_release(folder).get("memory_estimate_bytes", {}).get(quant or "bf16")
         if estimate:
             return gb(estimate)
-    except Exception:  # only a display nicety, and mixchat/inspection.py is still changing
+    except Exception:  # only a display nicety, and mixchat/release/inspection.py is still changing
         pass
     return gb(Release.find(folder).weights.stat().st_size)
 
@@ -765,7 +765,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from mixchat.release import Release
+    from mixchat.release.folder import Release
 
     folder = ns.model.expanduser()
     Release.find(folder)  # a wrong folder fails now, not after a long build

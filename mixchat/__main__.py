@@ -1,3 +1,3 @@
-from mixchat.cli import main
+from mixchat.frontends.cli import main
 
 raise SystemExit(main())

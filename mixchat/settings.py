@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from mixchat import checksum, paths
+from mixchat import paths
+from mixchat.engine.sampling import SamplingSettings
 from mixchat.errors import MixchatError
-from mixchat.qformat import CHOICES
-from mixchat.sampling import SamplingSettings
+from mixchat.release import checksum
+from mixchat.speed.qformat import CHOICES
 
 # What Chat.send does when the next turn would not fit the context: "drop" the oldest turns from the
 # model's view (they stay in the store), or "stop" and refuse the message (what mixchat did before this setting).

@@ -4,7 +4,7 @@ End to end and seeded: fetch the novels (Debian's r-cran-janeaustenr, read by sc
 split them (the last VAL_SHARE of each novel's paragraphs is held out), train a SentencePiece BPE
 tokenizer with Mistral's special ids, build two streams of training rows — plain prose and the
 novels' dialogue as v1 instruct exchanges (BOS [INST] speech [/INST] reply EOS, exactly what
-mixchat.chat_format.encode_chat writes) — train with mixchat's own modules (mixchat.training),
+mixchat.text.chat_format.encode_chat writes) — train with mixchat's own modules (mixchat.dev.training),
 then write a release folder in Mistral's format (params.json, consolidated.00.pth in bf16,
 tokenizer.model, RELEASE) and TRAINING.md, with samples generated from the saved folder through
 Engine.load + Session.
@@ -39,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import janeausten  # noqa: E402
 from demo_prompts import CHAT_PROMPTS  # noqa: E402
 
-from mixchat.chat_format import Message, encode_chat  # noqa: E402
-from mixchat.config import ModelArgs, MoeArgs  # noqa: E402
-from mixchat.model import Transformer  # noqa: E402
-from mixchat.synthetic import md5  # noqa: E402
-from mixchat.tokenizer import Tokenizer  # noqa: E402
-from mixchat.training import expert_usage, forward_train, load_balancing_loss  # noqa: E402
+from mixchat.dev.synthetic import md5  # noqa: E402
+from mixchat.dev.training import expert_usage, forward_train, load_balancing_loss  # noqa: E402
+from mixchat.model.model import Transformer  # noqa: E402
+from mixchat.release.config import ModelArgs, MoeArgs  # noqa: E402
+from mixchat.text.chat_format import Message, encode_chat  # noqa: E402
+from mixchat.text.tokenizer import Tokenizer  # noqa: E402
 
 VAL_SHARE = 0.05
 RECOMMENDED = {"temperature": 0.8, "top_p": 0.9, "repeat_penalty": 1.15}
@@ -270,9 +270,9 @@ def write_release(folder: Path, seed: int, command: str) -> None:
 def chat_samples(folder: Path, prompts: list[str], max_tokens: int, seed: int) -> list[tuple[str, str, str]]:
     """(prompt, reply, stop) for each prompt, generated from the saved folder with the recommended
     sampling settings, through the same path `mixchat -p` takes."""
-    from mixchat.engine import Engine
-    from mixchat.generation import Done, Session
-    from mixchat.sampling import SamplingSettings
+    from mixchat.engine.engine import Engine
+    from mixchat.engine.generation import Done, Session
+    from mixchat.engine.sampling import SamplingSettings
 
     engine = Engine.load(folder, show_progress=False)
     settings = SamplingSettings(**RECOMMENDED, max_tokens=max_tokens, seed=seed)
@@ -286,9 +286,9 @@ def chat_samples(folder: Path, prompts: list[str], max_tokens: int, seed: int) -
 
 
 def raw_samples(folder: Path, prompts: list[str], max_tokens: int, seed: int) -> list[tuple[str, str, str]]:
-    from mixchat.engine import Engine
-    from mixchat.generation import Done, Session
-    from mixchat.sampling import SamplingSettings
+    from mixchat.engine.engine import Engine
+    from mixchat.engine.generation import Done, Session
+    from mixchat.engine.sampling import SamplingSettings
 
     engine = Engine.load(folder, show_progress=False)
     settings = SamplingSettings(**RECOMMENDED, max_tokens=max_tokens, seed=seed)
@@ -449,14 +449,14 @@ def write_report(ns, command, n_params, folder_mb, train_minutes, total_seconds,
         f"top-2 routing, {ns.vocab}-piece SentencePiece BPE tokenizer) in Mistral's release format "
         f"({folder_mb:.1f} MB, weights in bf16). It was trained from scratch on the two CPU cores of the "
         "development machine by `scripts/train_demo.py`, which uses mixchat's own model modules "
-        "(`mixchat/training.py`).",
+        "(`mixchat/dev/training.py`).",
         "",
         "Data: Jane Austen's six novels (public domain), from Debian's `r-cran-janeaustenr` 1.0.0-1, read "
         f"without R by `scripts/janeausten.py`. The last {VAL_SHARE:.0%} of each novel's paragraphs is held "
         f"out. Training rows ({ns.seq_len} tokens) are {1 - ns.chat_share:.0%} prose windows "
         f"({n_prose} tokens) and {ns.chat_share:.0%} packed chat exchanges: {n_exchanges} pairs of consecutive "
         "speeches from the novels, written as v1 instruct turns (`<s>[INST] speech [/INST] reply</s>`, "
-        "token for token what `mixchat.chat_format.encode_chat` produces), so a line typed to the model gets "
+        "token for token what `mixchat.text.chat_format.encode_chat` produces), so a line typed to the model gets "
         "an answer in the manner of the novels' dialogue that ends by itself.",
         "",
         f"Command (seed {ns.seed}):",

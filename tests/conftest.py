@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixchat.config import ModelArgs
-from mixchat.synthetic import mistral_common_tokenizer, write_release
+from mixchat.dev.synthetic import mistral_common_tokenizer, write_release
+from mixchat.release.config import ModelArgs
 
 
 def tiny_args(**overrides) -> ModelArgs:
@@ -51,6 +51,6 @@ def _main_thread_keeps_torchs_threads():
     UI thread: the tests after it would run their models on one thread."""
     yield
     if torch.get_num_threads() != _THREADS:
-        from mixchat.engine import keep_thread_serial
+        from mixchat.engine.engine import keep_thread_serial
 
         keep_thread_serial(_THREADS)

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mixchat import kernels, model
+from mixchat.model import model
+from mixchat.speed import kernels
 
 
 @pytest.fixture(name="kernel_isa", params=kernels.ISAS)

@@ -12,8 +12,8 @@ import copy
 
 import torch
 
-from mixchat.config import ModelArgs
-from mixchat.release import model_state
+from mixchat.release.config import ModelArgs
+from mixchat.release.folder import model_state
 
 
 def permute_for_rotate_half(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mixchat.tokenizer import load_tokenizer
+from mixchat.text.tokenizer import load_tokenizer
 
 DATA = Path(mistral_common.__file__).parent / "data"
 # Every tokenizer file mistral-common ships, by the instruct format it implies.

@@ -8,11 +8,11 @@ import torch
 from conftest import tiny_args
 from test_model_vs_hf import random_tokens
 
-from mixchat.cache import KVCache, kv_bytes, kv_tokens_within
-from mixchat.config import ModelArgs
+from mixchat.dev.synthetic import random_state
 from mixchat.errors import ContextError
-from mixchat.model import Transformer
-from mixchat.synthetic import random_state
+from mixchat.model.cache import KVCache, kv_bytes, kv_tokens_within
+from mixchat.model.model import Transformer
+from mixchat.release.config import ModelArgs
 
 
 def model_for(args) -> Transformer:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from conftest import tiny_args
 
-from mixchat import kvstore, paths
-from mixchat.chat import Chat
-from mixchat.engine import Engine
-from mixchat.generation import Done
-from mixchat.sampling import SamplingSettings
-from mixchat.store import Store
+from mixchat import paths
+from mixchat.conversations import kvstore
+from mixchat.conversations.chat import Chat
+from mixchat.conversations.store import Store
+from mixchat.engine.engine import Engine
+from mixchat.engine.generation import Done
+from mixchat.engine.sampling import SamplingSettings
 
 GREEDY = SamplingSettings(temperature=0, repeat_penalty=1.0, max_tokens=6)
 

@@ -8,8 +8,8 @@ import pytest
 from mistral_common.tokens.tokenizers.base import SpecialTokens
 from mistral_oracle import SHIPPED, oracle_chat, ours, shipped, small_tekken
 
-from mixchat.chat_format import Message, encode_chat
-from mixchat.tokenizer import Tokenizer
+from mixchat.text.chat_format import Message, encode_chat
+from mixchat.text.tokenizer import Tokenizer
 
 TURNS = [
     ("Hi there", "Hello! How can I help? "),

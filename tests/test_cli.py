@@ -14,7 +14,7 @@ from mistral_common.protocol.instruct.messages import UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mixchat.tokenizer import Tokenizer
+from mixchat.text.tokenizer import Tokenizer
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 
@@ -118,7 +118,8 @@ def test_prompt_over_the_context(make_release):
 
 
 def test_no_model_and_bad_flags(mixtral, tmp_path, monkeypatch, capsys):
-    from mixchat import cli, paths
+    from mixchat import paths
+    from mixchat.frontends import cli
 
     monkeypatch.delenv("MIXCHAT_MODEL", raising=False)
     monkeypatch.setattr(paths, "demo_model", lambda: None)  # a checkout without the demo model
@@ -186,7 +187,7 @@ def test_sampling_recommended_in_params_json_applies_unless_a_flag_overrides(mak
     ([], None, None),
 ])
 def test_a_first_positional_that_names_a_command_is_that_command(argv, command, prompt):
-    from mixchat.cli import COMMANDS, parse_args
+    from mixchat.frontends.cli import COMMANDS, parse_args
 
     assert {"list", "show", "export", "rm", "rename", "search", "import", "inspect", "verify", "bench"} == set(COMMANDS)
     ns = parse_args(argv)
@@ -194,7 +195,7 @@ def test_a_first_positional_that_names_a_command_is_that_command(argv, command, 
 
 
 def test_every_command_still_parses():
-    from mixchat.cli import parse_args
+    from mixchat.frontends.cli import parse_args
 
     for argv, func in [(["inspect", "d"], "_inspect"), (["verify", "d"], "_verify"), (["list"], "_list"),
                        (["show", "abcd"], "_show"), (["export", "abcd", "--format", "json"], "_show"),
@@ -204,7 +205,7 @@ def test_every_command_still_parses():
 
 
 def test_when_full_is_parsed_and_checked(capsys):
-    from mixchat.cli import parse_args
+    from mixchat.frontends.cli import parse_args
 
     assert parse_args(["-p", "x"]).when_full is None
     assert parse_args(["--when-full", "drop", "q"]).when_full == "drop"
@@ -237,9 +238,9 @@ def test_when_full_reaches_the_apps_settings(monkeypatch):
     """_interactive hands --when-full to the app's Settings (once settings.py has the field)."""
     import dataclasses
 
-    from mixchat import cli, repl
     from mixchat import settings as settings_mod
-    from mixchat.tui import app as app_mod
+    from mixchat.frontends import cli, repl
+    from mixchat.frontends.tui import app as app_mod
 
     with_field = settings_mod.Settings if hasattr(settings_mod.Settings(), "when_full") else \
         dataclasses.make_dataclass("WithWhenFull", [("when_full", str, "drop")], bases=(settings_mod.Settings,))

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mixchat.config import ModelArgs
 from mixchat.errors import ConfigError
+from mixchat.release.config import ModelArgs
 
 MISTRAL_7B = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
               "norm_eps": 1e-05, "sliding_window": 4096, "vocab_size": 32000}

@@ -14,14 +14,14 @@ import torch
 from conftest import tiny_args
 from tui.pilot import wait_until
 
-from mixchat import cache
-from mixchat.cache import choose_context, kv_bytes, kv_tokens_within
-from mixchat.config import ModelArgs
-from mixchat.engine import Engine
+from mixchat.engine.engine import Engine
+from mixchat.engine.generation import Session
+from mixchat.engine.sampling import SamplingSettings
 from mixchat.errors import ContextError
-from mixchat.generation import Session
-from mixchat.inspection import format_report, inspect_release
-from mixchat.sampling import SamplingSettings
+from mixchat.model import cache
+from mixchat.model.cache import choose_context, kv_bytes, kv_tokens_within
+from mixchat.release.config import ModelArgs
+from mixchat.release.inspection import format_report, inspect_release
 
 NEMO = ModelArgs.from_dict({"dim": 5120, "n_layers": 40, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,
                             "n_kv_heads": 8, "norm_eps": 1e-5, "vocab_size": 131072, "rope_theta": 1e6,
@@ -131,11 +131,11 @@ def test_the_context_flag_end_to_end(make_release):
 
 
 def test_the_settings_sheet_sets_the_context_of_new_conversations(make_release, monkeypatch, tmp_path):
+    from mixchat.conversations.store import Store
+    from mixchat.frontends.tui.app import MixchatApp
+    from mixchat.frontends.tui.screens import SettingsScreen
+    from mixchat.frontends.tui.status import status_text
     from mixchat.settings import Settings
-    from mixchat.store import Store
-    from mixchat.tui.app import MixchatApp
-    from mixchat.tui.screens import SettingsScreen
-    from mixchat.tui.status import status_text
 
     folder = str(make_release(tiny_args(n_layers=2, max_seq_len=4096), seed=3))
 
@@ -174,7 +174,7 @@ def test_the_ui_thread_keeps_its_torch_ops_serial_without_slowing_other_threads(
     keep torch's thread count. In a subprocess: it changes the calling thread for good."""
     code = ("import threading, torch\n"
             "torch.set_num_threads(2)\n"
-            "from mixchat.engine import keep_thread_serial\n"
+            "from mixchat.engine.engine import keep_thread_serial\n"
             "assert keep_thread_serial()\n"
             "torch.zeros(10_000_000)\n"
             "seen = []\n"

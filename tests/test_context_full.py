@@ -15,16 +15,17 @@ import pytest
 from conftest import tiny_args
 from mistral_oracle import oracle_chat
 
-from mixchat import kvstore, paths
-from mixchat.chat import KEEP_SHARE, Chat, ContextTrimmed
-from mixchat.chat_format import Message, encode_chat
-from mixchat.engine import Engine
+from mixchat import paths
+from mixchat.conversations import kvstore
+from mixchat.conversations.chat import KEEP_SHARE, Chat, ContextTrimmed
+from mixchat.conversations.store import Store
+from mixchat.dev.synthetic import mistral_common_tokenizer
+from mixchat.engine.engine import Engine
+from mixchat.engine.generation import Done, PrefillProgress, TokenEvent
+from mixchat.engine.sampling import SamplingSettings
 from mixchat.errors import ContextError, MixchatError
-from mixchat.generation import Done, PrefillProgress, TokenEvent
-from mixchat.sampling import SamplingSettings
-from mixchat.store import Store
-from mixchat.synthetic import mistral_common_tokenizer
-from mixchat.tokenizer import load_tokenizer
+from mixchat.text.chat_format import Message, encode_chat
+from mixchat.text.tokenizer import load_tokenizer
 
 CONTEXT = 128
 GREEDY = SamplingSettings(temperature=0, repeat_penalty=1.0, max_tokens=8)
@@ -268,13 +269,14 @@ def test_one_shot_continue_goes_on_past_the_context_and_says_so(make_release):
 
 
 def _ns(*args: str) -> Namespace:
-    from mixchat.cli import build_parser
+    from mixchat.frontends.cli import build_parser
 
     return build_parser().parse_args(args)
 
 
 def test_one_shot_takes_the_policy_from_the_flag_then_the_settings(make_release, capsys):
-    from mixchat import oneshot, settings
+    from mixchat import settings
+    from mixchat.frontends import oneshot
 
     folder = release(make_release, seed=17)
     base = ("--dtype", "fp32", "--temperature", "0", "--max-tokens", "8", "--json")
@@ -320,7 +322,7 @@ def test_line_mode_drops_and_prints_the_note(make_release):
 
 def test_events_come_in_order_and_the_gauge_api_is_documented(make_release):
     """ContextTrimmed comes before any PrefillProgress of the re-read (long enough here to report progress)."""
-    from mixchat.chat import Chat as ChatClass
+    from mixchat.conversations.chat import Chat as ChatClass
 
     for name in ("context_start", "dropped_messages()", "dropped_tokens()", "context_used()"):
         assert name in ChatClass.__doc__

@@ -14,11 +14,11 @@ import pytest
 from conftest import tiny_args
 from test_cli import mixchat, one_error_line
 
-from mixchat.chat_format import Message, encode_chat
-from mixchat.engine import Engine
-from mixchat.generation import Session
-from mixchat.sampling import SamplingSettings
-from mixchat.store import Store, short_id
+from mixchat.conversations.store import Store, short_id
+from mixchat.engine.engine import Engine
+from mixchat.engine.generation import Session
+from mixchat.engine.sampling import SamplingSettings
+from mixchat.text.chat_format import Message, encode_chat
 
 ARGS = ["--dtype", "fp32", "--temperature", "0", "--repeat-penalty", "1", "--json"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_args
 
-from mixchat.engine import Engine
+from mixchat.engine.engine import Engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 

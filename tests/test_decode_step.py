@@ -15,11 +15,11 @@ from routing import RouterLog
 from test_model_vs_hf import random_tokens
 from tolerance import BF16_FLIP, Q8_FLIP, Chain, assert_same_argmax, assert_within, routed_alike, tolerance
 
-from mixchat import kernels
-from mixchat import model as model_mod
-from mixchat.cache import KVCache
-from mixchat.engine import Engine
-from mixchat.release import open_weights
+from mixchat.engine.engine import Engine
+from mixchat.model import model as model_mod
+from mixchat.model.cache import KVCache
+from mixchat.release.folder import open_weights
+from mixchat.speed import kernels
 
 needs_kernels = pytest.mark.skipif(not kernels.simd(),
                                    reason=f"compiled AVX2 kernels not available: {kernels.reason()}")

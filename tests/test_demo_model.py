@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixchat.cache import KVCache
-from mixchat.chat_format import Message, encode_chat
-from mixchat.engine import Engine
-from mixchat.generation import Done, Session
-from mixchat.sampling import SamplingSettings
-from mixchat.training import forward_train, load_balancing_loss
+from mixchat.dev.training import forward_train, load_balancing_loss
+from mixchat.engine.engine import Engine
+from mixchat.engine.generation import Done, Session
+from mixchat.engine.sampling import SamplingSettings
+from mixchat.model.cache import KVCache
+from mixchat.text.chat_format import Message, encode_chat
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "assets" / "demo"
@@ -172,10 +172,10 @@ def _parse_chat(stdout: str) -> dict:
 
 
 def test_chat_replies_end_by_themselves(capsys):
-    # In-process `mixchat.cli.main` (the exact one-shot code path) for all prompts: eight fresh
+    # In-process `mixchat.frontends.cli.main` (the exact one-shot code path) for all prompts: eight fresh
     # interpreters would spend ~30 CPU-seconds importing torch. One real subprocess below checks
     # that `python -m mixchat` gives the very same answer.
-    from mixchat.cli import main
+    from mixchat.frontends.cli import main
 
     results = []
     for prompt in CHAT_PROMPTS:

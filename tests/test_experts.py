@@ -7,10 +7,10 @@ import torch
 from conftest import tiny_args
 from torch import nn
 
-from mixchat.engine import Engine, _copy_expert
+from mixchat.engine.engine import Engine, _copy_expert
 from mixchat.errors import MixchatError
-from mixchat.experts import ExpertCache
 from mixchat.paths import demo_model
+from mixchat.speed.experts import ExpertCache
 
 DEMO = demo_model()
 
@@ -119,7 +119,7 @@ def test_prefetched_experts_count_as_hits_and_are_loaded_once():
 
 
 def test_one_shot_stats_report_the_hit_rate(capsys):
-    from mixchat.cli import main
+    from mixchat.frontends.cli import main
 
     assert main(["-m", str(DEMO), "--memory-budget", "0.008", "--no-save", "--stats", "--max-tokens", "6",
                  "--temperature", "0", "-p", "Good morning"]) == 0

@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny_args
 
 from mixchat import paths
-from mixchat.store import Store
+from mixchat.conversations.store import Store
 
 LONG = ["--dtype", "fp32", "--json", "--temperature", "1", "--seed", "3", "--max-tokens", "100000"]
 

@@ -10,12 +10,12 @@ import torch
 from conftest import tiny_args
 from hf_oracle import hf_model
 
-from mixchat.chat_format import Message, encode_chat
-from mixchat.engine import Engine
+from mixchat.engine.engine import Engine
+from mixchat.engine.generation import Done, PrefillProgress, Session, TokenEvent, common_prefix
+from mixchat.engine.sampling import SamplingSettings, apply_repeat_penalty, sample
 from mixchat.errors import ContextError
-from mixchat.generation import Done, PrefillProgress, Session, TokenEvent, common_prefix
-from mixchat.release import open_weights
-from mixchat.sampling import SamplingSettings, apply_repeat_penalty, sample
+from mixchat.release.folder import open_weights
+from mixchat.text.chat_format import Message, encode_chat
 
 GREEDY = SamplingSettings(temperature=0, repeat_penalty=1.0, max_tokens=24)
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}

@@ -26,9 +26,10 @@ import pytest
 import torch
 from conftest import tiny_args
 
-from mixchat import cli, paths
-from mixchat.store import short_id
-from mixchat.synthetic import mistral_common_tokenizer, write_release
+from mixchat import paths
+from mixchat.conversations.store import short_id
+from mixchat.dev.synthetic import mistral_common_tokenizer, write_release
+from mixchat.frontends import cli
 
 FAST = ("--temperature", "0", "--max-tokens", "3", "--dtype", "fp32")
 
@@ -269,7 +270,7 @@ def release_lists(*names: str) -> Callable[[Ctx], None]:
 
 def fake_reply(text: str):
     """Session.generate replaced by one that 'generates' `text` (model output is input too)."""
-    from mixchat.generation import Done, TokenEvent
+    from mixchat.engine.generation import Done, TokenEvent
 
     def generate(self, prompt, settings=None, cancel=None):
         done = Done(prompt_tokens=list(prompt), cached_tokens=0, prefilled_tokens=len(prompt), generated=[5, 6])
@@ -586,7 +587,7 @@ def test_hostile_input(case: Case, release_template, tmp_path, monkeypatch, caps
 
     ctx = Ctx(model, home, tmp_path, run)
     if case.name == "model output":
-        from mixchat.generation import Session
+        from mixchat.engine.generation import Session
 
         monkeypatch.setattr(Session, "generate", fake_reply("say \x1b]0;pwned\x07 then \x1b[2J done"))
     if case.prepare is not None:

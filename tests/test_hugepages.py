@@ -1,12 +1,12 @@
-"""mixchat.hugepages: weights copied out of the file mapping into one huge-page region."""
+"""mixchat.speed.hugepages: weights copied out of the file mapping into one huge-page region."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mixchat import hugepages
-from mixchat.engine import Engine
+from mixchat.engine.engine import Engine
+from mixchat.speed import hugepages
 
 needs_linux = pytest.mark.skipif(not hugepages.supported(), reason="huge pages need Linux with MADV_HUGEPAGE")
 

@@ -13,9 +13,9 @@ from conftest import tiny_args
 from test_cli import mixchat, one_error_line
 
 from mixchat import paths
-from mixchat import store as store_mod
-from mixchat.migrations import migrate
-from mixchat.store import CROCKFORD, SHORT_ID, Store, StoreError, check_id, new_id, short_id
+from mixchat.conversations import store as store_mod
+from mixchat.conversations.migrations import migrate
+from mixchat.conversations.store import CROCKFORD, SHORT_ID, Store, StoreError, check_id, new_id, short_id
 
 ULID = re.compile(r"^[0-7][0-9a-hjkmnp-tv-z]{25}$")
 

@@ -10,9 +10,11 @@ import sys
 
 import pytest
 
-from mixchat import cli, exporting, paths
-from mixchat.exporting import ImportRefused, export_json, export_markdown, import_json, parse_import
-from mixchat.store import Store, StoreError, short_id
+from mixchat import paths
+from mixchat.conversations import exporting
+from mixchat.conversations.exporting import ImportRefused, export_json, export_markdown, import_json, parse_import
+from mixchat.conversations.store import Store, StoreError, short_id
+from mixchat.frontends import cli
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""mixchat.kernels (compiled GEMV kernels) against float64 torch references, plus the fallbacks.
+"""mixchat.speed.kernels (compiled GEMV kernels) against float64 torch references, plus the fallbacks.
 
 Every bound is tolerance.py's rigorous one for a single product: the kernels, on any CPU and in any
 build (kernel_isa runs the native, avx2 and portable builds here), sum K products in fp32 in their own
@@ -34,7 +34,7 @@ from tolerance import (
     tolerance,
 )
 
-from mixchat import kernels
+from mixchat.speed import kernels
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"compiled kernels unavailable: {kernels.reason()}")
 
@@ -247,7 +247,7 @@ def test_int4_q8_error_is_small_next_to_int4s_own():
     g = gen(5)
     w = torch.randn(512, 4096, generator=g) * 0.02
     x = torch.randn(4, 4096, generator=g) * torch.where(torch.rand(4096, generator=g) < 0.01, 50.0, 1.0)
-    from mixchat.quant import quantize_int4
+    from mixchat.speed.quant import quantize_int4
 
     packed, scale, zero = quantize_int4(w, 64)
     exact = kernels.linear_int4(x, packed, scale, zero, 64, exact=True).double()
@@ -345,7 +345,7 @@ def test_linear_many_checks_its_arguments():
 
 @needs_kernels
 def test_project_fuses_only_what_the_kernels_take(monkeypatch):
-    from mixchat import model as model_mod
+    from mixchat.model import model as model_mod
 
     calls = []
     real = kernels.linear_many
@@ -426,7 +426,7 @@ def test_the_kernels_add_no_openmp_runtime():
             return {l.split()[-1] for l in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in l}
         torch.randn(256, 256) @ torch.randn(256, 256)
         before = gomps()
-        from mixchat import kernels
+        from mixchat.speed import kernels
         kernels.linear_bf16(torch.randn(1, 1024), torch.randn(512, 1024).to(torch.bfloat16))
         assert kernels.available()
         print(sorted(gomps() - before))
@@ -584,7 +584,7 @@ def expert_rows(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 @needs_kernels
 def test_native_bf16_decides_who_multiplies_a_prompt(monkeypatch, native_bf16):
-    from mixchat import model as model_mod
+    from mixchat.model import model as model_mod
 
     rows = []
     real = kernels.linear_bf16
@@ -605,8 +605,8 @@ def test_native_bf16_decides_who_multiplies_a_prompt(monkeypatch, native_bf16):
 def test_bf16_decode_through_the_kernel_matches_torch(make_release, monkeypatch, native_bf16):
     from conftest import tiny_args
 
-    from mixchat import model as model_mod
-    from mixchat.engine import Engine
+    from mixchat.engine.engine import Engine
+    from mixchat.model import model as model_mod
 
     args = tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2})
     folder = make_release(args, "experts")
@@ -659,7 +659,7 @@ def test_torrent_w2_views_decode_like_fp32(make_release):
     # The torrent layout's w2 is a transposed view, which the kernels read as it lies.
     from conftest import tiny_args
 
-    from mixchat.engine import Engine
+    from mixchat.engine.engine import Engine
 
     args = tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2})
     folder = make_release(args, "torrent")

@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import tiny_args
 
-from mixchat import kvstore
-from mixchat.chat_format import Message, encode_chat
-from mixchat.engine import Engine
-from mixchat.generation import Done, Session
-from mixchat.sampling import SamplingSettings
+from mixchat.conversations import kvstore
+from mixchat.engine.engine import Engine
+from mixchat.engine.generation import Done, Session
+from mixchat.engine.sampling import SamplingSettings
+from mixchat.text.chat_format import Message, encode_chat
 
 GREEDY = SamplingSettings(temperature=0, repeat_penalty=1.0, max_tokens=12)
 

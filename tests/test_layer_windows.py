@@ -8,13 +8,13 @@ import torch
 from conftest import tiny_args
 from test_model_vs_hf import random_tokens
 
-from mixchat import kvstore
-from mixchat.cache import kv_bytes
-from mixchat.chat_format import Message, encode_chat
-from mixchat.engine import Engine
-from mixchat.generation import Done, Session
-from mixchat.sampling import SamplingSettings
-from mixchat.training import forward_train
+from mixchat.conversations import kvstore
+from mixchat.dev.training import forward_train
+from mixchat.engine.engine import Engine
+from mixchat.engine.generation import Done, Session
+from mixchat.engine.sampling import SamplingSettings
+from mixchat.model.cache import kv_bytes
+from mixchat.text.chat_format import Message, encode_chat
 
 GREEDY = SamplingSettings(temperature=0, repeat_penalty=1.0, max_tokens=12)
 ARGS = tiny_args(sliding_window=[6, None, 10, None], n_layers=4)

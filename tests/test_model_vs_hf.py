@@ -17,13 +17,13 @@ from hf_oracle import hf_expresses, hf_forward, hf_model
 from routing import RouterLog
 from tolerance import BF16, Chain, assert_same_argmax, assert_within, routed_alike, tolerance
 
-from mixchat import model as model_mod
-from mixchat.cache import KVCache
-from mixchat.config import ModelArgs
-from mixchat.engine import Engine, resolve_dtype
-from mixchat.model import Transformer
-from mixchat.release import open_weights
-from mixchat.synthetic import random_state
+from mixchat.dev.synthetic import random_state
+from mixchat.engine.engine import Engine, resolve_dtype
+from mixchat.model import model as model_mod
+from mixchat.model.cache import KVCache
+from mixchat.model.model import Transformer
+from mixchat.release.config import ModelArgs
+from mixchat.release.folder import open_weights
 
 
 def run_mixchat(engine: Engine, tokens: list[int], prompt_len: int, chunk: int):
@@ -178,7 +178,7 @@ def test_mixtral_matches_hf_with_routing(make_release, layout, theta):
 
 def test_torrent_and_experts_layouts_give_identical_logits(make_release):
     """The same weights saved in both MoE layouts (torrent w2 blocks transposed) load identically."""
-    from mixchat.synthetic import random_state
+    from mixchat.dev.synthetic import random_state
 
     args = tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2})
     experts_sd = random_state(args, "experts", torch.bfloat16, seed=5, std=0.1)

@@ -22,13 +22,13 @@ from tolerance import (
     q8_shift,
 )
 
-from mixchat import kernels, quant
-from mixchat.engine import Engine, model_fingerprint
+from mixchat.engine.engine import Engine, model_fingerprint
 from mixchat.errors import MixchatError
 from mixchat.paths import demo_model
-from mixchat.qformat import QuantSpec, memory_estimates, model_bytes, parse_quant, quantizable
-from mixchat.quant import QuantLinear, dequantize, quantize_int4, quantize_int8
-from mixchat.release import model_state, open_release
+from mixchat.release.folder import model_state, open_release
+from mixchat.speed import kernels, quant
+from mixchat.speed.qformat import QuantSpec, memory_estimates, model_bytes, parse_quant, quantizable
+from mixchat.speed.quant import QuantLinear, dequantize, quantize_int4, quantize_int8
 
 DEMO = demo_model()
 
@@ -227,7 +227,7 @@ def test_tiny_models_of_each_layout_run_quantized(make_release):
 
 
 def test_cli_one_shot_and_inspect_with_quant(capsys):
-    from mixchat.cli import main
+    from mixchat.frontends.cli import main
 
     assert main(["-m", str(DEMO), "--quant", "int8", "--no-save", "--json", "--max-tokens", "8", "--temperature",
                  "0", "-p", "Good morning"]) == 0
@@ -240,7 +240,7 @@ def test_cli_one_shot_and_inspect_with_quant(capsys):
 def test_a_quantized_load_warms_the_embedding_table_not_the_file(monkeypatch):
     # The bf16 file is left cold (its quantized matrices are never read), but each decoded token reads one
     # embedding row from it: those pages are faulted in at load, not one disk wait per new token.
-    import mixchat.engine as engine_mod
+    import mixchat.engine.engine as engine_mod
 
     touched, warmed = [], []
     real_touch = engine_mod.touch_pages

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import tiny_args
 
-from mixchat.engine import Engine
-from mixchat.synthetic import mistral_common_tokenizer, write_release_file
+from mixchat.dev.synthetic import mistral_common_tokenizer, write_release_file
+from mixchat.engine.engine import Engine
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 
@@ -134,7 +134,7 @@ def test_unsafe_pickle_payload_is_real_but_never_runs(tmp_path):
     evil, marker = tmp_path / "evil.pth", tmp_path / "marker"
     _evil_pth(evil, marker)
     from mixchat.errors import ReleaseError
-    from mixchat.release import open_weights
+    from mixchat.release.folder import open_weights
 
     with pytest.raises(ReleaseError, match="unsafe unpickling"):
         open_weights(evil)
@@ -184,7 +184,7 @@ def test_verify_reports_a_missing_listed_file(make_release):
 
 
 def test_release_md5_block_is_parsed_from_box_characters(tmp_path):
-    from mixchat.release import parse_release_md5
+    from mixchat.release.folder import parse_release_md5
 
     text = ("Mixtral 8x7B\n╔════╗\n"
             "║        1faa9bc9b20fcfe81fcd4eb7166a79e6  consolidated.00.pth               ║\n"

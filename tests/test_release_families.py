@@ -14,11 +14,11 @@ from mistral_oracle import oracle_chat
 from test_model_vs_hf import fp32_tolerance, run_mixchat
 from tolerance import assert_within, routed_alike
 
-from mixchat.chat_format import Message, encode_chat
-from mixchat.config import ModelArgs
-from mixchat.engine import Engine
-from mixchat.inspection import inspect_release
-from mixchat.synthetic import mistral_common_tokenizer, random_state, write_release
+from mixchat.dev.synthetic import mistral_common_tokenizer, random_state, write_release
+from mixchat.engine.engine import Engine
+from mixchat.release.config import ModelArgs
+from mixchat.release.inspection import inspect_release
+from mixchat.text.chat_format import Message, encode_chat
 
 SMALL = {"dim": 96, "n_layers": 3, "hidden_dim": 160, "n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-5}
 MOE = {"num_experts": 8, "num_experts_per_tok": 2}

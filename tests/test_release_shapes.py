@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import tiny_args
 
-from mixchat import cli
-from mixchat.engine import Engine
+from mixchat.dev.synthetic import random_state
+from mixchat.engine.engine import Engine
 from mixchat.errors import ReleaseError
-from mixchat.inspection import family, inspect_release
-from mixchat.release import Release, open_release
-from mixchat.synthetic import random_state
+from mixchat.frontends import cli
+from mixchat.release.folder import Release, open_release
+from mixchat.release.inspection import family, inspect_release
 
 
 def logits(folder, ids=(1, 415, 2936, 9060)) -> torch.Tensor:
@@ -109,7 +109,7 @@ def test_a_vision_encoder_is_skipped_and_text_chat_works(make_release, capsys):
     ({"dim": 64, "n_layers": 2, "hidden_dim": 96, "n_heads": 4, "vocab_size": 32000}, "Mistral-style dense model"),
 ])
 def test_inspect_names_the_family(params, words):
-    from mixchat.config import ModelArgs
+    from mixchat.release.config import ModelArgs
 
     assert words in family(ModelArgs.from_dict(params))
 
@@ -123,7 +123,7 @@ def test_todays_tokenizers_chat_end_to_end_as_mistral_common_writes_it(make_rele
                                                                         capsys):
     from mistral_oracle import oracle_chat
 
-    from mixchat.synthetic import mistral_common_tokenizer
+    from mixchat.dev.synthetic import mistral_common_tokenizer
 
     source = mistral_common_tokenizer(tokenizer)
     name = "tekken.json" if tokenizer == "tekken" else f"tokenizer.model.{tokenizer}"
@@ -139,7 +139,7 @@ def test_todays_tokenizers_chat_end_to_end_as_mistral_common_writes_it(make_rele
 
 
 def test_two_tokenizers_that_disagree_are_refused_naming_both(make_release, capsys):
-    from mixchat.synthetic import mistral_common_tokenizer
+    from mixchat.dev.synthetic import mistral_common_tokenizer
 
     folder = make_release(tiny_args(vocab_size=32768), seed=2, tokenizer=mistral_common_tokenizer("v3"),
                           tokenizer_name="tokenizer.model.v3")

@@ -12,13 +12,14 @@ from conftest import tiny_args
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
-from mixchat import paths, repl
-from mixchat.chat_format import Message, encode_chat
-from mixchat.cli import build_parser
-from mixchat.engine import Engine
-from mixchat.generation import Session
-from mixchat.sampling import SamplingSettings
-from mixchat.store import Store, short_id
+from mixchat import paths
+from mixchat.conversations.store import Store, short_id
+from mixchat.engine.engine import Engine
+from mixchat.engine.generation import Session
+from mixchat.engine.sampling import SamplingSettings
+from mixchat.frontends import repl
+from mixchat.frontends.cli import build_parser
+from mixchat.text.chat_format import Message, encode_chat
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 ENTER, META_ENTER, CTRL_C, CTRL_D = "\r", "\x1b\r", "\x03", "\x04"

@@ -9,9 +9,10 @@ import sqlite3
 import pytest
 from test_cli import mixchat, one_error_line
 
-from mixchat import migrations, paths
-from mixchat.migrations import MIGRATIONS, migrate
-from mixchat.store import SearchHit, Store, StoreError, short_id
+from mixchat import paths
+from mixchat.conversations import migrations
+from mixchat.conversations.migrations import MIGRATIONS, migrate
+from mixchat.conversations.store import SearchHit, Store, StoreError, short_id
 
 
 @pytest.fixture

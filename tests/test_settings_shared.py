@@ -83,7 +83,7 @@ def test_line_mode_starts_from_the_saved_settings(make_release):
     from conftest import tiny_args
     from test_repl import ENTER, drive, errors, namespace
 
-    from mixchat.store import Store
+    from mixchat.conversations.store import Store
 
     args = tiny_args()
     model = make_release(args, seed=5, std=0.15, params={**args.to_params(), "max_seq_len": 96})

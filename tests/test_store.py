@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from mixchat.migrations import MIGRATIONS, migrate
-from mixchat.store import Store, StoreError
+from mixchat.conversations.migrations import MIGRATIONS, migrate
+from mixchat.conversations.store import Store, StoreError
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_two_processes_writing_at_once_corrupt_nothing(tmp_path):
     Store(path).close()
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from mixchat.store import Store
+        from mixchat.conversations.store import Store
         s = Store(Path({str(path)!r}))
         c = s.create("m", "f")
         for i in range(60):

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from test_cli import mixchat, one_error_line
 
-from mixchat import migrations
-from mixchat.migrations import MIGRATIONS, NewerSchemaError, migrate
-from mixchat.store import ConversationDeleted, Store, StoreError, short_id
+from mixchat.conversations import migrations
+from mixchat.conversations.migrations import MIGRATIONS, NewerSchemaError, migrate
+from mixchat.conversations.store import ConversationDeleted, Store, StoreError, short_id
 
 
 @pytest.fixture
@@ -234,7 +234,8 @@ def test_stores_opened_at_once_migrate_once(tmp_path):
     db = sqlite3.connect(path, isolation_level=None)
     migrate(db, upto=1)
     db.close()
-    script = f"from pathlib import Path\nfrom mixchat.store import Store\nStore(Path({str(path)!r})).close()"
+    script = (f"from pathlib import Path\nfrom mixchat.conversations.store import Store\n"
+              f"Store(Path({str(path)!r})).close()")
     procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE) for _ in range(4)]
     assert [(p.wait(timeout=60), p.stderr.read()) for p in procs] == [(0, b"")] * 4
     assert migrations.applied(sqlite3.connect(path)) == [fn.__name__ for fn in MIGRATIONS]
@@ -389,7 +390,7 @@ def unprivileged() -> list[str]:
 PROBE = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from mixchat.store import Store, StoreError
+    from mixchat.conversations.store import Store, StoreError
     try:
         s = Store(Path(sys.argv[1]), readonly=sys.argv[2] == "ro")
         convs = s.list()
@@ -449,7 +450,7 @@ def test_a_read_only_home_with_a_crashed_writers_wal_still_shows_its_last_messag
     home = tmp_path / "home"
     home.mkdir()
     cid, _ = seeded(home / "c.sqlite3")
-    crash = (f"import os\nfrom pathlib import Path\nfrom mixchat.store import Store\n"
+    crash = (f"import os\nfrom pathlib import Path\nfrom mixchat.conversations.store import Store\n"
              f"s = Store(Path({str(home / 'c.sqlite3')!r}))\ns.add_message({cid!r}, 'user', 'in the wal')\n"
              "os._exit(0)")
     subprocess.run([sys.executable, "-c", crash], check=True)
@@ -613,7 +614,7 @@ def test_opening_a_store_again_keeps_sqlites_locks(tmp_path):
     path = tmp_path / "c.sqlite3"
     held = [Store(path)]
     cid = held[0].create("m", "fp").id
-    writer = ("import sys; from pathlib import Path; from mixchat.store import Store\n"
+    writer = ("import sys; from pathlib import Path; from mixchat.conversations.store import Store\n"
               "s = Store(Path(sys.argv[1]))\n"
               "for _ in range(20): s.add_message(sys.argv[2], 'user', 'hello there ' * 50)\n"
               "s.close()\n")

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from mixchat.synthetic import mistral_common_tokenizer
-from mixchat.tokenizer import StreamDecoder, Tokenizer
+from mixchat.dev.synthetic import mistral_common_tokenizer
+from mixchat.text.tokenizer import StreamDecoder, Tokenizer
 
 TEXTS = [
     "Hello world, this is a test.",

@@ -15,6 +15,6 @@ def test_ruff_clean():
 
 
 def test_help_is_instant_because_the_package_imports_nothing_heavy():
-    proc = subprocess.run([sys.executable, "-c", "import mixchat.cli, sys; print('torch' in sys.modules)"],
+    proc = subprocess.run([sys.executable, "-c", "import mixchat.frontends.cli, sys; print('torch' in sys.modules)"],
                           capture_output=True, text=True)
     assert proc.stdout.strip() == "False"

@@ -11,8 +11,8 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from mistral_oracle import b64, oracle, ours, shipped, small_tekken
 
 from mixchat.errors import ReleaseError
-from mixchat.tekken import LEGACY_SPECIAL_TOKENS, TekkenTokenizer
-from mixchat.tokenizer import MAX_TOKENIZER_BYTES, StreamDecoder, load_tokenizer
+from mixchat.text.tekken import LEGACY_SPECIAL_TOKENS, TekkenTokenizer
+from mixchat.text.tokenizer import MAX_TOKENIZER_BYTES, StreamDecoder, load_tokenizer
 
 TEKKEN_FILES = ["tekken_240718", "tekken_240911"]
 

@@ -5,11 +5,11 @@ import shutil
 import pytest
 from mistral_oracle import SHIPPED, SHIPPED_VERSION, oracle, oracle_chat, ours, shipped, small_tekken
 
-from mixchat.chat_format import Message, encode_chat
+from mixchat.dev.synthetic import mistral_common_tokenizer
 from mixchat.errors import ReleaseError
-from mixchat.synthetic import mistral_common_tokenizer
-from mixchat.tekken import TekkenTokenizer
-from mixchat.tokenizer import (
+from mixchat.text.chat_format import Message, encode_chat
+from mixchat.text.tekken import TekkenTokenizer
+from mixchat.text.tokenizer import (
     StreamDecoder,
     TextTokenizer,
     Tokenizer,

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mixchat import kernels
-from mixchat.config import ModelArgs
+from mixchat.release.config import ModelArgs
+from mixchat.speed import kernels
 
 FP32 = 2.0**-24
 FP64 = 2.0**-53

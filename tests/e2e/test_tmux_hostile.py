@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_args
 
-from mixchat.store import Store
+from mixchat.conversations.store import Store
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is installed by .ci/run")
 
@@ -164,7 +164,7 @@ def test_typing_filter_words_in_the_conversation_list_deletes_nothing(tmp_path):
 def sigterm_mid_reply(tmp_path_factory, v1_tokenizer):
     """One run: a long reply streams, SIGTERM arrives; what the store, the cache folder and the
     terminal hold afterwards."""
-    from mixchat.synthetic import write_release
+    from mixchat.dev.synthetic import write_release
 
     root = tmp_path_factory.mktemp("sigterm")
     folder = write_release(root / "release", tiny_args(moe=MOE), "torrent", seed=3, std=0.15,
@@ -237,7 +237,7 @@ def test_a_crash_mid_reply_exits_non_zero_and_gives_the_terminal_back(make_relea
     script.write_text(f"""
 import sys
 from mixchat.settings import Settings
-from mixchat.tui.app import MixchatApp
+from mixchat.frontends.tui.app import MixchatApp
 
 class Crashing(MixchatApp):
     def on_tokens_streamed(self, msg):

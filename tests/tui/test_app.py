@@ -7,11 +7,11 @@ import asyncio
 import pytest
 from conftest import tiny_args
 
+from mixchat.frontends.tui.app import ChatPane, MixchatApp
+from mixchat.frontends.tui.expertpanel import ExpertPanel
+from mixchat.frontends.tui.status import StatusBar
+from mixchat.frontends.tui.widgets import MessageView, PromptInput
 from mixchat.settings import Settings
-from mixchat.tui.app import ChatPane, MixchatApp
-from mixchat.tui.expertpanel import ExpertPanel
-from mixchat.tui.status import StatusBar
-from mixchat.tui.widgets import MessageView, PromptInput
 from tui.pilot import plain as _plain
 from tui.pilot import wait_until
 
@@ -198,7 +198,7 @@ def test_the_demo_model_says_so_in_the_status_bar(mixtral):
 
 
 def test_copy_a_chosen_message_or_its_code_block_never_crashes(mixtral, monkeypatch):
-    from mixchat.tui import clipboard
+    from mixchat.frontends.tui import clipboard
 
     copied = []
     monkeypatch.setattr(clipboard, "copy", lambda app, text: copied.append(text) or ["OSC 52"])

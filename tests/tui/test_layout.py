@@ -11,13 +11,13 @@ import re
 import pytest
 from conftest import tiny_args
 
+from mixchat.conversations.store import Store
+from mixchat.frontends.tui import state as app_state
+from mixchat.frontends.tui.app import COMMANDS, MixchatApp
+from mixchat.frontends.tui.panes import ChatPane
+from mixchat.frontends.tui.status import fit, shortened, status_text
+from mixchat.frontends.tui.widgets import PromptInput
 from mixchat.settings import Settings
-from mixchat.store import Store
-from mixchat.tui import state as app_state
-from mixchat.tui.app import COMMANDS, MixchatApp
-from mixchat.tui.panes import ChatPane
-from mixchat.tui.status import fit, shortened, status_text
-from mixchat.tui.widgets import PromptInput
 from tui.pilot import wait_until
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
@@ -52,7 +52,7 @@ async def send(pilot, app, text: str) -> None:
 @pytest.fixture
 def long_named(tmp_path):
     """A Mixtral-shaped release in a folder whose name alone is wider than an 80-column bar."""
-    from mixchat.synthetic import mistral_common_tokenizer, write_release
+    from mixchat.dev.synthetic import mistral_common_tokenizer, write_release
 
     name = "a-very-long-release-folder-name-" * 3 + "mixtral"
     return write_release(tmp_path / name, tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15,
@@ -151,7 +151,7 @@ def test_first_screen_says_where_to_type_and_the_footer_shows_the_main_keys(long
 
 
 def test_the_inputs_editing_keys_stay_the_inputs(long_named, tmp_path, monkeypatch):
-    from mixchat.tui import clipboard
+    from mixchat.frontends.tui import clipboard
 
     copied = []
     monkeypatch.setattr(clipboard, "copy", lambda app, text: copied.append(text) or ["OSC 52"])

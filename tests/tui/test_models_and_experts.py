@@ -15,14 +15,14 @@ import pytest
 from conftest import tiny_args
 from textual.widgets import Select
 
+from mixchat.conversations.store import Store, short_id
+from mixchat.frontends.tui import modelpicker
+from mixchat.frontends.tui.app import MixchatApp
+from mixchat.frontends.tui.expertpanel import share_cell
+from mixchat.frontends.tui.modelpicker import DirectorySuggester, ModelMismatchScreen, ModelPicker, folder_verdict
+from mixchat.frontends.tui.panes import ChatPane
+from mixchat.frontends.tui.screens import SettingsScreen
 from mixchat.settings import Settings
-from mixchat.store import Store, short_id
-from mixchat.tui import modelpicker
-from mixchat.tui.app import MixchatApp
-from mixchat.tui.expertpanel import share_cell
-from mixchat.tui.modelpicker import DirectorySuggester, ModelMismatchScreen, ModelPicker, folder_verdict
-from mixchat.tui.panes import ChatPane
-from mixchat.tui.screens import SettingsScreen
 from tui.pilot import plain, wait_until
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}

@@ -8,8 +8,8 @@ import time
 import pytest
 from conftest import tiny_args
 
+from mixchat.conversations.store import Store
 from mixchat.settings import Settings
-from mixchat.store import Store
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 SIZE = (110, 32)
@@ -18,7 +18,7 @@ SIZE = (110, 32)
 @pytest.fixture
 def folder(tmp_path):
     """A fixed path, so the model name in the status bar is the same on every machine."""
-    from mixchat.synthetic import mistral_common_tokenizer, write_release
+    from mixchat.dev.synthetic import mistral_common_tokenizer, write_release
 
     return write_release(tmp_path / "tiny-mixtral", tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15,
                          tokenizer=mistral_common_tokenizer("v1"))
@@ -27,11 +27,11 @@ def folder(tmp_path):
 @pytest.fixture(autouse=True)
 def _fixed_dates(monkeypatch):
     """The sidebar shows when each conversation changed: the same time on every run."""
-    monkeypatch.setattr("mixchat.tui.sidebar.when", lambda ts: "today 12:00")
+    monkeypatch.setattr("mixchat.frontends.tui.sidebar.when", lambda ts: "today 12:00")
 
 
 def make_app(folder, tmp_path, **kw):
-    from mixchat.tui.app import MixchatApp
+    from mixchat.frontends.tui.app import MixchatApp
 
     settings = Settings(dtype="fp32", temperature=0, repeat_penalty=1.0, max_tokens=12, **kw)
     return MixchatApp(model=str(folder), settings=settings, store=Store(tmp_path / "store.sqlite3"))
@@ -77,7 +77,7 @@ def test_settings_sheet(snap_compare, folder, tmp_path):
 
 
 def test_expert_view(snap_compare, folder, tmp_path, monkeypatch):
-    monkeypatch.setattr("mixchat.store.new_id", lambda: "19abcdef0123456789")  # shown in the sidebar
+    monkeypatch.setattr("mixchat.conversations.store.new_id", lambda: "19abcdef0123456789")  # shown in the sidebar
     async def experts(pilot):
         await pilot.press("f3")
         await answered(pilot)
@@ -90,7 +90,7 @@ def test_main_screen_at_80_columns(snap_compare, folder, tmp_path):
 
 
 def test_narrow_expert_view(snap_compare, folder, tmp_path, monkeypatch):
-    monkeypatch.setattr("mixchat.store.new_id", lambda: "19abcdef0123456789")
+    monkeypatch.setattr("mixchat.conversations.store.new_id", lambda: "19abcdef0123456789")
 
     async def experts(pilot):
         await pilot.press("f3")

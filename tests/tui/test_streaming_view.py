@@ -13,13 +13,13 @@ from rich.text import Text
 from textual.widgets import Markdown
 from textual.widgets._markdown import MarkdownFence
 
-from mixchat.generation import Done, Session, TokenEvent
+from mixchat.engine.generation import Done, Session, TokenEvent
+from mixchat.frontends.tui import colors
+from mixchat.frontends.tui.app import MixchatApp
+from mixchat.frontends.tui.expertpanel import ExpertPanel
+from mixchat.frontends.tui.widgets import ContextDivider, MessageView, PromptInput, context_cut_text
 from mixchat.safetext import visible
 from mixchat.settings import Settings
-from mixchat.tui import colors
-from mixchat.tui.app import MixchatApp
-from mixchat.tui.expertpanel import ExpertPanel
-from mixchat.tui.widgets import ContextDivider, MessageView, PromptInput, context_cut_text
 from tui.pilot import wait_until as _wait_until
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}

@@ -11,7 +11,7 @@ from rich.style import Style
 from rich.text import Text
 from textual.app import App
 
-from mixchat.tui.tokentext import TokenText, wrap_offsets
+from mixchat.frontends.tui.tokentext import TokenText, wrap_offsets
 
 PIECES = ["Hello", " world", ",", " this", " is", " a", " long", "er", " reply", "\n", "\n", "- item",
           " one\n", "supercalifragilisticexpialidocious" * 2, " 日本語", "のテキスト", " \t tab", "  ",

@@ -15,15 +15,15 @@ from conftest import tiny_args
 from textual.widgets import Static
 
 from mixchat import paths
-from mixchat.generation import Done, Session, TokenEvent
+from mixchat.conversations.store import Store, make_title
+from mixchat.engine.generation import Done, Session, TokenEvent
+from mixchat.frontends.tui.app import MixchatApp
+from mixchat.frontends.tui.expertpanel import ExpertPanel
+from mixchat.frontends.tui.modelpicker import ModelMismatchScreen
+from mixchat.frontends.tui.screens import ConfirmScreen, HelpScreen, RenameScreen, SettingsScreen
+from mixchat.frontends.tui.status import StatusBar
 from mixchat.safetext import one_line, visible
 from mixchat.settings import Settings
-from mixchat.store import Store, make_title
-from mixchat.tui.app import MixchatApp
-from mixchat.tui.expertpanel import ExpertPanel
-from mixchat.tui.modelpicker import ModelMismatchScreen
-from mixchat.tui.screens import ConfirmScreen, HelpScreen, RenameScreen, SettingsScreen
-from mixchat.tui.status import StatusBar
 from tui.pilot import plain, wait_until
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}

@@ -1,0 +1,1 @@
+"""Development tools: training over the model's own modules, and synthetic release folders."""

@@ -1,0 +1,1 @@
+"""The engine: loading a model, generating from it, sampling, and the benchmark."""

@@ -1,0 +1,125 @@
+"""`mixchat bench --model DIR`: load time, peak RSS, prefill and decode tokens/sec, and the memory
+read ceiling measured on the same machine (decode reads every active weight once per token)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+from argparse import Namespace
+
+
+def format_experts(engine) -> str:
+    """One line on the expert cache (--memory-budget): what it holds and how often it had the expert."""
+    c = engine.experts
+    st = c.stats
+    total = engine.args.n_layers * engine.args.moe.num_experts
+    return (f"{c.capacity} of {total} experts resident; hit rate {st.hit_rate:.0%} ({st.hits} hits, {st.misses} "
+            f"misses; {st.prefetch_used} of {st.prefetched} prefetches used); {st.loaded_bytes / 1e9:.1f} GB loaded, "
+            f"{st.wait_seconds:.1f} s waiting")
+
+
+def measure_read_bandwidth(seconds: float = 1.0) -> float:
+    """GB/s that a fp32 matrix-vector product streams from memory (1 GiB matrix, so no cache
+    helps): the same access pattern as decoding, in the fastest kernel torch has for it."""
+    import torch
+
+    w = torch.randn(16384, 16384)
+    x = torch.randn(1, 16384)
+    torch.nn.functional.linear(x, w)
+    rates = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(rates) < 3:
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        rates.append(w.nbytes / (time.perf_counter() - t) / 1e9)
+    return statistics.median(rates)
+
+
+def active_bytes_per_token(engine) -> int:
+    """Weight bytes one decode step reads: everything but the embedding table (one row is
+    gathered) and, for MoE, only top_k of the experts."""
+    a = engine.args
+    tensors = [*engine.model.named_parameters(), *engine.model.named_buffers()]  # quantized weights are buffers
+    total = sum(t.nbytes for _, t in tensors) - engine.model.tok_embeddings.weight.nbytes
+    if a.moe:
+        experts = sum(t.nbytes for n, t in tensors if ".experts." in n)
+        if engine.experts is not None:  # offloaded: not in the model, all the same size
+            experts = engine.experts.expert_bytes * a.n_layers * a.moe.num_experts
+            total += experts
+        total -= experts - experts * a.moe.num_experts_per_tok // a.moe.num_experts
+    return total
+
+
+def run(ns: Namespace) -> int:
+    import torch
+
+    from mixchat.engine.engine import Engine, load_options
+    from mixchat.errors import MixchatError
+    from mixchat.model.cache import DEFAULT_CHUNK
+
+    for flag, value, most in (("--prompt-tokens", ns.prompt_tokens, DEFAULT_CHUNK), ("--decode-tokens",
+                              ns.decode_tokens, 1 << 20), ("--runs", ns.runs, 1000)):
+        if not 1 <= value <= most:
+            raise MixchatError(f"{flag} {value}: must be from 1 to {most}")
+    start = time.perf_counter()
+    engine = Engine.load(ns.model, **load_options(ns))
+    load_s = time.perf_counter() - start
+    context = engine.new_cache().max_tokens
+    if ns.prompt_tokens + ns.decode_tokens >= context:
+        raise MixchatError(f"--prompt-tokens {ns.prompt_tokens} + --decode-tokens {ns.decode_tokens} do not fit "
+                           f"{engine.release.folder}'s context of {context} tokens; ask for fewer")
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, engine.args.vocab_size, (ns.prompt_tokens,), generator=gen).to(engine.device)
+
+    prefill, decode = [], []
+    for _ in range(ns.runs):
+        cache = engine.new_cache()
+        t = time.perf_counter()
+        out = engine.model(prompt, cache, last_only=True)
+        prefill.append(ns.prompt_tokens / (time.perf_counter() - t))
+        token = out.logits[-1].argmax()
+        t = time.perf_counter()
+        for _ in range(ns.decode_tokens):
+            token = engine.model(token.view(1), cache).logits[-1].argmax()
+        decode.append(ns.decode_tokens / (time.perf_counter() - t))
+
+    bandwidth = measure_read_bandwidth() if engine.device.type == "cpu" else None
+    per_token = active_bytes_per_token(engine)
+    result = {
+        "model": str(engine.release.folder), "layout": engine.layout, "dtype": str(engine.dtype).removeprefix("torch."),
+        "device": str(engine.device), "threads": torch.get_num_threads(),
+        "quant": engine.quant.name if engine.quant else None,
+        "load_seconds": round(load_s, 2),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        "prompt_tokens": ns.prompt_tokens, "decode_tokens": ns.decode_tokens, "runs": ns.runs,
+        "prefill_tokens_per_second": round(statistics.median(prefill), 2),
+        "decode_tokens_per_second": round(statistics.median(decode), 3),
+        "weight_bytes_per_token": per_token,
+        "decode_weight_gb_per_second": round(statistics.median(decode) * per_token / 1e9, 2),
+    }
+    if bandwidth:
+        ceiling = bandwidth * 1e9 / per_token
+        result.update(read_bandwidth_gb_per_second=round(bandwidth, 2),
+                      decode_ceiling_tokens_per_second=round(ceiling, 3),
+                      decode_fraction_of_ceiling=round(statistics.median(decode) / ceiling, 3))
+    if engine.experts is not None:
+        result["experts"] = {"capacity": engine.experts.capacity, **engine.experts.stats.as_dict()}
+    if ns.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    weights = result["quant"] or result["dtype"]
+    print(f"{result['model']} ({result['layout']}, {weights} on {result['device']}, "
+          f"{result['threads']} threads)")
+    print(f"  load        {load_s:.2f} s, peak RSS {result['peak_rss_gb']} GB")
+    print(f"  prefill     {result['prefill_tokens_per_second']:.2f} tok/s ({ns.prompt_tokens}-token prompt, "
+          f"median of {ns.runs})")
+    print(f"  decode      {result['decode_tokens_per_second']:.3f} tok/s ({ns.decode_tokens} tokens), reading "
+          f"{per_token / 1e9:.2f} GB of weights per token = {result['decode_weight_gb_per_second']} GB/s")
+    if bandwidth:
+        print(f"  ceiling     {result['decode_ceiling_tokens_per_second']:.3f} tok/s at the measured "
+              f"{bandwidth:.1f} GB/s memory read rate; decode reaches {result['decode_fraction_of_ceiling']:.0%} of it")
+    if engine.experts is not None:
+        print(f"  experts     {format_experts(engine)}")
+    return 0

@@ -1,0 +1,1 @@
+"""Front ends: the command line, the one-shot stdin/stdout command, line mode and the Textual app."""

@@ -1,0 +1,1 @@
+"""The speed layer: compiled kernels, quantization, expert offload and huge pages."""

@@ -1,0 +1,92 @@
+"""What a --quant choice means, without torch: its name, which tensors it quantizes, and the
+bytes it keeps resident (so `mixchat inspect` can say what each choice needs in a blink).
+
+The runtime side (quantizing, the layer that multiplies with quantized weights, the cache) is
+mixchat.speed.quant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mixchat.errors import MixchatError
+
+DEFAULT_INT4_GROUP = 128  # 4.5 bits per weight with its fp32 scale and zero: the size of llama.cpp's Q4_0
+MATRICES = (".attention.w", ".feed_forward.w", ".feed_forward.experts.")
+CHOICES = ("none", "int8", "int4", "int4-32", "int4-64", "int4-128")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    kind: str  # "int8" or "int4"
+    group: int = 0  # int4 only
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.kind == "int8" else f"int4-g{self.group}"
+
+    def bits_per_weight(self) -> float:
+        # int4 stores an fp32 scale and zero per group
+        return 8.0 if self.kind == "int8" else 4.0 + 64.0 / self.group
+
+
+def parse_quant(value: str | None) -> QuantSpec | None:
+    """'none'/'bf16'/None -> None; 'int8'; 'int4' (group 128) or 'int4-32' / 'int4-g64'."""
+    if value is None or value in ("none", "bf16", "off", ""):
+        return None
+    if value == "int8":
+        return QuantSpec("int8")
+    if value.startswith("int4"):
+        rest = value[4:].lstrip("-:").removeprefix("g")
+        group = int(rest) if rest.isdigit() else DEFAULT_INT4_GROUP if not rest else -1
+        if group in (32, 64, 128):
+            return QuantSpec("int4", group)
+    raise MixchatError(f"--quant {value}: unknown; use none, int8, int4, int4-32, int4-64 or int4-128")
+
+
+def quantizable(name: str) -> bool:
+    """The state-dict names whose weights are quantized (see the module docstring)."""
+    if ".block_sparse_moe.w" in name:  # the torrent layout's stacked experts (no .weight suffix)
+        return True
+    if not name.endswith(".weight") or name in ("tok_embeddings.weight", "norm.weight"):
+        return False
+    return name == "output.weight" or any(s in name for s in MATRICES)
+
+
+def spec_for(name: str, spec: QuantSpec) -> QuantSpec:
+    return QuantSpec("int8") if name == "output.weight" else spec
+
+
+def quantized_bytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
+    n, k = shape
+    return int(n * k * spec.bits_per_weight() / 8) + (4 * n if spec.kind == "int8" else 0)
+
+
+def model_bytes(shapes: dict[str, tuple[int, ...]], dtype_bytes: int, spec: QuantSpec | None) -> int:
+    """Resident weight bytes of a model with these tensor shapes under `spec` (None: unquantized)."""
+    total = 0
+    for name, shape in shapes.items():
+        if spec is not None and quantizable(name) and len(shape) == 2:  # a misshapen tensor stays as it is
+            total += quantized_bytes(shape, spec_for(name, spec))
+        else:
+            total += dtype_bytes * math.prod(shape)
+    return total
+
+
+def expert_bytes(dim: int, hidden_dim: int, dtype_bytes: int, spec: QuantSpec | None) -> int:
+    """Weight bytes of one MoE expert (w1, w2, w3) under `spec`: what the --memory-budget cache counts."""
+    shapes = {f"layers.0.feed_forward.experts.0.{w}.weight": s
+              for w, s in (("w1", (hidden_dim, dim)), ("w2", (dim, hidden_dim)), ("w3", (hidden_dim, dim)))}
+    return model_bytes(shapes, dtype_bytes, spec)
+
+
+def memory_estimates(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Weight bytes each --quant choice keeps resident (what `inspect` and the settings sheet show)."""
+    out = {"bf16": model_bytes(shapes, 2, None)}
+    for name in ("int8", "int4-32", "int4-64", "int4-128"):
+        spec = parse_quant(name)
+        out[spec.name] = model_bytes(shapes, 2, spec)
+    return out
+
+

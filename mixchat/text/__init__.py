@@ -1,0 +1,1 @@
+"""Text: tokenizers (SentencePiece, tekken) and Mistral's chat formats."""
