@@ -55,11 +55,18 @@ def test_unknown_keys_do_not_crash_and_are_kept():
     ({"sliding_window": 4096, "_sliding_window": 4096}, "both sliding_window and _sliding_window"),
     ({"model_type": "mamba"}, "not a transformer"),
     ({"norm_eps": "tiny"}, "norm_eps must be a positive finite number"),
+    ({"n_kv_heads": 64}, "n_kv_heads (64) exceeds n_heads (32)"),
+    ({"head_dim": 127}, "head_dim (127) must be even"),
+    ({"moe": [8, 2]}, "'moe' must be an object"),
 ])
 def test_bad_params_name_the_field(change, words):
     params = {k: v for k, v in {**MISTRAL_7B, **change}.items() if v is not None}
-    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")) as raised:
         ModelArgs.from_dict(params, source="x/params.json")
+    # One line, naming the file and saying what to do about it.
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("x/params.json")
+    assert any(fix in message for fix in ("use the params.json", "mixchat runs", "shipped with")), message
 
 
 def test_from_file_reports_invalid_json(tmp_path):

@@ -174,6 +174,26 @@ def test_verify_reports_a_checksum_mismatch(make_release):
     assert snapshot(folder) == before
 
 
+@pytest.mark.parametrize("safetensors", [False, True], ids=["pth", "safetensors"])
+def test_verify_checks_the_sums_of_a_folder_that_does_not_load(make_release, safetensors):
+    # The loader's error for a truncated weight file says to run verify: verify must then say which
+    # file differs from RELEASE, not repeat the loader's error.
+    folder = make_release(tiny_args(), safetensors=safetensors)
+    weights = folder / ("consolidated.safetensors" if safetensors else "consolidated.00.pth")
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    proc = run_cli("verify", str(folder))
+    assert proc.returncode == 1, proc.stderr
+    assert "FAILED    the folder does not load" in proc.stdout and f"MISMATCH  {weights.name}" in proc.stdout
+    assert "OK        params.json" in proc.stdout
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and f"1 of 3 files missing or not matching ({weights.name}); download them again" in err[0]
+    # Files as released but a folder that still does not load: the loader's reason, exit 2.
+    write_release_file(folder, ["params.json", weights.name, "tokenizer.model"])
+    proc = run_cli("verify", str(folder))
+    assert proc.returncode == 2 and "its files match RELEASE" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_verify_reports_a_missing_listed_file(make_release):
     folder = make_release(tiny_args())
     (folder / "extra.bin").write_bytes(b"x")

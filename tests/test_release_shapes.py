@@ -93,6 +93,11 @@ def test_a_vision_encoder_is_skipped_and_text_chat_works(make_release, capsys):
     assert "vision_encoder" in report["unknown_params"]
     assert cli.main(["inspect", str(pixtral)]) == 0
     assert "vision encoder 2 tensors" in capsys.readouterr().out
+    # a declared vision encoder skips the image tower's tensors only: a stray one is still named
+    stray = make_release(args, state={**sd, **vision, "extra_head.weight": torch.randn(4, 4).bfloat16()},
+                         params=params, safetensors=True)
+    with pytest.raises(ReleaseError, match="unexpected tensor.*extra_head.weight"):
+        open_release(stray)
     # without a vision_encoder in params.json, foreign tensors are still refused
     (pixtral / "params.json").write_text(json.dumps(args.to_params()))
     with pytest.raises(ReleaseError, match="unexpected tensor"):

@@ -20,6 +20,21 @@ def format_experts(engine) -> str:
             f"{st.wait_seconds:.1f} s waiting")
 
 
+def resident_memory() -> dict[str, int]:
+    """This process's resident bytes now: all, anonymous (its own allocations) and file-backed
+    (mapped files' pages in memory); empty where /proc does not say (not Linux)."""
+    names = {"VmRSS": "rss", "RssAnon": "anonymous", "RssFile": "file"}
+    found: dict[str, int] = {}
+    try:
+        for line in open("/proc/self/status", encoding="ascii", errors="replace"):  # noqa: SIM115
+            key, _, value = line.partition(":")
+            if key in names and value.strip().endswith("kB"):
+                found[names[key]] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        return {}
+    return found if len(found) == len(names) else {}
+
+
 def measure_read_bandwidth(seconds: float = 1.0) -> float:
     """GB/s that a fp32 matrix-vector product streams from memory (1 GiB matrix, so no cache
     helps): the same access pattern as decoding, in the fastest kernel torch has for it."""
@@ -66,6 +81,7 @@ def run(ns: Namespace) -> int:
     start = time.perf_counter()
     engine = Engine.load(ns.model, **load_options(ns))
     load_s = time.perf_counter() - start
+    after_load = resident_memory()
     context = engine.new_cache().max_tokens
     if ns.prompt_tokens + ns.decode_tokens >= context:
         raise MixchatError(f"--prompt-tokens {ns.prompt_tokens} + --decode-tokens {ns.decode_tokens} do not fit "
@@ -92,7 +108,11 @@ def run(ns: Namespace) -> int:
         "device": str(engine.device), "threads": torch.get_num_threads(),
         "quant": engine.quant.name if engine.quant else None,
         "load_seconds": round(load_s, 2),
+        # The whole process's peak, loading included: quantizing reads every bf16 page of the release,
+        # and those file-backed pages count while mapped. The memory a chat needs is nearer
+        # after_load's figures (anonymous: the model's own copies; file: weights used in place).
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        **{f"{k}_after_load_gb": round(v / 1e9, 2) for k, v in after_load.items()},
         "prompt_tokens": ns.prompt_tokens, "decode_tokens": ns.decode_tokens, "runs": ns.runs,
         "prefill_tokens_per_second": round(statistics.median(prefill), 2),
         "decode_tokens_per_second": round(statistics.median(decode), 3),
@@ -112,7 +132,11 @@ def run(ns: Namespace) -> int:
     weights = result["quant"] or result["dtype"]
     print(f"{result['model']} ({result['layout']}, {weights} on {result['device']}, "
           f"{result['threads']} threads)")
-    print(f"  load        {load_s:.2f} s, peak RSS {result['peak_rss_gb']} GB")
+    print(f"  load        {load_s:.2f} s, peak RSS {result['peak_rss_gb']} GB (the whole process, loading included)")
+    if after_load:
+        print(f"  memory      {result['rss_after_load_gb']} GB resident after loading: "
+              f"{result['anonymous_after_load_gb']} GB the model's own, "
+              f"{result['file_after_load_gb']} GB read in place from the release's files")
     print(f"  prefill     {result['prefill_tokens_per_second']:.2f} tok/s ({ns.prompt_tokens}-token prompt, "
           f"median of {ns.runs})")
     print(f"  decode      {result['decode_tokens_per_second']:.3f} tok/s ({ns.decode_tokens} tokens), reading "

@@ -109,7 +109,7 @@ class ModelArgs:
         norm_eps = opt("norm_eps", 1e-5, float)
         n_layers = get_int("n_layers")
         if params.get("sliding_window") is not None and params.get("_sliding_window") is not None:
-            raise ConfigError(f"{source}: gives both sliding_window and _sliding_window; keep one")
+            raise ConfigError(f"{source}: gives both sliding_window and _sliding_window; keep one{FIX}")
         key = "sliding_window" if params.get("_sliding_window") is None else "_sliding_window"
         raw_window = params.get(key)
         if "sliding_window" not in params and "_sliding_window" not in params:
@@ -129,20 +129,20 @@ class ModelArgs:
         if params.get("moe") is not None:
             raw = params["moe"]
             if not isinstance(raw, dict):
-                raise ConfigError(f"{source}: 'moe' must be an object with num_experts and num_experts_per_tok")
+                raise ConfigError(f"{source}: 'moe' must be an object with num_experts and num_experts_per_tok{FIX}")
             moe_int = _reader(raw, f"{source} (moe)")
             moe = MoeArgs(moe_int("num_experts"), moe_int("num_experts_per_tok"))
             if moe.num_experts_per_tok > moe.num_experts:
                 raise ConfigError(
                     f"{source}: moe.num_experts_per_tok ({moe.num_experts_per_tok}) exceeds "
-                    f"moe.num_experts ({moe.num_experts})"
+                    f"moe.num_experts ({moe.num_experts}){FIX}"
                 )
         if n_kv_heads > n_heads:
-            raise ConfigError(f"{source}: n_kv_heads ({n_kv_heads}) exceeds n_heads ({n_heads})")
+            raise ConfigError(f"{source}: n_kv_heads ({n_kv_heads}) exceeds n_heads ({n_heads}){FIX}")
         if n_heads % n_kv_heads:
-            raise ConfigError(f"{source}: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+            raise ConfigError(f"{source}: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads}){FIX}")
         if head_dim < 2 or head_dim % 2:
-            raise ConfigError(f"{source}: head_dim ({head_dim}) must be even for rotary embeddings")
+            raise ConfigError(f"{source}: head_dim ({head_dim}) must be even for rotary embeddings{FIX}")
 
         model_type = params.get("model_type", "transformer")
         if model_type != "transformer":
@@ -219,6 +219,10 @@ def _shown(value: Any) -> str:
     """A value from the file, quoted for one line and cut short (a 10 MB string stays a few words)."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+# The fix for a params.json that contradicts itself: the weights came with a consistent one.
+FIX = "; use the params.json that came with these weights"
 
 
 def _reader(params: dict[str, Any], source: str):

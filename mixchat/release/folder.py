@@ -378,17 +378,18 @@ def describe(sd: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
     return {k: TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in sd.items()}
 
 
-TEXT_MODEL = ("tok_embeddings.", "norm.", "output.", "layers.")
+# The image tower's tensors in Pixtral and Mistral-Small 3.1 releases.
+VISION_TOWER = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.")
 
 
 def text_model(sd: dict, args: ModelArgs) -> dict:
     """The tensors of the language model. A release with a vision encoder (Pixtral, Mistral-Small 3.1)
     also ships its image tower (vision_encoder.*, vision_language_adapter.*, …): mixchat chats in
-    text, so those are skipped (inspect says so). Without one declared, every tensor must be the
-    language model's, and validate() names any other."""
+    text, so those are skipped (inspect says so). Only those: any other tensor must be the language
+    model's, and validate() names one that is not (a declared vision encoder hides no stray tensor)."""
     if args.extra.get("vision_encoder") is None:
         return sd
-    return {k: v for k, v in sd.items() if k.startswith(TEXT_MODEL)}
+    return {k: v for k, v in sd.items() if not k.startswith(VISION_TOWER)}
 
 
 def detect_layout(keys) -> str:

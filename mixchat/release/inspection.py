@@ -310,24 +310,36 @@ def verify_release(folder: str | Path, out=print, show_progress: bool | None = N
     """Check that the folder loads (params.json, names and shapes, tokenizer), then every md5 sum
     RELEASE lists. Raises ReleaseError (exit 2) for an unusable folder and ChecksumError (exit 1)
     if a listed file is missing or differs."""
-    opened = open_release(folder)
-    a = opened.args
-    out(f"OK        params.json, {opened.release.weights_label.name} and {opened.release.tokenizer.name} fit together "
-        f"({opened.layout} layout, {a.n_layers} layers, vocab {a.vocab_size})")
-    release_file = opened.release.release_file
-    if not release_file.is_file():
-        raise ReleaseError(f"{release_file}: missing, so there are no checksums to verify against")
+    # A folder that does not load (a truncated or damaged weight file: the loader's error says to run
+    # verify) still has its files checked against RELEASE: that is how a bad download shows.
+    try:
+        opened = open_release(folder)
+    except ReleaseError as exc:
+        opened, unloadable = None, exc
+        release_file = Path(folder) / "RELEASE"
+        if not release_file.is_file():
+            raise
+        out(f"FAILED    the folder does not load: {exc}")
+    else:
+        unloadable = None
+        a = opened.args
+        out(f"OK        params.json, {opened.release.weights_label.name} and {opened.release.tokenizer.name} fit "
+            f"together ({opened.layout} layout, {a.n_layers} layers, vocab {a.vocab_size})")
+        release_file = opened.release.release_file
+        if not release_file.is_file():
+            raise ReleaseError(f"{release_file}: missing, so there are no checksums to verify against")
     sums = parse_release_md5(release_file)
     if not sums:
         raise ReleaseError(f"{release_file}: holds no md5 lines ('<32 hex digits>  <file name>')")
     bad: list[str] = []
     refused: list[str] = []
-    folder = opened.release.folder.resolve()
+    shown = release_file.parent
+    folder = shown.resolve()
     for name, expected in sums.items():
-        path = opened.release.folder / name
+        path = shown / name
         if not _inside(folder, name):
             # RELEASE is input: it must not make mixchat read /etc/shadow or a 1 TB file elsewhere.
-            out(f"REFUSED   {visible(name)}: not a plain file inside {opened.release.folder}")
+            out(f"REFUSED   {visible(name)}: not a plain file inside {shown}")
             refused.append(visible(name))
             continue
         if not path.is_file():
@@ -340,7 +352,7 @@ def verify_release(folder: str | Path, out=print, show_progress: bool | None = N
         else:
             out(f"MISMATCH  {visible(name)}  expected {expected}, found {found}")
             bad.append(visible(name))
-    for path in opened.release.weight_files:
+    for path in opened.release.weight_files if opened else ():
         if path.name not in sums:  # the release did not list it: nothing to compare with, but say so
             out(f"UNLISTED  {visible(path.name)}: RELEASE has no md5 for it")
     if refused:
@@ -354,4 +366,7 @@ def verify_release(folder: str | Path, out=print, show_progress: bool | None = N
             f"{release_file}: {len(bad)} of {len(sums)} files missing or not matching ({', '.join(bad)[:200]}); "
             "download them again"
         )
+    if unloadable is not None:
+        # Every file is as released, so the download is not the problem: the loader's reason is.
+        raise ReleaseError(f"{unloadable} (its files match RELEASE)")
     out(f"all {len(sums)} files match RELEASE")

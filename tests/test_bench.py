@@ -1,0 +1,24 @@
+"""`mixchat bench` on a small release: every figure it prints is there and says what it counts."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from conftest import tiny_args
+from test_release import run_cli
+
+
+def test_bench_reports_speed_and_what_its_memory_figures_count(make_release):
+    folder = make_release(tiny_args())
+    proc = run_cli("bench", "-m", str(folder), "--prompt-tokens", "8", "--decode-tokens", "4", "--runs", "1",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["prefill_tokens_per_second"] > 0 and r["decode_tokens_per_second"] > 0
+    if sys.platform == "linux":
+        # Resident memory after loading, split into the model's own and the files read in place: the
+        # peak counts the whole process, loading included, so it is never below what follows it.
+        assert 0 < r["anonymous_after_load_gb"] <= r["rss_after_load_gb"] <= r["peak_rss_gb"] + 0.01
+        assert abs(r["anonymous_after_load_gb"] + r["file_after_load_gb"] - r["rss_after_load_gb"]) <= 0.02
+    assert r["read_bandwidth_gb_per_second"] > 0 and r["decode_fraction_of_ceiling"] > 0
