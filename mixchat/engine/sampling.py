@@ -72,13 +72,14 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float
     return logits
 
 
-def sample(logits: torch.Tensor, settings: SamplingSettings, history: list[int],
-           generator: torch.Generator | None) -> int:
-    """One token id from `logits` ([vocab], fp32)."""
+def distribution(logits: torch.Tensor, settings: SamplingSettings, history: list[int]) -> torch.Tensor | None:
+    """The weights `sample` draws from ([vocab] fp32), after the penalty, temperature, top-k and
+    top-p (not renormalised after top-p: torch.multinomial does not need it); None for greedy
+    decoding (the argmax of the penalised logits is the token)."""
+    if settings.temperature == 0:
+        return None
     logits = apply_repeat_penalty(logits, history[-settings.repeat_last_n :] if settings.repeat_last_n else [],
                                   settings.repeat_penalty)
-    if settings.temperature == 0:
-        return int(logits.argmax())
     logits = logits / settings.temperature
     if settings.top_k:
         kth = torch.topk(logits, min(settings.top_k, logits.shape[-1])).values[-1]
@@ -89,4 +90,14 @@ def sample(logits: torch.Tensor, settings: SamplingSettings, history: list[int],
         # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
         keep = (sorted_probs.cumsum(0) - sorted_probs) < settings.top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return probs
+
+
+def sample(logits: torch.Tensor, settings: SamplingSettings, history: list[int],
+           generator: torch.Generator | None) -> int:
+    """One token id from `logits` ([vocab], fp32)."""
+    probs = distribution(logits, settings, history)
+    if probs is None:
+        recent = history[-settings.repeat_last_n :] if settings.repeat_last_n else []
+        return int(apply_repeat_penalty(logits, recent, settings.repeat_penalty).argmax())
     return int(torch.multinomial(probs, 1, generator=generator))
