@@ -3,7 +3,7 @@
 - kernel_isa: the compiled kernels' build (kernels.isa_flags: native, avx2, portable), swapped in for
   the test with kernels.forced_isa; skips where that build cannot run here (avx2 on a CPU without it).
   Parametrize it indirectly to pick builds: @pytest.mark.parametrize("kernel_isa", [...], indirect=True).
-- native_bf16: MIXCHAT_NATIVE_BF16 off and on (model.native_bf16: torch's bf16 GEMM for prompts, as on
+- native_bf16: MIXCHAT_NATIVE_BF16 off and on (speed.linear.native_bf16: torch's bf16 GEMM for prompts, as on
   CPUs with AVX512-BF16 or AMX, or the kernels' fp32 one).
 
 A test module that uses them imports the fixture functions (`from cpu_paths import each_kernel_isa  # noqa:
@@ -17,8 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mixchat.model import model
-from mixchat.speed import kernels
+from mixchat.speed import kernels, linear
 
 
 @pytest.fixture(name="kernel_isa", params=kernels.ISAS)
@@ -34,5 +33,5 @@ def each_kernel_isa(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture(name="native_bf16", params=[False, True], ids=["fp32-prompts", "native-bf16"])
 def each_native_bf16(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     monkeypatch.setenv("MIXCHAT_NATIVE_BF16", "1" if request.param else "0")
-    assert model.native_bf16() is request.param
+    assert linear.native_bf16() is request.param
     return request.param

@@ -16,7 +16,6 @@ from test_model_vs_hf import random_tokens
 from tolerance import BF16_FLIP, Q8_FLIP, Chain, assert_same_argmax, assert_within, routed_alike, tolerance
 
 from mixchat.engine.engine import Engine
-from mixchat.model import model as model_mod
 from mixchat.model.cache import KVCache
 from mixchat.release.folder import open_weights
 from mixchat.speed import kernels
@@ -56,13 +55,13 @@ def assert_same_logits(got, want, args, tokens: int, quant: str | None, router: 
 
 def decode_steps(engine: Engine, ids: list[int], fused: bool) -> tuple[list, object]:
     """The outputs for ids fed one at a time (every step a decode step), and the cache afterwards."""
-    saved = model_mod.fused_decode
-    model_mod.fused_decode = fused
+    saved = engine.fused_decode
+    engine.fused_decode = fused
     try:
         cache = engine.new_cache(chunk_size=4)
         return [engine.model(torch.tensor([t]), cache) for t in ids], cache
     finally:
-        model_mod.fused_decode = saved
+        engine.fused_decode = saved
 
 
 def decode_logits(engine: Engine, ids: list[int], fused: bool) -> tuple[torch.Tensor, object]:
@@ -92,7 +91,7 @@ def test_fused_decode_equals_the_plain_path(make_release, quant, layout, kernel_
     assert len(ids) > 2 * SHAPES["sliding_window"] + 4  # the rolling buffer wraps more than once
 
     fused_out, fused_cache = decode_steps(engine, ids, True)
-    built = engine.model._decode_built.layers
+    built = engine.decoder.built.layers
     assert built is not None and len(built) == 2  # the fused step really ran
     assert all(layer.has_ffn is not moe and (layer.moe is not None) is moe for layer in built)
     plain_out, plain_cache, router = plain_steps(engine, ids)
@@ -120,13 +119,10 @@ def test_fused_decode_follows_a_prefilled_prompt_and_an_fp32_cache(make_release)
     ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
     outs = []
     for fused in (True, False):
-        model_mod.fused_decode = fused
-        try:
-            cache = KVCache(engine.args, torch.float32)  # the C side takes fp32 caches too
-            engine.model(torch.tensor(ids[:7]), cache)  # a prompt (plain path), then decode steps
-            outs.append(torch.cat([engine.model(torch.tensor([t]), cache).logits for t in ids[7:]]))
-        finally:
-            model_mod.fused_decode = True
+        engine.fused_decode = fused
+        cache = KVCache(engine.args, torch.float32)  # the C side takes fp32 caches too
+        engine.model(torch.tensor(ids[:7]), cache)  # a prompt (plain path), then decode steps
+        outs.append(torch.cat([engine.model(torch.tensor([t]), cache).logits for t in ids[7:]]))
     # Nothing is rounded to a coarser format here (fp32 cache, bf16 weights used exactly): the paths
     # differ by their fp32 sums' order alone.
     tol = tolerance(outs[1].abs().max().item(), Chain.of(args, len(ids)).reordered())
@@ -144,7 +140,7 @@ def test_fused_decode_keeps_each_layers_window(make_release):
     ids = random_tokens(30, seed=5)  # the window-6 layer's 6 + 4 - 1 slots roll over three times
     cache = KVCache(engine.args, torch.float32, chunk_size=4)
     logits = torch.cat([engine.model(torch.tensor([t]), cache).logits for t in ids])
-    assert engine.model._decode_built.layers is not None  # the fused step ran
+    assert engine.decoder.built.layers is not None  # the fused step ran
     assert [(b.window, b.capacity) for b in cache.buffers] == [(6, 9), (None, 32)]
     hf = hf_model(open_weights(folder / "consolidated.00.pth"), args, "dense")
     ref, _, _ = hf_forward(hf, ids, args)
@@ -164,31 +160,52 @@ def test_a_replaced_weight_is_picked_up(make_release):
     engine = Engine.load(folder, show_progress=False)
     ids = engine.tokenizer.encode("Hello there")
     before, _ = decode_logits(engine, ids, True)
-    first = engine.model._decode_built.layers
+    first = engine.decoder.built.layers
     wq = engine.model.layers[1].attention.wq
     wq.weight = torch.nn.Parameter(torch.randn_like(wq.weight.float()).mul(0.2).to(wq.weight.dtype),
                                    requires_grad=False)
     after, _ = decode_logits(engine, ids, True)
-    assert engine.model._decode_built.layers is not first  # rebuilt, not reading the old pointers
+    assert engine.decoder.built.layers is not first  # rebuilt, not reading the old pointers
     plain, _ = decode_logits(engine, ids, False)
     assert not torch.allclose(before, after)
     terms = flip_terms(engine.args, len(ids), None)
     assert_within(after, plain, tolerance(plain.abs().max().item(), *terms), "after a new Parameter")
 
     # The same Parameter with new storage (what Module.to does): the old pointer must not be read.
-    rebuilt = engine.model._decode_built.layers
+    rebuilt = engine.decoder.built.layers
     wo = engine.model.layers[0].attention.wo
     wo.weight.data = torch.randn_like(wo.weight.float()).mul(0.2).to(wo.weight.dtype)
     swapped, _ = decode_logits(engine, ids, True)
-    assert engine.model._decode_built.layers is not rebuilt
+    assert engine.decoder.built.layers is not rebuilt
     plain, _ = decode_logits(engine, ids, False)
     assert not torch.allclose(after, swapped)
     assert_within(swapped, plain, tolerance(plain.abs().max().item(), *terms), "after a .data swap")
 
     # Nothing replaced: the built layers are reused, not rebuilt every token.
-    again = engine.model._decode_built.layers
+    again = engine.decoder.built.layers
     decode_logits(engine, ids, True)
-    assert engine.model._decode_built.layers is again
+    assert engine.decoder.built.layers is again
+
+
+@needs_kernels
+def test_the_engine_switches_the_fused_step_and_invalidates_it(make_release):
+    engine = Engine.load(make_release(tiny_args(**SHAPES)), fused_decode=False, show_progress=False)
+    assert not engine.fused_decode and engine.model.decoder is None  # the model alone is plain PyTorch
+    ids = engine.tokenizer.encode("Hello there")
+    plain, _ = decode_logits(engine, ids, False)
+    engine.fused_decode = True
+    assert engine.fused_decode and engine.model.decoder is engine.decoder
+    fused, _ = decode_logits(engine, ids, True)
+    assert engine.decoder.built.layers is not None
+    assert_within(fused, plain, tolerance(plain.abs().max().item(), *flip_terms(engine.args, len(ids), None)),
+                  "fused vs plain")
+    # Replacing a layer (as quant.install does) tells the decoder, which builds again at the next step.
+    wq = engine.model.layers[0].attention.wq
+    engine.model.layers[0].attention.wq = type(wq).sharing(wq)
+    engine.weights_replaced()
+    assert engine.decoder.built is None
+    again, _ = decode_logits(engine, ids, True)
+    assert engine.decoder.built.layers is not None and torch.equal(again, fused)
 
 
 @needs_kernels
@@ -198,7 +215,7 @@ def test_shapes_the_kernels_do_not_take_keep_the_plain_path(make_release):
     engine = Engine.load(folder, quant="int4-32", show_progress=False)
     ids = engine.tokenizer.encode("Hello there")
     fused, _ = decode_logits(engine, ids, True)
-    assert engine.model._decode_built.layers is None
+    assert engine.decoder.built.layers is None
     plain, _ = decode_logits(engine, ids, False)
     assert torch.equal(fused, plain)
 
@@ -233,7 +250,7 @@ def test_offloaded_experts_go_through_the_same_compiled_step(make_release):
     assert engine.experts is not None
     ids = engine.tokenizer.encode("Hello there, how are you")
     fused_out, _ = decode_steps(engine, ids, True)
-    built = engine.model._decode_built.layers
+    built = engine.decoder.built.layers
     # experts fetched from the cache between routing and the experts, by the same compiled step
     assert built is not None and all(layer.moe is not None for layer in built)
     assert all(e is None for layer in built for e in layer.moe._experts)  # no expert held past a step
@@ -252,7 +269,7 @@ def run_on_build(isa: str, engine: Engine, prompt: list[int], steps: list[int]) 
     with kernels.forced_isa(isa), RouterLog(engine.model) as log:
         cache = engine.new_cache()
         outs = [engine.model(torch.tensor(prompt), cache)] + [engine.model(torch.tensor([t]), cache) for t in steps]
-        built = engine.model._decode_built
+        built = engine.decoder.built
         assert built.library is kernels.library()  # the fused layers follow the build swapped in
         assert (built.layers is not None) is kernels.simd()
         if isa != "native":  # native has the AVX2+FMA code where the CPU has it

@@ -343,27 +343,6 @@ def test_linear_many_checks_its_arguments():
                             16)
 
 
-@needs_kernels
-def test_project_fuses_only_what_the_kernels_take(monkeypatch):
-    from mixchat.model import model as model_mod
-
-    calls = []
-    real = kernels.linear_many
-    monkeypatch.setattr(kernels, "linear_many", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
-    torch.manual_seed(0)
-    a, b = model_mod.Linear(256, 64).to(torch.bfloat16), model_mod.Linear(256, 32).to(torch.bfloat16)
-    x = torch.randn(1, 256)
-    with torch.no_grad():
-        ya, yb = model_mod.project(x, a, b)
-        assert calls == ["bf16"]
-        assert torch.equal(ya, a(x)) and torch.equal(yb, b(x))
-        model_mod.project(torch.randn(9, 256), a, b)  # more rows than one pass: one layer at a time
-        model_mod.project(x, a, model_mod.Linear(256, 8))  # an fp32 weight: not the kernels' format
-    assert calls == ["bf16"]
-    model_mod.project(x, a, b)  # with gradients: torch's autograd ops
-    assert calls == ["bf16"]
-
-
 # ---------------------------------------------------------------------------------------------------
 # Threads
 
@@ -442,9 +421,9 @@ def test_the_kernels_add_no_openmp_runtime():
 @pytest.fixture
 def fresh_state(monkeypatch):
     """Let a test re-run kernels' one-time initialisation; monkeypatch restores the real state after."""
-    monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "_reason", None)
-    monkeypatch.setattr(kernels, "_opened", {})
+    monkeypatch.setattr(kernels.loader, "_lib", None)
+    monkeypatch.setattr(kernels.loader, "_reason", None)
+    monkeypatch.setattr(kernels.loader, "_opened", {})
     return monkeypatch
 
 
@@ -493,6 +472,78 @@ def test_cached_build_is_reused(tmp_path):
     assert [p.name for p in first.parent.iterdir()] == ["libgemv.so"]  # no temporaries left
 
 
+def _fake_compiler(tmp_path: Path) -> str:
+    """A `cc` that writes an empty library and logs the source file it was given, in no time."""
+    cc = tmp_path / "fake-cc"
+    cc.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'
+                  'while [ $# -gt 0 ]; do case "$1" in -o) out=$2; shift;; *.c) echo "$1" >> "$0.log";; esac; '
+                  'shift; done\n: > "$out"\n')
+    cc.chmod(0o755)
+    return str(cc)
+
+
+def test_the_build_takes_the_unity_file_and_hashes_every_part(tmp_path, monkeypatch):
+    # csrc/kernels.c (which #includes the part files) where it exists, csrc/gemv.c before that rename;
+    # editing any .c or .h part gives another cache folder.
+    from mixchat.speed.kernels import loader
+
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "gemv.c").write_text("int x;\n")
+    (csrc / "part.h").write_text("#define A 1\n")
+    monkeypatch.setattr(loader, "CSRC", csrc)
+    cc = _fake_compiler(tmp_path)
+    assert kernels.source() == csrc / "gemv.c"
+    first = kernels.build(cc=cc, flags=("-O0",), root=tmp_path / "cache")
+    (csrc / "kernels.c").write_text('#include "gemv.c"\n')
+    assert kernels.source() == csrc / "kernels.c"
+    second = kernels.build(cc=cc, flags=("-O0",), root=tmp_path / "cache")
+    (csrc / "part.h").write_text("#define A 2\n")
+    third = kernels.build(cc=cc, flags=("-O0",), root=tmp_path / "cache")
+    assert len({first.parent, second.parent, third.parent}) == 3
+    assert Path(cc + ".log").read_text().split() == [str(csrc / "gemv.c")] + 2 * [str(csrc / "kernels.c")]
+
+
+def test_struct_sizes_are_checked_against_the_library(fresh_state):
+    import ctypes
+
+    from mixchat.speed.kernels import decode
+
+    class Library:  # what ctypes.CDLL offers: attributes for the exported functions
+        def __init__(self, sizes: dict[int, int] | None) -> None:
+            if sizes is not None:
+                self.mc_struct_size = lambda which: sizes[which]
+
+    right = {0: ctypes.sizeof(decode._LayerStruct), 1: ctypes.sizeof(decode._MoeStruct)}
+    decode.check_struct_sizes(Library(right))
+    decode.check_struct_sizes(Library(None))  # a library from before mc_struct_size: not checked
+    with pytest.raises(kernels.KernelError, match="struct mc_moe is 8 bytes in the library"):
+        decode.check_struct_sizes(Library({**right, 1: 8}))
+
+    # The loader runs the check: a mismatch leaves the kernels unavailable, saying why.
+    real = decode.check_struct_sizes
+    fresh_state.setattr(decode, "check_struct_sizes", lambda lib: real(Library({0: 1, 1: 1})))
+    assert not kernels.available()
+    assert kernels.reason() == f"struct mc_layer is 1 bytes in the library, {right[0]} in Python"
+
+
+def test_install_swaps_in_kernel_layers_that_share_the_weights():
+    from conftest import tiny_args
+
+    from mixchat.model.model import Transformer
+    from mixchat.speed import linear
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).to(torch.bfloat16)
+    assert model.decoder is None and not any(isinstance(m, linear.KernelLinear) for m in model.modules())
+    before = {n: p for n, p in model.named_parameters()}
+    swapped = linear.install(model)
+    assert swapped == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert isinstance(model.layers[0].attention.wq, linear.KernelLinear)
+    assert all(p is before[n] for n, p in model.named_parameters())  # shared, not copied
+    assert linear.install(model) == 0  # nothing left to swap
+
+
 # ---------------------------------------------------------------------------------------------------
 # Builds (MIXCHAT_KERNEL_ISA): every side of the CPU-dependent C code, on this machine
 
@@ -523,7 +574,7 @@ def test_an_unknown_build_is_refused(fresh_state):
 
 def test_the_avx2_build_is_refused_where_it_cannot_run(fresh_state):
     # Its first AVX2 instruction would kill the process, so it is never loaded on such a CPU.
-    fresh_state.setattr(kernels, "_cpu_flags", lambda: "fpu sse sse2")
+    fresh_state.setattr(kernels.loader, "_cpu_flags", lambda: "fpu sse sse2")
     with pytest.raises(kernels.KernelError, match="the avx2 build needs"), kernels.forced_isa("avx2"):
         pass
 
@@ -584,13 +635,13 @@ def expert_rows(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 @needs_kernels
 def test_native_bf16_decides_who_multiplies_a_prompt(monkeypatch, native_bf16):
-    from mixchat.model import model as model_mod
+    from mixchat.speed import linear
 
     rows = []
     real = kernels.linear_bf16
     monkeypatch.setattr(kernels, "linear_bf16", lambda x, w: rows.append(x.shape[0]) or real(x, w))
-    layer = model_mod.Linear(64, 32).to(torch.bfloat16)
-    most = model_mod._KERNEL_MAX_ROWS
+    layer = linear.KernelLinear(64, 32, bias=False).to(torch.bfloat16)
+    most = linear._KERNEL_MAX_ROWS
     with torch.no_grad():
         for t in (1, most, most + 1):
             layer(torch.randn(t, 64))
@@ -598,7 +649,7 @@ def test_native_bf16_decides_who_multiplies_a_prompt(monkeypatch, native_bf16):
     # the CPU multiplies bf16 natively
     assert rows == [1, most] + ([] if native_bf16 else [most + 1])
     # without the kernels, several rows are upcast to fp32 unless bf16 is native
-    assert model_mod._upcast(model_mod._UPCAST_MIN_TOKENS, layer.weight) is not native_bf16
+    assert linear.upcast(linear._UPCAST_MIN_TOKENS, layer.weight) is not native_bf16
 
 
 @needs_kernels
@@ -606,21 +657,23 @@ def test_bf16_decode_through_the_kernel_matches_torch(make_release, monkeypatch,
     from conftest import tiny_args
 
     from mixchat.engine.engine import Engine
-    from mixchat.model import model as model_mod
+    from mixchat.speed import linear
 
     args = tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2})
     folder = make_release(args, "experts")
     engine = Engine.load(folder, show_progress=False)  # bf16 weights
     ids = engine.tokenizer.encode("Once upon a time")
     prompt = ids * 4
-    assert len(prompt) > model_mod._KERNEL_MAX_ROWS  # with native bf16, torch's GEMM takes this prompt
+    assert len(prompt) > linear._KERNEL_MAX_ROWS  # with native bf16, torch's GEMM takes this prompt
     chain = Chain.of(args, len(prompt))
 
-    monkeypatch.setattr(model_mod, "_kernels_module", None)
+    used = []
+    real = kernels.linear_bf16
+    monkeypatch.setattr(kernels, "linear_bf16", lambda x, w: used.append(x.shape[0]) or real(x, w))
     k_decode, k_experts, _ = _run(engine, ids, True)  # one token at a time: the GEMV path
     k_prompt, k_prompt_experts, _ = _run(engine, prompt, False)  # the whole prompt: the GEMM path
-    assert model_mod._kernels_module is kernels  # the kernel was used
-    monkeypatch.setattr(model_mod, "_kernels_module", False)
+    assert used  # the kernel was used
+    monkeypatch.setattr(linear, "_use_kernels", False)
     t_decode, t_experts, t_log = _run(engine, ids, True)
     t_prompt, t_prompt_experts, t_prompt_log = _run(engine, prompt, False)
 
@@ -647,7 +700,7 @@ def test_bf16_decode_through_the_kernel_matches_torch(make_release, monkeypatch,
     # _UPCAST_MIN_TOKENS rows. With it both take torch's bf16 GEMM (inputs and outputs rounded) for more
     # than _KERNEL_MAX_ROWS rows, and the kernels keep fp32 in an expert given at most that many.
     rows = torch.stack([expert_rows(e, args.moe.num_experts) for e in (k_prompt_experts, t_prompt_experts)])
-    odd = rows <= model_mod._KERNEL_MAX_ROWS if native_bf16 else rows < model_mod._UPCAST_MIN_TOKENS
+    odd = rows <= linear._KERNEL_MAX_ROWS if native_bf16 else rows < linear._UPCAST_MIN_TOKENS
     rounded_layers = int(((rows > 0) & odd).any(dim=-1).any(dim=0).sum())  # w1/w3 and w2 in each
     terms = chain.rounded(BF16, 2 * rounded_layers), chain.reordered(), BF16_FLIP
     router = t_prompt_log.logits()

@@ -19,11 +19,11 @@ from tolerance import BF16, Chain, assert_same_argmax, assert_within, routed_ali
 
 from mixchat.dev.synthetic import random_state
 from mixchat.engine.engine import Engine, resolve_dtype
-from mixchat.model import model as model_mod
 from mixchat.model.cache import KVCache
 from mixchat.model.model import Transformer
 from mixchat.release.config import ModelArgs
 from mixchat.release.folder import open_weights
+from mixchat.speed import linear
 
 
 def run_mixchat(engine: Engine, tokens: list[int], prompt_len: int, chunk: int):
@@ -216,7 +216,7 @@ def test_bf16_model_stays_close_to_fp32(make_release, native_bf16):
     args = tiny_args(sliding_window=8)
     folder = make_release(args, seed=6, std=0.1)
     tokens = torch.tensor(random_tokens(20))
-    assert len(tokens) > model_mod._KERNEL_MAX_ROWS  # with native bf16, torch's bf16 GEMM takes this prompt
+    assert len(tokens) > linear._KERNEL_MAX_ROWS  # with native bf16, torch's bf16 GEMM takes this prompt
     f32 = Engine.load(folder, dtype="fp32", warm=False)
     b16 = Engine.load(folder, dtype="bf16", warm=False)  # the same bf16 weights: f32 holds them exactly
     ref = f32.model(tokens, f32.new_cache()).logits

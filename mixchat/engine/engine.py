@@ -19,7 +19,8 @@ from mixchat.paths import env_flag
 from mixchat.progress import Progress, human_bytes
 from mixchat.release.config import ModelArgs
 from mixchat.release.folder import Release, model_state, open_release
-from mixchat.speed import hugepages
+from mixchat.speed import hugepages, linear
+from mixchat.speed.decoder import FusedDecoder
 from mixchat.speed.experts import ExpertCache, offload
 from mixchat.speed.qformat import QuantSpec, expert_bytes, model_bytes, parse_quant
 from mixchat.speed.quant import install, quantize_state
@@ -212,13 +213,31 @@ class Engine:
     context: int = 0  # the tokens a new conversation's KV cache may grow to (choose_context); 0: max_seq_len
     context_note: str | None = None  # why context is below max_seq_len, when memory made it so
     kv_free: int = 0  # bytes the KV cache could take when the model was loaded (0: unknown)
+    decoder: FusedDecoder | None = None  # the fused one-token step, attached to the model while fused_decode
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether a decoded token goes through the compiled layer step (mixchat.speed.decoder) where the
+        kernels take the model's weights; off, the model's plain path runs (tests compare the two)."""
+        return self.model.decoder is not None
+
+    @fused_decode.setter
+    def fused_decode(self, on: bool) -> None:
+        if on and self.decoder is None and self.device.type == "cpu":
+            self.decoder = FusedDecoder(self.model)
+        self.model.decoder = self.decoder if on else None
+
+    def weights_replaced(self) -> None:
+        """Call after replacing or moving any of the model's weights: the fused step builds again."""
+        if self.decoder is not None:
+            self.decoder.invalidate()
 
     @classmethod
     def load(cls, folder: str | Path, dtype: str = "auto", device: str = "cpu", threads: int | None = None,
              warm: bool = True, show_progress: bool | None = None,
              on_progress: Callable[[int, int], None] | None = None, quant: str | None = None,
              memory_budget: float | None = None, prefetch: bool = True, huge_pages: bool | None = None,
-             context: int | None = None) -> Engine:
+             context: int | None = None, fused_decode: bool = True) -> Engine:
         """`on_progress(bytes_done, bytes_total)` reports reading, converting or quantizing the
         weights (the TUI's progress bar); `show_progress` draws a bar on stderr (default: when it is
         a tty). `quant` is 'int8', 'int4' or 'int4-G' (see mixchat.speed.quant); None keeps the weights.
@@ -229,7 +248,9 @@ class Engine:
         (2 AVX2 cores): decode 4 % faster, but loading took 63 s instead of 10 and peak RSS 24 GB
         instead of 16 (the file's cached pages and the copy), so it is for long sessions only.
         `context` is the tokens a conversation may hold (default: max_seq_len, or less when its KV cache
-        would not fit the memory left after the weights; see choose_context)."""
+        would not fit the memory left after the weights; see choose_context). On the CPU the linear layers
+        are kernel-backed (mixchat.speed.linear) and, with `fused_decode`, a decoded token goes through the
+        compiled layer step (mixchat.speed.decoder; see the fused_decode property)."""
         set_threads(threads)
         asked_to_warm = warm
         if huge_pages is None:
@@ -290,6 +311,11 @@ class Engine:
             for name, parts in quantized.items():
                 for p, t in parts.items():
                     state[f"{name.removesuffix('.weight')}.{p}"] = t
+        # Swapped in before the experts are offloaded, so the routers they predict with are swapped too;
+        # the weights come with load_state_dict below.
+        kernel_layers = dev.type == "cpu"
+        if kernel_layers:
+            linear.install(model)
         experts = None
         if capacity is not None:
             def load_expert(layer: int, e: int) -> torch.nn.Module:
@@ -303,6 +329,8 @@ class Engine:
                     # the tokens are the same as with every expert resident
                     ff.load_state_dict(_copy_expert({k: offloaded[n] for k, n in names.items()}, dev, dt),
                                        assign=True)
+                if kernel_layers:
+                    linear.install(ff)
                 return ff
 
             experts = offload(model, load_expert, _expert_bytes(args, dt, spec), capacity, prefetch)
@@ -317,8 +345,10 @@ class Engine:
         # cache must not count on evicting them. Converted, pinned or quantized weights are already taken.
         kv_free = kv_memory(dev, mapped)
         chosen, note = choose_context(args, dt, kv_free, context)
-        return cls(release, args, layout, model, opened.tokenizer, dev, dt, fingerprint, spec, cached, experts,
-                   chosen, note, kv_free)
+        engine = cls(release, args, layout, model, opened.tokenizer, dev, dt, fingerprint, spec, cached, experts,
+                     chosen, note, kv_free)
+        engine.fused_decode = fused_decode
+        return engine
 
     def explain_non_finite(self) -> str:
         """Why the model produced NaN or infinite logits, as one line for the user: the first weight

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mixchat.model.model import MoeFeedForward, expert_parts
+from mixchat.model.model import MoeFeedForward
+from mixchat.speed import weights_replaced
+from mixchat.speed.decoder import expert_parts
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -161,7 +163,7 @@ class OffloadedMoe(MoeFeedForward):
 
     def decode_fetch(self, xn: torch.Tensor, chosen: list[int]) -> list[tuple]:
         """For the compiled one-token step (kernels.DecodeMoe): predict and prefetch the next layer's experts
-        from the normed input xn, as forward() does, then model.expert_parts of the chosen experts."""
+        from the normed input xn, as forward() does, then decoder.expert_parts of the chosen experts."""
         if self.next_gate is not None:
             guess = torch.topk(self.next_gate(xn), self.top_k, dim=-1).indices[0].tolist()
             self.experts.cache.prefetch(self.experts.layer + 1, guess)
@@ -182,4 +184,5 @@ def offload(model: nn.Module, load: Callable[[int, int], nn.Module], expert_byte
         assert isinstance(moe, MoeFeedForward)
         nxt = layers[i + 1].feed_forward.gate if i + 1 < len(layers) else None
         layer.feed_forward = OffloadedMoe(moe, OffloadedExperts(cache, i, len(moe.experts)), nxt)
+    weights_replaced(model)
     return cache

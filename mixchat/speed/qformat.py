@@ -2,7 +2,8 @@
 bytes it keeps resident (so `mixchat inspect` can say what each choice needs in a blink).
 
 The runtime side (quantizing, the layer that multiplies with quantized weights, the cache) is
-mixchat.speed.quant.
+mixchat.speed.quant; the int4 layout itself (nibble order, scale and zero) is mixchat.speed.kernels.formats',
+which needs torch: this module only counts its bytes.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ bf16/fp32; only the stored weights shrink.
   per-row rather than per-32 scale, which is enough for int8 (quality is measured in the tests).
 - int4: groups of G weights along the input dimension (G in 32, 64, 128), each with an fp32 scale
   and zero: w = (q - 8) * scale + zero, q in 0..15. Asymmetric min/max, because a group's range is
-  rarely centred on 0. Two values per byte, low nibble first.
+  rarely centred on 0. Two values per byte, as mixchat.speed.kernels.formats (the layout's one owner)
+  packs them.
 
 What stays unquantized: the embedding table (one row is read per token), the norms, and the MoE
 router (routing decisions are discrete; a small error there changes which experts run). Under int4
@@ -36,8 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixchat.errors import MixchatError
-from mixchat.model.model import fp32_scratch, kernels_or_none
 from mixchat.release import checksum
+from mixchat.speed import weights_replaced
+from mixchat.speed.kernels.formats import dequantize_int4, pack_int4, unpack_int4
+from mixchat.speed.linear import fp32_scratch, kernels_or_none
 from mixchat.speed.qformat import QuantSpec, quantizable, spec_for
 
 FORMAT_VERSION = 1
@@ -60,8 +63,7 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale = ((hi - lo) / 15.0).clamp(min=1e-10)
     q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed.contiguous(), scale, lo + 8.0 * scale
+    return pack_int4(q), scale, lo + 8.0 * scale
 
 
 def dequantize(parts: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,14 +73,7 @@ def dequantize(parts: dict[str, torch.Tensor], out: torch.Tensor | None = None) 
         out = torch.empty(q.shape, dtype=torch.float32) if out is None else out
         return torch.mul(q, scale[:, None], out=out)
     packed, scale, zero = parts["q"], parts["scale"], parts["zero"]
-    n, half = packed.shape
-    groups = scale.shape[1]
-    out = torch.empty(n, 2 * half, dtype=torch.float32, device=packed.device) if out is None else out
-    pairs = out.view(n, half, 2)
-    pairs[..., 0].copy_(packed & 15)
-    pairs[..., 1].copy_(packed >> 4)
-    g = out.view(n, groups, -1)
-    return g.sub_(8).mul_(scale[..., None]).add_(zero[..., None]).view(n, 2 * half)
+    return dequantize_int4(packed, scale, zero, packed.shape[1] * 2 // scale.shape[1], out)
 
 
 def _kernels():
@@ -128,7 +123,8 @@ class QuantLinear(nn.Module):
             return None
 
     def kernel_parts(self) -> tuple[str, tuple[torch.Tensor, ...], int] | None:
-        """What mixchat.speed.kernels.linear_many takes for this layer (see model.project), or None."""
+        """(format, tensors, int4 group) as kernels.linear_many and the fused decoder take this layer's
+        weight (see speed.linear.KernelLinear.kernel_parts), or None."""
         if not self._kernel_ok or self.q.device.type != "cpu":
             return None
         return self.kind, tuple(self.parts().values()), self.group
@@ -140,7 +136,7 @@ class QuantLinear(nn.Module):
             return torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scale.to(torch.bfloat16))
         if self._torch_int4 is None:  # torch's own packing, built once on first use
             n = self.out_features
-            q = torch.stack((self.q & 15, self.q >> 4), dim=-1).view(n, self.in_features).to(torch.int32)
+            q = unpack_int4(self.q).view(n, self.in_features).to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
             sz = torch.stack((self.scale, self.zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self._torch_int4 = (packed, sz)
@@ -341,3 +337,4 @@ def install(model: nn.Module, quantized: dict[str, dict[str, torch.Tensor]]) -> 
         parent = model.get_submodule(parent_path) if parent_path else model
         old = getattr(parent, attr)
         setattr(parent, attr, QuantLinear(parts, old.in_features, old.out_features))
+    weights_replaced(model)

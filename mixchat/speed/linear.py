@@ -1,0 +1,148 @@
+"""Kernel-backed linear layers, swapped into a model by install(), and the CPU's numeric policy for them.
+
+The model's own linear layers are plain PyTorch. install(model) replaces each of them (the weight shared,
+not copied) by a KernelLinear, which multiplies bf16 weights on the CPU with mixchat.speed.kernels and,
+where those are not loaded, upcasts them to fp32 for products of several rows rather than use torch's
+slow bf16 GEMM. Quantized layers (mixchat.speed.quant.QuantLinear) dispatch to the kernels themselves;
+both describe their weights to the C side through the same kernel_parts() protocol.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixchat.paths import env_flag
+
+_UPCAST_MIN_TOKENS = 4
+# Where the CPU multiplies bf16 matrices natively, torch's GEMM beats the kernels' AVX2 one for prompts;
+# the kernels still take decode and short prompts there, which are bound by reading the weights.
+_KERNEL_MAX_ROWS = 16
+_use_kernels = True
+
+
+def use_kernels(on: bool) -> None:
+    """Whether kernel-backed layers and the fused decoder may use the compiled kernels (tests switch them
+    off to take torch's path on the same model)."""
+    global _use_kernels
+    _use_kernels = on
+
+
+def kernels_or_none() -> ModuleType | None:
+    """mixchat.speed.kernels where its library is loaded and allowed, else None: torch's bf16 GEMV streams
+    the weights at about half the memory read rate on AVX2 CPUs, and decode is nothing but that.
+    Asked every time rather than cached, so a library that kernels.forced_isa swaps in is followed."""
+    if not _use_kernels:
+        return None
+    from mixchat.speed import kernels
+
+    return kernels if kernels.available() else None
+
+
+@functools.cache
+def _cpu_multiplies_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def native_bf16() -> bool:
+    """Whether torch's bf16 matrix products are the fast ones on this CPU (AVX512-BF16 or AMX), which
+    decides two paths: prompts of more than _KERNEL_MAX_ROWS tokens go through torch's bf16 GEMM rather
+    than the kernels' (it rounds the activations and the result to bf16, where the kernels keep fp32), and
+    without the kernels bf16 weights are multiplied as they are rather than upcast to fp32.
+
+    CPUs without them run bf16 matrix-matrix products about 4x slower than fp32 ones (measured on an AVX2
+    EPYC: a 128x4096 by 4096x14336 product takes 710 ms in bf16, 170 ms in fp32). mixchat's compiled
+    kernels take bf16 weights as they are, for one token and for a whole prompt. Without them, when
+    several tokens go through a layer at once, the bf16 weight is copied into a reused fp32 scratch
+    buffer (20 ms: a fresh allocation would cost 200 ms in page faults) and multiplied in fp32.
+
+    MIXCHAT_NATIVE_BF16=1 or 0 forces either answer (tests take both paths on any CPU; on one without
+    native bf16 the forced path is slow, not wrong); unset, the CPU decides. Read here only, at each
+    decision rather than once, so a test can set it: under a microsecond, next to a product of several
+    rows (the kernels' one-token path never asks).
+    """
+    return env_flag("MIXCHAT_NATIVE_BF16", _cpu_multiplies_bf16())
+
+
+_scratch = threading.local()
+
+
+def fp32_scratch(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The per-thread fp32 buffer weights are upcast or dequantized into (one for bf16 and quantized
+    layers alike, sized by the largest weight)."""
+    numel = torch.Size(shape).numel()
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel].view(shape)
+
+
+def _fp32_copy(w: torch.Tensor) -> torch.Tensor:
+    return fp32_scratch(w.shape).copy_(w)
+
+
+def upcast(n_tokens: int, t: torch.Tensor) -> bool:
+    """Whether a product of n_tokens rows with bf16 `t` runs in fp32 rather than torch's bf16 (see
+    native_bf16)."""
+    return n_tokens >= _UPCAST_MIN_TOKENS and t.dtype == torch.bfloat16 and t.device.type == "cpu" \
+        and not native_bf16()
+
+
+class KernelLinear(nn.Linear):
+    """A bias-free linear layer whose bf16 weights on CPU go through mixchat.speed.kernels when they are
+    available, and are upcast to fp32 for several rows when they are not."""
+
+    @classmethod
+    def sharing(cls, layer: nn.Linear) -> KernelLinear:
+        """A KernelLinear holding `layer`'s weight Parameter itself."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = layer.in_features, layer.out_features
+        new.weight = layer.weight
+        new.register_parameter("bias", None)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        # The torrent layout's w2 is a transposed view, which the kernels read as it lies.
+        transposed = not w.is_contiguous() and w.t().is_contiguous()
+        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and (transposed or w.is_contiguous()) \
+                and not torch.is_grad_enabled() and (x.shape[0] <= _KERNEL_MAX_ROWS or not native_bf16()) \
+                and (k := kernels_or_none()) is not None:
+            return k.linear_bf16(x, w).to(x.dtype)
+        # Without the kernels, torch's bf16 product takes 455 ms for one Mixtral expert's transposed
+        # w2 on AVX2, an fp32 copy (made in the view's own layout) and product about 30 ms, so it is
+        # upcast even for one token.
+        if upcast(_UPCAST_MIN_TOKENS if transposed else x.shape[0], w):
+            return F.linear(x.float(), _fp32_copy(w.t()).t() if transposed else _fp32_copy(w)).to(x.dtype)
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
+
+    def kernel_parts(self) -> tuple[str, tuple[torch.Tensor, ...], int] | None:
+        """(format, tensors, int4 group) as kernels.linear_many and the fused decoder take this layer's
+        weight, or None where they do not take it."""
+        w = self.weight
+        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous():
+            return "bf16", (w,), 0
+        return None
+
+
+def install(model: nn.Module) -> int:
+    """Swap every plain linear layer of `model` (nn.Linear without bias, or a subclass of it that is not
+    already kernel-backed) for a KernelLinear sharing its weight; returns how many were swapped. Quantized
+    layers are left as they are: they dispatch to the kernels themselves."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and not isinstance(child, KernelLinear) and child.bias is None:
+                setattr(parent, name, KernelLinear.sharing(child))
+                swapped += 1
+    if swapped:
+        from mixchat.speed import weights_replaced
+
+        weights_replaced(model)
+    return swapped
