@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from mixchat.paths import env_flag
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv.c"  # includes csrc/decode.c
+SOURCE = Path(__file__).with_name("csrc") / "gemm.c"  # includes csrc/decode.c
 ISAS = ("native", "avx2", "portable")
 _COMMON = ("-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
 ABI_VERSION = 4  # must match MC_ABI_VERSION in gemv.c
