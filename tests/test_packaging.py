@@ -26,8 +26,8 @@ def test_the_wheel_carries_every_file_of_the_demo_and_the_c_sources():
     assert setuptools["package-dir"]["mixchat.demo"] == "assets/demo"
     shipped = set(setuptools["package-data"]["mixchat.demo"])
     assert shipped == {p.name for p in (ROOT / "assets" / "demo").iterdir() if p.is_file()}
-    assert "csrc/*.c" in setuptools["package-data"]["mixchat.speed"]
-    assert {p.name for p in (ROOT / "mixchat" / "speed").glob("csrc/*.c")} >= {"gemm.c", "decode.c"}
+    assert {"csrc/*.c", "csrc/*.h"} <= set(setuptools["package-data"]["mixchat.speed"])
+    assert {p.name for p in (ROOT / "mixchat" / "speed").glob("csrc/*.[ch]")} >= {"kernels.c", "common.h", "decode.c"}
     manifest = (ROOT / "MANIFEST.in").read_text()
     assert "graft assets/demo" in manifest and "mixchat/speed/csrc" in manifest
 

@@ -58,10 +58,10 @@ import torch.nn.functional as F
 
 from mixchat.paths import env_flag
 
-SOURCE = Path(__file__).with_name("csrc") / "gemm.c"  # includes csrc/decode.c
+SOURCE = Path(__file__).with_name("csrc") / "kernels.c"  # includes the other csrc/ parts
 ISAS = ("native", "avx2", "portable")
 _COMMON = ("-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
-ABI_VERSION = 4  # must match MC_ABI_VERSION in gemv.c
+ABI_VERSION = 5  # must match MC_ABI_VERSION in csrc/common.h
 INT4_GROUPS = (32, 64, 128)
 MAX_ROWS = {"bf16": 8, "int8": 8, "int4": 8}  # rows of x served by one pass over the weight
 GEMM_MIN_ROWS = 12  # the C side's default (mc_get_gemm_min_rows)
@@ -185,7 +185,7 @@ def build(cc: str | None = None, flags: tuple[str, ...] = FLAGS, root: Path | No
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelError(f"C compiler {cc} does not run: {e}") from None
     key = hashlib.sha256()
-    sources = (f.read_bytes() for f in sorted(SOURCE.parent.glob("*.c")))
+    sources = (f.read_bytes() for f in sorted([*SOURCE.parent.glob("*.c"), *SOURCE.parent.glob("*.h")]))
     for part in (*sources, cc.encode(), version.encode(), " ".join(flags).encode(),
                  _cpu_signature().encode(), str(ABI_VERSION).encode()):
         key.update(part + b"\0")
