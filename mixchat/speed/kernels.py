@@ -231,6 +231,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.mc_decode_attention.argtypes = [vp, vp, vp, vp, vp, i32, i64, i64, i64, vp]
     lib.mc_decode_ffn.argtypes = [vp, vp]
     lib.mc_decode_moe.argtypes = [vp, vp, vp, vp, vp, i32]
+    lib.mc_read_probe.argtypes, lib.mc_read_probe.restype = [vp, i64, i32, i32], ctypes.c_double
     for name in ("mc_linear_bf16", "mc_linear_bf16_t", "mc_linear_int8", "mc_linear_int8_q8", "mc_linear_int4",
                  "mc_linear_int4_q8", "mc_linear_multi", "mc_decode_attention", "mc_decode_ffn",
                  "mc_decode_moe"):
@@ -369,6 +370,19 @@ def set_transposed_split(over_k: bool) -> None:
     (the older path, kept so tests and benchmarks can compare the two)."""
     if (lib := _get()) is not None:
         lib.mc_set_bf16t_ksplit(int(over_k))
+
+
+def read_probe(gib: float = 1.0, threads: int | None = None, reps: int = 5) -> float:
+    """The memory read rate in GB/s (1e9 bytes/s) the widest loads of the loaded build reach over a buffer
+    of `gib` GiB (csrc/probe.c), best of `reps` passes, with `threads` threads (None: get_num_threads()):
+    the ceiling the kernels' read rates compare to. Raises KernelError without the compiled kernels."""
+    if (lib := _get()) is None:
+        raise KernelError(reason())
+    buf = torch.ones(int(gib * (1 << 30)), dtype=torch.uint8)  # written, so every page is really there
+    rate = lib.mc_read_probe(buf.data_ptr(), buf.numel(), threads or get_num_threads(), reps)
+    if rate < 0:
+        raise KernelError(f"mc_read_probe failed with code {rate:.0f} (gib={gib}, reps={reps})")
+    return rate
 
 
 def get_gemm_min_rows() -> int:

@@ -50,6 +50,7 @@
  *   gemm.c     the register-tiled GEMM for prompts (all formats) and the transposed bf16 paths
  *   onepass.c  the multi-weight one-pass driver and the exported mc_linear_* entry points
  *   decode.c   one decoded token through a whole layer (uses one_pass)
+ *   probe.c    mc_read_probe: the read rate of the widest loads this build has (the ceiling)
  * Parts are not compiled on their own: each relies on what the parts before it define.
  */
 #include "common.h"
@@ -59,3 +60,4 @@
 #include "gemm.c"
 #include "onepass.c"
 #include "decode.c"
+#include "probe.c"
