@@ -1,10 +1,10 @@
 /*
  * common.h (part of kernels.c, the unity build; see there): what every format's kernels share.
- * The includes and the SIMD switch (MC_AVX2), macros, tunables (rows and accumulator splits per kernel, K
- * chunk budget, prefetch distance), the exported thread and ABI settings, mc_ctx (one product's
- * arguments), the OpenMP job runner (mc_run_jobs: the same pool and thread count for every kernel), the
- * per-thread scratch buffer, bf16 -> fp32, group sums of x, and, for the SIMD build, the row driver
- * (MC_DRIVER) and accumulator macros the bf16/int8/int4 files instantiate. Kept in one header so each
+ * The includes and the SIMD switches (MC_AVX2, MC_AVX512, MC_VNNI), macros, tunables (rows and accumulator
+ * splits per kernel, K chunk budget, prefetch distance), the exported thread and ABI settings, mc_ctx (one
+ * product's arguments), the OpenMP job runner (mc_run_jobs: the same pool and thread count for every
+ * kernel), the per-thread scratch buffer, bf16 -> fp32, group sums of x, and, for the SIMD build, the row
+ * driver (MC_DRIVER) and the accumulator macros (8 and 16 lanes) the bf16/int8/int4 files instantiate. Kept in one header so each
  * format's file holds only its own arithmetic.
  */
 #include <stdint.h>
@@ -20,6 +20,22 @@
 #define MC_AVX2 1
 #else
 #define MC_AVX2 0
+#endif
+
+/* AVX-512 kernels beside the AVX2 ones (bf16, int8 Q8, int4 Q8 row kernels), chosen by the compiler's
+ * feature macros, so -march=native picks them on an AVX-512 CPU and the avx2 build (-march=x86-64-v3)
+ * never sees them. They need F, BW (byte/word ops, masks) and VL (128/256-bit masked loads); VNNI adds
+ * vpdpbusd for the integer dot products, without it vpmaddubsw + vpmaddwd do them as in the AVX2 code.
+ * MC_NO_AVX512 keeps the AVX2 kernels on an AVX-512 build (comparisons, benchmarks). */
+#if MC_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(MC_NO_AVX512)
+#define MC_AVX512 1
+#else
+#define MC_AVX512 0
+#endif
+#if MC_AVX512 && defined(__AVX512VNNI__)
+#define MC_VNNI 1
+#else
+#define MC_VNNI 0
 #endif
 
 #define MC_API __attribute__((visibility("default")))
@@ -76,6 +92,9 @@ static int g_threads = 1;
 
 MC_API int mc_abi_version(void) { return MC_ABI_VERSION; }
 MC_API int mc_simd(void) { return MC_AVX2; }
+/* Which row kernels this build runs: 0 the portable loops, 1 AVX2+FMA, 2 AVX-512 (F/BW/VL), 3 AVX-512 with
+ * VNNI (the GEMM, the transposed bf16 paths and the fused decode arithmetic stay AVX2 in 2 and 3). */
+MC_API int mc_simd_level(void) { return MC_AVX2 ? (MC_AVX512 ? 2 + MC_VNNI : 1) : 0; }
 MC_API void mc_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
 MC_API int mc_get_threads(void) { return g_threads; }
 
@@ -246,5 +265,19 @@ MC_INLINE float hsum8(__m256 v)
         MC_UNROLL for (int s_ = 1; s_ < (S); s_++) a_ = _mm256_add_ps(a_, acc[s_][r_][t_]);          \
         part[r_][t_] += hsum8(a_);                                                                   \
     }
+
+#if MC_AVX512
+/* The same for 16-lane accumulators (part[] stays 8 floats per row: one float per token). */
+#define MC_ZERO_ACC512(acc, S, R, T)                                                                 \
+    MC_UNROLL for (int s_ = 0; s_ < (S); s_++) MC_UNROLL for (int r_ = 0; r_ < (R); r_++)            \
+        MC_UNROLL for (int t_ = 0; t_ < (T); t_++) acc[s_][r_][t_] = _mm512_setzero_ps()
+
+#define MC_FLUSH_ACC512(acc, S, R, T, part)                                                          \
+    MC_UNROLL for (int r_ = 0; r_ < (R); r_++) MC_UNROLL for (int t_ = 0; t_ < (T); t_++) {          \
+        __m512 a_ = acc[0][r_][t_];                                                                  \
+        MC_UNROLL for (int s_ = 1; s_ < (S); s_++) a_ = _mm512_add_ps(a_, acc[s_][r_][t_]);          \
+        part[r_][t_] += _mm512_reduce_add_ps(a_);                                                    \
+    }
+#endif
 
 #endif /* MC_AVX2 */

@@ -156,6 +156,101 @@ static void prep_int4(const float *x, int T, int64_t K, float *xp)
  * out as lanes 0-3 = first block and 4-7 = second, and one vector of the two blocks' x scales (xd)
  * converts them. Per 64 weights and token: 2 maddubs, add, madd, cvt, mul, fma. */
 
+#if MC_AVX512
+/* AVX-512: 128 columns (64 bytes) per step and row, one load. The 128-bit lane L of the loaded weights is the
+ * 32-column block L, as in the AVX2 code, so its int32 sums (lanes 4L..4L+3) belong to block L; x's even and
+ * odd halves for the two 64-column groups are prep_q8's layout taken 32 bytes from each group, and the 16
+ * block scales of x are prep_q8's two 8-lane vectors side by side. The integer sums are the AVX2 code's
+ * (VNNI: vpdpbusd for each half; BW: vpmaddubsw, add, vpmaddwd, as in AVX2), each lane converted and scaled
+ * by x's and w's block scales, as in AVX2; only the order of the fp32 additions across lanes differs.
+ * `full` = 0: the last 64 columns of a row alone (K % 128 == 64, groups of 32 or 64), upper lanes zero. */
+MC_INLINE __m512 int4_scale_vec512(const float *sc_row, int64_t k, const int GS, const int full)
+{
+    const uint64_t g = (uint64_t)k / GS;
+    if (GS == 128) return _mm512_set1_ps(sc_row[g]);
+    if (GS == 64)
+        return _mm512_mask_blend_ps((__mmask16)0xff00, _mm512_set1_ps(sc_row[g]),
+                                    _mm512_set1_ps(full ? sc_row[g + 1] : 0.f));
+    /* GS == 32: lanes 4L..4L+3 take block L's scale */
+    __m128 s4 = full ? _mm_loadu_ps(sc_row + g) : _mm_maskz_loadu_ps((__mmask8)0x3, sc_row + g);
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps128_ps512(s4));
+}
+
+MC_INLINE void int4q8_step512(const mc_ctx *c, const uint8_t *w, int64_t n0, int64_t k, const int R, const int T,
+                              const int GS, const int full, __m512 (*y)[8])
+{
+    const int64_t K = c->K, ng = K / GS, nb = K / 64;
+    const __m512i lo_mask = _mm512_set1_epi8(0x0f);
+    __m512i ql[4], qh[4];
+    __m512 sv[4];
+    MC_UNROLL for (int r = 0; r < R; r++) {
+        const uint8_t *wr = w + r * (K / 2) + k / 2;
+        __m512i v = full ? _mm512_loadu_si512((const void *)wr) : _mm512_maskz_loadu_epi8((__mmask64)0xffffffffu, wr);
+        MC_REG(v);
+        ql[r] = _mm512_and_si512(v, lo_mask);
+        qh[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
+        sv[r] = int4_scale_vec512(c->scale + (n0 + r) * ng, k, GS, full);
+    }
+    MC_UNROLL for (int t = 0; t < T; t++) {
+        const int8_t *xb = c->xq + t * K + k;
+        __m512i xl, xh;
+        __m512 d;
+        if (full) {
+            xl = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)xb)),
+                                    _mm256_load_si256((const __m256i *)(xb + 64)), 1);
+            xh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(xb + 32))),
+                                    _mm256_load_si256((const __m256i *)(xb + 96)), 1);
+        } else {
+            xl = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_load_si256((const __m256i *)xb), 0);
+            xh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_load_si256((const __m256i *)(xb + 32)), 0);
+        }
+        if (GS == 128) d = _mm512_set1_ps(c->xd[t * ng + (uint64_t)k / 128]);
+        else if (full) d = _mm512_loadu_ps(c->xd + (t * nb + (uint64_t)k / 64) * 8);
+        else {
+            __m256 d8 = _mm256_load_ps(c->xd + (t * nb + (uint64_t)k / 64) * 8);
+            d = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_setzero_pd(), _mm256_castps_pd(d8), 0));
+        }
+        if (R > 1) {
+            MC_REG(xl);
+            MC_REG(xh);
+        }
+        MC_UNROLL for (int r = 0; r < R; r++) {
+#if MC_VNNI
+            __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ql[r], xl), qh[r], xh);
+#else
+            /* q <= 15, |x| <= 127: an int16 lane holds at most 2 * 2 * 15 * 127 = 7620 */
+            __m512i p16 = _mm512_add_epi16(_mm512_maddubs_epi16(ql[r], xl), _mm512_maddubs_epi16(qh[r], xh));
+            __m512i p = _mm512_madd_epi16(p16, _mm512_set1_epi16(1));
+#endif
+            y[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(d, sv[r]), y[r][t]);
+        }
+    }
+}
+
+MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
+                            const int S, const int GS, float (*part)[8])
+{
+    const int64_t K = c->K;
+    const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
+    const int64_t pf = MC_PF_OFFSET(R, K / 2);
+    __m512 y[2][4][8];
+    MC_ZERO_ACC512(y, S, R, T);
+    int64_t k = k0;
+    for (; k + 128 * S <= k1; k += 128 * S) {
+        MC_UNROLL for (int u = 0; u < S; u++) {
+            /* one 64-byte line per row and 128 columns */
+            if (MC_PF) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * (K / 2) + (k + 128 * u) / 2, pf);
+            int4q8_step512(c, w, n0, k + 128 * u, R, T, GS, 1, y[u]);
+        }
+    }
+    for (; k + 128 <= k1; k += 128) int4q8_step512(c, w, n0, k, R, T, GS, 1, y[0]);
+    if (k < k1) int4q8_step512(c, w, n0, k, R, T, GS, 0, y[0]); /* 64 columns: K % 128 == 64, G 32 or 64 */
+    MC_FLUSH_ACC512(y, S, R, T, part);
+}
+
+#else /* AVX2 */
+
 /* One 64-column block of R rows x T tokens into y[u]. */
 MC_INLINE void int4q8_step(const mc_ctx *c, const uint8_t *w, int64_t n0, int64_t k, const int R, const int T,
                            const int GS, __m256 (*y)[8])
@@ -248,6 +343,8 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
     }
     MC_FLUSH_ACC(y, S, R, T, part);
 }
+
+#endif /* MC_AVX512 */
 
 /* R1, S1: the one-token kernel's rows and accumulator splits. */
 #define MC_INT4_Q8(GS, R1, S1)                                                                      \

@@ -83,6 +83,66 @@ static const mc_rows_fn int8_fns[9] = {0, int8_rows_t1, int8_rows_t2, int8_rows_
  * block's x scale. vpmaddubsw multiplies unsigned by signed bytes, so |q| goes in as the unsigned
  * operand and x takes q's sign (vpsignb); |q|, |x| <= 127 keep each int16 pair sum <= 32258. */
 
+#if MC_AVX512
+/* AVX-512: 64 columns (two Q8 blocks) per step and row in one load. AVX-512 has no vpsignb, so x takes q's
+ * sign by a masked subtract (mask = q's sign bits); then vpdpbusd (VNNI) or vpmaddubsw + vpmaddwd (BW)
+ * make the same int32 sums of four neighbouring columns as the AVX2 code, exactly (|q| may be 128: |q| goes
+ * in as an unsigned byte, and 2 * 128 * 127 still fits the BW path's int16). Lanes 0-7 hold the first
+ * block, 8-15 the second; each is converted and multiplied by its own block's x scale, as in AVX2, only
+ * the order of the fp32 additions across blocks differs. `full` = 0: the last 32 columns of a row alone
+ * (K % 64 == 32), loaded with a byte mask, the upper lanes zero. */
+MC_INLINE void int8q8_step512(const mc_ctx *c, const int8_t *w, int64_t k, const int R, const int T, const int full,
+                              __m512 (*y)[8])
+{
+    const int64_t K = c->K, nb = K / 32;
+    const __mmask64 m = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
+    __m512i wa[4];
+    __mmask64 neg[4];
+    MC_UNROLL for (int r = 0; r < R; r++) {
+        __m512i v = _mm512_maskz_loadu_epi8(m, w + r * K + k);
+        MC_REG(v);
+        wa[r] = _mm512_abs_epi8(v);
+        neg[r] = _mm512_movepi8_mask(v);
+    }
+    MC_UNROLL for (int t = 0; t < T; t++) {
+        __m512i xv = _mm512_maskz_loadu_epi8(m, c->xq + t * K + k);
+        const float *xd = c->xd + t * nb + k / 32;
+        __m512 d = _mm512_mask_blend_ps((__mmask16)0xff00, _mm512_set1_ps(xd[0]), _mm512_set1_ps(full ? xd[1] : 0.f));
+        if (R > 1) MC_REG(xv);
+        MC_UNROLL for (int r = 0; r < R; r++) {
+            __m512i xs = _mm512_mask_sub_epi8(xv, neg[r], _mm512_setzero_si512(), xv);
+#if MC_VNNI
+            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wa[r], xs);
+#else
+            __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(wa[r], xs), _mm512_set1_epi16(1));
+#endif
+            y[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), d, y[r][t]);
+        }
+    }
+}
+
+MC_INLINE void int8q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
+                            const int S, float (*part)[8])
+{
+    const int64_t K = c->K;
+    const int8_t *w = (const int8_t *)c->w + n0 * K;
+    const int64_t pf = MC_PF_OFFSET(R, K);
+    __m512 y[4][4][8];
+    MC_ZERO_ACC512(y, S, R, T);
+    int64_t k = k0;
+    for (; k + 64 * S <= k1; k += 64 * S) {
+        MC_UNROLL for (int u = 0; u < S; u++) {
+            if (MC_PF) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k + 64 * u, pf);
+            int8q8_step512(c, w, k + 64 * u, R, T, 1, y[u]);
+        }
+    }
+    for (; k + 64 <= k1; k += 64) int8q8_step512(c, w, k, R, T, 1, y[0]);
+    if (k < k1) int8q8_step512(c, w, k, R, T, 0, y[0]);
+    MC_FLUSH_ACC512(y, S, R, T, part);
+}
+
+#else /* AVX2 */
+
 MC_INLINE void int8q8_step(const mc_ctx *c, const int8_t *w, int64_t k, const int R, const int T, __m256 (*y)[8])
 {
     const int64_t K = c->K, nb = K / 32;
@@ -122,6 +182,8 @@ MC_INLINE void int8q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
     for (; k < k1; k += 32) int8q8_step(c, w, k, R, T, y[0]);
     MC_FLUSH_ACC(y, S, R, T, part);
 }
+
+#endif /* MC_AVX512 */
 
 MC_INLINE void int8q8_epi(const mc_ctx *c, int64_t n, const int T, const float *part)
 {
