@@ -54,12 +54,16 @@ def test_the_kernels_read_no_faster_than_the_probe(threads):
     kernels.set_num_threads(threads)
     try:
         kernels.linear_bf16(x, w)  # page in, start the pool
-        probe = kernel = 0.0
-        # In turns, best of each: on a shared machine the bandwidth left over drifts, and taking turns
-        # gives both the same chances at a quiet moment.
-        for _ in range(3):
-            probe = max(probe, kernels.read_probe(gib=1.0, threads=threads, reps=3))
-            kernel = max(kernel, _bf16_read_rate(x, w, runs=4))
+        # On a shared machine the bandwidth left over drifts by 2x within seconds, so a best-of-all
+        # comparison can pit a quiet moment of one against a busy moment of the other. Each round measures
+        # the probe and the kernel back to back; a probe that is not the ceiling loses in every round, so
+        # the test asks that at least one round (the steadiest) shows the kernel within the margin.
+        rounds = []
+        for _ in range(5):
+            probe = kernels.read_probe(gib=1.0, threads=threads, reps=3)
+            rounds.append((_bf16_read_rate(x, w, runs=3), probe))
     finally:
         kernels.set_num_threads(saved)
-    assert kernel <= probe * MARGIN, f"{threads} threads: linear_bf16 read {kernel:.1f} GB/s, the probe {probe:.1f}"
+    assert min(kernel / probe for kernel, probe in rounds) <= MARGIN, (
+        f"{threads} threads: linear_bf16 read faster than the probe in every round (kernel/probe GB/s: "
+        + ", ".join(f"{kernel:.1f}/{probe:.1f}" for kernel, probe in rounds) + ")")
