@@ -469,7 +469,7 @@ def test_cached_build_is_reused(tmp_path):
     mtime = first.stat().st_mtime_ns
     assert kernels.build(flags=kernels.isa_flags("portable"), root=tmp_path) == first
     assert first.stat().st_mtime_ns == mtime
-    assert [p.name for p in first.parent.iterdir()] == ["libgemv.so"]  # no temporaries left
+    assert [p.name for p in first.parent.iterdir()] == ["libmixchat.so"]  # no temporaries left
 
 
 def _fake_compiler(tmp_path: Path) -> str:
@@ -483,25 +483,25 @@ def _fake_compiler(tmp_path: Path) -> str:
 
 
 def test_the_build_takes_the_unity_file_and_hashes_every_part(tmp_path, monkeypatch):
-    # csrc/kernels.c (which #includes the part files) where it exists, csrc/gemv.c before that rename;
-    # editing any .c or .h part gives another cache folder.
+    # csrc/kernels.c (which #includes the part files) is what the compiler is given; editing any .c or .h
+    # part gives another cache folder.
     from mixchat.speed.kernels import loader
 
     csrc = tmp_path / "csrc"
     csrc.mkdir()
-    (csrc / "gemv.c").write_text("int x;\n")
+    (csrc / "kernels.c").write_text('#include "part.c"\n')
+    (csrc / "part.c").write_text("int x;\n")
     (csrc / "part.h").write_text("#define A 1\n")
     monkeypatch.setattr(loader, "CSRC", csrc)
     cc = _fake_compiler(tmp_path)
-    assert kernels.source() == csrc / "gemv.c"
-    first = kernels.build(cc=cc, flags=("-O0",), root=tmp_path / "cache")
-    (csrc / "kernels.c").write_text('#include "gemv.c"\n')
     assert kernels.source() == csrc / "kernels.c"
+    first = kernels.build(cc=cc, flags=("-O0",), root=tmp_path / "cache")
+    (csrc / "part.c").write_text("int y;\n")
     second = kernels.build(cc=cc, flags=("-O0",), root=tmp_path / "cache")
     (csrc / "part.h").write_text("#define A 2\n")
     third = kernels.build(cc=cc, flags=("-O0",), root=tmp_path / "cache")
     assert len({first.parent, second.parent, third.parent}) == 3
-    assert Path(cc + ".log").read_text().split() == [str(csrc / "gemv.c")] + 2 * [str(csrc / "kernels.c")]
+    assert Path(cc + ".log").read_text().split() == 3 * [str(csrc / "kernels.c")]
 
 
 def test_struct_sizes_are_checked_against_the_library(fresh_state):

@@ -27,8 +27,7 @@ def test_the_wheel_carries_every_file_of_the_demo_and_the_c_sources():
     shipped = set(setuptools["package-data"]["mixchat.demo"])
     assert shipped == {p.name for p in (ROOT / "assets" / "demo").iterdir() if p.is_file()}
     assert {"csrc/*.c", "csrc/*.h"} <= set(setuptools["package-data"]["mixchat.speed"])
-    sources = {p.name for p in (ROOT / "mixchat" / "speed").glob("csrc/*.c")}
-    assert "decode.c" in sources and sources & {"gemv.c", "kernels.c"}  # the unity file, by either name
+    assert {p.name for p in (ROOT / "mixchat" / "speed").glob("csrc/*.[ch]")} >= {"kernels.c", "common.h", "decode.c"}
     manifest = (ROOT / "MANIFEST.in").read_text()
     assert "graft assets/demo" in manifest and "recursive-include mixchat/speed/csrc *.c *.h" in manifest
 

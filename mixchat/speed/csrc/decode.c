@@ -1,6 +1,6 @@
 /*
- * decode.c: one decoded token through a transformer layer in a single call (included by gemv.c, whose
- * one-pass kernels it drives).
+ * decode.c: one decoded token through a transformer layer in a single call (part of kernels.c, after
+ * onepass.c, whose one-pass kernels it drives).
  *
  * A 7B decode step is 32 layers of about 40 small torch ops each (norms, rotary, cache writes,
  * attention, activation, residual adds) around the weight products. Each op costs a few microseconds of
@@ -387,4 +387,11 @@ MC_API int mc_decode_moe(const mc_moe *M, float *h, float *xn, int64_t *chosen, 
     (void)M; (void)h; (void)xn; (void)chosen; (void)weights; (void)phase;
     return MC_EBADARG;
 #endif
+}
+
+/* sizeof the structs above, so the Python side can check its ctypes copies of them (kernels.py's
+ * _LayerStruct and _MoeStruct): which 0 = mc_layer, 1 = mc_moe; -1 for any other. */
+MC_API int64_t mc_struct_size(int which)
+{
+    return which == 0 ? (int64_t)sizeof(mc_layer) : which == 1 ? (int64_t)sizeof(mc_moe) : -1;
 }

@@ -44,10 +44,9 @@ CSRC = Path(__file__).parent.parent / "csrc"
 
 
 def source() -> Path:
-    """The unity-build file the compiler is given: csrc/kernels.c, which #includes the other parts, or
-    csrc/gemv.c in sources from before that name (both layouts build, so the split can land on its own)."""
-    unity = CSRC / "kernels.c"
-    return unity if unity.exists() else CSRC / "gemv.c"
+    """The unity-build file the compiler is given: csrc/kernels.c, which #includes the other parts (one
+    translation unit, so the compiler inlines across them as it did when they were one file)."""
+    return CSRC / "kernels.c"
 
 
 def _source_files() -> list[Path]:
@@ -56,8 +55,10 @@ def _source_files() -> list[Path]:
 
 ISAS = ("native", "avx2", "portable")
 _COMMON = ("-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
-ABI_VERSION = 4  # must match MC_ABI_VERSION in the C source
+ABI_VERSION = 5  # must match MC_ABI_VERSION in csrc/common.h
 GEMM_MIN_ROWS = 12  # the C side's default (mc_get_gemm_min_rows)
+# mc_simd_level(): which row kernels the compiler's feature macros chose for this build.
+SIMD_LEVELS = {0: "scalar code", 1: "AVX2+FMA code", 2: "AVX-512 code", 3: "AVX-512 code with VNNI"}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -183,11 +184,11 @@ def build(cc: str | None = None, flags: tuple[str, ...] = FLAGS, root: Path | No
                  _cpu_signature().encode(), str(ABI_VERSION).encode()):
         key.update(part + b"\0")
     folder = (root or cache_root()) / key.hexdigest()[:24]
-    lib = folder / "libgemv.so"
+    lib = folder / "libmixchat.so"
     if lib.exists():
         return lib
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".libgemv-", suffix=".so", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".libmixchat-", suffix=".so", dir=folder)
     os.close(fd)
     try:
         proc = subprocess.run([cc, *flags, "-o", tmp, str(source()), "-lm"], capture_output=True, text=True,
@@ -209,6 +210,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     vp = ctypes.c_void_p
     lib.mc_abi_version.restype = i32
     lib.mc_simd.restype = i32
+    lib.mc_simd_level.restype = i32
+    lib.mc_read_probe.argtypes, lib.mc_read_probe.restype = [vp, i64, i32, i32], ctypes.c_double
     lib.mc_set_threads.argtypes = [i32]
     lib.mc_get_threads.restype = i32
     lib.mc_set_gemm_min_rows.argtypes = [i32]
@@ -271,7 +274,7 @@ def _open(isa: str) -> tuple[ctypes.CDLL, str]:
         except Exception as e:  # noqa: BLE001 - availability must never take the caller down with it
             first = first or KernelError(f"{type(e).__name__}: {e}".splitlines()[0])
             break
-        notes = [f"{isa} build", "AVX2+FMA code" if lib.mc_simd() else "scalar code"]
+        notes = [f"{isa} build", SIMD_LEVELS.get(lib.mc_simd_level(), "unknown code")]
         if isa == "native" and not lib.mc_simd():
             notes[-1] += ": the CPU or compiler lacks AVX2+FMA"
         if attempt != flags:
@@ -359,6 +362,25 @@ def set_gemm_min_rows(n: int) -> None:
         raise ValueError(f"rows must be at least 1, not {n}")
     if (lib := _get()) is not None:
         lib.mc_set_gemm_min_rows(n)
+
+
+def simd_level() -> int:
+    """The loaded build's row kernels: 0 scalar, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512 with VNNI (see SIMD_LEVELS);
+    -1 without the kernels."""
+    return lib.mc_simd_level() if (lib := _get()) is not None else -1
+
+
+def read_probe(gib: float = 1.0, threads: int | None = None, reps: int = 5) -> float:
+    """The memory read rate in GB/s (1e9 bytes/s) that the loaded build's widest loads reach over a buffer of
+    `gib` GiB (csrc/probe.c), best of `reps` passes, on `threads` threads (None: get_num_threads()): the
+    ceiling the kernels' own read rates compare to. Raises KernelError without the compiled kernels."""
+    if (lib := _get()) is None:
+        raise KernelError(reason())
+    buf = torch.ones(int(gib * (1 << 30)), dtype=torch.uint8)  # written, so every page is really there
+    rate = lib.mc_read_probe(buf.data_ptr(), buf.numel(), threads or get_num_threads(), reps)
+    if rate < 0:
+        raise KernelError(f"mc_read_probe failed with code {rate:.0f} (gib={gib}, reps={reps})")
+    return rate
 
 
 def set_transposed_split(over_k: bool) -> None:

@@ -1,0 +1,161 @@
+/*
+ * bf16.c (part of kernels.c): bf16 weights [N, K], the matrix-vector row kernels for up to 8 rows of x
+ * (plus the portable scalar loop), and prep_bf16, which reorders x to match the even/odd split of each
+ * 256-bit load. The GEMM and the transposed layout are in gemm.c; the entry points in onepass.c.
+ */
+
+MC_MAYBE_UNUSED static void bf16_rows_scalar(const mc_ctx *c, int64_t lo, int64_t hi)
+{
+    const uint16_t *w = (const uint16_t *)c->w;
+    for (int64_t n = lo; n < hi; n++)
+        for (int t = 0; t < c->T; t++) {
+            const float *x = c->x + t * c->K;
+            float s = 0.f;
+            for (int64_t k = 0; k < c->K; k++) s += bf16_to_f32(w[n * c->K + k]) * x[k];
+            c->y[t * c->N + n] = s;
+        }
+}
+
+#if MC_AVX2
+
+/* ------------------------------------------------------------------------------------------------- */
+/* bf16                                                                                              */
+/* ------------------------------------------------------------------------------------------------- */
+#if MC_AVX512
+/* AVX-512: 16 bf16 weights per load, widened to fp32 in column order (zero-extend to 32 bits, shift left
+ * 16: exact), one FMA with 16 fp32 x. x stays fp32 and in its own order (prep_bf16 copies it into the
+ * aligned scratch), so the products are the AVX2 code's; only the order of the fp32 additions differs.
+ * vdpbf16ps (AVX512_BF16) is not used: it would need x rounded to bf16, which no bf16 path does (x is
+ * fp32 throughout), so it would change results by far more than a reordering (2^-9 of each x). Per 64
+ * columns four steps of 16 go to accumulator sets 0-3 (mod S), as the AVX2 code spreads its halves. */
+MC_INLINE void bf16_step512(const mc_ctx *c, const uint16_t *w, int64_t k, const int R, const int T,
+                            __m512 (*acc)[8])
+{
+    const int64_t K = c->K, K32 = K & ~(int64_t)31;
+    __m512 wf[4];
+    MC_UNROLL for (int r = 0; r < R; r++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
+        wf[r] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+    }
+    MC_UNROLL for (int t = 0; t < T; t++) {
+        __m512 xv = _mm512_load_ps(c->xp + t * K32 + k);
+        if (R > 1) MC_REG(xv);
+        MC_UNROLL for (int r = 0; r < R; r++) acc[r][t] = _mm512_fmadd_ps(wf[r], xv, acc[r][t]);
+    }
+}
+
+MC_INLINE void bf16_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
+                          const int S, float (*part)[8])
+{
+    const int64_t K = c->K;
+    const uint16_t *w = (const uint16_t *)c->w + n0 * K;
+    const int64_t pf = MC_PF_OFFSET(R, 2 * K);
+    __m512 acc[4][4][8];
+    MC_ZERO_ACC512(acc, S, R, T);
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) {
+        if (MC_PF) MC_UNROLL for (int h = 0; h < 2; h++)
+            MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k + 32 * h, pf);
+        MC_UNROLL for (int q = 0; q < 4; q++) bf16_step512(c, w, k + 16 * q, R, T, acc[q % S]);
+    }
+    if (k < k1) { /* 32 columns left */
+        if (MC_PF) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k, pf);
+        MC_UNROLL for (int q = 0; q < 2; q++) bf16_step512(c, w, k + 16 * q, R, T, acc[q % S]);
+    }
+    MC_FLUSH_ACC512(acc, S, R, T, part);
+}
+
+#else /* AVX2 */
+
+/* A 256-bit load is 16 bf16 = 8 dwords; `dword << 16` is the even element as fp32 and
+ * `dword & 0xffff0000` the odd one: two cheap ALU ops per 16 weights, no cross-lane shuffles.
+ * xp holds x in the matching order (per 16 columns: 8 even, then 8 odd). */
+
+MC_INLINE void bf16_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
+                          const int S, float (*part)[8])
+{
+    const int64_t K = c->K, K32 = K & ~(int64_t)31;
+    const uint16_t *w = (const uint16_t *)c->w + n0 * K;
+    const int64_t pf = MC_PF_OFFSET(R, 2 * K);
+    const __m256i hi_mask = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 acc[4][4][8];
+    MC_ZERO_ACC(acc, S, R, T);
+    for (int64_t k = k0; k < k1; k += 32) {
+        MC_UNROLL for (int r = 0; r < R; r++) if (MC_PF) MC_PREFETCH(w + r * K + k, pf);
+        MC_UNROLL for (int h = 0; h < 2; h++) {
+            __m256 we[4], wo[4];
+            MC_UNROLL for (int r = 0; r < R; r++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * K + k + 16 * h));
+                MC_REG(v);
+                we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                wo[r] = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
+            }
+            MC_UNROLL for (int t = 0; t < T; t++) {
+                const float *xb = c->xp + t * K32 + k + 16 * h;
+                __m256 xe = _mm256_load_ps(xb), xo = _mm256_load_ps(xb + 8);
+                if (R > 1) {
+                    MC_REG(xe);
+                    MC_REG(xo);
+                }
+                MC_UNROLL for (int r = 0; r < R; r++) {
+                    acc[(2 * h) % S][r][t] = _mm256_fmadd_ps(we[r], xe, acc[(2 * h) % S][r][t]);
+                    acc[(2 * h + 1) % S][r][t] = _mm256_fmadd_ps(wo[r], xo, acc[(2 * h + 1) % S][r][t]);
+                }
+            }
+        }
+    }
+    MC_FLUSH_ACC(acc, S, R, T, part);
+}
+
+#endif /* MC_AVX512 */
+
+MC_INLINE void bf16_epi(const mc_ctx *c, int64_t n, const int T, const float *part)
+{
+    const int64_t K = c->K;
+    const uint16_t *w = (const uint16_t *)c->w + n * K;
+    for (int t = 0; t < T; t++) {
+        float s = part[t];
+        for (int64_t k = K & ~(int64_t)31; k < K; k++) s += bf16_to_f32(w[k]) * c->x[t * K + k];
+        c->y[t * c->N + n] = s;
+    }
+}
+
+/* (R, S) per T: about 8 accumulator chains within the 16 ymm registers. */
+MC_DRIVER(bf16_rows_t1, bf16_block, bf16_epi, c->K & ~(int64_t)31, MC_BF16_T1_R, 1, MC_BF16_T1_S)
+MC_DRIVER(bf16_rows_t2, bf16_block, bf16_epi, c->K & ~(int64_t)31, 2, 2, 2)
+MC_DRIVER(bf16_rows_t3, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 3, 2)
+MC_DRIVER(bf16_rows_t4, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 4, 2)
+MC_DRIVER(bf16_rows_t5, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 5, 1)
+MC_DRIVER(bf16_rows_t6, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 6, 1)
+MC_DRIVER(bf16_rows_t7, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 7, 1)
+MC_DRIVER(bf16_rows_t8, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 8, 1)
+
+static const mc_rows_fn bf16_fns[9] = {0, bf16_rows_t1, bf16_rows_t2, bf16_rows_t3, bf16_rows_t4,
+                                       bf16_rows_t5, bf16_rows_t6, bf16_rows_t7, bf16_rows_t8};
+
+#if MC_AVX512
+/* The AVX-512 kernel reads x in its own order: an aligned copy of each row's first K32 columns. */
+static void prep_bf16(const float *x, int T, int64_t K, float *xp)
+{
+    const int64_t K32 = K & ~(int64_t)31;
+    for (int t = 0; t < T; t++) memcpy(xp + t * K32, x + t * K, (size_t)K32 * sizeof(float));
+}
+#else
+static void prep_bf16(const float *x, int T, int64_t K, float *xp)
+{
+    const int64_t K32 = K & ~(int64_t)31;
+    for (int t = 0; t < T; t++)
+        for (int64_t b = 0; b < K32; b += 16) {
+            __m256 a = _mm256_loadu_ps(x + t * K + b), bb = _mm256_loadu_ps(x + t * K + b + 8);
+            /* shuffle_ps takes even/odd pairs per 128-bit lane; the 64-bit permute puts lanes in order */
+            __m256 ev = _mm256_shuffle_ps(a, bb, 0x88), od = _mm256_shuffle_ps(a, bb, 0xdd);
+            ev = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xd8));
+            od = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xd8));
+            _mm256_store_ps(xp + t * K32 + b, ev);
+            _mm256_store_ps(xp + t * K32 + b + 8, od);
+        }
+}
+
+#endif /* MC_AVX512 */
+
+#endif /* MC_AVX2 */

@@ -1,0 +1,283 @@
+/*
+ * common.h (part of kernels.c, the unity build; see there): what every format's kernels share.
+ * The includes and the SIMD switches (MC_AVX2, MC_AVX512, MC_VNNI), macros, tunables (rows and accumulator
+ * splits per kernel, K chunk budget, prefetch distance), the exported thread and ABI settings, mc_ctx (one
+ * product's arguments), the OpenMP job runner (mc_run_jobs: the same pool and thread count for every
+ * kernel), the per-thread scratch buffer, bf16 -> fp32, group sums of x, and, for the SIMD build, the row
+ * driver (MC_DRIVER) and the accumulator macros (8 and 16 lanes) the bf16/int8/int4 files instantiate. Kept in one header so each
+ * format's file holds only its own arithmetic.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(MC_PORTABLE)
+#include <immintrin.h>
+#define MC_AVX2 1
+#else
+#define MC_AVX2 0
+#endif
+
+/* AVX-512 kernels beside the AVX2 ones (bf16, int8 Q8, int4 Q8 row kernels), chosen by the compiler's
+ * feature macros, so -march=native picks them on an AVX-512 CPU and the avx2 build (-march=x86-64-v3)
+ * never sees them. They need F, BW (byte/word ops, masks) and VL (128/256-bit masked loads); VNNI adds
+ * vpdpbusd for the integer dot products, without it vpmaddubsw + vpmaddwd do them as in the AVX2 code.
+ * MC_NO_AVX512 keeps the AVX2 kernels on an AVX-512 build (comparisons, benchmarks). */
+#if MC_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(MC_NO_AVX512)
+#define MC_AVX512 1
+#else
+#define MC_AVX512 0
+#endif
+#if MC_AVX512 && defined(__AVX512VNNI__)
+#define MC_VNNI 1
+#else
+#define MC_VNNI 0
+#endif
+
+#define MC_API __attribute__((visibility("default")))
+#define MC_INLINE static inline __attribute__((always_inline))
+#define MC_MAYBE_UNUSED __attribute__((unused)) /* helpers some builds (no AVX2, no OpenMP) do not call */
+#define MC_UNROLL _Pragma("GCC unroll 32")
+/* Pin a loaded vector in a register. Left alone, GCC folds the load into every instruction that uses
+ * the value (one load per use); that doubles the loads of x and w, and loads (under 2 ymm per cycle
+ * here) rather than FMAs are then what limits the kernels. */
+#define MC_REG(v) __asm__("" : "+x"(v))
+
+/* Bump when an exported signature changes or an export kernels.py relies on is added (5: mc_struct_size):
+ * kernels.py refuses a library with another version. */
+#define MC_ABI_VERSION 5
+
+#define MC_MULTI_MAX 8        /* weights one mc_linear_multi call takes */
+#define MC_RB 16              /* rows per block that share one pass over the K chunks */
+/* Rows (R, up to 4) and accumulator splits (S) of the one-token kernels; -D overrides are for tuning. */
+#ifndef MC_BF16_T1_R
+#define MC_BF16_T1_R 2
+#define MC_BF16_T1_S 4
+#endif
+#ifndef MC_INT8_T1_R
+#define MC_INT8_T1_R 2
+#define MC_INT8_T1_S 4
+#endif
+#ifndef MC_INT4_T1_R
+#define MC_INT4_T1_R 2
+#define MC_INT4_T1_S 2
+#endif
+/* The kernels' accumulator arrays are sized for these maxima; a larger override would write past them. */
+_Static_assert(MC_BF16_T1_R >= 1 && MC_BF16_T1_R <= 4 && MC_BF16_T1_S >= 1 && MC_BF16_T1_S <= 4, "bf16 R, S <= 4");
+_Static_assert(MC_INT8_T1_R >= 1 && MC_INT8_T1_R <= 4 && MC_INT8_T1_S >= 1 && MC_INT8_T1_S <= 4, "int8 R, S <= 4");
+_Static_assert(MC_INT4_T1_R >= 1 && MC_INT4_T1_R <= 4 && MC_INT4_T1_S >= 1 && MC_INT4_T1_S <= 2, "int4 R <= 4, S <= 2");
+#ifndef MC_X_BUDGET
+#define MC_X_BUDGET 16384     /* bytes of x (all T rows) per K chunk: about half of L1 */
+#endif
+#ifndef MC_PF
+#define MC_PF 16384           /* software prefetch distance in bytes along each weight row */
+#endif
+#ifndef MC_PF_HINT
+#define MC_PF_HINT _MM_HINT_T1
+#endif
+/* Where the data ~MC_PF bytes ahead in this thread's access order lives, relative to the current
+ * address: further along the row when rows are streamed whole; in the next group of R rows (same
+ * columns) when K is chunked, since the rest of this row is only read a whole chunk later. */
+#define MC_PF_OFFSET(R, row_bytes) (c->KC >= c->K - 63 ? (int64_t)MC_PF : (int64_t)(R) * (int64_t)(row_bytes))
+#define MC_PREFETCH(p, off) _mm_prefetch((const char *)(p) + (off), MC_PF_HINT)
+
+#define MC_EBADARG -1
+#define MC_ENOMEM -2
+
+static int g_threads = 1;
+
+MC_API int mc_abi_version(void) { return MC_ABI_VERSION; }
+MC_API int mc_simd(void) { return MC_AVX2; }
+/* Which row kernels this build runs: 0 the portable loops, 1 AVX2+FMA, 2 AVX-512 (F/BW/VL), 3 AVX-512 with
+ * VNNI (the GEMM, the transposed bf16 paths and the fused decode arithmetic stay AVX2 in 2 and 3). */
+MC_API int mc_simd_level(void) { return MC_AVX2 ? (MC_AVX512 ? 2 + MC_VNNI : 1) : 0; }
+MC_API void mc_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
+MC_API int mc_get_threads(void) { return g_threads; }
+
+/* bf16 stored transposed, T <= 8: threads split K (1, default) or N (0); see bf16t_krange. */
+static int g_bf16t_ksplit = 1;
+MC_API void mc_set_bf16t_ksplit(int on) { g_bf16t_ksplit = on; }
+
+/* Everything a row kernel needs; one struct so the thread runner can stay generic. */
+typedef struct {
+    const float *x;     /* fp32 [T, K], caller's layout */
+    const float *xp;    /* prepared fp32 copy of x (bf16: even/odd order; int4: nibble order) */
+    const float *xs;    /* int4: per-token, per-group sums of x, [T, K/G] */
+    const int8_t *xq;   /* int4 Q8: int8 x in the nibble order, [T, K] */
+    const float *xd;    /* int4 Q8: block scales as one 8-lane vector per 64 columns, [T, K/64, 8] */
+    const void *w;
+    const float *scale;
+    const float *zero;
+    float *y;
+    int64_t N, K;
+    int64_t KC;         /* K chunk (see the top of the file) */
+    int T, G;
+} mc_ctx;
+
+typedef void (*mc_rows_fn)(const mc_ctx *c, int64_t lo, int64_t hi);
+
+/* Contiguous, `align`-row-aligned share of [0, n) for thread `tid` of `nt`. */
+MC_MAYBE_UNUSED static void mc_share(int64_t n, int64_t align, int tid, int nt, int64_t *lo, int64_t *hi)
+{
+    int64_t units = (n + align - 1) / align;
+    int64_t per = units / nt, rem = units % nt;
+    int64_t a = tid * per + (tid < rem ? tid : rem);
+    int64_t b = a + per + (tid < rem ? 1 : 0);
+    *lo = a * align;
+    *hi = b * align < n ? b * align : n;
+}
+
+/* One product for the job runner: a row kernel and its arguments. */
+typedef struct {
+    mc_rows_fn fn;
+    mc_ctx c;
+} mc_job;
+
+/* Static split over OpenMP threads. kernels.py loads this library after torch, so `omp parallel` runs
+ * on torch's own libgomp worker pool (no second pool competing for the cores); num_threads() is given
+ * per region rather than through omp_set_num_threads(), which would change torch's setting too.
+ * Several jobs (the products of one x with wq, wk and wv, or with w1 and w3) share one region: each
+ * thread goes on to its part of the next weight without waiting for the others, which saves a
+ * fork/join per weight and keeps the memory streams busy across the switch. */
+static void mc_run_jobs(const mc_job *jobs, int n)
+{
+    int nt = g_threads;
+    int64_t work = 0, rows = 0;
+    for (int i = 0; i < n; i++) {
+        work += jobs[i].c.N * jobs[i].c.K;
+        rows += jobs[i].c.N;
+    }
+    /* Below ~64 K weights the fork/join costs more than a second core gains. */
+    if (work < 65536) nt = 1;
+    if (nt > rows / 8) nt = rows / 8 > 0 ? (int)(rows / 8) : 1;
+    if (nt <= 1) {
+        for (int i = 0; i < n; i++) jobs[i].fn(&jobs[i].c, 0, jobs[i].c.N);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+    {
+        for (int i = 0; i < n; i++) {
+            int64_t lo, hi;
+            mc_share(jobs[i].c.N, 8, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+            if (lo < hi) jobs[i].fn(&jobs[i].c, lo, hi);
+        }
+    }
+#else
+    for (int i = 0; i < n; i++) jobs[i].fn(&jobs[i].c, 0, jobs[i].c.N);
+#endif
+}
+
+static void mc_run(mc_rows_fn fn, const mc_ctx *c)
+{
+    mc_job job = {fn, *c};
+    mc_run_jobs(&job, 1);
+}
+
+/* K chunk for `main` vectorised columns when each column costs `bytes` of x over all T rows. */
+MC_MAYBE_UNUSED static int64_t mc_chunk(int64_t main, double bytes)
+{
+    int64_t kc = (int64_t)(MC_X_BUDGET / bytes) & ~(int64_t)127;
+    if (kc < 256) kc = 256;
+    return kc >= main ? (main > 0 ? main : 1) : kc;
+}
+
+/* Per-calling-thread scratch for the prepared activations: grows, never shrinks, so a decode loop does
+ * not pay malloc/mmap + page faults every call. Thread-local because ctypes releases the GIL and two
+ * Python threads may call in at once. */
+static __thread void *tl_buf;
+static __thread size_t tl_cap;
+
+MC_MAYBE_UNUSED static void *mc_scratch(size_t bytes)
+{
+    if (bytes > tl_cap) {
+        free(tl_buf);
+        tl_cap = (bytes + 4095) & ~(size_t)4095;
+        tl_buf = aligned_alloc(64, tl_cap);
+        if (!tl_buf) tl_cap = 0;
+    }
+    return tl_buf;
+}
+
+static inline float bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Per-token, per-group sums of x, used for the (q - 8) offset and the zero point. */
+MC_MAYBE_UNUSED static void group_sums(const float *x, int T, int64_t K, int G, float *xs)
+{
+    int64_t ng = K / G;
+    for (int t = 0; t < T; t++)
+        for (int64_t g = 0; g < ng; g++) {
+            float s = 0.f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) s += x[t * K + k];
+            xs[t * ng + g] = s;
+        }
+}
+
+
+#if MC_AVX2
+
+MC_INLINE float hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Row driver: blocks of MC_RB rows, each walking the K chunks; R rows per kernel call, leftovers one
+ * at a time; EPI turns the partial sums of a row into y (tails, scales, zero points). part[r][t] is
+ * the fp32 partial sum of row r, token t. Array sizes in the kernels are fixed maxima, not VLAs: with
+ * compile-time sizes and full unrolling GCC keeps them in registers. */
+#define MC_DRIVER(NAME, BLOCK, EPI, KMAIN, R, T, S)                                                  \
+    static void NAME(const mc_ctx *c, int64_t lo, int64_t hi)                                      \
+    {                                                                                              \
+        const int64_t km = KMAIN;                                                                  \
+        float part[MC_RB][8];                                                                      \
+        for (int64_t nb = lo; nb < hi; nb += MC_RB) {                                              \
+            int64_t ne = nb + MC_RB < hi ? nb + MC_RB : hi;                                        \
+            memset(part, 0, sizeof part);                                                          \
+            for (int64_t k0 = 0; k0 < km; k0 += c->KC) {                                           \
+                int64_t k1 = k0 + c->KC < km ? k0 + c->KC : km, n = nb;                            \
+                for (; n + (R) <= ne; n += (R)) BLOCK(c, n, k0, k1, R, T, S, &part[n - nb]);       \
+                for (; n < ne; n++) BLOCK(c, n, k0, k1, 1, T, S, &part[n - nb]);                   \
+            }                                                                                      \
+            for (int64_t n = nb; n < ne; n++) EPI(c, n, T, part[n - nb]);                          \
+        }                                                                                          \
+    }
+
+#define MC_ZERO_ACC(acc, S, R, T)                                                                    \
+    MC_UNROLL for (int s_ = 0; s_ < (S); s_++) MC_UNROLL for (int r_ = 0; r_ < (R); r_++)            \
+        MC_UNROLL for (int t_ = 0; t_ < (T); t_++) acc[s_][r_][t_] = _mm256_setzero_ps()
+
+#define MC_FLUSH_ACC(acc, S, R, T, part)                                                             \
+    MC_UNROLL for (int r_ = 0; r_ < (R); r_++) MC_UNROLL for (int t_ = 0; t_ < (T); t_++) {          \
+        __m256 a_ = acc[0][r_][t_];                                                                  \
+        MC_UNROLL for (int s_ = 1; s_ < (S); s_++) a_ = _mm256_add_ps(a_, acc[s_][r_][t_]);          \
+        part[r_][t_] += hsum8(a_);                                                                   \
+    }
+
+#if MC_AVX512
+/* The same for 16-lane accumulators (part[] stays 8 floats per row: one float per token). */
+#define MC_ZERO_ACC512(acc, S, R, T)                                                                 \
+    MC_UNROLL for (int s_ = 0; s_ < (S); s_++) MC_UNROLL for (int r_ = 0; r_ < (R); r_++)            \
+        MC_UNROLL for (int t_ = 0; t_ < (T); t_++) acc[s_][r_][t_] = _mm512_setzero_ps()
+
+#define MC_FLUSH_ACC512(acc, S, R, T, part)                                                          \
+    MC_UNROLL for (int r_ = 0; r_ < (R); r_++) MC_UNROLL for (int t_ = 0; t_ < (T); t_++) {          \
+        __m512 a_ = acc[0][r_][t_];                                                                  \
+        MC_UNROLL for (int s_ = 1; s_ < (S); s_++) a_ = _mm512_add_ps(a_, acc[s_][r_][t_]);          \
+        part[r_][t_] += _mm512_reduce_add_ps(a_);                                                    \
+    }
+#endif
+
+#endif /* MC_AVX2 */

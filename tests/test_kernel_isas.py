@@ -1,0 +1,130 @@
+"""The builds of the kernels agree: native (AVX-512 row kernels where the CPU has them: vpdpbusd with VNNI,
+vpmaddubsw without), native with VNNI turned off, and avx2 (the AVX2 code as an AVX2-only CPU runs it) give
+the same products. The integer dot products of the Q8 paths are exact in every build; what may differ is
+the order of the fp32 additions, so each build is held to the fp64 reference within one fp32 sum's bound
+(tolerance.product_bound) and the builds to each other within two. Data with the edge values: int8 weights
+-128 and 127, x blocks whose rounding reaches +-127, nibbles 0 and 15, and K / N sizes that leave partial
+vectors (K % 64 == 32 for int8, K % 128 == 64 for int4, N not a multiple of the row blocks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from tolerance import FP64, Q8_ROUNDINGS, WEIGHT_ROUNDINGS, assert_within, gamma, int4_parts, magnitude, product_bound
+
+from mixchat.speed import kernels
+from mixchat.speed.kernels import loader
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs the compiled kernels")
+
+
+def _level(lib: ctypes.CDLL) -> int:
+    return lib.mc_simd_level()  # 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 + VNNI
+
+
+def _cpu_has(*flags: str) -> bool:
+    have = (loader._cpu_flags() or "").split()
+    return all(f in have for f in flags)
+
+
+@pytest.fixture(scope="module")
+def libs() -> dict[str, ctypes.CDLL]:
+    out = {"native": kernels.library()}
+    try:
+        with kernels.forced_isa("avx2"):
+            out["avx2"] = kernels.library()
+    except kernels.KernelError as e:
+        pytest.skip(f"no avx2 build here: {e}")
+    if _level(out["native"]) == 3:  # the AVX-512 kernels without vpdpbusd: vpmaddubsw + vpmaddwd
+        out["native-novnni"] = loader.load(kernels.build(flags=(*kernels.isa_flags("native"), "-mno-avx512vnni")))
+    return out
+
+
+def test_the_builds_run_the_code_they_say(libs):
+    assert _level(libs["avx2"]) == 1
+    if _cpu_has("avx512f", "avx512bw", "avx512vl"):
+        assert _level(libs["native"]) == (3 if _cpu_has("avx512_vnni") else 2)
+    if "native-novnni" in libs:
+        assert _level(libs["native-novnni"]) == 2
+
+
+def _run(lib: ctypes.CDLL, name: str, x: torch.Tensor, n: int, *args) -> torch.Tensor:
+    y = torch.empty(x.shape[0], n)
+    ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    loader._call(lib, name, x.data_ptr(), x.shape[0], x.shape[1], *ptrs, n, y.data_ptr())
+    return y
+
+
+def _agree(results: dict[str, torch.Tensor], want: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    for name, got in results.items():
+        assert_within(got, want, bound, f"{name} {what}")
+    base = results["avx2"]
+    for name, got in results.items():
+        assert_within(got, base, 2 * bound, f"{name} against avx2, {what}")
+
+
+def _x(t: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g)
+    x[:, ::37] *= 25  # outliers: each block's largest |x| rounds to +-127
+    x[:, 5::64] = -x[:, 5::64].abs() * 40
+    return x
+
+
+@pytest.mark.parametrize("n,k", [(7, 32), (33, 96), (130, 4096 + 32), (19, 1024)])
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8, 9])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_q8_is_the_same_in_every_build(libs, n, k, t, threads, monkeypatch):
+    monkeypatch.setattr(loader, "_threads", threads)
+    g = torch.Generator().manual_seed(n * k + t)
+    x = _x(t, k, n + t)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    q[0, ::3] = -128
+    q[-1, 1::3] = 127
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    results = {name: _run(lib, "mc_linear_int8_q8", x, n, q, scale) for name, lib in libs.items()}
+    xr, w = kernels.quantize_x_q8(x), q.float() * scale[:, None]
+    want = xr.double() @ w.double().T
+    mag = magnitude(xr, w)
+    bound = product_bound(mag, k, WEIGHT_ROUNDINGS["int8"] + Q8_ROUNDINGS) + gamma(k, FP64) * mag
+    _agree(results, want, bound, f"int8 q8 T={t} N={n} K={k}")
+
+
+@pytest.mark.parametrize("n,k,group", [(7, 64, 32), (9, 64, 64), (33, 192, 32), (33, 192, 64), (70, 1024, 128),
+                                       (21, 4096 + 64, 64), (5, 384, 128)])
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8, 9])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int4_q8_is_the_same_in_every_build(libs, n, k, group, t, threads, monkeypatch):
+    monkeypatch.setattr(loader, "_threads", threads)
+    g = torch.Generator().manual_seed(n * k + t + group)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    q[0, ::2] = 0
+    q[0, 1::2] = 15
+    q[-1, ::3] = 15
+    packed = kernels.pack_int4(q)
+    scale = torch.rand(n, k // group, generator=g) * 0.05 + 0.001
+    zero = torch.randn(n, k // group, generator=g) * 0.05
+    x = _x(t, k, n + t)
+    results = {name: _run(lib, "mc_linear_int4_q8", x, n, packed, scale, zero, group) for name, lib in libs.items()}
+    xr = kernels.quantize_x_q8(x, kernels.q8_block(group))
+    w = kernels.dequantize_int4(packed, scale, zero, group)
+    want = xr.double() @ w.double().T
+    mag = magnitude(xr, int4_parts(packed, scale, zero, group))
+    bound = product_bound(mag, k, WEIGHT_ROUNDINGS["int4"] + Q8_ROUNDINGS) + gamma(k, FP64) * mag
+    _agree(results, want, bound, f"int4 q8 g{group} T={t} N={n} K={k}")
+
+
+@pytest.mark.parametrize("n,k", [(7, 33), (33, 96), (130, 4096 + 17), (19, 1024 + 48)])
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8])
+def test_bf16_is_the_same_in_every_build(libs, n, k, t):
+    g = torch.Generator().manual_seed(n * k + t)
+    x = torch.randn(t, k, generator=g)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+    results = {name: _run(lib, "mc_linear_bf16", x, n, w) for name, lib in libs.items()}
+    want = x.double() @ w.double().T
+    mag = magnitude(x, w.float())
+    bound = product_bound(mag, k) + gamma(k, FP64) * mag
+    _agree(results, want, bound, f"bf16 T={t} N={n} K={k}")
