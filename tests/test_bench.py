@@ -22,3 +22,9 @@ def test_bench_reports_speed_and_what_its_memory_figures_count(make_release):
         assert 0 < r["anonymous_after_load_gb"] <= r["rss_after_load_gb"] <= r["peak_rss_gb"] + 0.01
         assert abs(r["anonymous_after_load_gb"] + r["file_after_load_gb"] - r["rss_after_load_gb"]) <= 0.02
     assert r["read_bandwidth_gb_per_second"] > 0 and r["decode_fraction_of_ceiling"] > 0
+    from mixchat.speed import kernels
+
+    # The ceiling is the kernels' own probe, with their widest loads on the decoding threads.
+    if kernels.available():
+        assert r["read_bandwidth_probe"].endswith(f"loads, {r['threads']} threads"), r["read_bandwidth_probe"]
+        assert r["read_bandwidth_probe"].split()[0] in ("512-bit", "256-bit", "64-bit")

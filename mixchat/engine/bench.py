@@ -35,21 +35,31 @@ def resident_memory() -> dict[str, int]:
     return found if len(found) == len(names) else {}
 
 
-def measure_read_bandwidth(seconds: float = 1.0) -> float:
-    """GB/s that a fp32 matrix-vector product streams from memory (1 GiB matrix, so no cache
-    helps): the same access pattern as decoding, in the fastest kernel torch has for it."""
+def measure_read_bandwidth(threads: int | None = None) -> tuple[float, str]:
+    """GB/s this CPU reads from memory, and how it was measured. With the compiled kernels: their
+    read probe (csrc/probe.c), the widest loads the build has (512-bit on AVX-512) over 1 GiB on the
+    threads decoding uses, so no engine can read faster. Without them: torch's fp32 matrix-vector
+    product over a 1 GiB matrix, the fastest read torch has (AVX2 at best: on an AVX-512 CPU it read
+    under half the probe's rate, and decode then showed 140-160 % "of the ceiling")."""
     import torch
 
+    from mixchat.speed import kernels
+
+    if kernels.available():
+        level = kernels.SIMD_LEVELS.get(kernels.simd_level(), "")
+        width = "512-bit" if "AVX-512" in level else "256-bit" if "AVX2" in level else "64-bit"
+        threads = threads or kernels.get_num_threads()
+        return kernels.read_probe(gib=1.0, threads=threads, reps=5), f"{width} loads, {threads} threads"
     w = torch.randn(16384, 16384)
     x = torch.randn(1, 16384)
     torch.nn.functional.linear(x, w)
     rates = []
-    end = time.perf_counter() + seconds
+    end = time.perf_counter() + 1.0
     while time.perf_counter() < end or len(rates) < 3:
         t = time.perf_counter()
         torch.nn.functional.linear(x, w)
         rates.append(w.nbytes / (time.perf_counter() - t) / 1e9)
-    return statistics.median(rates)
+    return statistics.median(rates), "torch fp32 matrix-vector product (no compiled kernels)"
 
 
 def active_bytes_per_token(engine) -> int:
@@ -101,7 +111,7 @@ def run(ns: Namespace) -> int:
             token = engine.model(token.view(1), cache).logits[-1].argmax()
         decode.append(ns.decode_tokens / (time.perf_counter() - t))
 
-    bandwidth = measure_read_bandwidth() if engine.device.type == "cpu" else None
+    bandwidth, probe = measure_read_bandwidth() if engine.device.type == "cpu" else (None, None)
     per_token = active_bytes_per_token(engine)
     result = {
         "model": str(engine.release.folder), "layout": engine.layout, "dtype": str(engine.dtype).removeprefix("torch."),
@@ -121,7 +131,7 @@ def run(ns: Namespace) -> int:
     }
     if bandwidth:
         ceiling = bandwidth * 1e9 / per_token
-        result.update(read_bandwidth_gb_per_second=round(bandwidth, 2),
+        result.update(read_bandwidth_gb_per_second=round(bandwidth, 2), read_bandwidth_probe=probe,
                       decode_ceiling_tokens_per_second=round(ceiling, 3),
                       decode_fraction_of_ceiling=round(statistics.median(decode) / ceiling, 3))
     if engine.experts is not None:
@@ -143,7 +153,8 @@ def run(ns: Namespace) -> int:
           f"{per_token / 1e9:.2f} GB of weights per token = {result['decode_weight_gb_per_second']} GB/s")
     if bandwidth:
         print(f"  ceiling     {result['decode_ceiling_tokens_per_second']:.3f} tok/s at the measured "
-              f"{bandwidth:.1f} GB/s memory read rate; decode reaches {result['decode_fraction_of_ceiling']:.0%} of it")
+              f"{bandwidth:.1f} GB/s memory read rate ({probe}); decode reaches "
+              f"{result['decode_fraction_of_ceiling']:.0%} of it")
     if engine.experts is not None:
         print(f"  experts     {format_experts(engine)}")
     return 0

@@ -25,6 +25,7 @@ from mixchat.speed.kernels.loader import (
     FLAGS,
     GEMM_MIN_ROWS,
     ISAS,
+    SIMD_LEVELS,
     KernelError,
     available,
     build,
@@ -47,8 +48,8 @@ from mixchat.speed.kernels.loader import (
 from mixchat.speed.kernels.loader import _compiler as _compiler  # tests skip builds without one
 
 __all__ = [
-    "FLAGS", "GEMM_MIN_ROWS", "INT4_GROUPS", "ISAS", "MULTI_MAX", "DecodeLayer", "DecodeMoe", "KernelError",
-    "available", "build", "cache_root", "dequantize_int4", "forced_isa", "get_gemm_min_rows",
+    "FLAGS", "GEMM_MIN_ROWS", "INT4_GROUPS", "ISAS", "MULTI_MAX", "SIMD_LEVELS", "DecodeLayer", "DecodeMoe",
+    "KernelError", "available", "build", "cache_root", "dequantize_int4", "forced_isa", "get_gemm_min_rows",
     "get_num_threads", "isa_flags", "library", "linear_bf16", "linear_int4", "linear_int8", "linear_many",
     "pack_int4", "q8_block", "quantize_x_q8", "read_probe", "reason", "requested_isa", "set_gemm_min_rows",
     "set_num_threads", "set_transposed_split", "simd", "simd_level", "source", "unpack_int4",
