@@ -183,11 +183,13 @@ def test_verify_checks_the_sums_of_a_folder_that_does_not_load(make_release, saf
     with weights.open("r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     proc = run_cli("verify", str(folder))
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert "FAILED    the folder does not load" in proc.stdout and f"MISMATCH  {weights.name}" in proc.stdout
     assert "OK        params.json" in proc.stdout
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and f"1 of 3 files missing or not matching ({weights.name}); download them again" in err[0]
+    # One line: why the folder is unusable, and the file that differs from RELEASE as the fix.
+    assert len(err) == 1 and "truncated" in err[0] and "check it with `mixchat verify`" not in err[0]
+    assert f"1 of 3 files missing or not matching ({weights.name}); download them again" in err[0]
     # Files as released but a folder that still does not load: the loader's reason, exit 2.
     write_release_file(folder, ["params.json", weights.name, "tokenizer.model"])
     proc = run_cli("verify", str(folder))

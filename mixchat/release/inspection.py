@@ -362,10 +362,13 @@ def verify_release(folder: str | Path, out=print, show_progress: bool | None = N
             + "; use the RELEASE file shipped with the weights"
         )
     if bad:
-        raise ChecksumError(
-            f"{release_file}: {len(bad)} of {len(sums)} files missing or not matching ({', '.join(bad)[:200]}); "
-            "download them again"
-        )
+        mismatch = (f"{release_file}: {len(bad)} of {len(sums)} files missing or not matching "
+                    f"({', '.join(bad)[:200]}); download them again")
+        if unloadable is not None:
+            # Unusable (exit 2) as the loader says, and the files RELEASE names as the likely cause.
+            why = str(unloadable).removesuffix("; download it again and check it with `mixchat verify`")
+            raise ReleaseError(f"{why}; {mismatch}")
+        raise ChecksumError(mismatch)
     if unloadable is not None:
         # Every file is as released, so the download is not the problem: the loader's reason is.
         raise ReleaseError(f"{unloadable} (its files match RELEASE)")
