@@ -86,7 +86,7 @@ def test_an_engine_on_a_small_machine_gives_conversations_the_context_that_fits(
         list(session.generate([1] + [5] * 399, SamplingSettings(temperature=0, max_tokens=4)))
     # The conversation runs up to the context and stops there, never past what memory holds.
     done = list(session.generate([1] + [5] * 280, SamplingSettings(temperature=0, max_tokens=100)))[-1]
-    assert done.stop == "length" and session.cache.pos == 300
+    assert done.stop == "context" and session.cache.pos == 300
     engine.set_context(200)
     assert engine.context == 200 and engine.context_note is None and Session(engine).context_limit == 200
     with pytest.raises(ContextError, match="use --context 300 or less"):
@@ -119,7 +119,7 @@ def test_the_context_flag_end_to_end(make_release):
     assert proc.returncode == 0, proc.stderr
     done = json.loads(proc.stdout.decode().splitlines()[-1])
     assert done["context"] == 64 and done["kv_bytes_per_token"] == kv_bytes(tiny_args(n_layers=2), torch.float32, 1)
-    assert done["stop"] == "length" and len(done["prompt_tokens"]) + done["generated_tokens"] == 64
+    assert done["stop"] == "context" and len(done["prompt_tokens"]) + done["generated_tokens"] == 64
     for bad, says in (("5000", "max_seq_len, 4096"), ("1", "from 2 to"), ("-3", "from 2 to")):
         proc = mixchat(*fast, "--context", bad, "-p", "hi")
         err = proc.stderr.decode()

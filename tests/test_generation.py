@@ -138,7 +138,7 @@ def test_context_limit(engine):
     s = SamplingSettings(temperature=1.0, max_tokens=100, seed=0, repeat_penalty=1.0)
     session = Session(engine, max_tokens=20)
     _, done = run(session, list(range(3, 18)), s)
-    assert done.stop == "length" and len(done.generated) == 5 and session.cache.pos == 20
+    assert done.stop == "context" and len(done.generated) == 5 and session.cache.pos == 20
 
 
 def test_long_prompt_reports_prefill_progress(engine):

@@ -118,7 +118,7 @@ def msg(**changes) -> dict:
     (msg(experts=[[0, 1]]), "experts[0][0] is a JSON number, not a list"),
     (msg(experts=[["ab"]]), "experts[0][0] is a JSON string"),
     (msg(experts={"a": 1}), "experts is a JSON object, not a list"),
-    (msg(stop="exploded"), "the stop 'exploded'; one of null, eos, length, interrupted, error"),
+    (msg(stop="exploded"), "the stop 'exploded'; one of null, eos, length, context, interrupted, error"),
     (msg(timings={"x": {"nested": 1}}), "timings.x is \"{'nested': 1}\", not a number"),
     (msg(timings=[1]), "timings is a JSON list, not an object"),
     (msg(created_at="yesterday"), "created_at is 'yesterday', not a number"),

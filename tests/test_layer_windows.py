@@ -94,4 +94,4 @@ def test_a_session_with_a_token_limit_stops_at_it(make_release):
     session = Session(engine, max_tokens=20)
     assert session.context_limit == 20 and session.cache.nbytes <= kv_bytes(ARGS, torch.float32, 20)
     done = turn(session, random_tokens(15, seed=3))
-    assert done.stop == "length" and session.cache.pos == 20 and len(done.generated) == 5
+    assert done.stop == "context" and session.cache.pos == 20 and len(done.generated) == 5

@@ -37,7 +37,7 @@ MAX_TOKENS = 1 << 20  # token ids (and routing entries) of one message
 MAX_LAYERS = 1024
 MAX_EXPERTS = 1 << 16  # an expert index, and experts per token and layer
 MAX_SETTINGS = 64  # keys in `settings`, and in a message's `timings`
-STOPS = (None, "eos", "length", "interrupted", "error")
+STOPS = (None, "eos", "length", "context", "interrupted", "error")
 ROLES = ("user", "assistant")
 
 
@@ -69,7 +69,8 @@ def _stop_note(m: StoredMessage) -> str:
     if m.role != "assistant" or m.stop == "eos":
         return ""
     return {None: " [unfinished: the process stopped while writing]", "interrupted": " [stopped]",
-            "length": " [cut at the token limit]"}.get(m.stop, f" [{one_line(str(m.stop))}]")
+            "length": " [cut at the token limit]", "context": " [cut: the context is full]"}.get(
+        m.stop, f" [{one_line(str(m.stop))}]")
 
 
 def to_markdown(conv: Conversation, messages: list[StoredMessage]) -> str:

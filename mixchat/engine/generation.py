@@ -43,7 +43,7 @@ class Done:
     prefilled_tokens: int
     generated: list[int] = field(default_factory=list)
     text: str = ""
-    stop: str = "eos"  # "eos" | "length" | "interrupted"
+    stop: str = "eos"  # "eos" | "length" (--max-tokens) | "context" (the context is full) | "interrupted"
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0
@@ -166,7 +166,7 @@ class Session:
                 done.stop = "eos"
                 break
             if self.cache.pos >= self.context_limit:
-                done.stop = "length"  # the context is full: the reply ends here, and the summary says so
+                done.stop = "context"  # the context is full: the reply ends here, and the summary says so
                 break
             # Feed the token before reporting it: the forward pass is what routes it to its experts,
             # and the cache then holds the whole reply for the next turn.

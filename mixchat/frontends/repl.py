@@ -145,7 +145,8 @@ class Repl:
             if m.role == "user":
                 self.say(PROMPT + text.replace("\n", "\n" + CONTINUATION))
             else:
-                stop = {None: " [unfinished]", "interrupted": " [stopped]", "length": " [cut at the token limit]"}
+                stop = {None: " [unfinished]", "interrupted": " [stopped]", "length": " [cut at the token limit]",
+                        "context": " [cut: the context is full]"}
                 self.say(text + stop.get(m.stop, ""))
 
     # -- turns -----------------------------------------------------------------------------------

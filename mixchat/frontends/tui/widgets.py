@@ -82,6 +82,7 @@ class MessageView(Vertical):
 
     def _label(self) -> str:
         marks = {"interrupted": " · stopped", "length": " · cut at the token limit",
+                 "context": " · cut: the context is full",
                  "error": " · failed", None: " · unfinished"}
         mark = "" if self.streaming or self.role == "user" else marks.get(self.stop, "")
         return ("you" if self.role == "user" else "assistant") + mark
