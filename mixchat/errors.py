@@ -23,6 +23,17 @@ class ReleaseError(MixchatError):
     """A release folder's weights, tokenizer or RELEASE file cannot be used."""
 
 
+class DamagedFileError(ReleaseError):
+    """A weight file that is truncated or corrupt. The fix is a new download, which `mixchat verify`
+    checks against RELEASE; `what` is the message without that fix (verify gives its own)."""
+
+    FIX = "download it again and check it with `mixchat verify`"
+
+    def __init__(self, path: object, what: str) -> None:
+        self.what = f"{path}: {what}"
+        super().__init__(f"{self.what}; {self.FIX}")
+
+
 class ChecksumError(MixchatError):
     """A file does not match the md5 sum listed in RELEASE."""
 

@@ -29,6 +29,10 @@ from typing import Any
 
 from mixchat.errors import ConfigError
 
+# The fix for a params.json field that is missing, out of range or contradicts another: the weights came
+# with a consistent one.
+FIX = "; use the params.json that came with these weights"
+
 REQUIRED = ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size")
 DEFAULT_MAX_SEQ_LEN = 32768
 MAX_PARAMS_BYTES = 1 << 20
@@ -91,8 +95,7 @@ class ModelArgs:
         missing = [k for k in REQUIRED if k not in params]
         if missing:
             raise ConfigError(
-                f"{source}: missing required field(s) {', '.join(missing)}; "
-                "use the params.json that came with these weights"
+                f"{source}: missing required field(s) {', '.join(missing)}{FIX}"
             )
         get_int = _reader(params, source)
         dim, n_heads = get_int("dim"), get_int("n_heads")
@@ -210,7 +213,7 @@ def _window_pattern(raw: list, key: str, n_layers: int, source: str) -> tuple[in
     """A per-layer window pattern: each entry a window or null (full attention), repeated over the layers."""
     if not raw or len(raw) > n_layers or n_layers % len(raw):
         raise ConfigError(f"{source}: {key} lists {len(raw)} windows, which do not repeat evenly over {n_layers} "
-                          "layers; use the params.json that came with these weights")
+                          f"layers{FIX}")
     return tuple(None if w is None else _reader({"sliding_window": w}, f"{source} ({key} list)")("sliding_window")
                  for w in raw)
 
@@ -221,18 +224,13 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-# The fix for a params.json that contradicts itself: the weights came with a consistent one.
-FIX = "; use the params.json that came with these weights"
-
-
 def _reader(params: dict[str, Any], source: str):
     def get_int(key: str) -> int:
         if key not in params:
             raise ConfigError(f"{source}: missing required field {key}")
         value = params[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{source}: {key} must be a positive integer, found {_shown(value)}; "
-                              "use the params.json that came with these weights")
+            raise ConfigError(f"{source}: {key} must be a positive integer, found {_shown(value)}{FIX}")
         if value > LIMITS.get(key, value):
             raise ConfigError(f"{source}: {key} is {value}, beyond the {LIMITS[key]} mixchat accepts (no released "
                               "model comes near); the file is damaged, use the params.json shipped with the weights")
@@ -245,6 +243,5 @@ def _float(params: dict[str, Any], key: str, source: str) -> float:
     value = params[key]
     # json.loads accepts NaN and Infinity, which would turn every rotary angle into NaN.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{source}: {key} must be a positive finite number, found {_shown(value)}; "
-                          "use the params.json that came with these weights")
+        raise ConfigError(f"{source}: {key} must be a positive finite number, found {_shown(value)}{FIX}")
     return float(value)

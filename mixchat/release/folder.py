@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixchat.errors import ReleaseError
+from mixchat.errors import DamagedFileError, ReleaseError
 from mixchat.release.config import ModelArgs
 
 if TYPE_CHECKING:  # torch is imported where weights are opened, so `inspect` never pays for it
@@ -219,12 +219,9 @@ def _open_readable(path: Path):
 def _check_zip(path: Path) -> None:
     _open_readable(path).close()
     if path.stat().st_size == 0:
-        raise ReleaseError(f"{path}: file is empty; download it again (`mixchat verify` checks it against RELEASE)")
+        raise DamagedFileError(path, "file is empty")
     if not zipfile.is_zipfile(path):
-        raise ReleaseError(
-            f"{path}: not a PyTorch zip checkpoint (truncated, corrupt or the legacy format); "
-            "download it again and check it with `mixchat verify`"
-        )
+        raise DamagedFileError(path, "not a PyTorch zip checkpoint (truncated, corrupt or the legacy format)")
 
 
 def _unsafe(path: Path, reason: str) -> ReleaseError:
@@ -245,18 +242,16 @@ def _open_pth(path: Path) -> dict[str, torch.Tensor]:
         reason = next((line for line in first if "Unsupported" in line or "GLOBAL" in line), first[0] if first else "")
         raise _unsafe(path, reason.strip()) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ReleaseError(
-            f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-            "the file is truncated or corrupt, download it again and check it with `mixchat verify`"
-        ) from None
+        raise DamagedFileError(
+            path, f"cannot read the checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "the file is truncated or corrupt") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ReleaseError(f"{path}: expected a flat dict of named tensors, as Mistral releases ship")
     return sd
 
 
 def _corrupt(path: Path, what: str) -> ReleaseError:
-    return ReleaseError(f"{path}: corrupt safetensors header ({what}); download the file again and check it with "
-                        "`mixchat verify`")
+    return DamagedFileError(path, f"corrupt safetensors header ({what})")
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -295,10 +290,8 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         if not 0 <= begin <= end:
             raise _corrupt(path, f"tensor {name[:60]!r} has data_offsets {offsets} out of order")
         if end > data:
-            raise ReleaseError(
-                f"{path}: file is truncated ({size} bytes, tensor {name[:60]!r} ends at {8 + n + end}); "
-                "download it again and check it with `mixchat verify`"
-            )
+            raise DamagedFileError(path, f"file is truncated ({size} bytes, tensor {name[:60]!r} ends at "
+                                         f"{8 + n + end})")
         if end - begin != math.prod(shape) * DTYPES[dtype][0]:
             raise _corrupt(path, f"tensor {name[:60]!r} spans {end - begin} bytes, its shape {shape} of {dtype} "
                                  f"needs {math.prod(shape) * DTYPES[dtype][0]}")
@@ -365,9 +358,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     except pickle.UnpicklingError as exc:
         raise _unsafe(path, str(exc)) from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError, IndexError) as exc:
-        raise ReleaseError(
-            f"{path}: cannot read the checkpoint ({exc or type(exc).__name__}); "
-            "the file is truncated or corrupt, download it again and check it with `mixchat verify`"
+        raise DamagedFileError(
+            path, f"cannot read the checkpoint ({exc or type(exc).__name__}); the file is truncated or corrupt"
         ) from None
     if not isinstance(sd, dict) or not all(isinstance(v, TensorInfo) for v in sd.values()):
         raise ReleaseError(f"{path}: expected a flat dict of named tensors, as Mistral releases ship")

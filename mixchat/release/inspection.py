@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mixchat.errors import ChecksumError, MixchatError, ReleaseError
+from mixchat.errors import ChecksumError, DamagedFileError, MixchatError, ReleaseError
 from mixchat.model.cache import kv_bytes, kv_memory, kv_tokens_within
 from mixchat.progress import Progress, human_bytes
 from mixchat.release.config import ModelArgs
@@ -366,7 +366,7 @@ def verify_release(folder: str | Path, out=print, show_progress: bool | None = N
                     f"({', '.join(bad)[:200]}); download them again")
         if unloadable is not None:
             # Unusable (exit 2) as the loader says, and the files RELEASE names as the likely cause.
-            why = str(unloadable).removesuffix("; download it again and check it with `mixchat verify`")
+            why = unloadable.what if isinstance(unloadable, DamagedFileError) else str(unloadable)
             raise ReleaseError(f"{why}; {mismatch}")
         raise ChecksumError(mismatch)
     if unloadable is not None:
