@@ -1,4 +1,5 @@
-"""What the Pilot tests share: waiting for a condition, and a widget's content as plain text."""
+"""What the Pilot tests share: waiting for a condition, sending a message and waiting for its reply, and
+a widget's content as plain text, as given or as drawn."""
 
 from __future__ import annotations
 
@@ -22,3 +23,20 @@ def plain(widget, width: int = 300) -> str:
     console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
     console.print(widget.content)
     return console.export_text()
+
+
+async def send(pilot, app, text: str) -> None:
+    """Type `text` in the prompt, press Enter, and wait until its reply is written and saved."""
+    app.prompt.focus()
+    app.prompt.load_text(text)
+    await pilot.press("enter")
+    pane = app.pane
+    await wait_until(pilot, lambda: not pane.busy and pane.reply is not None and not pane.reply.streaming
+                     and pane.cid is not None)
+
+
+def region_lines(app, widget) -> list[str]:
+    """The lines of text the screen shows in `widget`'s region, as drawn."""
+    strips = app.screen._compositor.render_strips()
+    r = widget.region
+    return [s.crop(r.x, r.right).text for s in strips[r.y:r.bottom]]

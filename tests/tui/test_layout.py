@@ -18,7 +18,7 @@ from mixchat.frontends.tui.panes import ChatPane
 from mixchat.frontends.tui.status import fit, shortened, status_text
 from mixchat.frontends.tui.widgets import PromptInput
 from mixchat.settings import Settings
-from tui.pilot import wait_until
+from tui.pilot import region_lines, send, wait_until
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 SIZES = [(80, 24), (160, 45)]
@@ -32,21 +32,6 @@ def settings(**kw) -> Settings:
 
 def screen_text(app) -> str:
     return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
-
-
-def region_text(app, widget) -> list[str]:
-    strips = app.screen._compositor.render_strips()
-    r = widget.region
-    return [s.crop(r.x, r.right).text for s in strips[r.y:r.bottom]]
-
-
-async def send(pilot, app, text: str) -> None:
-    app.prompt.focus()
-    app.prompt.load_text(text)
-    await pilot.press("enter")
-    pane = app.pane
-    await wait_until(pilot, lambda: not pane.busy and pane.reply is not None and not pane.reply.streaming
-                     and pane.cid is not None)
 
 
 @pytest.fixture
@@ -87,7 +72,7 @@ def test_the_gauge_and_cache_reuse_stay_in_view(long_named, tmp_path, size):
             pane.chat.context_start = 2
             app.update_status()
             await pilot.pause(0.1)
-            lines = [line.strip() for line in region_text(app, app.status_bar)]
+            lines = [line.strip() for line in region_lines(app, app.status_bar)]
             assert len(lines) == 2
             gauge = lines[1]
             used, limit = pane.chat.context_used(), pane.chat.session.context_limit

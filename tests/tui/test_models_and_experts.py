@@ -23,7 +23,7 @@ from mixchat.frontends.tui.modelpicker import DirectorySuggester, ModelMismatchS
 from mixchat.frontends.tui.panes import ChatPane
 from mixchat.frontends.tui.screens import SettingsScreen
 from mixchat.settings import Settings
-from tui.pilot import plain, wait_until
+from tui.pilot import plain, region_lines, send, wait_until
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 SIZES = [(80, 24), (160, 45)]
@@ -43,21 +43,6 @@ def asking(app) -> bool:
 def shows(panel, text: str) -> bool:
     """Whether the panel holds `text`, wherever a narrow panel wrapped it."""
     return re.sub(r"\s+", "", text) in re.sub(r"\s+", "", plain(panel))
-
-
-def region_text(app, widget) -> str:
-    strips = app.screen._compositor.render_strips()
-    r = widget.region
-    return "\n".join(s.crop(r.x, r.right).text for s in strips[r.y:r.bottom])
-
-
-async def send(pilot, app, text: str) -> None:
-    app.prompt.focus()
-    app.prompt.load_text(text)
-    await pilot.press("enter")
-    pane = app.pane
-    await wait_until(pilot, lambda: not pane.busy and pane.reply is not None and not pane.reply.streaming
-                     and pane.cid is not None)
 
 
 @pytest.fixture
@@ -112,7 +97,7 @@ def test_expert_view_follows_the_reply_pins_a_token_and_fits_80_columns(mixtral,
             if size[0] == 80:
                 assert panel.has_class("narrow") and app.sidebar.has_class("hidden")
                 assert panel.region.width <= 32 and center.region.width >= 44
-                shown = region_text(app, panel)
+                shown = "\n".join(region_lines(app, panel))
                 cells = shown.split("e0 e1 e2 e3")[1].splitlines()[1:4]  # numbers only, no shades or %
                 assert all(re.fullmatch(r"│ \d( +\d{1,3}){4} *", line) for line in cells), shown
                 await pilot.press("f3")  # the panel closed, the sidebar is back

@@ -67,8 +67,7 @@ class TokenText(Widget):
         self.text = _cells(text or Text())
         self._width = -1
         self._strips: list[Strip] = []  # every wrapped line but the last, rendered
-        self._rest = Text()  # the text after those lines: re-wrapping starts here
-        self._tail: list[Text] = []  # the last line, wrapped, rendered when drawn
+        self._rest = Text()  # the last line, after those: re-wrapping starts here; rendered when drawn
         self._style = Style()
 
     def update(self, text: Text) -> None:
@@ -78,13 +77,13 @@ class TokenText(Widget):
 
     def append(self, text: Text) -> None:
         """Add to the end (the spans keep their styles); only the last line is wrapped again."""
-        lines_before = len(self._strips) + len(self._tail)
+        lines_before = len(self._strips)
         text = _cells(text)
         self.text.append_text(text)
         self._rest.append_text(text)
         if self._width >= 0:
             self._wrap(self._width)
-        if len(self._strips) + len(self._tail) != lines_before or self._width < 0:
+        if len(self._strips) != lines_before or self._width < 0:
             self.refresh(layout=True)
         else:
             self.refresh()
@@ -93,7 +92,6 @@ class TokenText(Widget):
         if width != self._width:
             self._width, self._strips, self._rest = width, [], self.text.copy()
         if width < 1:  # not laid out yet
-            self._tail = [self._rest]
             return
         tail = self._rest
         starts: list[int] = []  # where each wrapped line begins in `tail`
@@ -112,12 +110,11 @@ class TokenText(Widget):
             line.rstrip_end(width)
             self._strips.append(Strip(list(line.render(console)), cell_len(line.plain)))
         self._rest = lines[-1]
-        self._tail = lines[-1:]
 
     def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
         if width != self._width:
             self._wrap(width)
-        return len(self._strips) + len(self._tail)
+        return len(self._strips) + 1
 
     def render_lines(self, crop: Region) -> list[Strip]:
         # The widget's style (its background under uncoloured text) once per redraw, not per line:
@@ -132,8 +129,8 @@ class TokenText(Widget):
         style = self._style
         if y < len(self._strips):
             strip = self._strips[y]
-        elif y - len(self._strips) < len(self._tail):
-            line = self._tail[y - len(self._strips)].copy()
+        elif y == len(self._strips):
+            line = self._rest.copy()
             line.rstrip_end(width)
             strip = Strip(list(line.render(self.app.console)), cell_len(line.plain))
         else:

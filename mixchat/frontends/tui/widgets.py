@@ -136,18 +136,12 @@ class MessageView(Vertical):
                 self._pumping = True
                 self.call_later(self._pump_markdown)
         elif self._shown is not None:
-            # In the layer it began with: a layer chosen meanwhile recolours it all once it ends.
+            # A reply that is not Markdown is coloured tokens (see compose), in the layer it began
+            # with: a layer chosen meanwhile recolours it all once it ends.
             part = Text()
-            if self._drawn_layer is None:
-                part.append(visible(added))
-            else:
-                self._add_tokens(part, first, self._drawn_layer)
+            self._add_tokens(part, first, self._drawn_layer)
             self._shown.append_text(part)
-            body = self.query_one(".body")
-            if isinstance(body, TokenText):
-                body.append(part)
-            else:
-                body.update(self._shown)
+            self.query_one(".body", TokenText).append(part)
 
     async def _pump_markdown(self) -> None:
         # One Markdown.append at a time: each works out, when called, which lines it re-parses
