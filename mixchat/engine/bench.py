@@ -46,8 +46,8 @@ def measure_read_bandwidth(threads: int | None = None) -> tuple[float, str]:
     from mixchat.speed import kernels
 
     if kernels.available():
-        level = kernels.SIMD_LEVELS.get(kernels.simd_level(), "")
-        width = "512-bit" if "AVX-512" in level else "256-bit" if "AVX2" in level else "64-bit"
+        # mc_simd_level: 0 scalar, 1 AVX2, 2-3 AVX-512 (see kernels.SIMD_LEVELS); probe.c loads as wide.
+        width = ("64-bit", "256-bit", "512-bit", "512-bit")[kernels.simd_level()]
         threads = threads or kernels.get_num_threads()
         return kernels.read_probe(gib=1.0, threads=threads, reps=5), f"{width} loads, {threads} threads"
     w = torch.randn(16384, 16384)

@@ -72,15 +72,18 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float
     return logits
 
 
+def _penalised(logits: torch.Tensor, settings: SamplingSettings, history: list[int]) -> torch.Tensor:
+    recent = history[-settings.repeat_last_n :] if settings.repeat_last_n else []
+    return apply_repeat_penalty(logits, recent, settings.repeat_penalty)
+
+
 def distribution(logits: torch.Tensor, settings: SamplingSettings, history: list[int]) -> torch.Tensor | None:
     """The weights `sample` draws from ([vocab] fp32), after the penalty, temperature, top-k and
     top-p (not renormalised after top-p: torch.multinomial does not need it); None for greedy
     decoding (the argmax of the penalised logits is the token)."""
     if settings.temperature == 0:
         return None
-    logits = apply_repeat_penalty(logits, history[-settings.repeat_last_n :] if settings.repeat_last_n else [],
-                                  settings.repeat_penalty)
-    logits = logits / settings.temperature
+    logits = _penalised(logits, settings, history) / settings.temperature
     if settings.top_k:
         kth = torch.topk(logits, min(settings.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -96,8 +99,6 @@ def distribution(logits: torch.Tensor, settings: SamplingSettings, history: list
 def sample(logits: torch.Tensor, settings: SamplingSettings, history: list[int],
            generator: torch.Generator | None) -> int:
     """One token id from `logits` ([vocab], fp32)."""
-    probs = distribution(logits, settings, history)
-    if probs is None:
-        recent = history[-settings.repeat_last_n :] if settings.repeat_last_n else []
-        return int(apply_repeat_penalty(logits, recent, settings.repeat_penalty).argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if settings.temperature == 0:
+        return int(_penalised(logits, settings, history).argmax())
+    return int(torch.multinomial(distribution(logits, settings, history), 1, generator=generator))
