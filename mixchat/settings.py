@@ -25,7 +25,7 @@ from mixchat.speed.qformat import CHOICES
 # What Chat.send does when the next turn would not fit the context: "drop" the oldest turns from the
 # model's view (they stay in the store), or "stop" and refuse the message (what mixchat did before this setting).
 WHEN_FULL = ("drop", "stop")
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens", "seed")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens", "seed", "draft")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Settings:
     repeat_penalty: float = 1.0  # off, as in Mistral's reference: with it, temperature 0 is not greedy
     max_tokens: int = 512
     seed: int | None = None
+    draft: int = 7  # tokens guessed ahead from the conversation per pass (prompt lookup); 0 = off
     dtype: str = "auto"
     quant: str = "none"
     memory_budget_gb: float = 0.0  # 0 = all weights resident; else Mixtral's experts load on demand
@@ -49,7 +50,8 @@ class Settings:
 
     def sampling(self) -> SamplingSettings:
         s = SamplingSettings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                             repeat_penalty=self.repeat_penalty, max_tokens=self.max_tokens, seed=self.seed)
+                             repeat_penalty=self.repeat_penalty, max_tokens=self.max_tokens, seed=self.seed,
+                             draft=self.draft)
         s.check(name=str)  # named as the settings sheet and settings.json name them, not as flags
         return s
 

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from mixchat.engine.drafting import DraftGate, PromptLookup, accept
+from mixchat.engine.drafting import DraftGate, PromptLookup
 from mixchat.engine.sampling import SamplingSettings, distribution, sample
 
 
@@ -46,23 +46,6 @@ def test_the_index_gives_the_brute_force_draft_token_by_token():
     assert look.tokens == tokens[:150] and look.draft(5) == scan_draft(tokens[:150], 5)
 
 
-@pytest.mark.parametrize("draft", [0, 2, 4])
-def test_acceptance_keeps_the_samplers_distribution(draft):
-    probs = torch.tensor([0.5, 0.05, 0.25, 0.2, 0.0]) * 0.8  # unnormalised, as top-p leaves them
-    gen = torch.Generator().manual_seed(1)
-    n = 40000
-    counts = torch.zeros(5)
-    kept = 0
-    for _ in range(n):
-        ok, token = accept(draft, probs, gen)
-        counts[token] += 1
-        kept += ok
-    p = probs / probs.sum()
-    assert torch.allclose(counts / n, p, atol=0.01), counts / n
-    assert abs(kept / n - float(p[draft])) < 0.01  # accepted exactly as often as p(draft)
-    assert counts[4] == 0  # a token the sampler cannot give is never given
-
-
 def test_sample_draws_from_the_same_distribution():
     logits = torch.randn(50, generator=torch.Generator().manual_seed(3))
     s = SamplingSettings(temperature=0.8, top_p=0.9, top_k=20, repeat_penalty=1.3, seed=1)
@@ -80,15 +63,37 @@ def test_sample_draws_from_the_same_distribution():
     assert sample(logits, greedy, history, None) == int(penalised.argmax())
 
 
+def test_the_gate_drafts_what_pays_by_measured_pass_times():
+    gate = DraftGate(max_draft=4, window=8, pause=3)
+    for rows in range(1, 6):
+        gate.record(rows - 1, rows - 1, 0.1)  # every draft kept; wider passes cost no more than one row
+    assert gate.rate() > 0.9 and gate.size() == 4
+    steep = DraftGate(max_draft=4)
+    for rows in range(1, 6):
+        steep.record(rows - 1, rows - 1, 0.1 * rows)  # compute-bound: T rows cost T steps
+    assert steep.best() == 0  # even with every draft kept, a wide pass brings no more tokens per second
+    mid = DraftGate(max_draft=7)
+    mid.record(0, 0, 1.0)
+    mid.record(3, 1, 1.2)
+    mid.record(3, 2, 1.2)  # 3 kept, 2 rejections, and the prior's 1.2 of 2: p = 4.2 / 7; 1 + 0.1 per extra row
+    assert mid.rate() == pytest.approx(4.2 / 7)
+    best = max(range(8), key=lambda k: sum((4.2 / 7) ** i for i in range(k + 1)) / (1 + 0.1 * k))
+    assert mid.best() == best and best > 0
+
+
 def test_the_gate_pauses_where_drafts_fail_and_backs_off():
-    gate = DraftGate(max_draft=4, min_rate=0.5, window=8, pause=3)
-    assert gate.size() == 4
-    gate.record(4, 0)
-    gate.record(4, 1)  # 1 of 8 accepted: below half
-    assert [gate.size() for _ in range(4)] == [0, 0, 0, 4]  # a pause of 3 tokens, then it tries again
-    gate.record(4, 0)
-    gate.record(4, 0)
-    assert [gate.size() for _ in range(7)] == [0] * 6 + [4]  # failing again: twice as long
-    gate.record(4, 4)
-    gate.record(4, 3)
-    assert gate.size() == 4 and (gate.drafted, gate.accepted) == (24, 8)
+    gate = DraftGate(max_draft=4, window=32, pause=3)
+    gate.record(0, 0, 0.1)
+    first = gate.size()
+    assert first > 0  # before any draft: the prior rate, and a wider pass assumed cheap
+    for _ in range(10):
+        gate.record(4, 0, 0.2)  # nothing kept, and a pass of 5 rows costs two of one: p = 1.2 / 10
+    assert gate.rate() == pytest.approx(0.12)
+    assert [gate.size() for _ in range(4)] == [0, 0, 0, 0]  # pauses 3 tokens...
+    assert gate.size() == gate.best() > 0  # ...then tries again with the prior
+    for _ in range(10):
+        gate.record(4, 0, 0.2)
+    assert [gate.size() for _ in range(8)] == [0] * 7 + [gate.best()]  # failing again: paused twice as long
+    gate.record(4, 4, 0.2)
+    assert (gate.drafted, gate.accepted) == (84, 4)
+    assert gate._pause == 3  # a kept draft: the pause is back to its first length

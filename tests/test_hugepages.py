@@ -51,15 +51,15 @@ def test_engine_pins_when_asked_and_gives_the_same_logits(make_release, monkeypa
 
     monkeypatch.setattr(hugepages, "copy_into_huge_pages", spy)
     monkeypatch.delenv("MIXCHAT_HUGEPAGES", raising=False)
-    mapped = Engine.load(folder, show_progress=False)  # off by default: it costs a copy at load
+    mapped = Engine.load(folder, show_progress=False, huge_pages=False)
     assert calls == []
-    pinned = Engine.load(folder, show_progress=False, huge_pages=True)
+    pinned = Engine.load(folder, show_progress=False)  # on by default on Linux
+    assert len(calls) == 1
+    monkeypatch.setenv("MIXCHAT_HUGEPAGES", "0")
+    Engine.load(folder, show_progress=False)
     assert len(calls) == 1
     monkeypatch.setenv("MIXCHAT_HUGEPAGES", "1")
     Engine.load(folder, show_progress=False)
-    assert len(calls) == 2
-    monkeypatch.setenv("MIXCHAT_HUGEPAGES", "0")
-    Engine.load(folder, show_progress=False, huge_pages=False)
     assert len(calls) == 2
     w_pinned = pinned.model.layers[0].attention.wq.weight
     w_mapped = mapped.model.layers[0].attention.wq.weight
@@ -109,3 +109,36 @@ def test_a_dtype_change_with_huge_pages_copies_once(make_release, monkeypatch):
     assert w.dtype == torch.float32 and torch.equal(w, plain.model.layers[0].attention.wq.weight)
     ids = torch.tensor(plain.tokenizer.encode("Once upon a time"))
     assert torch.equal(pinned.model(ids, pinned.new_cache()).logits, plain.model(ids, plain.new_cache()).logits)
+
+
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                inside = len(head) >= 6 and head[5] == str(path)
+            elif inside and head[:1] == ["Rss:"]:
+                total += int(head[1])
+    return total
+
+
+@needs_linux
+def test_released_sources_stay_readable_and_anonymous_ones_untouched(tmp_path):
+    """release_sources unmaps a file-backed source's pages (they fault back in from the file if read
+    again): its values must survive. An anonymous source must not be released at all (MADV_DONTNEED
+    would zero it)."""
+    g = torch.Generator().manual_seed(2)
+    data = torch.randn(3, 1 << 18, generator=g).to(torch.bfloat16)  # 1.5 MiB: whole pages inside each row
+    path = tmp_path / "w.bin"
+    path.write_bytes(data.view(torch.int16).numpy().tobytes())
+    mapped = torch.from_file(str(path), shared=False, size=data.numel(), dtype=torch.bfloat16).view(3, -1)
+    anon = data.clone()
+    src = {"m0": mapped[0], "m1": mapped[1], "m2": mapped[2], "anon": anon}
+    out = hugepages.copy_into_huge_pages(src, show=False, release_sources=True)
+    # The copy read every page of the file; released, at most the pages the rows share stay mapped.
+    assert _resident_kib(path) <= 3 * 4 * (hugepages._PAGE // 1024)
+    for i in range(3):
+        assert torch.equal(out[f"m{i}"], data[i]) and torch.equal(mapped[i], data[i])
+    assert torch.equal(anon, data) and torch.equal(out["anon"], data)

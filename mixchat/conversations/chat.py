@@ -277,6 +277,8 @@ class Chat:
                         "decode_tokens_per_second": round(event.decode_tokens_per_second, 3),
                         "time_to_first_token": round(event.time_to_first_token, 3),
                         "cached_tokens": event.cached_tokens, "prefilled_tokens": event.prefilled_tokens,
+                        **({"drafted_tokens": event.drafted, "accepted_tokens": event.accepted}
+                           if event.drafted else {}),
                     }
                     self.messages.append(Message("assistant", event.text, ids=list(event.generated)))
                     if trimmed is not None:

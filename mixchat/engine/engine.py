@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -214,6 +214,7 @@ class Engine:
     context_note: str | None = None  # why context is below max_seq_len, when memory made it so
     kv_free: int = 0  # bytes the KV cache could take when the model was loaded (0: unknown)
     decoder: FusedDecoder | None = None  # the fused one-token step, attached to the model while fused_decode
+    pass_seconds: dict[int, float] = field(default_factory=dict)  # drafting: rows -> measured seconds of a pass
 
     @property
     def fused_decode(self) -> bool:
@@ -243,10 +244,10 @@ class Engine:
         a tty). `quant` is 'int8', 'int4' or 'int4-G' (see mixchat.speed.quant); None keeps the weights.
         `memory_budget` (bytes of weights) keeps a MoE model's experts in an LRU cache that fits
         it, loading the others when tokens are routed to them (mixchat.speed.experts). `huge_pages` copies
-        the weights into huge pages when they fit in free memory (default: no, unless the environment
-        sets MIXCHAT_HUGEPAGES=1); otherwise they stay mapped from the file. Measured on a 7B folder
-        (2 AVX2 cores): decode 4 % faster, but loading took 63 s instead of 10 and peak RSS 24 GB
-        instead of 16 (the file's cached pages and the copy), so it is for long sessions only.
+        the weights into huge pages when they fit in free memory (default: yes on Linux, unless the
+        environment sets MIXCHAT_HUGEPAGES=0); otherwise they stay mapped from the file. Decode streams
+        every weight once per token, and from 4 KiB page-cache pages it pays a TLB miss per page (see
+        mixchat.speed.hugepages; README's speed section has the figures).
         `context` is the tokens a conversation may hold (default: max_seq_len, or less when its KV cache
         would not fit the memory left after the weights; see choose_context). On the CPU the linear layers
         are kernel-backed (mixchat.speed.linear) and, with `fused_decode`, a decoded token goes through the
@@ -254,7 +255,7 @@ class Engine:
         set_threads(threads)
         asked_to_warm = warm
         if huge_pages is None:
-            huge_pages = env_flag("MIXCHAT_HUGEPAGES", False)
+            huge_pages = env_flag("MIXCHAT_HUGEPAGES", True)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         spec = parse_quant(quant)
@@ -337,7 +338,7 @@ class Engine:
         if pin:
             state = hugepages.copy_into_huge_pages(state, f"reading {release.weights_label.name} into memory",
                                                    show=show_progress, on_progress=on_progress,
-                                                   dtypes=convert)
+                                                   dtypes=convert, release_sources=True)
         # assign=True makes the parameters *be* these tensors (mapped or pinned) instead of copies.
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()

@@ -14,6 +14,8 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+MAX_DRAFT = 7  # a verify pass is the chosen token and at most 7 drafted ones (speed.decoder.MAX_ROWS)
+
 # field -> (whole number?, the test a value must pass, the rule in words). Every bound keeps the
 # arithmetic finite: a temperature of 1e-40 or a penalty of 1e-300 turns logits into infinities,
 # and the softmax of those into NaN.
@@ -25,6 +27,7 @@ RULES: dict[str, tuple[bool, Callable[[float], bool], str]] = {
     "repeat_last_n": (True, lambda v: v >= 0, "must be 0 or more"),
     "max_tokens": (True, lambda v: 1 <= v <= 1 << 24, "must be at least 1"),
     "seed": (True, lambda v: 0 <= v < 1 << 64, "must be a whole number from 0 to 2^64 - 1"),
+    "draft": (True, lambda v: 0 <= v <= MAX_DRAFT, "must be from 0 (off) to 7"),
 }
 
 
@@ -40,6 +43,7 @@ class SamplingSettings:
     repeat_last_n: int = 64
     max_tokens: int = 512
     seed: int | None = None
+    draft: int = MAX_DRAFT  # tokens guessed ahead from the conversation per pass (mixchat.engine.drafting); 0 = off
 
     def check(self, name: Callable[[str], str] = flag_name) -> None:
         """Refuse values the sampler cannot use. `name(field)` says where a value came from in the

@@ -196,7 +196,7 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
             recommended = {}  # the app says what is wrong with the folder when it loads it
         sampling_from(ns, recommended, str(params))  # a bad value is blamed on the file
         settings_mod.apply_recommended(settings, saved_keys, recommended)
-    for key in ("temperature", "top_p", "top_k", "repeat_penalty", "seed", "max_tokens", "system"):
+    for key in ("temperature", "top_p", "top_k", "repeat_penalty", "seed", "max_tokens", "draft", "system"):
         if getattr(ns, key, None) is not None:  # flags given now win over the saved settings
             setattr(settings, key, getattr(ns, key))
     if ns.dtype != "auto":
@@ -335,6 +335,9 @@ def build_parser(prompt: bool = False) -> argparse.ArgumentParser:
                    help="penalise the last 64 tokens' ids; 1 = off (default; params.json may recommend another)")
     s.add_argument("--seed", type=int, help="same seed and settings give the same text")
     s.add_argument("--max-tokens", type=int, help="stop after this many new tokens (default 512)")
+    s.add_argument("--draft", type=int, metavar="N",
+                   help="guess up to N tokens ahead from the conversation and check them in one pass (prompt "
+                        "lookup: the same reply, faster where it repeats text); 0 = off (default 7)")
     parser.set_defaults(func=_chat)
     if prompt:
         return parser

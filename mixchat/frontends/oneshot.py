@@ -139,9 +139,10 @@ class _Output:
 
 
 def format_stats(done) -> str:
+    drafts = f" ({done.accepted} of {done.drafted} drafted tokens kept, {done.passes} passes)" if done.drafted else ""
     return (f"{len(done.prompt_tokens)} prompt tokens ({done.cached_tokens} cached, {done.prefilled_tokens} prefilled "
             f"at {done.prefill_tokens_per_second:.1f} tok/s), {len(done.generated)} generated at "
-            f"{done.decode_tokens_per_second:.2f} tok/s, first token after {done.time_to_first_token:.2f} s, "
+            f"{done.decode_tokens_per_second:.2f} tok/s{drafts}, first token after {done.time_to_first_token:.2f} s, "
             f"stop: {done.stop}")
 
 
@@ -224,6 +225,7 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
             "prefill_tokens_per_second": round(done.prefill_tokens_per_second, 3),
             "decode_tokens_per_second": round(done.decode_tokens_per_second, 3),
             "time_to_first_token": round(done.time_to_first_token, 3),
+            "drafted_tokens": done.drafted, "accepted_tokens": done.accepted, "decode_passes": done.passes,
             "conversation": cid, "context": chat.session.context_limit if chat else engine.context,
             "dropped_messages": trimmed.dropped_messages if trimmed else 0,
             "context_start": chat.context_start if chat else 0,

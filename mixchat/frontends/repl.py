@@ -27,7 +27,7 @@ SHOWN_CHARS = 1000  # ... each cut to this many characters
 
 # /set KEY VALUE: the SamplingSettings fields a user may change, and how to read the value.
 SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "repeat_penalty": float, "max_tokens": int,
-            "seed": int}
+            "seed": int, "draft": int}
 
 HELP = f"""\
 Type a message and press Enter to send it.

@@ -172,8 +172,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
-        # decoder(h, rope, steps, cache) -> (h, experts, expert weights) or None: a one-token step done
-        # elsewhere (mixchat.speed.decoder runs it in C); None from it, or no decoder, runs the layers here.
+        # decoder(h, rope, steps, cache) -> (h, experts, expert weights) or None: a step of a few tokens done
+        # elsewhere (mixchat.speed.decoder runs it in C, each row as a one-token step computes it), with
+        # decoder.head(h) -> their logits or None; None from it, or no decoder, runs the layers here.
         self.decoder: Callable | None = None
 
     # no_grad, not inference_mode: the cache may grow inside forward, and inference tensors could
@@ -203,7 +204,7 @@ class Transformer(nn.Module):
         steps = cache.prepare(tokens.shape[0])  # per layer: where its buffer takes the chunk, its window's mask
         rope = rotary_angles(steps[0].positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens).to(residual_dtype(self.tok_embeddings.weight))  # [T, D]
-        fused = self.decoder(h, rope, steps, cache) if self.decoder is not None and tokens.shape[0] == 1 else None
+        fused = self.decoder(h, rope, steps, cache) if self.decoder is not None else None
         if fused is not None:
             h, experts, weights = fused
         else:
@@ -215,7 +216,12 @@ class Transformer(nn.Module):
                     weights.append(w)
         cache.advance(tokens.shape[0])
         # Only the rows that are asked for go through the vocab projection (a [T, 32000] matmul).
-        logits = None if rows == "none" else self.output(self.norm(h if rows == "all" else h[-1:])).float()
+        logits = None
+        if rows != "none":
+            x = h if rows == "all" else h[-1:]
+            logits = self.decoder.head(x) if fused is not None else None
+            if logits is None:
+                logits = self.output(self.norm(x)).float()
         return Output(
             logits=logits,
             experts=torch.stack(experts, dim=1) if experts else None,

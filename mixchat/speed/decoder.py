@@ -1,9 +1,13 @@
-"""The fused one-token decode step: Transformer.decoder as the engine builds it.
+"""The fused decode step: Transformer.decoder as the engine builds it.
 
 For one decoded token the attention block and a dense (or Mixtral) feed-forward of every layer run as one
 C call each (kernels.DecodeLayer, kernels.DecodeMoe) instead of about forty torch ops. FusedDecoder
 describes the model's layers to the C side (the kernel parts of their weights), builds those objects on
 the first step and reuses them while the weights stay the same.
+
+Up to MAX_ROWS tokens go through the same calls at once, each row bit for bit what a one-token step gives
+it (the row-exact kernels, one read of each weight for all of them): drafting's verify pass
+(mixchat.engine.drafting). head() gives their logits the same way.
 
 The C side holds raw pointers, so a replaced weight must never be read through a stale build. Whoever
 replaces weights (quant.install, speed.install, experts.offload, the engine) calls invalidate(); as a
@@ -20,10 +24,11 @@ import torch
 from torch import nn
 
 from mixchat.model.cache import KVCache, Step
-from mixchat.model.model import MoeFeedForward, Transformer, TransformerBlock
+from mixchat.model.model import MoeFeedForward, Transformer, TransformerBlock, rotary_angles
 from mixchat.speed.linear import KernelLinear, kernels_or_none
 
 Parts = tuple[str, tuple[torch.Tensor, ...], int]  # kernel_parts(): format, tensors, int4 group
+MAX_ROWS = 8  # tokens one exact multi-row step takes: one slice of the one-pass kernels
 
 
 def _parts(module: nn.Module) -> Parts | None:
@@ -94,14 +99,26 @@ class FusedDecoder:
 
     def __call__(self, h: torch.Tensor, rope: torch.Tensor, steps: list[Step],
                  cache: KVCache) -> tuple[torch.Tensor, list, list] | None:
-        fast = self.layers(h, cache)
-        if fast is None:
+        n = h.shape[0]
+        fast = self.layers(h, cache) if n <= MAX_ROWS else None
+        if fast is None or (n > 1 and not self.whole(fast)):
             return None
+        if n > 1:  # each row's rotation computed alone, as its one-token step computes it
+            a = self.model.args
+            rope = torch.cat([rotary_angles(steps[0].positions[t:t + 1], a.head_dim, a.rope_theta) for t in range(n)])
+        k = kernels_or_none()
+        where: dict[int, object] = {}  # per buffer (its Step): the C side's slots and lengths
         experts, weights = [], []
         for i, (block, layer) in enumerate(zip(self.model.layers, fast, strict=True)):
             step = steps[i]
+            kv = cache.layer(i)
+            if (slots := where.get(id(step))) is None:
+                # token t reads the slots a one-token step at its position would: min(capacity, position + 1)
+                cap = kv[0].shape[1]
+                lengths = [step.length] if n == 1 else [min(cap, p + 1) for p in step.positions.tolist()]
+                slots = where[id(step)] = k.Slots(step.slots.tolist() if n > 1 else [step.slot], lengths)
             # The layer's window reaches the C side as its step's mask, over its own buffer's slots.
-            layer.attention(h, rope, *cache.layer(i), step.slot, step.length, step.mask)
+            layer.attention(h, rope, *kv, slots, step.mask)
             if layer.has_ffn:
                 layer.ffn(h)
                 continue
@@ -113,6 +130,27 @@ class FusedDecoder:
                 experts.append(chosen)
                 weights.append(w)
         return h, experts, weights
+
+    @staticmethod
+    def whole(layers: list) -> bool:
+        """Whether every layer runs entirely in C (a MoE layer the C side does not take runs in torch,
+        whose sums depend on the row count)."""
+        return all(layer.has_ffn or layer.moe is not None for layer in layers)
+
+    def verifies(self, cache: KVCache) -> bool:
+        """Whether a step of several tokens gives each row what a one-token step gives it: every layer and
+        the output projection in C."""
+        with torch.no_grad():
+            fast = self.layers(torch.zeros(2, self.model.args.dim), cache)
+        return fast is not None and self.whole(fast) and _parts(self.model.output) is not None
+
+    def head(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Logits of several rows of h, each what the one-token step's norm and output projection give it;
+        None for one row (the model's own head is that) or where the kernels do not take the output."""
+        if h.shape[0] == 1 or (parts := _parts(self.model.output)) is None or (k := kernels_or_none()) is None:
+            return None
+        x = torch.cat([self.model.norm(h[t:t + 1]) for t in range(h.shape[0])])
+        return k.linear_many(x, parts[0], [parts[1]], parts[2], exact_rows=True)[0]
 
     def layers(self, h: torch.Tensor, cache: KVCache) -> list | None:
         """The layers as kernels.DecodeLayer for a one-token step with residual h, or None where the plain

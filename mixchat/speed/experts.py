@@ -165,7 +165,7 @@ class OffloadedMoe(MoeFeedForward):
         """For the compiled one-token step (kernels.DecodeMoe): predict and prefetch the next layer's experts
         from the normed input xn, as forward() does, then decoder.expert_parts of the chosen experts."""
         if self.next_gate is not None:
-            guess = torch.topk(self.next_gate(xn), self.top_k, dim=-1).indices[0].tolist()
+            guess = torch.topk(self.next_gate(xn[-1:]), self.top_k, dim=-1).indices[0].tolist()
             self.experts.cache.prefetch(self.experts.layer + 1, guess)
         # asked for in ascending id, as forward() asks for them
         parts = {e: expert_parts(self.experts[e]) for e in sorted(chosen)}

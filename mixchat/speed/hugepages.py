@@ -5,13 +5,17 @@ in 4 KiB page-cache pages: streaming 14 GB crosses 3.5 million page boundaries p
 TLB miss and a restart for the hardware prefetchers, which do not cross pages. In one anonymous region
 that the kernel backs with transparent huge pages (madvise mode is the common default), the same
 stream crosses 7,000. The copy costs one read of the file (it replaces warming the page cache, which
-reads it anyway) and no extra memory once the kernel drops the then unused page-cache copy.
+reads it anyway). Each source tensor's pages are unmapped from the process once copied
+(release_sources), so resident memory grows by the copy alone rather than by the copy and the file's
+pages: both would not fit a 24 GB machine for a 14.5 GB folder, and the kernel would have to reclaim
+mapped pages while the copy faults in huge ones. The page cache keeps the file for the next load.
 
 Linux only (elsewhere, or when the region cannot be mapped, the weights stay where they are).
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import sys
 from collections.abc import Callable
@@ -28,6 +32,45 @@ def supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
 
 
+_PAGE = mmap.PAGESIZE
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """The address ranges of this process that map a file (/proc/self/maps lines with a path)."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/") and fields[4] != "0":
+                    lo, hi = fields[0].split("-")
+                    spans.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return spans
+
+
+def _releaser(tensors: dict[str, torch.Tensor], names: list[str]) -> Callable[[str], None]:
+    """release(name): unmap the whole pages of that source tensor from the process (MADV_DONTNEED), where
+    they map a file (dropped file pages fault back in from it if read again) and no other tensor's
+    bytes share them. Anything else is left alone: anonymous memory would be zeroed."""
+    files = _file_mappings()
+    libc = ctypes.CDLL(None, use_errno=True) if files else None
+    spans = {n: (tensors[n].data_ptr(), tensors[n].data_ptr() + tensors[n].numel() * tensors[n].element_size())
+             for n in names}
+    order = sorted(spans.values())
+    shared = {s for a, b in zip(order, order[1:], strict=False) if a[1] > b[0] for s in (a, b)}
+
+    def release(name: str) -> None:
+        lo, hi = spans[name]
+        lo, hi = -(-lo // _PAGE) * _PAGE, hi // _PAGE * _PAGE  # whole pages only: neighbours keep theirs
+        if libc is None or hi <= lo or spans[name] in shared or not any(a <= lo and hi <= b for a, b in files):
+            return
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+
+    return release
+
+
 def _layout(t: torch.Tensor) -> tuple[torch.Size, bool] | None:
     """The shape to allocate and whether to hand back its transpose; None for layouts left in place."""
     if t.is_contiguous():
@@ -39,11 +82,13 @@ def _layout(t: torch.Tensor) -> tuple[torch.Size, bool] | None:
 
 def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading weights into memory",
                          show: bool | None = None, on_progress: Callable[[int, int], None] | None = None,
-                         dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+                         dtypes: dict[str, torch.dtype] | None = None,
+                         release_sources: bool = False) -> dict[str, torch.Tensor]:
     """The same tensors (same shapes and strides), copied into one huge-page region, in order, and
     converted on the way to the dtype `dtypes` gives a name, if any (one copy, where converting first
     would make two). Tensors with other layouts, or not on the CPU, are returned as they are (converted
-    if asked)."""
+    if asked). release_sources: the caller is done with the sources, so each one's file-mapped pages
+    leave the process as soon as it is copied (see the module docstring)."""
     dtypes = dtypes or {}
 
     def size(name: str, t: torch.Tensor) -> int:
@@ -65,6 +110,7 @@ def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading
     # frombuffer keeps the mmap object alive as long as any view of it is.
     raw = torch.frombuffer(region, dtype=torch.uint8)
     start = (-raw.data_ptr()) % HUGE  # page-aligned at both ends of every 2 MiB stretch
+    release = _releaser(tensors, [p[0] for p in plan]) if release_sources else None
     with Progress(label, total, enabled=show) as bar:
         for name, offset, shape, transposed in plan:
             t = tensors[name]
@@ -73,6 +119,8 @@ def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading
                 dst = dst.t()
             dst.copy_(t)
             out[name] = dst
+            if release is not None:
+                release(name)
             bar.advance(size(name, t))
             if on_progress is not None:
                 on_progress(int(bar.done), total)

@@ -154,7 +154,8 @@ class SendingMixin(MessagePump):
                     self.post_message(GenerationFinished(pid, ev.text, ev.stop, {
                         "ttft": ev.time_to_first_token, "prefill_tps": ev.prefill_tokens_per_second,
                         "decode_tps": ev.decode_tokens_per_second, "cached": ev.cached_tokens,
-                        "prefilled": ev.prefilled_tokens, "generated": len(ev.generated)}, chat.id,
+                        "prefilled": ev.prefilled_tokens, "generated": len(ev.generated), "drafted": ev.drafted,
+                        "accepted": ev.accepted}, chat.id,
                         list(ev.notes)))
         except MixchatError as exc:
             self.post_message(GenerationFailed(pid, str(exc)))

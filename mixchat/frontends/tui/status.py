@@ -52,7 +52,8 @@ def _speed(pane) -> list[Piece]:
     if pane.busy:
         return [(1, Text(f" · {one_line(pane.phase)} …"))]
     if s.get("decode_tps") is not None:
-        return [(1, Text(f" · {s['decode_tps']:.2f} tok/s")), (3, Text(f" · first token {s['ttft']:.2f} s")),
+        drafts = [(3, Text(f" · drafts {s['accepted']}/{s['drafted']} kept"))] if s.get("drafted") else []
+        return [(1, Text(f" · {s['decode_tps']:.2f} tok/s")), *drafts, (3, Text(f" · first token {s['ttft']:.2f} s")),
                 (4, Text(f" · prefill {s['prefill_tps']:.1f} tok/s")), (2, Text(f" · {one_line(pane.phase)}"))]
     return []
 

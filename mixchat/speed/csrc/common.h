@@ -47,20 +47,23 @@
  * here) rather than FMAs are then what limits the kernels. */
 #define MC_REG(v) __asm__("" : "+x"(v))
 
-/* Bump when an exported signature changes or an export kernels.py relies on is added (5: mc_struct_size):
+/* Bump when an exported signature changes or an export kernels.py relies on is added (5: mc_struct_size;
+ * 6: T rows in mc_decode_*, mc_linear_rows):
  * kernels.py refuses a library with another version. */
-#define MC_ABI_VERSION 5
+#define MC_ABI_VERSION 6
 
 #define MC_MULTI_MAX 8        /* weights one mc_linear_multi call takes */
 #define MC_RB 16              /* rows per block that share one pass over the K chunks */
-/* Rows (R, up to 4) and accumulator splits (S) of the one-token kernels; -D overrides are for tuning. */
+/* Rows (R, up to 4) and accumulator splits (S) of the one-token kernels; -D overrides are for tuning.
+ * S also fixes the row-exact kernels' layout (drafting's verify pass sums each row as T = 1 does): T rows
+ * need T x S accumulators, so S is kept at 2 (a one-token product is bound by memory, not FMA latency). */
 #ifndef MC_BF16_T1_R
 #define MC_BF16_T1_R 2
-#define MC_BF16_T1_S 4
+#define MC_BF16_T1_S 2
 #endif
 #ifndef MC_INT8_T1_R
 #define MC_INT8_T1_R 2
-#define MC_INT8_T1_S 4
+#define MC_INT8_T1_S 2
 #endif
 #ifndef MC_INT4_T1_R
 #define MC_INT4_T1_R 2

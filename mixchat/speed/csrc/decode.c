@@ -9,8 +9,13 @@
  *   attention block: h += wo(attend(rope(wq xn), rope(wk xn), wv xn)), xn = rmsnorm(h) * attn_norm
  *   feed-forward:    h += w2(silu(w1 xn) * w3 xn),                     xn = rmsnorm(h) * ffn_norm
  * in fp32, with keys and values stored into the caller's KV cache (bf16 or fp32) at the given slot.
- * Only T = 1 and weights the one-pass kernels take; everything else stays in model.py, which is also
- * the reference these functions are tested against.
+ * Only weights the one-pass kernels take; everything else stays in model.py, which is also the
+ * reference these functions are tested against.
+ *
+ * T > 1 tokens (drafting's verify pass) are T decoded tokens at once, each row bit for bit what the
+ * one-token step gives it: the products go through the row-exact kernels (one read of each weight for
+ * all T), and everything between them runs row by row in the one-token order, token t's key written
+ * just before token t attends (a rolling window's slot may be one that token t still needs).
  */
 
 /* Everything about one layer that does not change between tokens (built once by kernels.DecodeLayer).
@@ -201,135 +206,144 @@ static int layer_ok(const mc_layer *L)
     return 1;
 }
 
-/* o[D] = w2(silu(w1 xn) * w3 xn) for one token: the dense feed-forward and each MoE expert. w, scale and zero
- * hold w1, w2, w3 in that order; with w2_transposed w2 is bf16 stored [F, D]. buf: 2F floats. */
+/* o[T, D] = w2(silu(w1 xn) * w3 xn) for T tokens (row-exact): the dense feed-forward and each MoE expert. w,
+ * scale and zero hold w1, w2, w3 in that order; with w2_transposed w2 is bf16 stored [F, D]. buf: 2TF floats. */
 static int swiglu(int kind, int group, int w2_transposed, const void *const *w, const float *const *scale,
-                  const float *const *zero, const float *xn, int64_t D, int64_t F, float *buf, float *o)
+                  const float *const *zero, const float *xn, int T, int64_t D, int64_t F, float *buf, float *o)
 {
-    float *gate = buf, *up = gate + F;
+    float *gate = buf, *up = gate + (int64_t)T * F;
     const void *w13[2] = {w[0], w[2]};
     const float *s13[2] = {scale[0], scale[2]}, *z13[2] = {zero[0], zero[2]};
     const int64_t nf[2] = {F, F};
     float *const y13[2] = {gate, up};
-    int rc = one_pass(kind, xn, 1, D, 2, w13, s13, z13, group, nf, y13);
+    int rc = one_pass(kind, xn, T, D, 2, w13, s13, z13, group, nf, y13, 1);
     if (rc) return rc;
-    silu_mul(gate, up, F);
-    if (w2_transposed) return mc_linear_bf16_t(gate, 1, F, (const uint16_t *)w[1], D, o);
+    /* row by row: a row's tail past its last 8 lanes takes the scalar formula, as with T = 1 */
+    for (int t = 0; t < T; t++) silu_mul(gate + (int64_t)t * F, up + (int64_t)t * F, F);
+    if (w2_transposed) { /* one row at a time: the transposed kernels' sums depend on T */
+        for (int t = 0; t < T && rc == 0; t++)
+            rc = mc_linear_bf16_t(gate + (int64_t)t * F, 1, F, (const uint16_t *)w[1], D, o + (int64_t)t * D);
+        return rc;
+    }
     float *const yo[1] = {o};
-    return one_pass(kind, gate, 1, F, 1, &w[1], &scale[1], &zero[1], group, &D, yo);
+    return one_pass(kind, gate, T, F, 1, &w[1], &scale[1], &zero[1], group, &D, yo, 1);
 }
 
-/* n products of x (one token) with weights L->w[first..first+n), outputs N[i] into y[i]. */
-static int products(const mc_layer *L, const float *x, int64_t K, int first, int n, const int64_t *N, float *const *y)
+/* n products of x (T tokens, row-exact) with weights L->w[first..first+n), outputs N[i] into y[i]. */
+static int products(const mc_layer *L, const float *x, int T, int64_t K, int first, int n, const int64_t *N,
+                    float *const *y)
 {
-    return one_pass(L->kind, x, 1, K, n, &L->w[first], &L->scale[first], &L->zero[first], L->group, N, y);
+    return one_pass(L->kind, x, T, K, n, &L->w[first], &L->scale[first], &L->zero[first], L->group, N, y, 1);
 }
 
 #endif /* MC_AVX2 */
 
-/* h[dim] += attention block of one token at position slot; k_cache/v_cache are this layer's
- * [n_kv_heads, capacity, head_dim] (bf16 when cache_bf16, else fp32); attention reads slots [0, S),
- * those with mask[s] == 0 left out (mask may be NULL); rot is the position's (cos, sin) pairs,
- * [head_dim / 2][2]. */
-MC_API int mc_decode_attention(const mc_layer *L, float *h, const float *rot, void *k_cache, void *v_cache,
-                               int cache_bf16, int64_t capacity, int64_t slot, int64_t S, const uint8_t *mask)
+/* h[T, dim] += attention block of T tokens (T = 1: one decoded token), token t at cache slot slot[t]
+ * attending to slots [0, S[t]) of its kv head, those with mask[t * mask_stride + s] == 0 left out (mask may be
+ * NULL: all of them); k_cache/v_cache are this layer's [n_kv_heads, capacity, head_dim] (bf16 when cache_bf16,
+ * else fp32); rot[t] is token t's (cos, sin) pairs, [T][head_dim / 2][2]. */
+MC_API int mc_decode_attention(const mc_layer *L, float *h, int T, const float *rot, void *k_cache, void *v_cache,
+                               int cache_bf16, int64_t capacity, const int64_t *slot, const int64_t *S,
+                               const uint8_t *mask, int64_t mask_stride)
 {
 #if MC_AVX2
-    if (!layer_ok(L) || slot < 0 || slot >= capacity || S < 1 || S > capacity) return MC_EBADARG;
+    if (!layer_ok(L) || T < 1 || T > 64) return MC_EBADARG;
+    int64_t smax = 1;
+    for (int t = 0; t < T; t++) {
+        if (slot[t] < 0 || slot[t] >= capacity || S[t] < 1 || S[t] > capacity || (mask && S[t] > mask_stride))
+            return MC_EBADARG;
+        if (S[t] > smax) smax = S[t];
+    }
     const int H = L->n_heads, Hkv = L->n_kv_heads, hd = L->head_dim;
     const int64_t D = L->dim, qd = (int64_t)H * hd, kvd = (int64_t)Hkv * hd;
-    float *buf = mc_decode_scratch((size_t)(D + qd + 2 * kvd + qd + D) + (size_t)H * (size_t)S);
+    float *buf = mc_decode_scratch((size_t)T * (size_t)(D + qd + 2 * kvd + qd + D) + (size_t)H * (size_t)smax);
     if (!buf) return MC_ENOMEM;
-    float *xn = buf, *q = xn + D, *k = q + qd, *v = k + kvd, *att = v + kvd, *o = att + qd, *p = o + D;
+    float *xn = buf, *q = xn + T * D, *k = q + T * qd, *v = k + T * kvd, *att = v + T * kvd, *o = att + T * qd;
+    float *p = o + T * D;
 
-    rms_norm(h, L->attn_norm, L->norm_bf16, D, L->eps, xn);
+    for (int t = 0; t < T; t++) rms_norm(h + t * D, L->attn_norm, L->norm_bf16, D, L->eps, xn + t * D);
     const int64_t nqkv[3] = {qd, kvd, kvd};
     float *const yqkv[3] = {q, k, v};
-    int rc = products(L, xn, D, 0, 3, nqkv, yqkv);
+    int rc = products(L, xn, T, D, 0, 3, nqkv, yqkv);
     if (rc) return rc;
-    rope(q, H, hd, rot);
-    rope(k, Hkv, hd, rot);
-    for (int g = 0; g < Hkv; g++) {
-        const int64_t at = ((int64_t)g * capacity + slot) * hd;
-        for (int j = 0; j < hd; j++) {
-            if (cache_bf16) {
-                ((uint16_t *)k_cache)[at + j] = f32_to_bf16(k[g * hd + j]);
-                ((uint16_t *)v_cache)[at + j] = f32_to_bf16(v[g * hd + j]);
-            } else {
-                ((float *)k_cache)[at + j] = k[g * hd + j];
-                ((float *)v_cache)[at + j] = v[g * hd + j];
-            }
-        }
-    }
     const size_t el = cache_bf16 ? 2 : 4;
     const int per_group = H / Hkv;
-    /* Heads in contiguous runs per thread, so the heads that share a kv head share its reads. */
-    const int nt = (int64_t)H * S * hd < 65536 ? 1 : g_threads < H ? g_threads : H;
+    for (int t = 0; t < T; t++) {
+        float *qt = q + t * qd, *kt = k + t * kvd, *vt = v + t * kvd;
+        const float *rt = rot + (int64_t)t * hd;
+        rope(qt, H, hd, rt);
+        rope(kt, Hkv, hd, rt);
+        for (int g = 0; g < Hkv; g++) {
+            const int64_t at = ((int64_t)g * capacity + slot[t]) * hd;
+            for (int j = 0; j < hd; j++) {
+                if (cache_bf16) {
+                    ((uint16_t *)k_cache)[at + j] = f32_to_bf16(kt[g * hd + j]);
+                    ((uint16_t *)v_cache)[at + j] = f32_to_bf16(vt[g * hd + j]);
+                } else {
+                    ((float *)k_cache)[at + j] = kt[g * hd + j];
+                    ((float *)v_cache)[at + j] = vt[g * hd + j];
+                }
+            }
+        }
+        const int64_t St = S[t];
+        const uint8_t *mt = mask ? mask + t * mask_stride : NULL;
+        /* Heads in contiguous runs per thread, so the heads that share a kv head share its reads. */
+        const int nt = (int64_t)H * St * hd < 65536 ? 1 : g_threads < H ? g_threads : H;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nt) schedule(static)
 #endif
-    for (int hh = 0; hh < H; hh++) {
-        const int64_t off = (int64_t)(hh / per_group) * capacity * hd;
-        attend_head(q + (int64_t)hh * hd, (const char *)k_cache + off * el, (const char *)v_cache + off * el, hd, S,
-                    mask, cache_bf16, p + (int64_t)hh * S, att + (int64_t)hh * hd);
+        for (int hh = 0; hh < H; hh++) {
+            const int64_t off = (int64_t)(hh / per_group) * capacity * hd;
+            attend_head(qt + (int64_t)hh * hd, (const char *)k_cache + off * el, (const char *)v_cache + off * el, hd,
+                        St, mt, cache_bf16, p + (int64_t)hh * St, att + t * qd + (int64_t)hh * hd);
+        }
     }
     const int64_t nd = D;
     float *const yo[1] = {o};
-    rc = products(L, att, qd, 3, 1, &nd, yo);
+    rc = products(L, att, T, qd, 3, 1, &nd, yo);
     if (rc) return rc;
-    for (int64_t i = 0; i < D; i++) h[i] += o[i];
+    for (int64_t i = 0; i < T * D; i++) h[i] += o[i];
     return 0;
 #else
-    (void)L; (void)h; (void)rot; (void)k_cache; (void)v_cache; (void)cache_bf16; (void)capacity; (void)slot;
-    (void)S; (void)mask;
+    (void)L; (void)h; (void)T; (void)rot; (void)k_cache; (void)v_cache; (void)cache_bf16; (void)capacity; (void)slot;
+    (void)S; (void)mask; (void)mask_stride;
     return MC_EBADARG;
 #endif
 }
 
-/* h[dim] += w2(silu(w1 xn) * w3 xn), xn = rmsnorm(h) * ffn_norm: the dense feed-forward of one token. */
-MC_API int mc_decode_ffn(const mc_layer *L, float *h)
+/* h[T, dim] += w2(silu(w1 xn) * w3 xn), xn = rmsnorm(h) * ffn_norm: the dense feed-forward of T tokens. */
+MC_API int mc_decode_ffn(const mc_layer *L, float *h, int T)
 {
 #if MC_AVX2
-    if (!layer_ok(L) || !L->has_ffn || L->hidden < 1) return MC_EBADARG;
+    if (!layer_ok(L) || !L->has_ffn || L->hidden < 1 || T < 1 || T > 64) return MC_EBADARG;
     const int64_t D = L->dim, F = L->hidden;
-    float *buf = mc_decode_scratch((size_t)(2 * D + 2 * F));
+    float *buf = mc_decode_scratch((size_t)T * (size_t)(2 * D + 2 * F));
     if (!buf) return MC_ENOMEM;
-    float *xn = buf, *o = xn + D;
-    rms_norm(h, L->ffn_norm, L->norm_bf16, D, L->eps, xn);
-    int rc = swiglu(L->kind, L->group, 0, &L->w[4], &L->scale[4], &L->zero[4], xn, D, F, o + D, o);
+    float *xn = buf, *o = xn + T * D;
+    for (int t = 0; t < T; t++) rms_norm(h + t * D, L->ffn_norm, L->norm_bf16, D, L->eps, xn + t * D);
+    int rc = swiglu(L->kind, L->group, 0, &L->w[4], &L->scale[4], &L->zero[4], xn, T, D, F, o + T * D, o);
     if (rc) return rc;
-    for (int64_t i = 0; i < D; i++) h[i] += o[i];
+    for (int64_t i = 0; i < T * D; i++) h[i] += o[i];
     return 0;
 #else
-    (void)L; (void)h;
+    (void)L; (void)h; (void)T;
     return MC_EBADARG;
 #endif
 }
 
-#if MC_AVX2
-/* out[D] (zeroed by the caller) += weight * expert(xn), expert e's w1, w2, w3 at M->w[3e..3e+2]. buf: 2F + D floats. */
-static int moe_expert(const mc_moe *M, int e, const float *xn, float weight, float *buf, float *out)
-{
-    const int64_t D = M->dim;
-    float *o = buf + 2 * M->hidden;
-    int rc = swiglu(M->kind, M->group, M->w2_transposed, &M->w[3 * e], &M->scale[3 * e], &M->zero[3 * e], xn, D,
-                    M->hidden, buf, o);
-    if (rc) return rc;
-    for (int64_t i = 0; i < D; i++) out[i] += o[i] * weight;
-    return 0;
-}
-#endif
-
-/* The MoE feed-forward of one token, in two phases so that a caller whose experts are loaded on demand
- * can fetch the chosen ones in between (phase 1 | 2 does both):
- *   phase 1: xn[dim] = rmsnorm(h) * ffn_norm; router; the top_k experts by router logit into chosen[top_k],
- *            best first (the lower index wins a tie), and a softmax over their logits into weights[top_k];
- *   phase 2: h[dim] += sum over the chosen experts, in ascending id as model.MoeFeedForward adds them, of
- *            weight * w2(silu(w1 xn) * w3 xn). Only the chosen experts' pointers need to be set. */
-MC_API int mc_decode_moe(const mc_moe *M, float *h, float *xn, int64_t *chosen, float *weights, int phase)
+/* The MoE feed-forward of T tokens (T = 1: one decoded token), in two phases so that a caller whose experts
+ * are loaded on demand can fetch the chosen ones in between (phase 1 | 2 does both):
+ *   phase 1: xn[T, dim] = rmsnorm(h) * ffn_norm; router; per token the top_k experts by router logit into
+ *            chosen[T, top_k], best first (the lower index wins a tie), and a softmax over their logits into
+ *            weights[T, top_k];
+ *   phase 2: h[t] += sum over token t's chosen experts, in ascending id as model.MoeFeedForward adds them, of
+ *            weight * w2(silu(w1 xn) * w3 xn). Each expert runs once, on the rows routed to it (row-exact), so
+ *            every token's sum is the one-token step's. Only the chosen experts' pointers need to be set. */
+MC_API int mc_decode_moe(const mc_moe *M, float *h, int T, float *xn, int64_t *chosen, float *weights, int phase)
 {
 #if MC_AVX2
-    if (M->n_experts < 1 || M->n_experts > 256 || M->top_k < 1 || M->top_k > M->n_experts || M->dim < 1)
+    if (M->n_experts < 1 || M->n_experts > 256 || M->top_k < 1 || M->top_k > M->n_experts || M->dim < 1 || T < 1 ||
+        T > 64)
         return MC_EBADARG;
     /* the experts' format matters from phase 2 on (routing needs only the router) */
     if ((phase & 2) && (M->kind < 0 || M->kind > 2 || M->hidden < 1 || (M->w2_transposed && M->kind != 0) ||
@@ -340,51 +354,69 @@ MC_API int mc_decode_moe(const mc_moe *M, float *h, float *xn, int64_t *chosen, 
     const int64_t D = M->dim, F = M->hidden;
     const int E = M->n_experts, k = M->top_k;
     if (phase < 1 || phase > 3) return MC_EBADARG;
-    float *buf = mc_decode_scratch((size_t)(D + 2 * F + D + E));
+    /* out, the routed rows of xn, their expert outputs: T x D each; the expert's 2 T F; the router's T E */
+    float *buf = mc_decode_scratch((size_t)T * (size_t)(3 * D + 2 * F + E));
     if (!buf) return MC_ENOMEM;
-    float *out = buf, *ebuf = out + D, *logits = ebuf + 2 * F + D;
+    float *out = buf, *xe = out + T * D, *oe = xe + T * D, *ebuf = oe + T * D, *logits = ebuf + 2 * T * F;
     int rc;
     if (phase & 1) {
-        rms_norm(h, M->ffn_norm, M->norm_bf16, D, M->eps, xn);
+        for (int t = 0; t < T; t++) rms_norm(h + t * D, M->ffn_norm, M->norm_bf16, D, M->eps, xn + t * D);
         const void *gw = M->gate;
         const int64_t ne = E;
         float *const yl[1] = {logits};
-        rc = one_pass(0, xn, 1, D, 1, &gw, NULL, NULL, 0, &ne, yl);
+        rc = one_pass(0, xn, T, D, 1, &gw, NULL, NULL, 0, &ne, yl, 1);
         if (rc) return rc;
-        uint8_t taken[256] = {0};
-        float top[256];
-        for (int j = 0; j < k; j++) {
-            int best = -1;
-            for (int e = 0; e < E; e++)
-                if (!taken[e] && (best < 0 || logits[e] > logits[best])) best = e;
-            taken[best] = 1;
-            chosen[j] = best;
-            top[j] = logits[best];
+        for (int t = 0; t < T; t++) {
+            const float *lt = logits + (int64_t)t * E;
+            int64_t *ct = chosen + (int64_t)t * k;
+            float *wt = weights + (int64_t)t * k;
+            uint8_t taken[256] = {0};
+            float top[256];
+            for (int j = 0; j < k; j++) {
+                int best = -1;
+                for (int e = 0; e < E; e++)
+                    if (!taken[e] && (best < 0 || lt[e] > lt[best])) best = e;
+                taken[best] = 1;
+                ct[j] = best;
+                top[j] = lt[best];
+            }
+            float sum = 0.f;
+            for (int j = 0; j < k; j++) sum += (wt[j] = exp1(top[j] - top[0]));
+            for (int j = 0; j < k; j++) wt[j] /= sum;
         }
-        float sum = 0.f;
-        for (int j = 0; j < k; j++) sum += (weights[j] = exp1(top[j] - top[0]));
-        for (int j = 0; j < k; j++) weights[j] /= sum;
     }
     if (!(phase & 2)) return 0;
-    uint8_t taken[256] = {0};
-    for (int j = 0; j < k; j++) {
-        if (chosen[j] < 0 || chosen[j] >= E || !M->w[3 * chosen[j]] || !M->w[3 * chosen[j] + 1] ||
-            !M->w[3 * chosen[j] + 2])
+    for (int64_t i = 0; i < (int64_t)T * k; i++)
+        if (chosen[i] < 0 || chosen[i] >= E || !M->w[3 * chosen[i]] || !M->w[3 * chosen[i] + 1] ||
+            !M->w[3 * chosen[i] + 2])
             return MC_EBADARG;
-        taken[chosen[j]] = 1;
-    }
-    for (int64_t i = 0; i < D; i++) out[i] = 0.f;
+    for (int64_t i = 0; i < T * D; i++) out[i] = 0.f;
+    int rows[64];
+    float mix[64];
     for (int e = 0; e < E; e++) {
-        if (!taken[e]) continue;
-        int j = 0;
-        while (chosen[j] != e) j++;
-        rc = moe_expert(M, e, xn, weights[j], ebuf, out);
+        int n = 0;
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < k; j++)
+                if (chosen[(int64_t)t * k + j] == e) {
+                    rows[n] = t;
+                    mix[n++] = weights[(int64_t)t * k + j];
+                    break;
+                }
+        if (!n) continue;
+        for (int i = 0; i < n; i++) memcpy(xe + i * D, xn + rows[i] * D, (size_t)D * sizeof(float));
+        rc = swiglu(M->kind, M->group, M->w2_transposed, &M->w[3 * e], &M->scale[3 * e], &M->zero[3 * e], xe, n, D, F,
+                    ebuf, oe);
         if (rc) return rc;
+        for (int i = 0; i < n; i++) {
+            float *ot = out + rows[i] * D;
+            const float *oi = oe + i * D;
+            for (int64_t c = 0; c < D; c++) ot[c] += oi[c] * mix[i];
+        }
     }
-    for (int64_t i = 0; i < D; i++) h[i] += out[i];
+    for (int64_t i = 0; i < T * D; i++) h[i] += out[i];
     return 0;
 #else
-    (void)M; (void)h; (void)xn; (void)chosen; (void)weights; (void)phase;
+    (void)M; (void)h; (void)T; (void)xn; (void)chosen; (void)weights; (void)phase;
     return MC_EBADARG;
 #endif
 }

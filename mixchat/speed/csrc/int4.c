@@ -360,7 +360,15 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
     MC_DRIVER(int4q8_g##GS##_t5, int4q8_block_g##GS, int4_epi, c->K, 1, 5, 1)                       \
     MC_DRIVER(int4q8_g##GS##_t6, int4q8_block_g##GS, int4_epi, c->K, 1, 6, 1)                       \
     MC_DRIVER(int4q8_g##GS##_t7, int4q8_block_g##GS, int4_epi, c->K, 1, 7, 1)                       \
-    MC_DRIVER(int4q8_g##GS##_t8, int4q8_block_g##GS, int4_epi, c->K, 1, 8, 1)
+    MC_DRIVER(int4q8_g##GS##_t8, int4q8_block_g##GS, int4_epi, c->K, 1, 8, 1)                       \
+    /* row-exact: each (row, token) summed as the one-token kernel sums it (see bf16_xfns) */           \
+    MC_DRIVER(int4q8_g##GS##_x2, int4q8_block_g##GS, int4_epi, c->K, 1, 2, S1)                      \
+    MC_DRIVER(int4q8_g##GS##_x3, int4q8_block_g##GS, int4_epi, c->K, 1, 3, S1)                      \
+    MC_DRIVER(int4q8_g##GS##_x4, int4q8_block_g##GS, int4_epi, c->K, 1, 4, S1)                      \
+    MC_DRIVER(int4q8_g##GS##_x5, int4q8_block_g##GS, int4_epi, c->K, 1, 5, S1)                      \
+    MC_DRIVER(int4q8_g##GS##_x6, int4q8_block_g##GS, int4_epi, c->K, 1, 6, S1)                      \
+    MC_DRIVER(int4q8_g##GS##_x7, int4q8_block_g##GS, int4_epi, c->K, 1, 7, S1)                      \
+    MC_DRIVER(int4q8_g##GS##_x8, int4q8_block_g##GS, int4_epi, c->K, 1, 8, S1)
 
 MC_INT4_Q8(32, MC_INT4_T1_R, MC_INT4_T1_S)
 MC_INT4_Q8(64, MC_INT4_T1_R, MC_INT4_T1_S)
@@ -375,6 +383,15 @@ static const mc_rows_fn int4q8_fns[3][9] = {
      int4q8_g64_t8},
     {0, int4q8_g128_t1, int4q8_g128_t2, int4q8_g128_t3, int4q8_g128_t4, int4q8_g128_t5, int4q8_g128_t6,
      int4q8_g128_t7, int4q8_g128_t8},
+};
+
+static const mc_rows_fn int4q8_xfns[3][9] = {
+    {0, int4q8_g32_t1, int4q8_g32_x2, int4q8_g32_x3, int4q8_g32_x4, int4q8_g32_x5, int4q8_g32_x6, int4q8_g32_x7,
+     int4q8_g32_x8},
+    {0, int4q8_g64_t1, int4q8_g64_x2, int4q8_g64_x3, int4q8_g64_x4, int4q8_g64_x5, int4q8_g64_x6, int4q8_g64_x7,
+     int4q8_g64_x8},
+    {0, int4q8_g128_t1, int4q8_g128_x2, int4q8_g128_x3, int4q8_g128_x4, int4q8_g128_x5, int4q8_g128_x6,
+     int4q8_g128_x7, int4q8_g128_x8},
 };
 
 /* Round x to int8 per 32 columns (v = rint(x * 127 / amax), d = amax / 127), store it in the order the

@@ -202,6 +202,18 @@ MC_DRIVER(int8q8_t8, int8q8_block, int8q8_epi, c->K, 1, 8, 1)
 static const mc_rows_fn int8q8_fns[9] = {0, int8q8_t1, int8q8_t2, int8q8_t3, int8q8_t4,
                                          int8q8_t5, int8q8_t6, int8q8_t7, int8q8_t8};
 
+/* Row-exact drivers: each (row, token) summed as int8q8_t1 sums it (see bf16_xfns). */
+MC_DRIVER(int8q8_x2, int8q8_block, int8q8_epi, c->K, 1, 2, MC_INT8_T1_S)
+MC_DRIVER(int8q8_x3, int8q8_block, int8q8_epi, c->K, 1, 3, MC_INT8_T1_S)
+MC_DRIVER(int8q8_x4, int8q8_block, int8q8_epi, c->K, 1, 4, MC_INT8_T1_S)
+MC_DRIVER(int8q8_x5, int8q8_block, int8q8_epi, c->K, 1, 5, MC_INT8_T1_S)
+MC_DRIVER(int8q8_x6, int8q8_block, int8q8_epi, c->K, 1, 6, MC_INT8_T1_S)
+MC_DRIVER(int8q8_x7, int8q8_block, int8q8_epi, c->K, 1, 7, MC_INT8_T1_S)
+MC_DRIVER(int8q8_x8, int8q8_block, int8q8_epi, c->K, 1, 8, MC_INT8_T1_S)
+
+static const mc_rows_fn int8q8_xfns[9] = {0, int8q8_t1, int8q8_x2, int8q8_x3, int8q8_x4,
+                                          int8q8_x5, int8q8_x6, int8q8_x7, int8q8_x8};
+
 /* x rounded to int8 per 32 columns in its own column order, and one scale per block: [T, K/32]. */
 static void prep_q8_plain(const float *x, int T, int64_t K, int8_t *xq, float *xd)
 {

@@ -10,11 +10,15 @@
 MC_MAYBE_UNUSED static int group_index(int G) { return G == 32 ? 0 : G == 64 ? 1 : 2; }
 
 /* The one-pass kernels for n weights that share x (kind 0: bf16; 1: int8 with Q8 x; 2: int4 with Q8 x):
- * x is taken in slices of up to 8 rows (4 for int4), each slice prepared once (reordered, or rounded to
- * int8) and run against every weight in one thread region (mc_run_jobs). The single-weight entry points
- * are the n = 1 case. */
+ * x is taken in slices of up to 8 rows, each slice prepared once (reordered, or rounded to int8, row by
+ * row) and run against every weight in one thread region (mc_run_jobs). The single-weight entry points
+ * are the n = 1 case.
+ * exact: every row of y is bit for bit what a call with that row of x alone gives (the row-exact drivers),
+ * which drafting's verify pass needs to reproduce plain decoding; otherwise each row count gets the
+ * accumulator layout that is fastest for it, which changes the order of the fp32 sums. */
 static int one_pass(int kind, const float *x, int T, int64_t K, int n, const void *const *w,
-                    const float *const *scale, const float *const *zero, int G, const int64_t *N, float *const *y)
+                    const float *const *scale, const float *const *zero, int G, const int64_t *N, float *const *y,
+                    int exact)
 {
     const int rows = 8;
     const int64_t K32 = K & ~(int64_t)31;
@@ -29,8 +33,9 @@ static int one_pass(int kind, const float *x, int T, int64_t K, int n, const voi
             if (!xp) return MC_ENOMEM;
             prep_bf16(xt, tt, K, xp);
             c.xp = xp;
+            /* the row-exact drivers carry their sums across chunks (bf16_block_c), so they chunk too */
             c.KC = tt >= 3 ? mc_chunk(K32, 4.0 * tt) : (K32 > 0 ? K32 : 1);
-            fn = bf16_fns[tt];
+            fn = exact ? bf16_xfns[tt] : bf16_fns[tt];
         } else {
             size_t q_bytes = ((size_t)tt * (size_t)K + 63) & ~(size_t)63;
             size_t xd_n = kind == 1 ? (size_t)tt * (size_t)(K / 32) : (size_t)tt * (size_t)(K / 64) * 8;
@@ -41,11 +46,11 @@ static int one_pass(int kind, const float *x, int T, int64_t K, int n, const voi
             float *xd = (float *)(buf + q_bytes), *xs = xd + xd_n;
             if (kind == 1) {
                 prep_q8_plain(xt, tt, K, xq, xd);
-                fn = int8q8_fns[tt];
+                fn = exact ? int8q8_xfns[tt] : int8q8_fns[tt];
             } else {
                 prep_q8(xt, tt, K, G, xq, xd, xs);
                 c.xs = xs;
-                fn = int4q8_fns[group_index(G)][tt];
+                fn = (exact ? int4q8_xfns : int4q8_fns)[group_index(G)][tt];
             }
             c.xq = xq;
             c.xd = xd;
@@ -79,7 +84,7 @@ MC_API int mc_linear_bf16(const float *x, int T, int64_t K, const uint16_t *w, i
         return gemm_run(&c, pack_bf16);
     }
     const void *wv = w;
-    return one_pass(0, x, T, K, 1, &wv, NULL, NULL, 0, &N, &y);
+    return one_pass(0, x, T, K, 1, &wv, NULL, NULL, 0, &N, &y, 0);
 #else
     mc_ctx c = {.x = x, .w = w, .y = y, .N = N, .K = K, .T = T};
     mc_run(bf16_rows_scalar, &c);
@@ -128,7 +133,7 @@ MC_API int mc_linear_int8_q8(const float *x, int T, int64_t K, const int8_t *q, 
     if (T >= g_gemm_min_rows || K % 32) return mc_linear_int8(x, T, K, q, scale, N, y);
 #if MC_AVX2
     const void *wv = q;
-    return one_pass(1, x, T, K, 1, &wv, &scale, NULL, 0, &N, &y);
+    return one_pass(1, x, T, K, 1, &wv, &scale, NULL, 0, &N, &y, 0);
 #else
     float *xr = (float *)mc_scratch((size_t)T * (size_t)K * sizeof(float));
     if (!xr) return MC_ENOMEM;
@@ -181,7 +186,7 @@ MC_API int mc_linear_int4_q8(const float *x, int T, int64_t K, const uint8_t *pa
      * (126-141 against 113-116 GFLOP/s on a 7B's shapes at T = 128, 2 cores), unlike int8, whose GEMM
      * converts a byte per weight with no unpacking to share. */
     const void *wv = packed;
-    return one_pass(2, x, T, K, 1, &wv, &scale, &zero, G, &N, &y);
+    return one_pass(2, x, T, K, 1, &wv, &scale, &zero, G, &N, &y, 0);
 #else
     /* Same rounding of x as the SIMD path (so results do not depend on the build), then the scalar
      * exact kernel on the rounded values. */
@@ -232,7 +237,8 @@ MC_API int mc_linear_multi(int kind, const float *x, int T, int64_t K, int n, co
         if (kind == 2 && !int4_args_ok(T, K, N[i], G)) return MC_EBADARG;
     }
 #if MC_AVX2
-    if (T < g_gemm_min_rows && (kind != 1 || K % 32 == 0)) return one_pass(kind, x, T, K, n, w, scale, zero, G, N, y);
+    if (T < g_gemm_min_rows && (kind != 1 || K % 32 == 0))
+        return one_pass(kind, x, T, K, n, w, scale, zero, G, N, y, 0);
 #endif
     for (int i = 0; i < n; i++) {
         int rc = kind == 0   ? mc_linear_bf16(x, T, K, (const uint16_t *)w[i], N[i], y[i])
@@ -240,5 +246,33 @@ MC_API int mc_linear_multi(int kind, const float *x, int T, int64_t K, int n, co
                              : mc_linear_int4_q8(x, T, K, (const uint8_t *)w[i], scale[i], zero[i], G, N[i], y[i]);
         if (rc) return rc;
     }
+    return 0;
+}
+
+/* mc_linear_multi with every row of y bit for bit what the one-token call (T = 1, which is also what a
+ * decoded token's layer step runs) gives for that row of x alone, whatever T: the products of drafting's
+ * verify pass. Slower per row than mc_linear_multi's layouts for T > 1, still one read of each weight per
+ * 8 rows. Without AVX2 (or for int8 with K % 32 != 0) the rows go one at a time through the entry points. */
+MC_API int mc_linear_rows(int kind, const float *x, int T, int64_t K, int n, const void *const *w,
+                          const float *const *scale, const float *const *zero, int G, const int64_t *N,
+                          float *const *y)
+{
+    if (n < 1 || n > MC_MULTI_MAX || T < 1 || K < 1 || kind < 0 || kind > 2) return MC_EBADARG;
+    for (int i = 0; i < n; i++) {
+        if (N[i] < 1) return MC_EBADARG;
+        if (kind == 2 && !int4_args_ok(T, K, N[i], G)) return MC_EBADARG;
+    }
+#if MC_AVX2
+    if (kind != 1 || K % 32 == 0) return one_pass(kind, x, T, K, n, w, scale, zero, G, N, y, 1);
+#endif
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < n; i++) {
+            const float *xt = x + (int64_t)t * K;
+            float *yt = y[i] + (int64_t)t * N[i];
+            int rc = kind == 0   ? mc_linear_bf16(xt, 1, K, (const uint16_t *)w[i], N[i], yt)
+                     : kind == 1 ? mc_linear_int8_q8(xt, 1, K, (const int8_t *)w[i], scale[i], N[i], yt)
+                                 : mc_linear_int4_q8(xt, 1, K, (const uint8_t *)w[i], scale[i], zero[i], G, N[i], yt);
+            if (rc) return rc;
+        }
     return 0;
 }

@@ -11,7 +11,7 @@ This package re-exports what the rest of mixchat, the tests and the benchmarks c
 `kernels.linear_bf16(...)`; mixchat.speed.linear and mixchat.speed.decoder plug them into the model.
 """
 
-from mixchat.speed.kernels.decode import DecodeLayer, DecodeMoe
+from mixchat.speed.kernels.decode import DecodeLayer, DecodeMoe, Slots
 from mixchat.speed.kernels.formats import (
     INT4_GROUPS,
     dequantize_int4,
@@ -48,7 +48,7 @@ from mixchat.speed.kernels.loader import (
 from mixchat.speed.kernels.loader import _compiler as _compiler  # tests skip builds without one
 
 __all__ = [
-    "FLAGS", "GEMM_MIN_ROWS", "INT4_GROUPS", "ISAS", "MULTI_MAX", "SIMD_LEVELS", "DecodeLayer", "DecodeMoe",
+    "FLAGS", "GEMM_MIN_ROWS", "INT4_GROUPS", "ISAS", "MULTI_MAX", "SIMD_LEVELS", "DecodeLayer", "DecodeMoe", "Slots",
     "KernelError", "available", "build", "cache_root", "dequantize_int4", "forced_isa", "get_gemm_min_rows",
     "get_num_threads", "isa_flags", "library", "linear_bf16", "linear_int4", "linear_int8", "linear_many",
     "pack_int4", "q8_block", "quantize_x_q8", "read_probe", "reason", "requested_isa", "set_gemm_min_rows",

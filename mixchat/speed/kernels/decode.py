@@ -26,6 +26,17 @@ class _LayerStruct(ctypes.Structure):
 
 
 _CACHE_DTYPES = {torch.bfloat16: 1, torch.float32: 0}  # KV cache and norm weights: the "is bf16" flag
+MAX_ROWS = 64  # tokens one decode call takes (decode.c)
+
+
+class Slots:
+    """Where each of T tokens writes its key (slot) and how many slots it reads (length), as the C side
+    takes them: built once per step and buffer, shared by that buffer's layers."""
+
+    def __init__(self, slots: list[int], lengths: list[int]) -> None:
+        self.n = len(slots)
+        self.slot = (ctypes.c_int64 * self.n)(*slots)
+        self.length = (ctypes.c_int64 * self.n)(*lengths)
 
 
 def _simd_lib() -> ctypes.CDLL:
@@ -104,22 +115,24 @@ class DecodeLayer:
         self.moe: DecodeMoe | None = None  # set by the caller for a MoE layer the C side takes whole
 
     def attention(self, h: torch.Tensor, rotation: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot: int, length: int, mask: torch.Tensor | None) -> None:
-        """h (fp32 [1, dim], contiguous) += the attention block for one token at cache slot `slot`.
-        rotation: complex64 [1, head_dim/2]; k_cache/v_cache: this layer's [n_kv_heads, capacity, head_dim]
-        (bf16 or fp32); attention reads slots [0, length), mask (bool [1, length]) says which."""
-        _call(self._lib, "mc_decode_attention", self._ref, h.data_ptr(), rotation.data_ptr(), k_cache.data_ptr(),
-              v_cache.data_ptr(), _CACHE_DTYPES[k_cache.dtype], k_cache.shape[1], slot, length,
-              None if mask is None else mask.data_ptr())
+                  slots: Slots, mask: torch.Tensor | None) -> None:
+        """h (fp32 [T, dim], contiguous) += the attention block for T tokens, token t at cache slot
+        slots.slot[t] reading slots [0, slots.length[t]). rotation: complex64 [T, head_dim/2];
+        k_cache/v_cache: this layer's [n_kv_heads, capacity, head_dim] (bf16 or fp32); mask (bool
+        [T, L], L >= every length, contiguous) says which slots each token reads; None: all of them.
+        Each row is what a one-token call gives it (T > 1 is drafting's verify pass; see decode.c)."""
+        _call(self._lib, "mc_decode_attention", self._ref, h.data_ptr(), slots.n, rotation.data_ptr(),
+              k_cache.data_ptr(), v_cache.data_ptr(), _CACHE_DTYPES[k_cache.dtype], k_cache.shape[1], slots.slot,
+              slots.length, None if mask is None else mask.data_ptr(), 0 if mask is None else mask.shape[1])
 
     def ffn(self, h: torch.Tensor) -> None:
-        """h (fp32 [1, dim], contiguous) += the dense feed-forward of one token."""
-        _call(self._lib, "mc_decode_ffn", self._ref, h.data_ptr())
+        """h (fp32 [T, dim], contiguous) += the dense feed-forward of T tokens, row by row as for one."""
+        _call(self._lib, "mc_decode_ffn", self._ref, h.data_ptr(), h.shape[0])
 
     @staticmethod
     def takes(h: torch.Tensor, k_cache: torch.Tensor) -> bool:
         """Whether a step with this residual and cache can go through DecodeLayer."""
-        return h.dtype == torch.float32 and h.shape[0] == 1 and h.is_contiguous() and h.is_cpu \
+        return h.dtype == torch.float32 and 1 <= h.shape[0] <= MAX_ROWS and h.is_contiguous() and h.is_cpu \
             and k_cache.dtype in _CACHE_DTYPES and k_cache.is_contiguous()
 
 
@@ -196,21 +209,24 @@ class DecodeMoe:
         self._experts[e] = ex
 
     def __call__(self, h: torch.Tensor, fetch=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """h (fp32 [1, dim], contiguous) += the MoE feed-forward; returns the chosen experts (int64 [1, top_k],
-        best first) and their mixing weights (fp32 [1, top_k]), as MoeFeedForward does.
+        """h (fp32 [T, dim], contiguous) += the MoE feed-forward; returns the chosen experts (int64 [T, top_k],
+        best first) and their mixing weights (fp32 [T, top_k]), as MoeFeedForward does, each row what a
+        one-token call gives it.
 
         fetch(xn, chosen) -> per chosen expert ((kind, group, w2 transposed), the parts of w1, w2, w3): for
-        experts loaded on demand, called between routing and the experts (xn: the normed input, fp32 [1, dim],
-        for predicting the next layer). The first fetched expert sets the format when kind was None."""
-        chosen = torch.empty(1, self.top_k, dtype=torch.int64)
-        weights = torch.empty(1, self.top_k, dtype=torch.float32)
-        xn = torch.empty(1, self._dims[0], dtype=torch.float32)
-        args = (self._ref, h.data_ptr(), xn.data_ptr(), chosen.data_ptr(), weights.data_ptr())
+        experts loaded on demand, called between routing and the experts with every expert some token chose
+        (xn: the normed input, fp32 [T, dim], for predicting the next layer). The first fetched expert sets
+        the format when kind was None."""
+        t = h.shape[0]
+        chosen = torch.empty(t, self.top_k, dtype=torch.int64)
+        weights = torch.empty(t, self.top_k, dtype=torch.float32)
+        xn = torch.empty(t, self._dims[0], dtype=torch.float32)
+        args = (self._ref, h.data_ptr(), t, xn.data_ptr(), chosen.data_ptr(), weights.data_ptr())
         if fetch is None:
             _call(self._lib, "mc_decode_moe", *args, 3)
             return chosen, weights
         _call(self._lib, "mc_decode_moe", *args, 1)
-        ids = chosen[0].tolist()
+        ids = chosen[0].tolist() if t == 1 else sorted(set(chosen.flatten().tolist()))
         for e, (fmt, ex) in zip(ids, fetch(xn, ids), strict=True):
             if self._kind is None:
                 self._configure(fmt, ex)

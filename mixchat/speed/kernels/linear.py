@@ -156,13 +156,15 @@ MULTI_MAX = 8  # MC_MULTI_MAX in the C source
 
 
 def linear_many(x: torch.Tensor, kind: str, weights: list[tuple[torch.Tensor, ...]],
-                group: int = 0) -> list[torch.Tensor]:
+                group: int = 0, exact_rows: bool = False) -> list[torch.Tensor]:
     """[linear_bf16 / linear_int8 / linear_int4 of x with each weight], in one kernel call.
 
     weights holds (w,) for bf16 (contiguous), (q, scale) for int8, (packed, scale, zero) for int4 (all
     with the same group). Same results as the single calls (int8/int4 round x the same way), but x is
     prepared once and the threads run through all the weights in one parallel region instead of meeting
-    after each: for one decoded token that is the q/k/v and the w1/w3 products of every layer."""
+    after each: for one decoded token that is the q/k/v and the w1/w3 products of every layer.
+    exact_rows: each row of every result is bit for bit the single call's for that row of x alone (what a
+    decoded token gets), at any row count: drafting's verify pass."""
     if kind not in _MULTI_KINDS:
         raise ValueError(f"kind must be one of {sorted(_MULTI_KINDS)}, not {kind!r}")
     if not 1 <= len(weights) <= MULTI_MAX:
@@ -180,18 +182,20 @@ def linear_many(x: torch.Tensor, kind: str, weights: list[tuple[torch.Tensor, ..
             _check_weight(t, name, torch.float32, dim=1 if kind == "int8" else 2)
             if t.shape[0] != parts[0].shape[0]:
                 raise ValueError(f"{name} has {t.shape[0]} rows, the weight {parts[0].shape[0]}")
-    return linear_many_lib(_get(), x, kind, weights, group, k)
+    return linear_many_lib(_get(), x, kind, weights, group, k, exact_rows)
 
 
 def linear_many_lib(lib: ctypes.CDLL | None, x: torch.Tensor, kind: str, weights: list[tuple[torch.Tensor, ...]],
-                    group: int = 0, k: int | None = None) -> list[torch.Tensor]:
+                    group: int = 0, k: int | None = None, exact_rows: bool = False) -> list[torch.Tensor]:
     """linear_many's call into a given library (the self-check's, before the module has one); no checks."""
     k = k or weights[0][0].shape[1] * (2 if kind == "int4" else 1)
     x2 = _rows(x, k)
     if lib is None or x2.shape[0] == 0:
-        single = {"bf16": lambda p: linear_bf16(x2, *p), "int8": lambda p: linear_int8(x2, *p),
-                  "int4": lambda p: linear_int4(x2, *p, group)}[kind]
-        return [_shaped(single(p), x) for p in weights]
+        single = {"bf16": lambda p, r: linear_bf16(r, *p), "int8": lambda p, r: linear_int8(r, *p),
+                  "int4": lambda p, r: linear_int4(r, *p, group)}[kind]
+        if exact_rows and x2.shape[0] > 1:
+            return [_shaped(torch.cat([single(p, x2[i:i + 1]) for i in range(x2.shape[0])]), x) for p in weights]
+        return [_shaped(single(p, x2), x) for p in weights]
     n, ns = len(weights), [p[0].shape[0] for p in weights]
     ys = [torch.empty(x2.shape[0], m, dtype=torch.float32) for m in ns]
     arr = ctypes.c_void_p * n
@@ -200,7 +204,7 @@ def linear_many_lib(lib: ctypes.CDLL | None, x: torch.Tensor, kind: str, weights
     args = (_MULTI_KINDS[kind], _ptr(x2), x2.shape[0], k, n, arr(*(p[0].data_ptr() for p in weights)), scales, zeros,
             group, (ctypes.c_int64 * n)(*ns), arr(*(y.data_ptr() for y in ys)))
     if lib is loader._lib:
-        _call(lib, "mc_linear_multi", *args)
+        _call(lib, "mc_linear_rows" if exact_rows else "mc_linear_multi", *args)
     elif (rc := lib.mc_linear_multi(*args)) != 0:  # the self-check's library keeps its own thread count
         raise KernelError(f"mc_linear_multi failed with code {rc}")
     return [_shaped(y, x) for y in ys]

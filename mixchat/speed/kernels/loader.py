@@ -55,7 +55,7 @@ def _source_files() -> list[Path]:
 
 ISAS = ("native", "avx2", "portable")
 _COMMON = ("-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
-ABI_VERSION = 5  # must match MC_ABI_VERSION in csrc/common.h
+ABI_VERSION = 6  # must match MC_ABI_VERSION in csrc/common.h
 GEMM_MIN_ROWS = 12  # the C side's default (mc_get_gemm_min_rows)
 # mc_simd_level(): which row kernels the compiler's feature macros chose for this build.
 SIMD_LEVELS = {0: "scalar code", 1: "AVX2+FMA code", 2: "AVX-512 code", 3: "AVX-512 code with VNNI"}
@@ -223,12 +223,13 @@ def _bind(lib: ctypes.CDLL) -> None:
         getattr(lib, name).argtypes = [vp, i32, i64, vp, vp, i64, vp]
     for name in ("mc_linear_int4", "mc_linear_int4_q8"):
         getattr(lib, name).argtypes = [vp, i32, i64, vp, vp, vp, i32, i64, vp]
-    lib.mc_linear_multi.argtypes = [i32, vp, i32, i64, i32, vp, vp, vp, i32, vp, vp]
-    lib.mc_decode_attention.argtypes = [vp, vp, vp, vp, vp, i32, i64, i64, i64, vp]
-    lib.mc_decode_ffn.argtypes = [vp, vp]
-    lib.mc_decode_moe.argtypes = [vp, vp, vp, vp, vp, i32]
+    for name in ("mc_linear_multi", "mc_linear_rows"):
+        getattr(lib, name).argtypes = [i32, vp, i32, i64, i32, vp, vp, vp, i32, vp, vp]
+    lib.mc_decode_attention.argtypes = [vp, vp, i32, vp, vp, vp, i32, i64, vp, vp, vp, i64]
+    lib.mc_decode_ffn.argtypes = [vp, vp, i32]
+    lib.mc_decode_moe.argtypes = [vp, vp, i32, vp, vp, vp, i32]
     for name in ("mc_linear_bf16", "mc_linear_bf16_t", "mc_linear_int8", "mc_linear_int8_q8", "mc_linear_int4",
-                 "mc_linear_int4_q8", "mc_linear_multi", "mc_decode_attention", "mc_decode_ffn",
+                 "mc_linear_int4_q8", "mc_linear_multi", "mc_linear_rows", "mc_decode_attention", "mc_decode_ffn",
                  "mc_decode_moe"):
         getattr(lib, name).restype = i32
 
