@@ -58,6 +58,9 @@ def test_json_lines_and_summary(mixtral):
     assert done["cached_tokens"] == 0 and done["prefilled_tokens"] == len(expected_prompt)
     assert done["generated_tokens"] == len(tokens) and done["stop"] in ("eos", "length")
     assert done["prefill_tokens_per_second"] > 0 and done["decode_tokens_per_second"] > 0
+    # drafting's counts: every pass gives one token and the drafted ones it kept
+    assert 0 <= done["accepted_tokens"] <= done["drafted_tokens"]
+    assert done["decode_passes"] + done["accepted_tokens"] == done["generated_tokens"]
     for t in tokens:
         assert set(t) == {"token", "text", "experts"}
         assert len(t["experts"]) == 3 and all(len(pair) == 2 and pair[0] != pair[1] for pair in t["experts"])

@@ -128,3 +128,31 @@ def test_bf16_is_the_same_in_every_build(libs, n, k, t):
     mag = magnitude(x, w.float())
     bound = product_bound(mag, k) + gamma(k, FP64) * mag
     _agree(results, want, bound, f"bf16 T={t} N={n} K={k}")
+
+
+@pytest.mark.parametrize("n,k", [(7, 40), (33, 256 + 16), (70, 520), (130, 1024)])
+@pytest.mark.parametrize("t", [12, 13, 40])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_gemm_is_the_same_in_every_build_bit_for_bit(libs, n, k, t, threads):
+    """Prompts (from the GEMM's row count on): the AVX-512 tile (6 rows x 32 outputs) sums each output over
+    k in the AVX2 tile's order, so the builds agree exactly, also on the outputs past the last pair of
+    16-output blocks and across the threads' shares."""
+    g = torch.Generator().manual_seed(n * k + t)
+    x = torch.randn(t, k, generator=g)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) + 0.1
+    s = torch.randn(k, n, generator=g).to(torch.bfloat16)  # transposed bf16 [K, N]
+    got = {}
+    for name, lib in libs.items():
+        lib.mc_set_threads(threads)
+        assert t >= lib.mc_get_gemm_min_rows()
+        got[name] = (_run(lib, "mc_linear_bf16", x, n, w), _run(lib, "mc_linear_int8", x, n, q, scale),
+                     _run(lib, "mc_linear_bf16_t", x, n, s))
+        lib.mc_set_threads(kernels.get_num_threads())
+    ref = x.double() @ w.double().t()
+    mag = magnitude(x, w.float())
+    assert_within(got["native"][0].double(), ref, product_bound(mag, k) + gamma(k, FP64) * mag, "bf16 GEMM")
+    for name in got:
+        for a, b in zip(got[name], got["avx2"], strict=True):
+            assert torch.equal(a, b), name

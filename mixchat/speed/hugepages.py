@@ -5,10 +5,10 @@ in 4 KiB page-cache pages: streaming 14 GB crosses 3.5 million page boundaries p
 TLB miss and a restart for the hardware prefetchers, which do not cross pages. In one anonymous region
 that the kernel backs with transparent huge pages (madvise mode is the common default), the same
 stream crosses 7,000. The copy costs one read of the file (it replaces warming the page cache, which
-reads it anyway). Each source tensor's pages are unmapped from the process once copied
-(release_sources), so resident memory grows by the copy alone rather than by the copy and the file's
-pages: both would not fit a 24 GB machine for a 14.5 GB folder, and the kernel would have to reclaim
-mapped pages while the copy faults in huge ones. The page cache keeps the file for the next load.
+reads it anyway). Each source tensor's pages are unmapped from the process once the copy has moved
+past them (release_sources), so resident memory grows by the copy alone rather than by the copy and the
+file's pages: both would not fit a 24 GB machine for a 14.5 GB folder, and the kernel would have to
+reclaim mapped pages while the copy faults in huge ones. The page cache keeps the file for the next load.
 
 Linux only (elsewhere, or when the region cannot be mapped, the weights stay where they are).
 """
@@ -50,23 +50,36 @@ def _file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
-def _releaser(tensors: dict[str, torch.Tensor], names: list[str]) -> Callable[[str], None]:
-    """release(name): unmap the whole pages of that source tensor from the process (MADV_DONTNEED), where
-    they map a file (dropped file pages fault back in from it if read again) and no other tensor's
-    bytes share them. Anything else is left alone: anonymous memory would be zeroed."""
+def _releaser(tensors: dict[str, torch.Tensor], names: list[str]) -> Callable[[str | None], None]:
+    """release(name) after each copy, release(None) at the end: unmap the whole pages of the copied source
+    tensors from the process (MADV_DONTNEED), where they map a file (dropped file pages fault back in from
+    it if read again) and no other tensor's bytes share them. Anything else is left alone: anonymous
+    memory would be zeroed. A source is released once the copies have moved more than 2 MiB away from it:
+    the page cache keeps a file in folios of up to 2 MiB, and a read fault maps the whole folio, so
+    releasing right behind the reads would be undone by the next one."""
     files = _file_mappings()
     libc = ctypes.CDLL(None, use_errno=True) if files else None
     spans = {n: (tensors[n].data_ptr(), tensors[n].data_ptr() + tensors[n].numel() * tensors[n].element_size())
              for n in names}
     order = sorted(spans.values())
     shared = {s for a, b in zip(order, order[1:], strict=False) if a[1] > b[0] for s in (a, b)}
+    pending: list[tuple[int, int]] = []
 
-    def release(name: str) -> None:
-        lo, hi = spans[name]
+    def drop(lo: int, hi: int) -> None:
         lo, hi = -(-lo // _PAGE) * _PAGE, hi // _PAGE * _PAGE  # whole pages only: neighbours keep theirs
-        if libc is None or hi <= lo or spans[name] in shared or not any(a <= lo and hi <= b for a, b in files):
+        if hi > lo and any(a <= lo and hi <= b for a, b in files):
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+
+    def release(name: str | None) -> None:
+        if libc is None:
             return
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+        near = (spans[name][0] - HUGE, spans[name][1] + HUGE) if name is not None else None
+        for span in list(pending):
+            if near is None or span[1] <= near[0] or span[0] >= near[1]:
+                drop(*span)
+                pending.remove(span)
+        if name is not None and spans[name] not in shared:
+            pending.append(spans[name])
 
     return release
 
@@ -121,6 +134,8 @@ def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading
             out[name] = dst
             if release is not None:
                 release(name)
+        if release is not None:
+            release(None)
             bar.advance(size(name, t))
             if on_progress is not None:
                 on_progress(int(bar.done), total)

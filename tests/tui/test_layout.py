@@ -277,3 +277,16 @@ def test_every_action_is_in_the_palette_and_export_writes_a_file(long_named, tmp
             assert any("not saved yet" in n.message for n in app._notifications)
 
     asyncio.run(scenario())
+
+
+def test_the_status_bar_shows_what_drafting_kept():
+    from types import SimpleNamespace
+
+    from mixchat.frontends.tui.status import _speed
+
+    stats = {"decode_tps": 9.5, "ttft": 0.2, "prefill_tps": 100.0, "drafted": 40, "accepted": 31}
+    pane = SimpleNamespace(busy=False, stats=stats, phase="done")
+    text = "".join(t.plain for _, t in _speed(pane))
+    assert "drafts 31/40 kept" in text and "9.50 tok/s" in text
+    pane.stats = {**stats, "drafted": 0, "accepted": 0}
+    assert "drafts" not in "".join(t.plain for _, t in _speed(pane))  # nothing drafted: nothing said

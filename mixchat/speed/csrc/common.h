@@ -96,7 +96,8 @@ static int g_threads = 1;
 MC_API int mc_abi_version(void) { return MC_ABI_VERSION; }
 MC_API int mc_simd(void) { return MC_AVX2; }
 /* Which row kernels this build runs: 0 the portable loops, 1 AVX2+FMA, 2 AVX-512 (F/BW/VL), 3 AVX-512 with
- * VNNI (the GEMM, the transposed bf16 paths and the fused decode arithmetic stay AVX2 in 2 and 3). */
+ * VNNI (the GEMM tiles are 512 bits wide in 2 and 3; the transposed bf16 paths and the fused decode
+ * arithmetic stay AVX2). */
 MC_API int mc_simd_level(void) { return MC_AVX2 ? (MC_AVX512 ? 2 + MC_VNNI : 1) : 0; }
 MC_API void mc_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
 MC_API int mc_get_threads(void) { return g_threads; }
