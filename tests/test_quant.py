@@ -246,10 +246,13 @@ def test_a_quantized_load_warms_the_embedding_table_not_the_file(monkeypatch):
     real_touch = engine_mod.touch_pages
     monkeypatch.setattr(engine_mod, "touch_pages", lambda t: (touched.append(t), real_touch(t)))
     monkeypatch.setattr(engine_mod, "warm_page_cache", lambda *a, **k: warmed.append(a[0]))
-    engine = Engine.load(demo_model(), quant="int8", show_progress=False)
+    # (with the weights left mapped from the file: copied into huge pages, they are all read at load)
+    engine = Engine.load(demo_model(), quant="int8", show_progress=False, huge_pages=False)
     assert not warmed and len(touched) == 1
     assert touched[0].data_ptr() == engine.model.tok_embeddings.weight.data_ptr()
-    Engine.load(demo_model(), quant="int8", show_progress=False, warm=False)
+    Engine.load(demo_model(), quant="int8", show_progress=False, warm=False, huge_pages=False)
     assert len(touched) == 1  # warm=False: nothing is read ahead
-    Engine.load(demo_model(), show_progress=False)
+    Engine.load(demo_model(), show_progress=False, huge_pages=False)
     assert len(touched) == 1 and len(warmed) == 1  # unquantized: the whole file is warmed instead
+    Engine.load(demo_model(), quant="int8", show_progress=False)
+    assert len(touched) == 1 and len(warmed) == 1  # copied into huge pages: the copy is the read

@@ -55,8 +55,12 @@ def test_loading_progress_reads_the_file_once(make_release, capsys):
 
 
 def test_converting_dtype_shows_progress(make_release, capsys):
-    Engine.load(make_release(tiny_args()), dtype="fp32", show_progress=True)
+    folder = make_release(tiny_args())
+    Engine.load(folder, dtype="fp32", show_progress=True, huge_pages=False)
     assert "converting to float32 on cpu" in capsys.readouterr().err
+    Engine.load(folder, dtype="fp32", show_progress=True)  # converted as it is copied into huge pages
+    err = capsys.readouterr().err
+    assert "reading consolidated.00.pth into memory" in err and "100%" in err
 
 
 # -- bad inputs: one line on stderr, non-zero exit, nothing written ---------------------------------

@@ -100,8 +100,8 @@ def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading
     """The same tensors (same shapes and strides), copied into one huge-page region, in order, and
     converted on the way to the dtype `dtypes` gives a name, if any (one copy, where converting first
     would make two). Tensors with other layouts, or not on the CPU, are returned as they are (converted
-    if asked). release_sources: the caller is done with the sources, so each one's file-mapped pages
-    leave the process as soon as it is copied (see the module docstring)."""
+    if asked). release_sources: the caller is done with the sources, so their file-mapped pages leave the
+    process as the copy moves past them (see the module docstring)."""
     dtypes = dtypes or {}
 
     def size(name: str, t: torch.Tensor) -> int:
@@ -124,7 +124,7 @@ def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading
     raw = torch.frombuffer(region, dtype=torch.uint8)
     start = (-raw.data_ptr()) % HUGE  # page-aligned at both ends of every 2 MiB stretch
     release = _releaser(tensors, [p[0] for p in plan]) if release_sources else None
-    with Progress(label, total, enabled=show) as bar:
+    with Progress(label, sum(size(n, tensors[n]) for n, *_ in plan), enabled=show) as bar:
         for name, offset, shape, transposed in plan:
             t = tensors[name]
             dst = raw[start + offset: start + offset + size(name, t)].view(dtypes.get(name, t.dtype)).view(shape)
@@ -134,9 +134,9 @@ def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading
             out[name] = dst
             if release is not None:
                 release(name)
-        if release is not None:
-            release(None)
             bar.advance(size(name, t))
             if on_progress is not None:
-                on_progress(int(bar.done), total)
+                on_progress(int(bar.done), int(bar.total))
+        if release is not None:
+            release(None)
     return {n: out[n] for n in tensors}  # in the caller's order
