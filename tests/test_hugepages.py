@@ -142,3 +142,12 @@ def test_released_sources_stay_readable_and_anonymous_ones_untouched(tmp_path):
     for i in range(3):
         assert torch.equal(out[f"m{i}"], data[i]) and torch.equal(mapped[i], data[i])
     assert torch.equal(anon, data) and torch.equal(out["anon"], data)
+
+
+@needs_linux
+def test_no_copy_where_transparent_huge_pages_are_switched_off(monkeypatch):
+    import io
+
+    for setting, copies in (("always [madvise] never\n", True), ("always madvise [never]\n", False)):
+        monkeypatch.setattr(hugepages, "open", lambda *a, s=setting, **k: io.StringIO(s), raising=False)
+        assert hugepages.supported() is copies
