@@ -166,3 +166,16 @@ def test_prompt_lookup_drafts_by_default(make_release, monkeypatch):
     prompt = engine.tokenizer.encode(TEXT)
     assert reply(engine, prompt, 7)[0].generated == reply(engine, prompt, 0)[0].generated
     assert asked and max(asked) <= 7
+
+
+def test_drafting_with_a_window_per_layer(make_release):
+    """Ministral's pattern (a full-attention layer beside windowed ones): each layer's buffer gets its own
+    slots and masks in a verify pass, and the reply is plain decoding's."""
+    args = tiny_args(**{**SHAPES, "sliding_window": [None, 6]})
+    engine = Engine.load(make_release(args), show_progress=False)
+    prompt = engine.tokenizer.encode(TEXT)
+    plain = reply(engine, prompt, 0)[0]
+    engine.pass_seconds.update(dict.fromkeys(range(1, 9), 1.0))
+    drafted, _, session = reply(engine, prompt, 7, lookup=knowing(plain.generated, len(prompt), 0.7))
+    assert len(session.cache.buffers) == 2 and 0 < drafted.accepted < drafted.drafted
+    assert drafted.generated == plain.generated
