@@ -346,6 +346,12 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 
 #endif /* MC_AVX512 */
 
+/* Rows per pass for 5-8 rows of x (prompts): AVX-512's 32 registers hold two rows' accumulators, and two
+ * rows share each token's x loads and scale (AVX2's 16 do not). -D overrides are for tuning. */
+#ifndef MC_INT4_TN_R
+#define MC_INT4_TN_R (MC_AVX512 ? 2 : 1)
+#endif
+
 /* R1, S1: the one-token kernel's rows and accumulator splits. */
 #define MC_INT4_Q8(GS, R1, S1)                                                                      \
     MC_INLINE void int4q8_block_g##GS(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, \
@@ -357,10 +363,10 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
     MC_DRIVER(int4q8_g##GS##_t2, int4q8_block_g##GS, int4_epi, c->K, 2, 2, 1)                       \
     MC_DRIVER(int4q8_g##GS##_t3, int4q8_block_g##GS, int4_epi, c->K, 1, 3, 2)                       \
     MC_DRIVER(int4q8_g##GS##_t4, int4q8_block_g##GS, int4_epi, c->K, 1, 4, 2)                       \
-    MC_DRIVER(int4q8_g##GS##_t5, int4q8_block_g##GS, int4_epi, c->K, 1, 5, 1)                       \
-    MC_DRIVER(int4q8_g##GS##_t6, int4q8_block_g##GS, int4_epi, c->K, 1, 6, 1)                       \
-    MC_DRIVER(int4q8_g##GS##_t7, int4q8_block_g##GS, int4_epi, c->K, 1, 7, 1)                       \
-    MC_DRIVER(int4q8_g##GS##_t8, int4q8_block_g##GS, int4_epi, c->K, 1, 8, 1)                       \
+    MC_DRIVER(int4q8_g##GS##_t5, int4q8_block_g##GS, int4_epi, c->K, MC_INT4_TN_R, 5, 1)            \
+    MC_DRIVER(int4q8_g##GS##_t6, int4q8_block_g##GS, int4_epi, c->K, MC_INT4_TN_R, 6, 1)            \
+    MC_DRIVER(int4q8_g##GS##_t7, int4q8_block_g##GS, int4_epi, c->K, MC_INT4_TN_R, 7, 1)            \
+    MC_DRIVER(int4q8_g##GS##_t8, int4q8_block_g##GS, int4_epi, c->K, MC_INT4_TN_R, 8, 1)            \
     /* row-exact: each (row, token) summed as the one-token kernel sums it (see bf16_xfns) */           \
     MC_DRIVER(int4q8_g##GS##_x2, int4q8_block_g##GS, int4_epi, c->K, 1, 2, S1)                      \
     MC_DRIVER(int4q8_g##GS##_x3, int4q8_block_g##GS, int4_epi, c->K, 1, 3, S1)                      \
