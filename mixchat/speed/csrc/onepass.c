@@ -223,6 +223,26 @@ MC_API int mc_linear_bf16_t(const float *x, int T, int64_t K, const uint16_t *s,
     return 0;
 }
 
+/* The checks mc_linear_multi and mc_linear_rows share: n weights of one kind, each with outputs, int4's K. */
+static int multi_args_ok(int kind, int T, int64_t K, int n, int G, const int64_t *N)
+{
+    if (n < 1 || n > MC_MULTI_MAX || T < 1 || K < 1 || kind < 0 || kind > 2) return 0;
+    for (int i = 0; i < n; i++) {
+        if (N[i] < 1) return 0;
+        if (kind == 2 && !int4_args_ok(T, K, N[i], G)) return 0;
+    }
+    return 1;
+}
+
+/* One weight of `kind` through its single entry point (what the multi-weight calls fall back to). */
+static int single_product(int kind, const float *x, int T, int64_t K, const void *w, const float *scale,
+                          const float *zero, int G, int64_t N, float *y)
+{
+    return kind == 0   ? mc_linear_bf16(x, T, K, (const uint16_t *)w, N, y)
+           : kind == 1 ? mc_linear_int8_q8(x, T, K, (const int8_t *)w, scale, N, y)
+                       : mc_linear_int4_q8(x, T, K, (const uint8_t *)w, scale, zero, G, N, y);
+}
+
 /* Several products of the same x, in one thread region (see mc_run_jobs): y_i = x w_i^T for
  * i < n, every w_i [N_i, K] in one format. kind 0: bf16 as mc_linear_bf16; 1: int8 as mc_linear_int8_q8
  * (scale[i]); 2: int4 as mc_linear_int4_q8 (scale[i], zero[i], G). x is prepared once for all of them.
@@ -231,19 +251,13 @@ MC_API int mc_linear_multi(int kind, const float *x, int T, int64_t K, int n, co
                            const float *const *scale, const float *const *zero, int G, const int64_t *N,
                            float *const *y)
 {
-    if (n < 1 || n > MC_MULTI_MAX || T < 1 || K < 1 || kind < 0 || kind > 2) return MC_EBADARG;
-    for (int i = 0; i < n; i++) {
-        if (N[i] < 1) return MC_EBADARG;
-        if (kind == 2 && !int4_args_ok(T, K, N[i], G)) return MC_EBADARG;
-    }
+    if (!multi_args_ok(kind, T, K, n, G, N)) return MC_EBADARG;
 #if MC_AVX2
     if (T < g_gemm_min_rows && (kind != 1 || K % 32 == 0))
         return one_pass(kind, x, T, K, n, w, scale, zero, G, N, y, 0);
 #endif
     for (int i = 0; i < n; i++) {
-        int rc = kind == 0   ? mc_linear_bf16(x, T, K, (const uint16_t *)w[i], N[i], y[i])
-                 : kind == 1 ? mc_linear_int8_q8(x, T, K, (const int8_t *)w[i], scale[i], N[i], y[i])
-                             : mc_linear_int4_q8(x, T, K, (const uint8_t *)w[i], scale[i], zero[i], G, N[i], y[i]);
+        int rc = single_product(kind, x, T, K, w[i], scale ? scale[i] : NULL, zero ? zero[i] : NULL, G, N[i], y[i]);
         if (rc) return rc;
     }
     return 0;
@@ -257,21 +271,14 @@ MC_API int mc_linear_rows(int kind, const float *x, int T, int64_t K, int n, con
                           const float *const *scale, const float *const *zero, int G, const int64_t *N,
                           float *const *y)
 {
-    if (n < 1 || n > MC_MULTI_MAX || T < 1 || K < 1 || kind < 0 || kind > 2) return MC_EBADARG;
-    for (int i = 0; i < n; i++) {
-        if (N[i] < 1) return MC_EBADARG;
-        if (kind == 2 && !int4_args_ok(T, K, N[i], G)) return MC_EBADARG;
-    }
+    if (!multi_args_ok(kind, T, K, n, G, N)) return MC_EBADARG;
 #if MC_AVX2
     if (kind != 1 || K % 32 == 0) return one_pass(kind, x, T, K, n, w, scale, zero, G, N, y, 1);
 #endif
     for (int t = 0; t < T; t++)
         for (int i = 0; i < n; i++) {
-            const float *xt = x + (int64_t)t * K;
-            float *yt = y[i] + (int64_t)t * N[i];
-            int rc = kind == 0   ? mc_linear_bf16(xt, 1, K, (const uint16_t *)w[i], N[i], yt)
-                     : kind == 1 ? mc_linear_int8_q8(xt, 1, K, (const int8_t *)w[i], scale[i], N[i], yt)
-                                 : mc_linear_int4_q8(xt, 1, K, (const uint8_t *)w[i], scale[i], zero[i], G, N[i], yt);
+            int rc = single_product(kind, x + (int64_t)t * K, 1, K, w[i], scale ? scale[i] : NULL,
+                                    zero ? zero[i] : NULL, G, N[i], y[i] + (int64_t)t * N[i]);
             if (rc) return rc;
         }
     return 0;

@@ -226,7 +226,7 @@ class DecodeMoe:
             _call(self._lib, "mc_decode_moe", *args, 3)
             return chosen, weights
         _call(self._lib, "mc_decode_moe", *args, 1)
-        ids = chosen[0].tolist() if t == 1 else sorted(set(chosen.flatten().tolist()))
+        ids = sorted(set(chosen.flatten().tolist()))  # every expert some token chose, each once
         for e, (fmt, ex) in zip(ids, fetch(xn, ids), strict=True):
             if self._kind is None:
                 self._configure(fmt, ex)
