@@ -41,7 +41,9 @@ def disk_budget() -> int:
 
 
 def cache_fingerprint(engine: Engine) -> str:
-    return f"{engine.fingerprint}:{str(engine.dtype).removeprefix('torch.')}"
+    """The model, the dtype and, across ranks, the split (each rank's file holds its own layers)."""
+    split = f":{engine.split}" if engine.split else ""
+    return f"{engine.fingerprint}:{str(engine.dtype).removeprefix('torch.')}{split}"
 
 
 def _tmp(path: Path) -> Path:
@@ -50,12 +52,11 @@ def _tmp(path: Path) -> Path:
     return path.with_name(path.name + f".tmp{os.getpid()}")
 
 
-def save(path: Path, session: Session, fingerprint: str) -> int:
-    """Write atomically (temp file, then rename), with a CRC per tensor; returns the file's size."""
+def write_file(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> int:
+    """Write `tensors` atomically (temp file, then rename), with a CRC per tensor; returns the file's size."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in session.cache.state_dict().items()}
-    tensors["tokens"] = torch.tensor(session.tokens[: session.cache.pos], dtype=torch.long)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     crcs = {k: checksum.crc_tensor(v) for k, v in tensors.items()}
     paths.make_private_dir(path.parent)
     tmp = _tmp(path)
@@ -69,42 +70,69 @@ def save(path: Path, session: Session, fingerprint: str) -> int:
     return path.stat().st_size
 
 
-def load(path: Path, session: Session, fingerprint: str) -> str | None:
-    """Restore `session` from `path`. Returns None when restored (or when there is no file), else a
-    note saying why the file was discarded (it is then deleted; the history is prefilled again)."""
+_READ_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError, json.JSONDecodeError)
+
+
+def read_file(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | str:
+    """The tensors of a cache file written with this fingerprint, whole and matching their CRCs and finite,
+    or why not (a phrase: "it was made by another model or dtype")."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
-        return None
-    vocab = session.engine.args.vocab_size
+        return "it is missing"
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             crcs = checksum.parse_metadata(meta)
             if meta.get("fingerprint") != fingerprint:
-                reason = "it was made by another model or dtype"
-            elif crcs is None:
-                reason = "it carries no checksum (an older mixchat wrote it)"
-            else:
-                state = {k: f.get_tensor(k) for k in f.keys()}
-                if set(state) != set(crcs) or checksum.mismatches(state.items(), crcs):
-                    raise ValueError("its bytes do not match their checksum")
-                tokens = state.pop("tokens")
-                if tokens.dtype != torch.long or tokens.dim() != 1 or \
-                        (tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab):
-                    raise ValueError("its token ids do not fit this model")
-                if not all(torch.isfinite(t).all() for t in (state["k"], state["v"])):
-                    raise ValueError("it holds non-finite keys or values")
-                session.cache.load_state_dict(state)
-                if tokens.numel() != session.cache.pos:
-                    raise ValueError("token count and cache length differ")
-                session.tokens = tokens.tolist()
-                return None
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError,
-            json.JSONDecodeError) as exc:
-        session.cache.reset()
-        session.tokens = []
-        reason = f"it is damaged ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})"
+                return "it was made by another model, dtype or split"
+            if crcs is None:
+                return "it carries no checksum (an older mixchat wrote it)"
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, *_READ_ERRORS) as exc:
+        return f"it is damaged ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})"
+    if set(state) != set(crcs) or checksum.mismatches(state.items(), crcs):
+        return "it is damaged (its bytes do not match their checksum)"
+    if not all(torch.isfinite(t).all() for k, t in state.items() if t.is_floating_point()):
+        return "it is damaged (it holds non-finite keys or values)"
+    return state
+
+
+def save(path: Path, session: Session, fingerprint: str) -> int:
+    """Write the session's cache and tokens (and, in a pipeline, have every other rank save its part first:
+    rank 0's file is the one a later start looks for)."""
+    if hasattr(session.cache, "save_parts"):
+        session.cache.save_parts(path.name.removesuffix(".safetensors"), fingerprint)
+    tensors = dict(session.cache.state_dict())
+    tensors["tokens"] = torch.tensor(session.tokens[: session.cache.pos], dtype=torch.long)
+    return write_file(path, tensors, fingerprint)
+
+
+def load(path: Path, session: Session, fingerprint: str) -> str | None:
+    """Restore `session` from `path`. Returns None when restored (or when there is no file), else a
+    note saying why the file was discarded (it is then deleted; the history is prefilled again)."""
+    if not path.is_file():
+        return None
+    vocab = session.engine.args.vocab_size
+    state = read_file(path, fingerprint)
+    reason = state if isinstance(state, str) else None
+    if reason is None:
+        try:
+            tokens = state.pop("tokens")
+            if tokens.dtype != torch.long or tokens.dim() != 1 or \
+                    (tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab):
+                raise ValueError("its token ids do not fit this model")
+            session.cache.load_state_dict(state)
+            if tokens.numel() != session.cache.pos:
+                raise ValueError("token count and cache length differ")
+            if hasattr(session.cache, "load_parts"):
+                session.cache.load_parts(path.name.removesuffix(".safetensors"), fingerprint)
+            session.tokens = tokens.tolist()
+            return None
+        except _READ_ERRORS as exc:
+            session.cache.reset()
+            session.tokens = []
+            reason = f"it is damaged ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})"
     try:
         path.unlink(missing_ok=True)
     except OSError:
@@ -178,7 +206,9 @@ class SessionPool:
 
     def forget(self, cid: str) -> None:
         """The conversation was deleted: drop its cache from memory and disk."""
-        self.sessions.pop(cid, None)
+        session = self.sessions.pop(cid, None)
+        if session is not None and hasattr(session.cache, "forget_parts"):
+            session.cache.forget_parts(cid)
         try:
             self.path(cid).unlink(missing_ok=True)
         except OSError:

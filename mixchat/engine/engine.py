@@ -9,9 +9,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from mixchat.distributed import group as dist_group
 from mixchat.errors import MixchatError
 from mixchat.model.cache import DEFAULT_CHUNK, KVCache, available_memory, choose_context, kv_bytes, kv_memory
 from mixchat.model.model import FeedForward, Transformer
@@ -25,6 +27,9 @@ from mixchat.speed.experts import ExpertCache, offload
 from mixchat.speed.qformat import QuantSpec, expert_bytes, model_bytes, parse_quant
 from mixchat.speed.quant import install, quantize_state
 from mixchat.text.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from mixchat.distributed.pipeline import Pipeline
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -157,8 +162,17 @@ def load_options(ns) -> dict:
     context = getattr(ns, "context", None)
     if context is not None and not 1 < context <= MAX_CONTEXT:
         raise MixchatError(f"--context {context}: must be a number of tokens from 2 to the model's max_seq_len")
+    rank_layers = getattr(ns, "rank_layers", None)
+    if rank_layers is not None:
+        try:
+            rank_layers = [int(n) for n in rank_layers.split(",")]
+        except ValueError:
+            raise MixchatError(f"--rank-layers {rank_layers[:40]}: give the layer count of each rank, comma-separated "
+                               "(e.g. 16,16)") from None
+        if len(rank_layers) > MAX_THREADS or min(rank_layers) < 1:
+            raise MixchatError("--rank-layers: every rank holds at least one layer")
     return {"dtype": ns.dtype, "device": ns.device, "threads": ns.threads, "quant": getattr(ns, "quant", None),
-            "memory_budget": budget * 1e9 if budget else None, "context": context}
+            "memory_budget": budget * 1e9 if budget else None, "context": context, "rank_layers": rank_layers}
 
 
 def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> int:
@@ -215,6 +229,16 @@ class Engine:
     kv_free: int = 0  # bytes the KV cache could take when the model was loaded (0: unknown)
     decoder: FusedDecoder | None = None  # the fused one-token step, attached to the model while fused_decode
     pass_seconds: dict[int, float] = field(default_factory=dict)  # drafting: rows -> measured seconds of a pass
+    pipeline: Pipeline | None = None  # rank 0 of a torchrun launch: the later layers run on the other ranks
+    split: str = ""  # how the layers are split across ranks ("" in one process); part of the KV caches' identity
+
+    @property
+    def world_size(self) -> int:
+        return 1 + len(self.pipeline.remotes) if self.pipeline is not None else 1
+
+    def rank_wait(self) -> float:
+        """Seconds spent so far waiting on the other ranks' layers (0 in one process)."""
+        return self.pipeline.wait_seconds if self.pipeline is not None else 0.0
 
     @property
     def fused_decode(self) -> bool:
@@ -238,7 +262,8 @@ class Engine:
              warm: bool = True, show_progress: bool | None = None,
              on_progress: Callable[[int, int], None] | None = None, quant: str | None = None,
              memory_budget: float | None = None, prefetch: bool = True, huge_pages: bool | None = None,
-             context: int | None = None, fused_decode: bool = True) -> Engine:
+             context: int | None = None, fused_decode: bool = True, part: range | None = None,
+             rank_layers: list[int] | None = None) -> Engine:
         """`on_progress(bytes_done, bytes_total)` reports reading, converting or quantizing the
         weights (the TUI's progress bar); `show_progress` draws a bar on stderr (default: when it is
         a tty). `quant` is 'int8', 'int4' or 'int4-G' (see mixchat.speed.quant); None keeps the weights.
@@ -251,7 +276,11 @@ class Engine:
         `context` is the tokens a conversation may hold (default: max_seq_len, or less when its KV cache
         would not fit the memory left after the weights; see choose_context). On the CPU the linear layers
         are kernel-backed (mixchat.speed.linear) and, with `fused_decode`, a decoded token goes through the
-        compiled layer step (mixchat.speed.decoder; see the fused_decode property)."""
+        compiled layer step (mixchat.speed.decoder; see the fused_decode property).
+
+        Under torchrun (mixchat.distributed) rank 0 plans the split and loads the first layers with the
+        embedding and head, the other ranks load the `part` it gives them (`rank_layers`: the layer count
+        per rank instead of a split by free memory); each reads and quantizes only its own tensors."""
         set_threads(threads)
         asked_to_warm = warm
         if huge_pages is None:
@@ -263,6 +292,22 @@ class Engine:
         release, args, layout = opened.release, opened.args, opened.layout
         state = model_state(opened.state, args, layout)
         fingerprint = model_fingerprint(release)
+        pipeline = None
+        if part is None and (group := dist_group.current()) is not None and group.rank == 0:
+            from mixchat.distributed.pipeline import Pipeline, layer_sizes
+
+            pipeline = Pipeline.of(group)
+            options = {"dtype": dtype, "device": device, "threads": threads, "quant": quant,
+                       "huge_pages": huge_pages, "fused_decode": fused_decode}
+            part = pipeline.plan(release.folder.resolve(), options, args, *layer_sizes(args, state, dt, spec),
+                                 rank_layers)
+        if part is not None:
+            from mixchat.distributed.pipeline import owns
+
+            if memory_budget:
+                raise MixchatError("--memory-budget is not available across ranks yet: leave it out and give each "
+                                   "rank its share of the layers (each rank holds only its own)")
+            state = {n: t for n, t in state.items() if owns(n, part)}
         quantized: dict[str, dict[str, torch.Tensor]] = {}
         cached, store = False, None
         expert_names = [n for n in state if ".feed_forward.experts." in n]
@@ -270,7 +315,9 @@ class Engine:
         offloaded = {n: state.pop(n) for n in expert_names} if capacity is not None else {}
         if spec is not None:
             # Quantized weights replace their bf16 originals, which are then never read: do not warm them.
-            store = quantize_state({**state, **offloaded}, spec, fingerprint, on_progress, show_progress)
+            # A rank's share is cached apart from the whole model's: neither may stand for the other.
+            key = fingerprint if part is None else f"{fingerprint}-layers{part.start}-{part.stop}"
+            store = quantize_state({**state, **offloaded}, spec, key, on_progress, show_progress)
             cached = store.cached
             for name in store.names:
                 if name in state:
@@ -291,7 +338,10 @@ class Engine:
         mapped = 0
         if dev.type == "cpu" and (pin or all(t.dtype == dt for t in state.values())):
             mapped = 0 if pin else state_bytes
-            if warm:
+            if warm and part is not None:  # a rank's share only, not the whole file
+                for t in state.values():
+                    touch_pages(t)
+            elif warm:
                 for path in release.weight_files:
                     warm_page_cache(path, show_progress, on_progress)
             elif asked_to_warm and not pin:  # --quant or a budget leave the file cold, but not the embedding rows
@@ -340,7 +390,13 @@ class Engine:
                                                    show=show_progress, on_progress=on_progress,
                                                    dtypes=convert, release_sources=True)
         # assign=True makes the parameters *be* these tensors (mapped or pinned) instead of copies.
-        model.load_state_dict(state, strict=True, assign=True)
+        if part is None:
+            model.load_state_dict(state, strict=True, assign=True)
+        else:  # the other ranks' tensors stay on the meta device, never read here
+            missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
+            if lost := [n for n in missing if owns(n, part)]:
+                raise MixchatError(f"{release.weights_label}: {lost[0]} is missing; download the release again")
+            model.owned = part
         model.eval()
         # Weights mapped from the file sit in the page cache, which MemAvailable counts as free: the KV
         # cache must not count on evicting them. Converted, pinned or quantized weights are already taken.
@@ -349,6 +405,9 @@ class Engine:
         engine = cls(release, args, layout, model, opened.tokenizer, dev, dt, fingerprint, spec, cached, experts,
                      chosen, note, kv_free)
         engine.fused_decode = fused_decode
+        if pipeline is not None:
+            pipeline.attach(engine)
+            engine.pipeline, engine.split = pipeline, f"{pipeline.label} of {pipeline.group.size}"
         return engine
 
     def explain_non_finite(self) -> str:
@@ -373,6 +432,11 @@ class Engine:
 
     def new_cache(self, chunk_size: int = DEFAULT_CHUNK, max_tokens: int | None = None) -> KVCache:
         """A KV cache that may grow to `max_tokens` (default: the engine's context)."""
+        if self.pipeline is not None:
+            from mixchat.distributed.pipeline import ShardedCache
+
+            return ShardedCache(self.pipeline, self.args, self.dtype, self.device, chunk_size=chunk_size,
+                                max_tokens=max_tokens or self.context or None, layers=self.model.owned)
         return KVCache(self.args, self.dtype, self.device, chunk_size=chunk_size,
                        max_tokens=max_tokens or self.context or None)
 

@@ -63,6 +63,11 @@ class Done:
     drafted: int = 0  # tokens guessed by prompt lookup and checked in a verify pass
     accepted: int = 0  # of those, the ones kept (each one a token that cost no pass of its own)
     passes: int = 0  # forward passes of the decode (equal to len(generated) without drafting)
+    rank_wait: float = 0.0  # seconds of the decode spent waiting on other ranks' layers (torchrun; 0 in one process)
+
+    @property
+    def rank_wait_per_token(self) -> float:
+        return self.rank_wait / len(self.generated) if self.generated else 0.0
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -124,8 +129,9 @@ class Session:
     def can_draft(self) -> bool:
         """Whether a pass of several tokens gives each row exactly what a one-token step does (the fused
         step on the CPU kernels, every layer and the output in C); drafting is off elsewhere."""
-        decoder = self.engine.model.decoder
-        return decoder is not None and hasattr(decoder, "verifies") and decoder.verifies(self.cache)
+        decoder, pipeline = self.engine.model.decoder, self.engine.pipeline
+        return decoder is not None and hasattr(decoder, "verifies") and decoder.verifies(self.cache) \
+            and (pipeline is None or pipeline.verifies)
 
     def _reuse(self, prompt: list[int]) -> int:
         """Keep the longest cached prefix of `prompt` (at least one prompt token must still be
@@ -182,7 +188,7 @@ class Session:
 
         stream = StreamDecoder(tokenizer)
         history = list(prompt)
-        decode_start = time.perf_counter()
+        decode_start, waited = time.perf_counter(), self.engine.rank_wait()
         drafting = settings.draft > 0 and self.can_draft()
         lookup = (lookup_class or PromptLookup)(history) if drafting else None
         gate = None
@@ -267,4 +273,5 @@ class Session:
         if tail:
             yield TokenEvent(-1, tail, None, None, time.perf_counter() - start)
         done.decode_seconds = time.perf_counter() - decode_start
+        done.rank_wait = self.engine.rank_wait() - waited
         yield done

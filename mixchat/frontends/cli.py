@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -277,10 +278,18 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-budget", type=float, metavar="GB",
                    help="Mixtral: keep the weights within GB, loading experts on demand into an LRU cache "
                         "(with prefetching); for models larger than memory")
+    g.add_argument("--rank-layers", metavar="N,N,...",
+                   help="under torchrun: the layers each rank holds, in rank order (default: by each rank's free "
+                        "memory)")
+    g.add_argument("--rank-timeout", type=float, metavar="SECONDS",
+                   help="under torchrun: how long rank 0 waits on another rank before it gives up and says which "
+                        f"(default {DEFAULT_RANK_TIMEOUT:g})")
     g.add_argument("--context", type=int, metavar="TOKENS",
                    help="the tokens a conversation may hold (default: params.json's max_seq_len, or what the "
                         "KV cache can take in the memory left after the weights, if less)")
 
+
+DEFAULT_RANK_TIMEOUT = 120.0  # seconds: one chunk of a rank's layers, read from disk if it must
 
 COMMANDS = ("inspect", "verify", "list", "show", "search", "export", "import", "rm", "rename", "bench")
 USAGE = "%(prog)s [options] [PROMPT]\n       %(prog)s COMMAND [args]  (COMMAND: " + ", ".join(COMMANDS) + ")"
@@ -427,6 +436,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _join_launch(ns: argparse.Namespace):
+    """Under torchrun: join the ranks' group (None otherwise)."""
+    from mixchat.distributed import group as dist_group
+
+    if not dist_group.launched():
+        return None
+    timeout = getattr(ns, "rank_timeout", None)
+    if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= 86400):
+        raise MixchatError(f"--rank-timeout {timeout}: must be a number of seconds from 0 to 86400")
+    return dist_group.start(timeout or DEFAULT_RANK_TIMEOUT)
+
+
 def main(argv: list[str] | None = None) -> int:
     from mixchat.safetext import visible
     from mixchat.signals import Terminated
@@ -434,7 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else list(argv))
     if ns.home:
         os.environ["MIXCHAT_HOME"] = ns.home
+    group = None
     try:
+        group = _join_launch(ns)
+        if group is not None and group.rank != 0:
+            from mixchat.distributed.pipeline import serve
+
+            return serve(group)  # the other ranks only answer rank 0, and say nothing
         code = ns.func(ns)
     except MixchatError as exc:
         # Messages quote paths and values from files and flags: no control character may act.
@@ -447,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         code = 128 + exc.signum
     except BrokenPipeError:
         code = 0  # the reader went away (mixchat ... | head): stop quietly, as Unix tools do
+    finally:
+        if group is not None and group.rank == 0:
+            from mixchat.distributed.pipeline import Pipeline
+
+            Pipeline.of(group).finish()
+            group.close()
     try:
         sys.stdout.flush()
     except OSError:

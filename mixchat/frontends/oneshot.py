@@ -140,10 +140,11 @@ class _Output:
 
 def format_stats(done) -> str:
     drafts = f" ({done.accepted} of {done.drafted} drafted tokens kept, {done.passes} passes)" if done.drafted else ""
+    ranks = f", {done.rank_wait_per_token * 1e3:.1f} ms/token waiting on other ranks" if done.rank_wait else ""
     return (f"{len(done.prompt_tokens)} prompt tokens ({done.cached_tokens} cached, {done.prefilled_tokens} prefilled "
             f"at {done.prefill_tokens_per_second:.1f} tok/s), {len(done.generated)} generated at "
-            f"{done.decode_tokens_per_second:.2f} tok/s{drafts}, first token after {done.time_to_first_token:.2f} s, "
-            f"stop: {done.stop}")
+            f"{done.decode_tokens_per_second:.2f} tok/s{drafts}{ranks}, first token after "
+            f"{done.time_to_first_token:.2f} s, stop: {done.stop}")
 
 
 def _resolve_conversation(ns: Namespace, store):
@@ -229,7 +230,8 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
             "conversation": cid, "context": chat.session.context_limit if chat else engine.context,
             "dropped_messages": trimmed.dropped_messages if trimmed else 0,
             "context_start": chat.context_start if chat else 0,
-            "kv_bytes_per_token": engine.kv_bytes_per_token,
+            "kv_bytes_per_token": engine.kv_bytes_per_token, "world_size": engine.world_size,
+            "rank_wait_seconds": round(done.rank_wait, 4),
             **({"experts": engine.experts.stats.as_dict()} if engine.experts is not None else {}),
         }) + "\n")
     elif not done.text.endswith("\n"):

@@ -235,19 +235,23 @@ class KVCache:
         device: torch.device | str = "cpu",
         chunk_size: int = DEFAULT_CHUNK,
         max_tokens: int | None = None,
+        layers: range | None = None,
     ) -> None:
         self.args = args
+        # The layers this cache holds (a pipeline rank's share, mixchat.distributed); the others have none.
+        self.layers = range(args.n_layers) if layers is None else layers
         self.chunk_size = chunk_size
         self.max_tokens = max_tokens or args.max_seq_len
         self.dtype, self.device = dtype, torch.device(device)
         self.pos = 0
-        windows = [args.window(i) for i in range(args.n_layers)]
+        windows = {i: args.window(i) for i in self.layers}
         self.buffers = [
-            Buffer(args, tuple(i for i, w in enumerate(windows) if w == window), window,
+            Buffer(args, tuple(i for i, w in windows.items() if w == window), window,
                    buffer_limit(window, chunk_size, self.max_tokens), 2 * chunk_size, dtype, self.device)
-            for window in dict.fromkeys(windows)  # the distinct windows, in layer order
+            for window in dict.fromkeys(windows.values())  # the distinct windows, in layer order
         ]
-        self._where = [(0, 0)] * args.n_layers  # layer i -> (its buffer, its index among the buffer's layers)
+        # layer i -> (its buffer, its index among the buffer's layers); None for a layer held elsewhere
+        self._where: list[tuple[int, int] | None] = [None] * args.n_layers
         for b, buf in enumerate(self.buffers):
             for j, i in enumerate(buf.layers):
                 self._where[i] = (b, j)
@@ -280,9 +284,10 @@ class KVCache:
         """Bytes allocated now (kv_bytes(args, dtype, max_tokens, chunk_size) is the most it grows to)."""
         return sum(b.k.nbytes + b.v.nbytes for b in self.buffers)
 
-    def prepare(self, n: int) -> list[Step]:
+    def prepare(self, n: int) -> list[Step | None]:
         """Reserve slots for the next n tokens (n <= chunk_size); returns each layer's Step (where its
-        buffer writes them, and their attention mask, shared by the layers of a buffer)."""
+        buffer writes them, and their attention mask, shared by the layers of a buffer; None for a layer
+        this cache does not hold)."""
         if n > self.chunk_size:
             raise ValueError(f"chunk of {n} tokens exceeds the cache's chunk size {self.chunk_size}")
         end = self.pos + n
@@ -295,7 +300,7 @@ class KVCache:
             b.reserve(end)
         positions = torch.arange(self.pos, end, device=self.device)
         steps = [b.write(positions, self.pos) for b in self.buffers]
-        return [steps[b] for b, _ in self._where]
+        return [steps[w[0]] if w is not None else None for w in self._where]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         b, j = self._where[i]
@@ -311,7 +316,11 @@ class KVCache:
     def can_rewind(self, n: int) -> bool:
         """True if the cache can continue from position n: every key n's window needs is kept, in every
         layer."""
-        return 0 <= n <= self.pos and all(b.can_continue_from(n, self.pos) for b in self.buffers)
+        return 0 <= n <= self.pos and self._keeps_window_of(n)
+
+    def _keeps_window_of(self, n: int) -> bool:
+        """Every key position n's window needs is in this cache's buffers (in a pipeline: this rank's layers)."""
+        return all(b.can_continue_from(n, self.pos) for b in self.buffers)
 
     def rewind(self, n: int) -> None:
         """Forget positions >= n, e.g. to regenerate or edit a message."""
@@ -364,7 +373,7 @@ class KVCache:
                     raise ValueError("saved cache holds non-finite keys or values")
                 buf.load(k, v, positions.long(), pos)
             self.pos = pos
-            if not self.can_rewind(pos):
+            if not self._keeps_window_of(pos):
                 raise ValueError("saved cache lacks keys its sliding window needs")
         except ValueError:
             self.reset()

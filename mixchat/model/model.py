@@ -176,6 +176,10 @@ class Transformer(nn.Module):
         # elsewhere (mixchat.speed.decoder runs it in C, each row as a one-token step computes it), with
         # decoder.head(h) -> their logits or None; None from it, or no decoder, runs the layers here.
         self.decoder: Callable | None = None
+        # A pipeline rank (mixchat.distributed) holds the layers `owned` only, the others staying on the meta
+        # device; rest(h, cache) -> (h, experts, weights) runs the layers after them, on the later ranks.
+        self.owned = range(args.n_layers)
+        self.rest: Callable | None = None
 
     # no_grad, not inference_mode: the cache may grow inside forward, and inference tensors could
     # not be updated in place afterwards (rewind, restore).
@@ -201,25 +205,16 @@ class Transformer(nn.Module):
         )
 
     def _step(self, tokens: torch.Tensor, cache: KVCache, rows: str) -> Output:
-        steps = cache.prepare(tokens.shape[0])  # per layer: where its buffer takes the chunk, its window's mask
-        rope = rotary_angles(steps[0].positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens).to(residual_dtype(self.tok_embeddings.weight))  # [T, D]
-        fused = self.decoder(h, rope, steps, cache) if self.decoder is not None else None
-        if fused is not None:
-            h, experts, weights = fused
-        else:
-            experts, weights = [], []
-            for i, layer in enumerate(self.layers):
-                h, chosen, w = layer(h, rope, steps[i], cache.layer(i))
-                if chosen is not None:
-                    experts.append(chosen)
-                    weights.append(w)
-        cache.advance(tokens.shape[0])
+        h, experts, weights, fused = self.run_layers(h, cache)
+        if self.rest is not None:
+            h, more, more_weights = self.rest(h, cache)
+            experts, weights = experts + more, weights + more_weights
         # Only the rows that are asked for go through the vocab projection (a [T, 32000] matmul).
         logits = None
         if rows != "none":
             x = h if rows == "all" else h[-1:]
-            logits = self.decoder.head(x) if fused is not None else None
+            logits = self.decoder.head(x) if fused else None
             if logits is None:
                 logits = self.output(self.norm(x)).float()
         return Output(
@@ -227,3 +222,22 @@ class Transformer(nn.Module):
             experts=torch.stack(experts, dim=1) if experts else None,
             expert_weights=torch.stack(weights, dim=1) if weights else None,
         )
+
+    def run_layers(self, h: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, list, list, bool]:
+        """The owned layers on residual h ([T, D], the tokens after what `cache` holds): h after them, each
+        MoE layer's chosen experts and weights, and whether the decoder ran them."""
+        steps = cache.prepare(h.shape[0])  # per layer: where its buffer takes the chunk, its window's mask
+        first = steps[self.owned[0]]
+        rope = rotary_angles(first.positions, self.args.head_dim, self.args.rope_theta)
+        fused = self.decoder(h, rope, steps, cache) if self.decoder is not None else None
+        if fused is not None:
+            h, experts, weights = fused
+        else:
+            experts, weights = [], []
+            for i in self.owned:
+                h, chosen, w = self.layers[i](h, rope, steps[i], cache.layer(i))
+                if chosen is not None:
+                    experts.append(chosen)
+                    weights.append(w)
+        cache.advance(h.shape[0])
+        return h, experts, weights, fused is not None

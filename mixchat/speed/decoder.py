@@ -104,13 +104,13 @@ class FusedDecoder:
         if fast is None or (n > 1 and not self.whole(fast)):
             return None
         if n > 1:  # each row's rotation computed alone, as its one-token step computes it
-            a = self.model.args
-            rope = torch.cat([rotary_angles(steps[0].positions[t:t + 1], a.head_dim, a.rope_theta) for t in range(n)])
+            a, positions = self.model.args, steps[self.model.owned[0]].positions
+            rope = torch.cat([rotary_angles(positions[t:t + 1], a.head_dim, a.rope_theta) for t in range(n)])
         k = kernels_or_none()
         where: dict[int, object] = {}  # per buffer (its Step): the C side's slots and lengths
         experts, weights = [], []
-        for i, (block, layer) in enumerate(zip(self.model.layers, fast, strict=True)):
-            step = steps[i]
+        for i, layer in zip(self.model.owned, fast, strict=True):
+            block, step = self.model.layers[i], steps[i]
             kv = cache.layer(i)
             if (slots := where.get(id(step))) is None:
                 # token t reads the slots a one-token step at its position would: min(capacity, position + 1)
@@ -137,12 +137,12 @@ class FusedDecoder:
         whose sums depend on the row count)."""
         return all(layer.has_ffn or layer.moe is not None for layer in layers)
 
-    def verifies(self, cache: KVCache) -> bool:
+    def verifies(self, cache: KVCache, head: bool = True) -> bool:
         """Whether a step of several tokens gives each row what a one-token step gives it: every layer and
-        the output projection in C."""
+        (with `head`) the output projection in C."""
         with torch.no_grad():
             fast = self.layers(torch.zeros(2, self.model.args.dim), cache)
-        return fast is not None and self.whole(fast) and _parts(self.model.output) is not None
+        return fast is not None and self.whole(fast) and (not head or _parts(self.model.output) is not None)
 
     def head(self, h: torch.Tensor) -> torch.Tensor | None:
         """Logits of several rows of h, each what the one-token step's norm and output projection give it;
@@ -162,7 +162,7 @@ class FusedDecoder:
         if built is not None and built.library is library and built.watch.pointers() == built.pointers:
             return built.layers
         watch = _Watch()
-        inputs = [self._inputs(block, watch) for block in self.model.layers]
+        inputs = [self._inputs(self.model.layers[i], watch) for i in self.model.owned]
         layers = None if any(i is None for i in inputs) else self._build(k, inputs)
         self.built = Built(layers, library, watch, watch.pointers())
         return layers

@@ -155,7 +155,7 @@ class SendingMixin(MessagePump):
                         "ttft": ev.time_to_first_token, "prefill_tps": ev.prefill_tokens_per_second,
                         "decode_tps": ev.decode_tokens_per_second, "cached": ev.cached_tokens,
                         "prefilled": ev.prefilled_tokens, "generated": len(ev.generated), "drafted": ev.drafted,
-                        "accepted": ev.accepted}, chat.id,
+                        "accepted": ev.accepted, "rank_wait_ms": ev.rank_wait_per_token * 1e3}, chat.id,
                         list(ev.notes)))
         except MixchatError as exc:
             self.post_message(GenerationFailed(pid, str(exc)))

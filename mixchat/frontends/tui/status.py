@@ -53,6 +53,8 @@ def _speed(pane) -> list[Piece]:
         return [(1, Text(f" · {one_line(pane.phase)} …"))]
     if s.get("decode_tps") is not None:
         drafts = [(3, Text(f" · drafts {s['accepted']}/{s['drafted']} kept"))] if s.get("drafted") else []
+        if s.get("rank_wait_ms"):  # torchrun: the part of each token spent on the other ranks' layers
+            drafts.append((3, Text(f" · ranks {s['rank_wait_ms']:.1f} ms/token")))
         return [(1, Text(f" · {s['decode_tps']:.2f} tok/s")), *drafts, (3, Text(f" · first token {s['ttft']:.2f} s")),
                 (4, Text(f" · prefill {s['prefill_tps']:.1f} tok/s")), (2, Text(f" · {one_line(pane.phase)}"))]
     return []
@@ -62,7 +64,8 @@ def first_line(engine, pane, demo: bool, width: int | None) -> Text:
     e = engine
     name = one_line(Path(str(e.release.folder)).name)
     weights = e.quant.name if e.quant else str(e.dtype).removeprefix("torch.")
-    rest: list[Piece] = [(0, Text(f" · {weights} on {e.device}"))]
+    ranks = f" × {e.world_size} ranks" if getattr(e, "world_size", 1) > 1 else ""
+    rest: list[Piece] = [(0, Text(f" · {weights} on {e.device}{ranks}"))]
     if e.experts is not None:  # plain counters, safe to read while the worker updates them
         st = e.experts.stats
         rest.append((5, Text(f" · experts {e.experts.capacity} resident, {st.hit_rate:.0%} hits")))

@@ -1,0 +1,451 @@
+"""Pipeline-parallel inference: each rank holds a contiguous range of layers and their KV cache.
+
+Rank 0 holds the embedding, the first layers and the output head, and runs the front end. For every
+chunk of tokens it runs its layers, sends the residual ([T, dim], one vector per token) to rank 1, which
+runs its layers and passes it on; the last rank sends it back to rank 0 for the head. Each rank also
+reports to rank 0 how long its layers took and, for Mixtral, the experts its layers chose, so the
+expert view and drafting see every layer.
+
+Every rank runs its layers with the same code a single process runs them with (the fused step or the
+plain path, the same kernels), and a row's arithmetic does not depend on where its layers ran: greedy
+tokens, routing and logits are those of one process, bit for bit.
+
+The other ranks keep a mirror of each of rank 0's KV caches (ShardedCache): created, rewound, reset,
+saved under the conversation's id, loaded and dropped when rank 0's is. A saved conversation's cache is
+one file per rank, each carrying the model fingerprint and the split; a different split or world size
+makes them another model's, so the history is read again.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import torch
+
+from mixchat.distributed.group import AFTER, Group, RankLost
+from mixchat.errors import MixchatError
+from mixchat.model.cache import KVCache, available_memory
+from mixchat.release.config import ModelArgs
+
+_NAME = re.compile(r"[0-9A-Za-z_-]{1,64}")  # a conversation id as a file name: nothing a path could hide in
+_ANSWERED = {"probe", "load", "can_rewind", "save", "load_cache"}  # the commands rank 0 waits on an answer to
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def release_identity(folder: Path) -> str:
+    """What every rank must agree on: params.json and the tokenizer by content, the weight files by name
+    and size (not by modification time: each box may hold its own copy of the folder)."""
+    import hashlib
+
+    from mixchat.release.folder import open_release
+
+    release = open_release(folder).release
+    h = hashlib.sha256()
+    for path in (release.params, release.tokenizer):
+        h.update(path.read_bytes() if path.is_file() else b"")
+    for path in release.weight_files:
+        h.update(f"{path.name}:{path.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def owns(name: str, layers: range) -> bool:
+    """Whether the rank holding `layers` loads tensor `name`: its layers' tensors, and the embedding, final
+    norm and output head on the rank that starts at layer 0."""
+    if name.startswith("layers."):
+        return int(name.split(".", 2)[1]) in layers
+    return layers.start == 0
+
+
+def plan_layers(n_layers: int, layer_bytes: int, head_bytes: int, free: list[int],
+                fixed: list[int] | None = None) -> list[range]:
+    """Contiguous layer ranges, rank by rank, sized by each rank's free memory (rank 0's share also holds
+    the embedding and the head); `fixed` gives the layer counts instead (--rank-layers)."""
+    world = len(free)
+    if n_layers < world:
+        raise MixchatError(f"the model has {n_layers} layers, fewer than the {world} ranks: start at most "
+                           f"{n_layers} ranks")
+    if fixed is not None:
+        if len(fixed) != world or sum(fixed) != n_layers or min(fixed) < 1:
+            raise MixchatError(f"--rank-layers {','.join(map(str, fixed))}: give {world} counts of at least 1 "
+                               f"that add up to the model's {n_layers} layers")
+        counts = fixed
+    else:
+        weights = free if all(free) else [1] * world  # a rank that cannot tell its memory: split evenly
+        total = n_layers * layer_bytes + head_bytes
+        counts, start, cum = [], 0, 0
+        for r in range(world):
+            cum += weights[r]
+            stop = n_layers if r == world - 1 else round((total * cum / sum(weights) - head_bytes) / layer_bytes)
+            stop = max(start + 1, min(stop, n_layers - (world - 1 - r)))
+            counts.append(stop - start)
+            start = stop
+    ranges, start = [], 0
+    for c in counts:
+        ranges.append(range(start, start + c))
+        start += c
+    for r, (rng, mem) in enumerate(zip(ranges, free, strict=True)):
+        need = len(rng) * layer_bytes + (head_bytes if r == 0 else 0)
+        if mem and need > mem:
+            raise MixchatError(f"rank {r} would hold layers {rng.start}-{rng.stop - 1} ({need / 1e9:.1f} GB) but has "
+                               f"{mem / 1e9:.1f} GB free: add a rank, use --quant int8/int4, or set --rank-layers")
+    return ranges
+
+
+def layer_sizes(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                spec: object | None) -> tuple[int, int]:
+    """Bytes one layer takes in memory (their mean) and bytes of the embedding, final norm and head, once
+    converted to `dtype` and quantized by `spec`."""
+    from mixchat.speed.qformat import model_bytes
+
+    layers = {n: tuple(t.shape) for n, t in state.items() if n.startswith("layers.")}
+    head = {n: tuple(t.shape) for n, t in state.items() if not n.startswith("layers.")}
+    return model_bytes(layers, dtype.itemsize, spec) // args.n_layers, model_bytes(head, dtype.itemsize, spec)
+
+
+def split_label(ranges: list[range]) -> str:
+    return "pipeline " + ",".join(f"{r.start}-{r.stop - 1}" for r in ranges)
+
+
+class Pipeline:
+    """Rank 0's side: the plan, the forward pass through the other ranks, and their cache mirrors."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.remotes = list(range(1, group.size))
+        self.lock = threading.RLock()  # one exchange at a time: the app's worker and UI threads both use it
+        self.ranges: list[range] = []
+        self.verifies = False  # every other rank's layers give each row of a pass what one token gets
+        self.wait_seconds = 0.0  # time rank 0 spent waiting on the others' layers, in all
+        self.remote_seconds: dict[int, float] = {}  # the time each rank reported for its layers, in all
+        self.moe_layers: list[int] = []
+        self.top_k = 0
+        self._next_cid = 0
+        self._dropped: list[int] = []
+
+    @classmethod
+    def of(cls, group: Group) -> Pipeline:
+        """The group's pipeline (one per launch: loading another model re-plans it)."""
+        if getattr(group, "pipeline", None) is None:
+            group.pipeline = cls(group)
+        return group.pipeline
+
+    @property
+    def label(self) -> str:
+        return split_label(self.ranges)
+
+    # -- loading
+    def plan(self, folder: Path, options: dict, args: ModelArgs, layer_bytes: int, head_bytes: int,
+             fixed: list[int] | None) -> range:
+        """Ask every rank for its free memory and its copy of the folder's identity, plan the split, and
+        tell each rank to load its layers (they load while rank 0 loads its own); returns rank 0's range."""
+        g = self.group
+        with self.lock:
+            identity = release_identity(folder)
+            free = [available_memory()]
+            for r in self.remotes:
+                g.send_json({"op": "probe", "folder": str(folder)}, r)
+            for r in self.remotes:
+                reply = g.recv_json(r, "opening the release folder", forever=True)
+                if reply.get("error"):
+                    raise MixchatError(f"rank {r}: {reply['error']}")
+                if reply.get("identity") != identity:
+                    raise MixchatError(f"rank {r} has another model at {folder} (params.json, tokenizer or weight "
+                                       "sizes differ): every rank must load the same release")
+                free.append(int(reply.get("free", 0)))
+            self.ranges = plan_layers(args.n_layers, layer_bytes, head_bytes, free, fixed)
+            self.moe_layers = [len(rng) if args.is_moe else 0 for rng in self.ranges]
+            self.top_k = args.moe.num_experts_per_tok if args.is_moe else 0
+            for r in self.remotes:
+                rng = self.ranges[r]
+                g.send_json({"op": "load", "folder": str(folder), "layers": [rng.start, rng.stop], **options}, r)
+        return self.ranges[0]
+
+    def attach(self, engine) -> None:
+        """Wait for the other ranks' loads and make `engine`'s model run its later layers on them."""
+        with self.lock:
+            verifies = []
+            for r in self.remotes:
+                reply = self.group.recv_json(r, "loading its layers", forever=True)
+                if reply.get("error"):
+                    raise MixchatError(f"rank {r}: {reply['error']}")
+                verifies.append(bool(reply.get("verifies")))
+            self.verifies = all(verifies)
+        self.hidden = engine.args.dim
+        engine.model.rest = self.rest
+
+    # -- the forward pass
+    def _flush(self) -> None:
+        while self._dropped:
+            cid = self._dropped.pop()
+            for r in self.remotes:
+                self.group.send_json({"op": "drop", "cid": cid}, r)
+
+    def rest(self, h: torch.Tensor, cache: ShardedCache) -> tuple[torch.Tensor, list, list]:
+        g, n = self.group, h.shape[0]
+        with self.lock:
+            self._flush()
+            began = time.perf_counter()
+            dtype = str(h.dtype).removeprefix("torch.")
+            for r in self.remotes:
+                g.send_json({"op": "forward", "cid": cache.cid, "n": n, "dtype": dtype}, r, "sending it a chunk")
+            g.send(h, self.remotes[0], "sending it the activations")
+            experts: list[torch.Tensor] = []
+            weights: list[torch.Tensor] = []
+            for r in self.remotes:
+                reply = g.recv_json(r, "running its layers")
+                if reply.get("error"):
+                    g.broken = f"rank {r} failed running its layers: {reply['error']}"
+                    raise RankLost(f"{g.broken}; {AFTER}")
+                self.remote_seconds[r] = self.remote_seconds.get(r, 0.0) + float(reply.get("seconds", 0.0))
+                if layers := self.moe_layers[r]:
+                    e = g.recv(torch.empty(n, layers, self.top_k, dtype=torch.int64), r, "sending its routing")
+                    w = g.recv(torch.empty(n, layers, self.top_k, dtype=torch.float32), r, "sending its routing")
+                    experts += e.unbind(1)
+                    weights += w.unbind(1)
+            out = g.recv(torch.empty(n, self.hidden, dtype=h.dtype), self.remotes[-1], "running its layers")
+            self.wait_seconds += time.perf_counter() - began
+        return out.to(h.device), experts, weights
+
+    # -- the other ranks' caches
+    def open_cache(self, chunk_size: int, max_tokens: int) -> int:
+        with self.lock:
+            self._flush()
+            self._next_cid += 1
+            for r in self.remotes:
+                self.group.send_json({"op": "new", "cid": self._next_cid, "chunk": chunk_size, "max": max_tokens}, r)
+            return self._next_cid
+
+    def dropped(self, cid: int) -> None:
+        """A cache was garbage collected (in any thread, at any time): its mirrors go with the next command."""
+        self._dropped.append(cid)
+
+    def tell(self, command: dict) -> None:
+        with self.lock:
+            self._flush()
+            for r in self.remotes:
+                self.group.send_json(command, r)
+
+    def ask(self, command: dict, doing: str) -> list[dict]:
+        with self.lock:
+            self.tell(command)
+            return [self.group.recv_json(r, doing) for r in self.remotes]
+
+    def finish(self) -> None:
+        """Rank 0 is done: let the others exit."""
+        if self.group.broken is None:
+            try:
+                with self.lock:
+                    for r in self.remotes:
+                        self.group.send_json({"op": "stop"}, r)
+            except RankLost:
+                pass
+
+
+class ShardedCache(KVCache):
+    """Rank 0's KV cache in a pipeline: its own layers here, the others' in their mirrors (same id)."""
+
+    def __init__(self, pipeline: Pipeline, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pipeline = pipeline
+        self.cid = pipeline.open_cache(self.chunk_size, self.max_tokens)
+        weakref.finalize(self, pipeline.dropped, self.cid)
+
+    # Once a rank is lost these act on rank 0's part only: they run while a failed reply is kept, which
+    # must not fail again on the way.
+    def can_rewind(self, n: int) -> bool:
+        if not super().can_rewind(n):
+            return False
+        if self.pipeline.group.broken:
+            return True
+        return all(r.get("ok") for r in self.pipeline.ask({"op": "can_rewind", "cid": self.cid, "n": n},
+                                                          "checking its cache"))
+
+    def rewind(self, n: int) -> None:
+        super().rewind(n)
+        if not self.pipeline.group.broken:
+            self.pipeline.tell({"op": "rewind", "cid": self.cid, "n": n})
+
+    def reset(self) -> None:
+        super().reset()
+        if not self.pipeline.group.broken:
+            self.pipeline.tell({"op": "reset", "cid": self.cid})
+
+    def save_parts(self, name: str, fingerprint: str) -> None:
+        """Each other rank saves its part of this cache as conversation `name`'s; OSError when one cannot."""
+        try:
+            replies = self.pipeline.ask({"op": "save", "cid": self.cid, "name": name, "fingerprint": fingerprint},
+                                        "saving its part of the KV cache")
+        except RankLost as exc:
+            raise OSError(str(exc)) from None
+        for r, reply in zip(self.pipeline.remotes, replies, strict=True):
+            if reply.get("error"):
+                raise OSError(f"rank {r}: {reply['error']}")
+
+    def load_parts(self, name: str, fingerprint: str) -> None:
+        """Each other rank loads its part of conversation `name`'s cache; ValueError when one cannot, or holds
+        another length than this one (the caller then starts over)."""
+        replies = self.pipeline.ask({"op": "load_cache", "cid": self.cid, "name": name, "fingerprint": fingerprint},
+                                    "loading its part of the KV cache")
+        for r, reply in zip(self.pipeline.remotes, replies, strict=True):
+            if reply.get("error"):
+                raise ValueError(f"rank {r}'s part {reply['error']}")
+            if reply.get("pos") != self.pos:
+                raise ValueError(f"rank {r}'s part holds {reply.get('pos')} tokens, rank 0's {self.pos}")
+
+    def forget_parts(self, name: str) -> None:
+        self.pipeline.tell({"op": "forget", "name": name})
+
+
+# -- the other ranks
+def part_path(name: str, rank: int) -> Path:
+    from mixchat import paths
+
+    return paths.kv_dir() / f"{name}.rank{rank}.safetensors"
+
+
+class Server:
+    """What a rank other than 0 does: load the layers rank 0 gives it, then run them on request."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.engine = None
+        self.caches: dict[int, KVCache] = {}
+        self.layers = range(0)
+
+    def run(self) -> int:
+        g = self.group
+        while True:
+            try:
+                cmd = g.recv_json(0, "waiting for a command", forever=True)
+            except RankLost:
+                return 1  # rank 0 is gone: nothing to serve, nothing to say (rank 0 says what happened)
+            op = cmd.get("op")
+            if op == "stop":
+                return 0
+            handler = getattr(self, f"_{op}", None) if isinstance(op, str) and op.isidentifier() else None
+            if handler is None:
+                return 1
+            try:
+                reply = handler(cmd)
+            except RankLost:
+                return 1
+            except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
+                # A command this rank cannot carry out (a cache of a model since replaced): rank 0 hears why
+                # where it waits for an answer, and nothing where it does not.
+                reply = {"error": " ".join(str(exc).split())[:300] or type(exc).__name__} if op in _ANSWERED else None
+            if reply is not None:
+                try:
+                    g.send_json(reply, 0)
+                except RankLost:
+                    return 1
+
+    def _probe(self, cmd: dict) -> dict:
+        try:
+            return {"identity": release_identity(Path(cmd["folder"])), "free": available_memory()}
+        except MixchatError as exc:
+            return {"error": str(exc)}
+        except OSError as exc:
+            return {"error": f"{cmd['folder']}: {exc.strerror or exc}"}
+
+    def _load(self, cmd: dict) -> dict:
+        from mixchat.engine.engine import Engine
+
+        self.engine, self.caches = None, {}
+        self.layers = range(int(cmd["layers"][0]), int(cmd["layers"][1]))
+        try:
+            self.engine = Engine.load(cmd["folder"], dtype=cmd["dtype"], device=cmd["device"], threads=cmd["threads"],
+                                      quant=cmd["quant"], show_progress=False, huge_pages=cmd["huge_pages"],
+                                      fused_decode=cmd["fused_decode"], part=self.layers)
+        except MixchatError as exc:
+            return {"error": str(exc)}
+        decoder = self.engine.model.decoder
+        probe = KVCache(self.engine.args, self.engine.dtype, self.engine.device, chunk_size=8, max_tokens=16,
+                        layers=self.layers)
+        verifies = decoder is not None and decoder.verifies(probe, head=False)
+        return {"ok": True, "verifies": verifies}
+
+    def _new(self, cmd: dict) -> None:
+        e = self.engine
+        self.caches[int(cmd["cid"])] = KVCache(e.args, e.dtype, e.device, chunk_size=int(cmd["chunk"]),
+                                               max_tokens=int(cmd["max"]), layers=self.layers)
+
+    def _drop(self, cmd: dict) -> None:
+        self.caches.pop(int(cmd["cid"]), None)
+
+    def _forward(self, cmd: dict) -> None:
+        g, rank = self.group, self.group.rank
+        n, dtype = int(cmd["n"]), _DTYPES[cmd["dtype"]]
+        h = g.recv(torch.empty(n, self.engine.args.dim, dtype=dtype), rank - 1, "sending the activations")
+        began = time.perf_counter()
+        try:
+            with torch.no_grad():
+                h, experts, weights, _ = self.engine.model.run_layers(h.to(self.engine.device),
+                                                                      self.caches[int(cmd["cid"])])
+        except (MixchatError, RuntimeError, KeyError, ValueError) as exc:
+            g.send_json({"error": " ".join(str(exc).split())[:300] or type(exc).__name__}, 0)
+            return None
+        # The report first: messages between two ranks arrive in the order they were sent, and the last
+        # rank's activations go to rank 0 too, which reads them after every report.
+        g.send_json({"seconds": time.perf_counter() - began}, 0)
+        if experts:
+            g.send(torch.stack(experts, dim=1).to(torch.int64), 0)
+            g.send(torch.stack(weights, dim=1).float(), 0)
+        g.send(h, (rank + 1) % g.size, "passing the activations on")
+        return None
+
+    def _can_rewind(self, cmd: dict) -> dict:
+        return {"ok": self.caches[int(cmd["cid"])].can_rewind(int(cmd["n"]))}
+
+    def _rewind(self, cmd: dict) -> None:
+        self.caches[int(cmd["cid"])].rewind(int(cmd["n"]))
+
+    def _reset(self, cmd: dict) -> None:
+        self.caches[int(cmd["cid"])].reset()
+
+    def _save(self, cmd: dict) -> dict:
+        from mixchat.conversations import kvstore
+
+        name = str(cmd["name"])
+        if not _NAME.fullmatch(name):
+            return {"error": "the conversation id is not a plain name"}
+        cache = self.caches[int(cmd["cid"])]
+        try:
+            kvstore.write_file(part_path(name, self.group.rank), cache.state_dict(),
+                               f"{cmd['fingerprint']}:rank{self.group.rank}")
+        except OSError as exc:
+            return {"error": f"could not save its KV cache ({exc.strerror or exc})"}
+        return {"ok": True}
+
+    def _load_cache(self, cmd: dict) -> dict:
+        from mixchat.conversations import kvstore
+
+        name = str(cmd["name"])
+        if not _NAME.fullmatch(name):
+            return {"error": "has no plain name"}
+        cache = self.caches[int(cmd["cid"])]
+        path = part_path(name, self.group.rank)
+        state = kvstore.read_file(path, f"{cmd['fingerprint']}:rank{self.group.rank}")
+        if isinstance(state, str):
+            return {"error": state}
+        try:
+            cache.load_state_dict(state)
+        except ValueError as exc:
+            return {"error": f"is damaged ({exc})"}
+        return {"pos": cache.pos}
+
+    def _forget(self, cmd: dict) -> None:
+        name = str(cmd["name"])
+        if _NAME.fullmatch(name):
+            part_path(name, self.group.rank).unlink(missing_ok=True)
+
+
+def serve(group: Group) -> int:
+    """The whole life of a rank other than 0; returns its exit status."""
+    # Ctrl+C reaches every process of the terminal's group: rank 0 decides what it means and tells the others.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return Server(group).run()

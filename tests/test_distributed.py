@@ -1,0 +1,232 @@
+"""Pipeline-parallel inference on torch.distributed: two processes on 127.0.0.1 (gloo), launched by torchrun
+as a user launches them, against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_args
+
+from mixchat.distributed import group as dist_group
+from mixchat.distributed.pipeline import Pipeline, owns, plan_layers, release_identity
+from mixchat.errors import MixchatError
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+SHAPE = {"n_layers": 4, "dim": 128, "hidden_dim": 256, "head_dim": 32, "n_heads": 4, "n_kv_heads": 2,
+         "sliding_window": 6}
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+
+
+def torchrun(*args: str, ranks: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *args]
+
+
+def env(home: Path) -> dict[str, str]:
+    return {**os.environ, "MIXCHAT_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+            "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture
+def dense(make_release):
+    return make_release(tiny_args(**SHAPE), std=0.05)
+
+
+@pytest.fixture
+def mixtral(make_release):
+    return make_release(tiny_args(**SHAPE, moe=MOE), layout="experts", std=0.05)
+
+
+# -- the plan
+
+
+def test_layers_follow_free_memory_and_rank_zero_carries_the_head():
+    # 32 layers of 1 GB, a 2 GB head: equal memory gives rank 0 one layer fewer for the head
+    assert plan_layers(32, 10**9, 2 * 10**9, [40 * 10**9, 40 * 10**9]) == [range(0, 15), range(15, 32)]
+    # a rank with three times the memory holds three times the layers
+    ranges = plan_layers(32, 10**9, 0, [10 * 10**9, 30 * 10**9])
+    assert [len(r) for r in ranges] == [8, 24]
+    # every rank holds at least one layer, and the ranges cover the model in order
+    ranges = plan_layers(4, 10**9, 0, [100 * 10**9, 2 * 10**9, 2 * 10**9])
+    assert [len(r) for r in ranges] == [2, 1, 1] and ranges[-1].stop == 4
+    assert plan_layers(4, 1, 0, [0, 0], fixed=[1, 3]) == [range(0, 1), range(1, 4)]
+
+
+@pytest.mark.parametrize("free, fixed, says", [
+    ([10**9, 10**9, 10**9], None, "fewer than the 3 ranks"),
+    ([10**9, 10**9], [1, 2], "add up to the model's 2 layers"),
+    ([3 * 10**9, 10**9], None, "rank 1 would hold layers"),
+])
+def test_impossible_plans_are_one_line_errors(free, fixed, says):
+    with pytest.raises(MixchatError, match=says):
+        plan_layers(2, 2 * 10**9, 0, free, fixed)
+
+
+def test_each_rank_reads_only_its_own_tensors():
+    assert owns("layers.3.attention.wq.weight", range(2, 4)) and not owns("layers.1.attention.wq.weight", range(2, 4))
+    assert owns("tok_embeddings.weight", range(0, 2)) and not owns("output.weight", range(2, 4))
+
+
+class FakeGroup:
+    """Rank 0's view of a group whose rank 1 answers with what it is given."""
+
+    def __init__(self, replies):
+        self.rank, self.size, self.broken, self.pipeline = 0, 2, None, None
+        self.replies, self.sent = list(replies), []
+
+    def send_json(self, obj, peer, doing=""):
+        self.sent.append((peer, obj))
+
+    def recv_json(self, peer, doing="", forever=False):
+        return self.replies.pop(0)
+
+
+def test_a_rank_with_another_model_is_refused(dense, make_release):
+    other = make_release(tiny_args(**{**SHAPE, "hidden_dim": 128}), std=0.05)
+    assert release_identity(dense) != release_identity(other)
+    group = FakeGroup([{"identity": release_identity(other), "free": 10**10}])
+    with pytest.raises(MixchatError, match="rank 1 has another model"):
+        Pipeline(group).plan(dense, {}, tiny_args(**SHAPE), 1, 1, None)
+    group = FakeGroup([{"error": "no release folder at /x"}])
+    with pytest.raises(MixchatError, match="rank 1: no release folder"):
+        Pipeline(group).plan(dense, {}, tiny_args(**SHAPE), 1, 1, None)
+    assert not any(obj["op"] == "load" for _, obj in group.sent)  # nothing is loaded after a refusal
+
+
+def test_the_group_listens_on_the_rendezvous_network_only():
+    assert dist_group._interface_for("127.0.0.1") == "lo"
+
+
+# -- two processes against one
+
+
+def run_worker(folder: Path, tmp_path: Path, dtype: str, quant: str, rank_layers: str) -> dict:
+    out = tmp_path / f"dist-{dtype}-{quant}.pt"
+    proc = subprocess.run(torchrun(str(HERE / "dist_worker.py"), str(folder), str(out), dtype, quant, rank_layers),
+                          capture_output=True, text=True, timeout=300, env=env(tmp_path / "home"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("model, dtype, quant", [
+    ("dense", "fp32", "none"), ("dense", "bf16", "none"), ("dense", "bf16", "int8"),
+    ("mixtral", "bf16", "none"), ("mixtral", "bf16", "int8"), ("mixtral", "fp32", "none"),
+])
+def test_two_ranks_give_one_process_logits_and_routing_bit_for_bit(request, tmp_path, model, dtype, quant):
+    from dist_worker import passes
+
+    from mixchat.engine.engine import Engine
+
+    folder = request.getfixturevalue(model)
+    split = run_worker(folder, tmp_path, dtype, quant, "2,2")
+    assert split["world_size"] == 2 and split["split"] == "pipeline 0-1,2-3 of 2"
+    engine = Engine.load(folder, dtype=dtype, threads=1, quant=None if quant == "none" else quant,
+                         show_progress=False)
+    one = passes(engine, engine.new_cache(chunk_size=8))
+    assert len(one["logits"]) == len(split["logits"]) == 21
+    for a, b in zip(one["logits"], split["logits"], strict=True):
+        assert torch.equal(a, b)
+    assert len(one["experts"]) == len(split["experts"]) == (21 if model == "mixtral" else 0)
+    for a, b in zip(one["experts"], split["experts"], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(one["weights"], split["weights"], strict=True):
+        assert torch.equal(a, b)
+
+
+def answer(cmd: list[str], home: Path, *args: str) -> tuple[list[int], dict, subprocess.CompletedProcess]:
+    proc = subprocess.run([*cmd, *args, "--json", "--temperature", "0", "--max-tokens", "16"], capture_output=True,
+                          text=True, timeout=300, env=env(home))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]  # every line is rank 0's JSON: rank 1 says nothing
+    tokens = [line["token"] for line in lines if "token" in line]
+    return tokens, lines[-1], proc
+
+
+ONE = [sys.executable, "-m", "mixchat"]
+TWO = torchrun("-m", "mixchat")
+
+
+@pytest.mark.parametrize("model", ["dense", "mixtral"])
+def test_the_command_under_torchrun_answers_as_one_process_and_continues_from_its_caches(request, tmp_path, model):
+    folder = request.getfixturevalue(model)
+    first = ("--model", str(folder), "Tell me about the sea")
+    t1, d1, _ = answer(ONE, tmp_path / "one", *first)
+    t2, d2, _ = answer(TWO, tmp_path / "two", *first, "--rank-layers", "2,2")
+    assert t1 == t2 and d1["generated_tokens"] == 16
+    assert d2["world_size"] == 2 and d1["world_size"] == 1
+    assert d2["rank_wait_seconds"] > 0 and d1["rank_wait_seconds"] == 0
+    kv = tmp_path / "two" / "kv"
+    assert sorted(p.name for p in kv.iterdir()) == [f"{d2['conversation']}.rank1.safetensors",
+                                                     f"{d2['conversation']}.safetensors"]
+    # the follow-up re-uses both ranks' caches: only the new message is read
+    follow = ("-c", "And about the mountains?")
+    u1, e1, _ = answer(ONE, tmp_path / "one", *follow)
+    u2, e2, _ = answer(TWO, tmp_path / "two", *follow, "--rank-layers", "2,2")
+    assert u1 == u2
+    held = len(d2["prompt_tokens"]) + d2["generated_tokens"]
+    assert e2["cached_tokens"] == e1["cached_tokens"] >= held - 1
+    # another split makes the saved parts another model's: the history is read again, to the same answer
+    v2, f2, proc = answer(TWO, tmp_path / "two", "-c", "And the rivers?", "--rank-layers", "1,3")
+    v1, f1, _ = answer(ONE, tmp_path / "one", "-c", "And the rivers?")
+    assert v1 == v2 and f2["cached_tokens"] == 0 and f1["cached_tokens"] > 0
+    assert "another model, dtype or split" in proc.stderr
+
+
+def rank_pid(parent: subprocess.Popen, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == parent.pid:
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent.pid and f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ):
+            return int(pid)
+    return None
+
+
+def start_long_reply(folder: Path, home: Path, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen([*TWO, "--model", str(folder), "--draft", "0", "--max-tokens", "30000", "--context",
+                             "32000", "--json", *extra, "tell me everything"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env(home))
+    assert proc.stdout.readline().startswith("{")  # a token: the reply is under way
+    return proc
+
+
+@pytest.mark.parametrize("how, says", [
+    (signal.SIGKILL, "rank 1 closed its connection"),
+    (signal.SIGSTOP, "rank 1 did not answer within 2 s"),
+])
+def test_a_lost_rank_is_named_and_the_conversation_kept(dense, tmp_path, how, says):
+    proc = start_long_reply(dense, tmp_path / "home", "--rank-timeout", "2")
+    pid = rank_pid(proc, 1)
+    assert pid is not None
+    began = time.monotonic()
+    os.kill(pid, how)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if how == signal.SIGSTOP:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # torchrun ended it with the launch
+    assert proc.returncode != 0
+    assert time.monotonic() - began < 60  # no hang
+    line = next(ln for ln in err.splitlines() if ln.startswith("mixchat: error:"))
+    assert says in line and "what was said so far is saved" in line
+    assert "Traceback" not in err.split("mixchat: error:")[0]  # mixchat's own part: one line, no traceback
+    shown = subprocess.run([*ONE, "list"], capture_output=True, text=True, env=env(tmp_path / "home"))
+    cid = shown.stdout.splitlines()[1].split()[0]
+    transcript = subprocess.run([*ONE, "show", cid], capture_output=True, text=True, env=env(tmp_path / "home")).stdout
+    assert "## assistant [error]" in transcript and "tell me everything" in transcript
