@@ -100,16 +100,22 @@ def run(ns: Namespace) -> int:
     prompt = torch.randint(3, engine.args.vocab_size, (ns.prompt_tokens,), generator=gen).to(engine.device)
 
     prefill, decode = [], []
+    link = engine.pipeline.group if engine.pipeline is not None else None
+    waited, moved, decoded = 0.0, 0, 0  # decode's waits on other ranks and bytes to and from them
     for _ in range(ns.runs):
         cache = engine.new_cache()
         t = time.perf_counter()
         out = engine.model(prompt, cache, last_only=True)
         prefill.append(ns.prompt_tokens / (time.perf_counter() - t))
         token = out.logits[-1].argmax()
-        t = time.perf_counter()
+        t, w0 = time.perf_counter(), engine.rank_wait()
+        b0 = link.bytes_sent + link.bytes_received if link is not None else 0
         for _ in range(ns.decode_tokens):
             token = engine.model(token.view(1), cache).logits[-1].argmax()
         decode.append(ns.decode_tokens / (time.perf_counter() - t))
+        waited += engine.rank_wait() - w0
+        moved += (link.bytes_sent + link.bytes_received - b0) if link is not None else 0
+        decoded += ns.decode_tokens
 
     bandwidth, probe = measure_read_bandwidth() if engine.device.type == "cpu" else (None, None)
     per_token = active_bytes_per_token(engine)
@@ -136,6 +142,10 @@ def run(ns: Namespace) -> int:
                       decode_fraction_of_ceiling=round(statistics.median(decode) / ceiling, 3))
     if engine.experts is not None:
         result["experts"] = {"capacity": engine.experts.capacity, **engine.experts.stats.as_dict()}
+    if link is not None:  # torchrun: rank 0's view of the split
+        result.update(world_size=engine.world_size, split=engine.split,
+                      rank_wait_ms_per_token=round(waited / decoded * 1e3, 3),
+                      link_bytes_per_token=round(moved / decoded))
     if ns.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -157,4 +167,7 @@ def run(ns: Namespace) -> int:
               f"{result['decode_fraction_of_ceiling']:.0%} of it")
     if engine.experts is not None:
         print(f"  experts     {format_experts(engine)}")
+    if link is not None:
+        print(f"  ranks       {engine.world_size} ({engine.split}): {result['rank_wait_ms_per_token']} ms of each "
+              f"decoded token waiting on the others, {result['link_bytes_per_token']} bytes to and from them per token")
     return 0
