@@ -1,7 +1,7 @@
 """Run by torchrun in tests/test_distributed.py: a fixed sequence of forward passes through a model split
 across the ranks, rank 0 saving every logit, expert and weight it got (the other ranks serve it).
 
-    torchrun --standalone --nproc-per-node 2 tests/dist_worker.py FOLDER OUT.pt DTYPE QUANT RANK_LAYERS
+    torchrun --standalone --nproc-per-node 2 tests/dist_worker.py FOLDER OUT.pt DTYPE QUANT RANK_LAYERS SPLIT
 """
 
 from __future__ import annotations
@@ -39,17 +39,17 @@ def passes(engine, cache) -> dict[str, list[torch.Tensor]]:
 
 
 def main() -> int:
-    folder, out, dtype, quant, rank_layers = sys.argv[1:6]
+    folder, out, dtype, quant, rank_layers, split = sys.argv[1:7]
     group = dist_group.start(60)
     if group.rank != 0:
         return serve(group)
     from mixchat.engine.engine import Engine
 
     engine = Engine.load(folder, dtype=dtype, threads=1, quant=None if quant == "none" else quant,
-                         show_progress=False, rank_layers=[int(n) for n in rank_layers.split(",")])
+                         show_progress=False, rank_layers=[int(n) for n in rank_layers.split(",")], split=split)
     cache = engine.new_cache(chunk_size=8)
     torch.save({**passes(engine, cache), "split": engine.split, "world_size": engine.world_size}, out)
-    Pipeline.of(group).finish()
+    Pipeline.of(group).stop()
     group.close()
     return 0
 

@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_args
 
 from mixchat.distributed import group as dist_group
-from mixchat.distributed.pipeline import Pipeline, owns, plan_layers, release_identity
+from mixchat.distributed.pipeline import Part, Pipeline, owns, plan_experts, plan_layers, release_identity
 from mixchat.errors import MixchatError
 
 HERE = Path(__file__).parent
@@ -71,8 +71,20 @@ def test_impossible_plans_are_one_line_errors(free, fixed, says):
 
 
 def test_each_rank_reads_only_its_own_tensors():
-    assert owns("layers.3.attention.wq.weight", range(2, 4)) and not owns("layers.1.attention.wq.weight", range(2, 4))
-    assert owns("tok_embeddings.weight", range(0, 2)) and not owns("output.weight", range(2, 4))
+    first, last = Part(range(0, 2), head=True), Part(range(2, 4))
+    assert owns("layers.3.attention.wq.weight", last) and not owns("layers.1.attention.wq.weight", last)
+    assert owns("tok_embeddings.weight", first) and owns("output.weight", first) and owns("norm.weight", first)
+    assert not owns("tok_embeddings.weight", last) and not owns("output.weight", last)
+    # the expert split: every layer's attention and router, the rank's own experts, the embedding everywhere
+    share = Part(range(0, 4), range(4, 8))
+    assert owns("layers.0.attention.wk.weight", share) and owns("layers.3.feed_forward.gate.weight", share)
+    assert owns("layers.2.feed_forward.experts.5.w1.weight", share)
+    assert not owns("layers.2.feed_forward.experts.3.w1.weight", share)
+    assert owns("tok_embeddings.weight", share) and not owns("output.weight", share)
+    assert plan_experts(8, 2) == [range(0, 4), range(4, 8)] and plan_experts(8, 3) == [range(0, 2), range(2, 5),
+                                                                                        range(5, 8)]
+    with pytest.raises(MixchatError, match="fewer than the 3 ranks"):
+        plan_experts(2, 3)
 
 
 class FakeGroup:
@@ -108,26 +120,30 @@ def test_the_group_listens_on_the_rendezvous_network_only():
 # -- two processes against one
 
 
-def run_worker(folder: Path, tmp_path: Path, dtype: str, quant: str, rank_layers: str) -> dict:
-    out = tmp_path / f"dist-{dtype}-{quant}.pt"
-    proc = subprocess.run(torchrun(str(HERE / "dist_worker.py"), str(folder), str(out), dtype, quant, rank_layers),
+def run_worker(folder: Path, tmp_path: Path, dtype: str, quant: str, rank_layers: str, split: str) -> dict:
+    out = tmp_path / f"dist-{dtype}-{quant}-{split}.pt"
+    proc = subprocess.run(torchrun(str(HERE / "dist_worker.py"), str(folder), str(out), dtype, quant, rank_layers,
+                                   split),
                           capture_output=True, text=True, timeout=300, env=env(tmp_path / "home"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
 
 
-@pytest.mark.parametrize("model, dtype, quant", [
-    ("dense", "fp32", "none"), ("dense", "bf16", "none"), ("dense", "bf16", "int8"),
-    ("mixtral", "bf16", "none"), ("mixtral", "bf16", "int8"), ("mixtral", "fp32", "none"),
+@pytest.mark.parametrize("model, dtype, quant, how", [
+    ("dense", "fp32", "none", "pipeline"), ("dense", "bf16", "none", "pipeline"), ("dense", "bf16", "int8", "pipeline"),
+    ("mixtral", "bf16", "none", "pipeline"), ("mixtral", "bf16", "int8", "pipeline"),
+    ("mixtral", "fp32", "none", "pipeline"), ("mixtral", "bf16", "none", "experts"),
+    ("mixtral", "bf16", "int8", "experts"), ("mixtral", "fp32", "none", "experts"),
 ])
-def test_two_ranks_give_one_process_logits_and_routing_bit_for_bit(request, tmp_path, model, dtype, quant):
+def test_two_ranks_give_one_process_logits_and_routing_bit_for_bit(request, tmp_path, model, dtype, quant, how):
     from dist_worker import passes
 
     from mixchat.engine.engine import Engine
 
     folder = request.getfixturevalue(model)
-    split = run_worker(folder, tmp_path, dtype, quant, "2,2")
-    assert split["world_size"] == 2 and split["split"] == "pipeline 0-1,2-3 of 2"
+    split = run_worker(folder, tmp_path, dtype, quant, "2,2", how)
+    assert split["world_size"] == 2
+    assert split["split"] == ("pipeline 0-1,2-3 of 2" if how == "pipeline" else "experts 0-1,2-3 of 2")
     engine = Engine.load(folder, dtype=dtype, threads=1, quant=None if quant == "none" else quant,
                          show_progress=False)
     one = passes(engine, engine.new_cache(chunk_size=8))
@@ -154,12 +170,17 @@ ONE = [sys.executable, "-m", "mixchat"]
 TWO = torchrun("-m", "mixchat")
 
 
-@pytest.mark.parametrize("model", ["dense", "mixtral"])
-def test_the_command_under_torchrun_answers_as_one_process_and_continues_from_its_caches(request, tmp_path, model):
+@pytest.mark.parametrize("model, split, other", [
+    ("dense", ("--rank-layers", "2,2"), ("--rank-layers", "1,3")),
+    ("mixtral", ("--rank-layers", "2,2"), ("--split", "experts")),
+    ("mixtral", ("--split", "experts"), ("--rank-layers", "2,2")),
+])
+def test_the_command_under_torchrun_answers_as_one_process_and_continues_from_its_caches(request, tmp_path, model,
+                                                                                         split, other):
     folder = request.getfixturevalue(model)
     first = ("--model", str(folder), "Tell me about the sea")
     t1, d1, _ = answer(ONE, tmp_path / "one", *first)
-    t2, d2, _ = answer(TWO, tmp_path / "two", *first, "--rank-layers", "2,2")
+    t2, d2, _ = answer(TWO, tmp_path / "two", *first, *split)
     assert t1 == t2 and d1["generated_tokens"] == 16
     assert d2["world_size"] == 2 and d1["world_size"] == 1
     assert d2["rank_wait_seconds"] > 0 and d1["rank_wait_seconds"] == 0
@@ -169,12 +190,12 @@ def test_the_command_under_torchrun_answers_as_one_process_and_continues_from_it
     # the follow-up re-uses both ranks' caches: only the new message is read
     follow = ("-c", "And about the mountains?")
     u1, e1, _ = answer(ONE, tmp_path / "one", *follow)
-    u2, e2, _ = answer(TWO, tmp_path / "two", *follow, "--rank-layers", "2,2")
+    u2, e2, _ = answer(TWO, tmp_path / "two", *follow, *split)
     assert u1 == u2
     held = len(d2["prompt_tokens"]) + d2["generated_tokens"]
     assert e2["cached_tokens"] == e1["cached_tokens"] >= held - 1
     # another split makes the saved parts another model's: the history is read again, to the same answer
-    v2, f2, proc = answer(TWO, tmp_path / "two", "-c", "And the rivers?", "--rank-layers", "1,3")
+    v2, f2, proc = answer(TWO, tmp_path / "two", "-c", "And the rivers?", *other)
     v1, f1, _ = answer(ONE, tmp_path / "one", "-c", "And the rivers?")
     assert v1 == v2 and f2["cached_tokens"] == 0 and f1["cached_tokens"] > 0
     assert "another model, dtype or split" in proc.stderr
@@ -203,12 +224,14 @@ def start_long_reply(folder: Path, home: Path, *extra: str) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("how, says", [
-    (signal.SIGKILL, "rank 1 closed its connection"),
-    (signal.SIGSTOP, "rank 1 did not answer within 2 s"),
+@pytest.mark.parametrize("model, split, how, says", [
+    ("dense", "pipeline", signal.SIGKILL, "rank 1 closed its connection"),
+    ("dense", "pipeline", signal.SIGSTOP, "rank 1 did not answer within 2 s"),
+    ("mixtral", "experts", signal.SIGKILL, "rank 1 closed its connection"),
 ])
-def test_a_lost_rank_is_named_and_the_conversation_kept(dense, tmp_path, how, says):
-    proc = start_long_reply(dense, tmp_path / "home", "--rank-timeout", "2")
+def test_a_lost_rank_is_named_and_the_conversation_kept(request, tmp_path, model, split, how, says):
+    folder = request.getfixturevalue(model)
+    proc = start_long_reply(folder, tmp_path / "home", "--rank-timeout", "2", "--split", split)
     pid = rank_pid(proc, 1)
     assert pid is not None
     began = time.monotonic()

@@ -98,7 +98,7 @@ class Group:
         self.timeout = datetime.timedelta(seconds=seconds)
 
     # -- faults
-    def _lost(self, peer: int, exc: Exception, doing: str) -> RankLost:
+    def _lost(self, peer: int | str, exc: Exception, doing: str) -> RankLost:
         text = str(exc)
         if "Timed out" in text or "timeout" in text.lower() and "closure" not in text:
             why = f"did not answer within {self.timeout.total_seconds():g} s (--rank-timeout)"
@@ -111,7 +111,7 @@ class Group:
         if self.broken is not None:
             raise RankLost(f"{self.broken}; {AFTER}")
 
-    def _wait(self, work, peer: int, doing: str, forever: bool) -> None:
+    def _wait(self, work, peer: int | str, doing: str, forever: bool) -> None:
         try:
             work.wait(FOREVER if forever else self.timeout)
         except RuntimeError as exc:
@@ -159,6 +159,18 @@ class Group:
             self.broken = f"rank {peer} sent a message that is not a command"
             raise RankLost(f"{self.broken}; every rank must run the same mixchat version")
         return obj
+
+    def all_reduce(self, t: torch.Tensor, doing: str = "adding its part") -> None:
+        """Sum `t` (a CPU tensor) across every rank, in place."""
+        self._check()
+        peer = 1 if self.size == 2 else 0 if self.rank else f"1-{self.size - 1}"
+        try:
+            work = self.dist.all_reduce(t, async_op=True)
+        except RuntimeError as exc:
+            raise self._lost(peer, exc, doing) from None
+        self._wait(work, peer, doing, forever=False)
+        self.bytes_sent += t.nbytes
+        self.bytes_received += t.nbytes
 
     def close(self) -> None:
         if self.broken is None:

@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,12 +54,40 @@ def release_identity(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def owns(name: str, layers: range) -> bool:
-    """Whether the rank holding `layers` loads tensor `name`: its layers' tensors, and the embedding, final
-    norm and output head on the rank that starts at layer 0."""
+@dataclass(frozen=True)
+class Part:
+    """What one rank holds: its layers, and under an expert split (every rank holds every layer) its experts
+    of each; the embedding goes to every rank that runs layer 0, the final norm and head to rank 0 only."""
+
+    layers: range
+    experts: range | None = None
+    head: bool = False
+
+    def label(self) -> str:
+        what = f"layers {self.layers.start}-{self.layers.stop - 1}"
+        return what if self.experts is None else f"experts {self.experts.start}-{self.experts.stop - 1}"
+
+
+def owns(name: str, part: Part) -> bool:
+    """Whether the rank holding `part` loads tensor `name`."""
     if name.startswith("layers."):
-        return int(name.split(".", 2)[1]) in layers
-    return layers.start == 0
+        _, layer, rest = name.split(".", 2)
+        if int(layer) not in part.layers:
+            return False
+        if part.experts is not None and rest.startswith("feed_forward.experts."):
+            return int(rest.split(".", 3)[2]) in part.experts
+        return True
+    if name.startswith("tok_embeddings."):
+        return part.layers.start == 0
+    return part.head
+
+
+def plan_experts(n_experts: int, world: int) -> list[range]:
+    """Each rank's share of every layer's experts: contiguous, as even as the count allows."""
+    if n_experts < world:
+        raise MixchatError(f"--split experts: the model has {n_experts} experts per layer, fewer than the {world} "
+                           "ranks; start fewer ranks")
+    return [range(r * n_experts // world, (r + 1) * n_experts // world) for r in range(world)]
 
 
 def plan_layers(n_layers: int, layer_bytes: int, head_bytes: int, free: list[int],
@@ -107,25 +136,30 @@ def layer_sizes(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
     return model_bytes(layers, dtype.itemsize, spec) // args.n_layers, model_bytes(head, dtype.itemsize, spec)
 
 
-def split_label(ranges: list[range]) -> str:
-    return "pipeline " + ",".join(f"{r.start}-{r.stop - 1}" for r in ranges)
+def split_label(parts: list[Part]) -> str:
+    if parts and parts[0].experts is not None:
+        return "experts " + ",".join(f"{p.experts.start}-{p.experts.stop - 1}" for p in parts)
+    return "pipeline " + ",".join(f"{p.layers.start}-{p.layers.stop - 1}" for p in parts)
 
 
 class Pipeline:
-    """Rank 0's side: the plan, the forward pass through the other ranks, and their cache mirrors."""
+    """Rank 0's side: the plan, each forward pass's exchange with the other ranks, and their cache mirrors.
+    (Named for the default split; under --split experts every rank runs every layer and the same exchange
+    frames each chunk.)"""
 
     def __init__(self, group: Group) -> None:
         self.group = group
         self.remotes = list(range(1, group.size))
         self.lock = threading.RLock()  # one exchange at a time: the app's worker and UI threads both use it
-        self.ranges: list[range] = []
+        self.parts: list[Part] = []
         self.verifies = False  # every other rank's layers give each row of a pass what one token gets
-        self.wait_seconds = 0.0  # time rank 0 spent waiting on the others' layers, in all
+        self.wait_seconds = 0.0  # time rank 0 spent waiting on the others' layers (or expert sums), in all
         self.remote_seconds: dict[int, float] = {}  # the time each rank reported for its layers, in all
-        self.moe_layers: list[int] = []
         self.top_k = 0
+        self.hidden = 0
         self._next_cid = 0
         self._dropped: list[int] = []
+        self._open = False  # a chunk was started and not finished
 
     @classmethod
     def of(cls, group: Group) -> Pipeline:
@@ -136,14 +170,21 @@ class Pipeline:
 
     @property
     def label(self) -> str:
-        return split_label(self.ranges)
+        return split_label(self.parts)
+
+    @property
+    def experts_split(self) -> bool:
+        return bool(self.parts) and self.parts[0].experts is not None
 
     # -- loading
     def plan(self, folder: Path, options: dict, args: ModelArgs, layer_bytes: int, head_bytes: int,
-             fixed: list[int] | None) -> range:
+             fixed: list[int] | None, split: str = "pipeline") -> Part:
         """Ask every rank for its free memory and its copy of the folder's identity, plan the split, and
-        tell each rank to load its layers (they load while rank 0 loads its own); returns rank 0's range."""
+        tell each rank to load its part (they load while rank 0 loads its own); returns rank 0's part."""
         g = self.group
+        if split == "experts" and not args.is_moe:
+            raise MixchatError(f"--split experts: {folder} is a dense model, it has no experts; leave --split out for "
+                               "the pipeline split")
         with self.lock:
             identity = release_identity(folder)
             free = [available_memory()]
@@ -157,16 +198,23 @@ class Pipeline:
                     raise MixchatError(f"rank {r} has another model at {folder} (params.json, tokenizer or weight "
                                        "sizes differ): every rank must load the same release")
                 free.append(int(reply.get("free", 0)))
-            self.ranges = plan_layers(args.n_layers, layer_bytes, head_bytes, free, fixed)
-            self.moe_layers = [len(rng) if args.is_moe else 0 for rng in self.ranges]
+            if split == "experts":
+                every = range(args.n_layers)
+                self.parts = [Part(every, share, head=r == 0)
+                              for r, share in enumerate(plan_experts(args.moe.num_experts, g.size))]
+            else:
+                ranges = plan_layers(args.n_layers, layer_bytes, head_bytes, free, fixed)
+                self.parts = [Part(rng, head=r == 0) for r, rng in enumerate(ranges)]
             self.top_k = args.moe.num_experts_per_tok if args.is_moe else 0
             for r in self.remotes:
-                rng = self.ranges[r]
-                g.send_json({"op": "load", "folder": str(folder), "layers": [rng.start, rng.stop], **options}, r)
-        return self.ranges[0]
+                p = self.parts[r]
+                g.send_json({"op": "load", "folder": str(folder), "layers": [p.layers.start, p.layers.stop],
+                             "experts": [p.experts.start, p.experts.stop] if p.experts is not None else None,
+                             **options}, r)
+        return self.parts[0]
 
     def attach(self, engine) -> None:
-        """Wait for the other ranks' loads and make `engine`'s model run its later layers on them."""
+        """Wait for the other ranks' loads and make `engine`'s model run its chunks with them."""
         with self.lock:
             verifies = []
             for r in self.remotes:
@@ -176,7 +224,13 @@ class Pipeline:
                 verifies.append(bool(reply.get("verifies")))
             self.verifies = all(verifies)
         self.hidden = engine.args.dim
-        engine.model.rest = self.rest
+        engine.model.ranks = self
+
+    def reduce(self, part: torch.Tensor) -> None:
+        """The expert split's sum across ranks, in place (the MoE layers call it)."""
+        began = time.perf_counter()
+        self.group.all_reduce(part, "adding its experts' outputs")
+        self.wait_seconds += time.perf_counter() - began
 
     # -- the forward pass
     def _flush(self) -> None:
@@ -185,31 +239,54 @@ class Pipeline:
             for r in self.remotes:
                 self.group.send_json({"op": "drop", "cid": cid}, r)
 
-    def rest(self, h: torch.Tensor, cache: ShardedCache) -> tuple[torch.Tensor, list, list]:
-        g, n = self.group, h.shape[0]
-        with self.lock:
+    def start(self, h: torch.Tensor, cache: ShardedCache) -> None:
+        """A chunk begins (its slots taken): the others are told, and under the expert split given h, since they
+        run every layer beside this rank."""
+        g = self.group
+        self.lock.acquire()  # released by finish
+        if self._open:  # the last chunk never finished (an exception between): the ranks are out of step
+            g.broken = "a forward pass was interrupted midway"
+            self.lock.release()
+            raise RankLost(f"{g.broken}; {AFTER}")
+        try:
             self._flush()
-            began = time.perf_counter()
+            self._open, self._began = True, time.perf_counter()
             dtype = str(h.dtype).removeprefix("torch.")
             for r in self.remotes:
-                g.send_json({"op": "forward", "cid": cache.cid, "n": n, "dtype": dtype}, r, "sending it a chunk")
-            g.send(h, self.remotes[0], "sending it the activations")
-            experts: list[torch.Tensor] = []
-            weights: list[torch.Tensor] = []
+                g.send_json({"op": "forward", "cid": cache.cid, "n": h.shape[0], "dtype": dtype}, r,
+                            "sending it a chunk")
+                if self.experts_split:
+                    g.send(h, r, "sending it the activations")
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def finish(self, h: torch.Tensor, cache: ShardedCache, experts: list, weights: list
+               ) -> tuple[torch.Tensor, list, list]:
+        """After this rank's layers: the pipeline's later layers on the others, their reports, their routing."""
+        g, n = self.group, h.shape[0]
+        try:
+            began = time.perf_counter()
+            if not self.experts_split:
+                g.send(h, self.remotes[0], "sending it the activations")
             for r in self.remotes:
                 reply = g.recv_json(r, "running its layers")
                 if reply.get("error"):
                     g.broken = f"rank {r} failed running its layers: {reply['error']}"
                     raise RankLost(f"{g.broken}; {AFTER}")
                 self.remote_seconds[r] = self.remote_seconds.get(r, 0.0) + float(reply.get("seconds", 0.0))
-                if layers := self.moe_layers[r]:
+                if (layers := len(self.parts[r].layers) if self.top_k else 0) and not self.experts_split:
                     e = g.recv(torch.empty(n, layers, self.top_k, dtype=torch.int64), r, "sending its routing")
                     w = g.recv(torch.empty(n, layers, self.top_k, dtype=torch.float32), r, "sending its routing")
-                    experts += e.unbind(1)
-                    weights += w.unbind(1)
-            out = g.recv(torch.empty(n, self.hidden, dtype=h.dtype), self.remotes[-1], "running its layers")
+                    experts = experts + list(e.unbind(1))
+                    weights = weights + list(w.unbind(1))
+            if not self.experts_split:
+                h = g.recv(torch.empty(n, self.hidden, dtype=h.dtype), self.remotes[-1], "running its layers")
             self.wait_seconds += time.perf_counter() - began
-        return out.to(h.device), experts, weights
+            self._open = False
+        finally:
+            self.lock.release()
+        return h, experts, weights
 
     # -- the other ranks' caches
     def open_cache(self, chunk_size: int, max_tokens: int) -> int:
@@ -235,7 +312,7 @@ class Pipeline:
             self.tell(command)
             return [self.group.recv_json(r, doing) for r in self.remotes]
 
-    def finish(self) -> None:
+    def stop(self) -> None:
         """Rank 0 is done: let the others exit."""
         if self.group.broken is None:
             try:
@@ -316,6 +393,7 @@ class Server:
         self.engine = None
         self.caches: dict[int, KVCache] = {}
         self.layers = range(0)
+        self.part = Part(self.layers)
 
     def run(self) -> int:
         g = self.group
@@ -357,10 +435,12 @@ class Server:
 
         self.engine, self.caches = None, {}
         self.layers = range(int(cmd["layers"][0]), int(cmd["layers"][1]))
+        experts = range(int(cmd["experts"][0]), int(cmd["experts"][1])) if cmd.get("experts") else None
+        self.part = Part(self.layers, experts)
         try:
             self.engine = Engine.load(cmd["folder"], dtype=cmd["dtype"], device=cmd["device"], threads=cmd["threads"],
                                       quant=cmd["quant"], show_progress=False, huge_pages=cmd["huge_pages"],
-                                      fused_decode=cmd["fused_decode"], part=self.layers)
+                                      fused_decode=cmd["fused_decode"], part=self.part)
         except MixchatError as exc:
             return {"error": str(exc)}
         decoder = self.engine.model.decoder
@@ -380,7 +460,8 @@ class Server:
     def _forward(self, cmd: dict) -> None:
         g, rank = self.group, self.group.rank
         n, dtype = int(cmd["n"]), _DTYPES[cmd["dtype"]]
-        h = g.recv(torch.empty(n, self.engine.args.dim, dtype=dtype), rank - 1, "sending the activations")
+        source = 0 if self.part.experts is not None else rank - 1  # the expert split: every rank runs every layer
+        h = g.recv(torch.empty(n, self.engine.args.dim, dtype=dtype), source, "sending the activations")
         began = time.perf_counter()
         try:
             with torch.no_grad():
@@ -392,6 +473,8 @@ class Server:
         # The report first: messages between two ranks arrive in the order they were sent, and the last
         # rank's activations go to rank 0 too, which reads them after every report.
         g.send_json({"seconds": time.perf_counter() - began}, 0)
+        if self.part.experts is not None:
+            return None  # rank 0 has the same h and routing: it ran the same layers, and the same sums
         if experts:
             g.send(torch.stack(experts, dim=1).to(torch.int64), 0)
             g.send(torch.stack(weights, dim=1).float(), 0)

@@ -29,7 +29,7 @@ from mixchat.speed.quant import install, quantize_state
 from mixchat.text.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
-    from mixchat.distributed.pipeline import Pipeline
+    from mixchat.distributed.pipeline import Part, Pipeline
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -172,7 +172,8 @@ def load_options(ns) -> dict:
         if len(rank_layers) > MAX_THREADS or min(rank_layers) < 1:
             raise MixchatError("--rank-layers: every rank holds at least one layer")
     return {"dtype": ns.dtype, "device": ns.device, "threads": ns.threads, "quant": getattr(ns, "quant", None),
-            "memory_budget": budget * 1e9 if budget else None, "context": context, "rank_layers": rank_layers}
+            "memory_budget": budget * 1e9 if budget else None, "context": context, "rank_layers": rank_layers,
+            "split": getattr(ns, "split", None) or "pipeline"}
 
 
 def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> int:
@@ -262,8 +263,8 @@ class Engine:
              warm: bool = True, show_progress: bool | None = None,
              on_progress: Callable[[int, int], None] | None = None, quant: str | None = None,
              memory_budget: float | None = None, prefetch: bool = True, huge_pages: bool | None = None,
-             context: int | None = None, fused_decode: bool = True, part: range | None = None,
-             rank_layers: list[int] | None = None) -> Engine:
+             context: int | None = None, fused_decode: bool = True, part: Part | None = None,
+             rank_layers: list[int] | None = None, split: str = "pipeline") -> Engine:
         """`on_progress(bytes_done, bytes_total)` reports reading, converting or quantizing the
         weights (the TUI's progress bar); `show_progress` draws a bar on stderr (default: when it is
         a tty). `quant` is 'int8', 'int4' or 'int4-G' (see mixchat.speed.quant); None keeps the weights.
@@ -278,9 +279,10 @@ class Engine:
         are kernel-backed (mixchat.speed.linear) and, with `fused_decode`, a decoded token goes through the
         compiled layer step (mixchat.speed.decoder; see the fused_decode property).
 
-        Under torchrun (mixchat.distributed) rank 0 plans the split and loads the first layers with the
-        embedding and head, the other ranks load the `part` it gives them (`rank_layers`: the layer count
-        per rank instead of a split by free memory); each reads and quantizes only its own tensors."""
+        Under torchrun (mixchat.distributed) rank 0 plans the `split` ("pipeline": contiguous layers per rank,
+        rank 0's with the embedding and head; `rank_layers`: the layer count per rank instead of a split by free
+        memory; "experts": every layer everywhere, each rank a share of every layer's experts) and loads its own
+        part; the other ranks load the `part` it gives them. Each reads and quantizes only its own tensors."""
         set_threads(threads)
         asked_to_warm = warm
         if huge_pages is None:
@@ -300,7 +302,7 @@ class Engine:
             options = {"dtype": dtype, "device": device, "threads": threads, "quant": quant,
                        "huge_pages": huge_pages, "fused_decode": fused_decode}
             part = pipeline.plan(release.folder.resolve(), options, args, *layer_sizes(args, state, dt, spec),
-                                 rank_layers)
+                                 rank_layers, split)
         if part is not None:
             from mixchat.distributed.pipeline import owns
 
@@ -316,7 +318,7 @@ class Engine:
         if spec is not None:
             # Quantized weights replace their bf16 originals, which are then never read: do not warm them.
             # A rank's share is cached apart from the whole model's: neither may stand for the other.
-            key = fingerprint if part is None else f"{fingerprint}-layers{part.start}-{part.stop}"
+            key = fingerprint if part is None else f"{fingerprint}-{part.label().replace(' ', '')}"
             store = quantize_state({**state, **offloaded}, spec, key, on_progress, show_progress)
             cached = store.cached
             for name in store.names:
@@ -396,7 +398,12 @@ class Engine:
             missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
             if lost := [n for n in missing if owns(n, part)]:
                 raise MixchatError(f"{release.weights_label}: {lost[0]} is missing; download the release again")
-            model.owned = part
+            model.owned = part.layers
+            if part.experts is not None:
+                from mixchat.distributed.experts import split_experts
+
+                group = dist_group.current()
+                split_experts(model, part.experts, pipeline.reduce if pipeline is not None else group.all_reduce)
         model.eval()
         # Weights mapped from the file sit in the page cache, which MemAvailable counts as free: the KV
         # cache must not count on evicting them. Converted, pinned or quantized weights are already taken.

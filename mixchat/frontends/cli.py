@@ -281,6 +281,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank-layers", metavar="N,N,...",
                    help="under torchrun: the layers each rank holds, in rank order (default: by each rank's free "
                         "memory)")
+    g.add_argument("--split", choices=["pipeline", "experts"], default=None,
+                   help="under torchrun: pipeline (default: each rank a range of layers) or experts (Mixtral: each "
+                        "rank every layer's attention and a share of its experts)")
     g.add_argument("--rank-timeout", type=float, metavar="SECONDS",
                    help="under torchrun: how long rank 0 waits on another rank before it gives up and says which "
                         f"(default {DEFAULT_RANK_TIMEOUT:g})")
@@ -478,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         if group is not None and group.rank == 0:
             from mixchat.distributed.pipeline import Pipeline
 
-            Pipeline.of(group).finish()
+            Pipeline.of(group).stop()
             group.close()
     try:
         sys.stdout.flush()

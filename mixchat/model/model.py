@@ -177,9 +177,10 @@ class Transformer(nn.Module):
         # decoder.head(h) -> their logits or None; None from it, or no decoder, runs the layers here.
         self.decoder: Callable | None = None
         # A pipeline rank (mixchat.distributed) holds the layers `owned` only, the others staying on the meta
-        # device; rest(h, cache) -> (h, experts, weights) runs the layers after them, on the later ranks.
+        # device. ranks: the other ranks of a torchrun launch, told of each chunk by ranks.start(h, cache) once its
+        # slots are taken; ranks.finish(h, cache, experts, weights) -> the same after their layers.
         self.owned = range(args.n_layers)
-        self.rest: Callable | None = None
+        self.ranks = None
 
     # no_grad, not inference_mode: the cache may grow inside forward, and inference tensors could
     # not be updated in place afterwards (rewind, restore).
@@ -207,9 +208,8 @@ class Transformer(nn.Module):
     def _step(self, tokens: torch.Tensor, cache: KVCache, rows: str) -> Output:
         h = self.tok_embeddings(tokens).to(residual_dtype(self.tok_embeddings.weight))  # [T, D]
         h, experts, weights, fused = self.run_layers(h, cache)
-        if self.rest is not None:
-            h, more, more_weights = self.rest(h, cache)
-            experts, weights = experts + more, weights + more_weights
+        if self.ranks is not None:
+            h, experts, weights = self.ranks.finish(h, cache, experts, weights)
         # Only the rows that are asked for go through the vocab projection (a [T, 32000] matmul).
         logits = None
         if rows != "none":
@@ -227,6 +227,8 @@ class Transformer(nn.Module):
         """The owned layers on residual h ([T, D], the tokens after what `cache` holds): h after them, each
         MoE layer's chosen experts and weights, and whether the decoder ran them."""
         steps = cache.prepare(h.shape[0])  # per layer: where its buffer takes the chunk, its window's mask
+        if self.ranks is not None:
+            self.ranks.start(h, cache)
         first = steps[self.owned[0]]
         rope = rotary_angles(first.positions, self.args.head_dim, self.args.rope_theta)
         fused = self.decoder(h, rope, steps, cache) if self.decoder is not None else None

@@ -197,15 +197,19 @@ class FusedDecoder:
         if not isinstance(moe.experts, nn.ModuleList):  # on demand: the format comes with the first fetched expert
             if not hasattr(moe, "decode_fetch"):
                 return None
-            return None, 0, moe.top_k, gate[1][0], [None] * len(moe.experts), False
-        found = [expert_parts(ex) for ex in moe.experts]
-        if any(f is None for f in found) or len({f[0] for f in found}) != 1:
+            return None, 0, moe.top_k, gate[1][0], [None] * len(moe.experts), False, None
+        # An expert split across ranks (mixchat.distributed) holds `local` experts here, and reduces the sum.
+        local, reduce = getattr(moe, "local", range(len(moe.experts))), getattr(moe, "reduce", None)
+        found = [expert_parts(ex) if e in local else None for e, ex in enumerate(moe.experts)]
+        held = [f for e, f in enumerate(found) if e in local]
+        if not held or any(f is None for f in held) or len({f[0] for f in held}) != 1:
             return None
-        for ex in moe.experts:
+        for e in local:
+            ex = moe.experts[e]
             for m in (ex.w1, ex.w2, ex.w3):
                 watch.add(m, tuple(t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None))
-        (kind, group, transposed), experts = found[0][0], [f[1] for f in found]
-        return kind, group, moe.top_k, gate[1][0], experts, transposed
+        (kind, group, transposed), experts = held[0][0], [f[1] if f is not None else None for f in found]
+        return kind, group, moe.top_k, gate[1][0], experts, transposed, reduce
 
     def _build(self, k, inputs: list) -> list | None:
         a = self.model.args

@@ -50,7 +50,7 @@
 /* Bump when an exported signature changes or an export kernels.py relies on is added (5: mc_struct_size;
  * 6: T rows in mc_decode_*, mc_linear_rows):
  * kernels.py refuses a library with another version. */
-#define MC_ABI_VERSION 6
+#define MC_ABI_VERSION 7
 
 #define MC_MULTI_MAX 8        /* weights one mc_linear_multi call takes */
 #define MC_RB 16              /* rows per block that share one pass over the K chunks */

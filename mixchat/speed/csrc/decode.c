@@ -331,6 +331,20 @@ MC_API int mc_decode_ffn(const mc_layer *L, float *h, int T)
 #endif
 }
 
+/* dst += w * src with each product rounded before the add (no fused multiply-add): an expert's share of a row
+ * is then the same number wherever it is computed, so the sums the expert split adds across ranks
+ * (mixchat.distributed) are the one process's, bit for bit. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static void add_weighted(float *dst, const float *src, float w, int64_t n)
+{
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    for (int64_t c = 0; c < n; c++) dst[c] += src[c] * w;
+}
+
 /* The MoE feed-forward of T tokens (T = 1: one decoded token), in two phases so that a caller whose experts
  * are loaded on demand can fetch the chosen ones in between (phase 1 | 2 does both):
  *   phase 1: xn[T, dim] = rmsnorm(h) * ffn_norm; router; per token the top_k experts by router logit into
@@ -338,7 +352,9 @@ MC_API int mc_decode_ffn(const mc_layer *L, float *h, int T)
  *            weights[T, top_k];
  *   phase 2: h[t] += sum over token t's chosen experts, in ascending id as model.MoeFeedForward adds them, of
  *            weight * w2(silu(w1 xn) * w3 xn). Each expert runs once, on the rows routed to it (row-exact), so
- *            every token's sum is the one-token step's. Only the chosen experts' pointers need to be set. */
+ *            every token's sum is the one-token step's. Only the chosen experts' pointers need to be set.
+ *   phase bit 4 (with 2): an expert without weights is held by another rank (mixchat.distributed's expert
+ *            split): it is left out of the sum, which the caller adds across ranks (into an h of zeros). */
 MC_API int mc_decode_moe(const mc_moe *M, float *h, int T, float *xn, int64_t *chosen, float *weights, int phase)
 {
 #if MC_AVX2
@@ -353,7 +369,8 @@ MC_API int mc_decode_moe(const mc_moe *M, float *h, int T, float *xn, int64_t *c
         return MC_EBADARG;
     const int64_t D = M->dim, F = M->hidden;
     const int E = M->n_experts, k = M->top_k;
-    if (phase < 1 || phase > 3) return MC_EBADARG;
+    if (phase < 1 || phase > 7 || phase == 4 || phase == 5) return MC_EBADARG;
+    const int partial = phase & 4;
     /* out, the routed rows of xn, their expert outputs: T x D each; the expert's 2 T F; the router's T E */
     float *buf = mc_decode_scratch((size_t)T * (size_t)(3 * D + 2 * F + E));
     if (!buf) return MC_ENOMEM;
@@ -387,13 +404,14 @@ MC_API int mc_decode_moe(const mc_moe *M, float *h, int T, float *xn, int64_t *c
     }
     if (!(phase & 2)) return 0;
     for (int64_t i = 0; i < (int64_t)T * k; i++)
-        if (chosen[i] < 0 || chosen[i] >= E || !M->w[3 * chosen[i]] || !M->w[3 * chosen[i] + 1] ||
-            !M->w[3 * chosen[i] + 2])
+        if (chosen[i] < 0 || chosen[i] >= E || (!partial && (!M->w[3 * chosen[i]] || !M->w[3 * chosen[i] + 1] ||
+                                                             !M->w[3 * chosen[i] + 2])))
             return MC_EBADARG;
     for (int64_t i = 0; i < T * D; i++) out[i] = 0.f;
     int rows[64];
     float mix[64];
     for (int e = 0; e < E; e++) {
+        if (partial && (!M->w[3 * e] || !M->w[3 * e + 1] || !M->w[3 * e + 2])) continue;
         int n = 0;
         for (int t = 0; t < T; t++)
             for (int j = 0; j < k; j++)
@@ -407,11 +425,7 @@ MC_API int mc_decode_moe(const mc_moe *M, float *h, int T, float *xn, int64_t *c
         rc = swiglu(M->kind, M->group, M->w2_transposed, &M->w[3 * e], &M->scale[3 * e], &M->zero[3 * e], xe, n, D, F,
                     ebuf, oe);
         if (rc) return rc;
-        for (int i = 0; i < n; i++) {
-            float *ot = out + rows[i] * D;
-            const float *oi = oe + i * D;
-            for (int64_t c = 0; c < D; c++) ot[c] += oi[c] * mix[i];
-        }
+        for (int i = 0; i < n; i++) add_weighted(out + rows[i] * D, oe + i * D, mix[i], D);
     }
     for (int64_t i = 0; i < T * D; i++) h[i] += out[i];
     return 0;

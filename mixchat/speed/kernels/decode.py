@@ -156,8 +156,11 @@ class DecodeMoe:
 
     def __init__(self, kind: str | None, group: int, top_k: int, eps: float, ffn_norm: torch.Tensor,
                  gate: torch.Tensor, experts: list[tuple[tuple[torch.Tensor, ...], ...] | None],
-                 w2_transposed: bool = False) -> None:
+                 w2_transposed: bool = False, reduce=None) -> None:
         lib = _simd_lib()
+        # reduce(part): expert split across ranks (mixchat.distributed). The experts given are this rank's (the
+        # others None); their part of the sum is added across ranks by reduce before it joins the residual.
+        self.reduce = reduce
         _check_weight(gate, "gate", torch.bfloat16)
         n_experts, dim = gate.shape
         if len(experts) != n_experts or not 1 <= top_k <= n_experts or n_experts > 256:
@@ -176,12 +179,13 @@ class DecodeMoe:
         self._struct, self._ref, self._lib, self.top_k = s, ctypes.byref(s), lib, top_k
         if kind is not None:
             known = [ex for ex in experts if ex is not None]
-            if len(known) != n_experts:
+            if not known or (len(known) != n_experts and reduce is None):
                 raise ValueError("resident experts must all be given")
             self._configure((kind, group, w2_transposed), known[0])
-            for e, ex in enumerate(known):
-                self._check_expert(ex)
-                self._set(e, ex)
+            for e, ex in enumerate(experts):
+                if ex is not None:
+                    self._check_expert(ex)
+                    self._set(e, ex)
 
     def _configure(self, fmt: tuple[str, int, bool], ex: tuple[tuple[torch.Tensor, ...], ...]) -> None:
         """Set the experts' format from (kind, group, w2 transposed) and one expert's parts."""
@@ -222,6 +226,15 @@ class DecodeMoe:
         weights = torch.empty(t, self.top_k, dtype=torch.float32)
         xn = torch.empty(t, self._dims[0], dtype=torch.float32)
         args = (self._ref, h.data_ptr(), t, xn.data_ptr(), chosen.data_ptr(), weights.data_ptr())
+        if self.reduce is not None:
+            # This rank's experts into zeros (0 + x is x), the ranks' parts summed, then the residual: with top-2
+            # routing at most two parts are not zero, so the sum is the one process's, whatever the order.
+            _call(self._lib, "mc_decode_moe", *args, 1)
+            part = torch.zeros_like(h)
+            _call(self._lib, "mc_decode_moe", self._ref, part.data_ptr(), *args[2:], 6)
+            self.reduce(part)
+            h += part
+            return chosen, weights
         if fetch is None:
             _call(self._lib, "mc_decode_moe", *args, 3)
             return chosen, weights
