@@ -253,3 +253,30 @@ def test_a_lost_rank_is_named_and_the_conversation_kept(request, tmp_path, model
     cid = shown.stdout.splitlines()[1].split()[0]
     transcript = subprocess.run([*ONE, "show", cid], capture_output=True, text=True, env=env(tmp_path / "home")).stdout
     assert "## assistant [error]" in transcript and "tell me everything" in transcript
+
+
+def test_the_expert_split_keeps_each_ranks_experts_within_its_memory_budget(mixtral, tmp_path):
+    def run(cmd, home, *extra):
+        proc = subprocess.run([*cmd, "--model", str(mixtral), "--json", "--temperature", "0", "--max-tokens", "20",
+                               *extra, "hello there, how are you"], capture_output=True, text=True, timeout=300,
+                              env=env(home))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        return [(ln["token"], ln["experts"]) for ln in lines if "token" in ln], lines[-1]
+
+    whole, _ = run(ONE, tmp_path / "one")
+    # ~3 of each rank's 8 experts fit beside the resident weights: most tokens load some from the file
+    shared, done = run(TWO, tmp_path / "two", "--split", "experts", "--memory-budget", "0.0175")
+    assert shared == whole
+    assert done["experts"]["misses"] > 8 and done["world_size"] == 2
+    proc = subprocess.run([*TWO, "--model", str(mixtral), "--memory-budget", "0.0175", "-p", "hi"], capture_output=True,
+                          text=True, timeout=300, env=env(tmp_path / "two"))
+    assert proc.returncode != 0 and "--memory-budget works across ranks with --split experts only" in proc.stderr
+
+
+def test_an_error_on_rank_zero_after_the_others_loaded_ends_every_rank_at_once(dense, tmp_path):
+    began = time.monotonic()
+    proc = subprocess.run([*TWO, "--model", str(dense), "--context", "100000", "-p", "hi"], capture_output=True,
+                          text=True, timeout=300, env=env(tmp_path / "home"))
+    assert proc.returncode != 0 and "mixchat: error: --context 100000" in proc.stderr
+    assert time.monotonic() - began < 60  # the others' answers are read, so nobody waits out a timeout

@@ -24,8 +24,16 @@ class SplitMoe(MoeFeedForward):
         nn.Module.__init__(self)
         self.top_k, self.gate, self.experts = moe.top_k, moe.gate, moe.experts
         self.local, self.reduce = local, reduce
+        # Experts on demand (--memory-budget, mixchat.speed.experts): the offloaded layer this one wraps still
+        # predicts the next layer's experts and fetches this rank's for the fused step. Not a submodule: its
+        # weights are this one's.
+        object.__setattr__(self, "inner", moe)
+        if hasattr(moe, "decode_fetch"):
+            self.decode_fetch = moe.decode_fetch
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if hasattr(self.inner, "predict"):
+            self.inner.predict(x)
         top_logits, chosen = torch.topk(self.gate(x), self.top_k, dim=-1)
         weights = torch.softmax(top_logits.float(), dim=-1)
         out = torch.zeros_like(x)

@@ -160,6 +160,7 @@ class Pipeline:
         self._next_cid = 0
         self._dropped: list[int] = []
         self._open = False  # a chunk was started and not finished
+        self._loading = False  # the others were told to load, and their answers are not read yet
 
     @classmethod
     def of(cls, group: Group) -> Pipeline:
@@ -186,6 +187,8 @@ class Pipeline:
             raise MixchatError(f"--split experts: {folder} is a dense model, it has no experts; leave --split out for "
                                "the pipeline split")
         with self.lock:
+            if self._loading:  # the last load failed here before its answers were read
+                self._loaded()
             identity = release_identity(folder)
             free = [available_memory()]
             for r in self.remotes:
@@ -206,6 +209,7 @@ class Pipeline:
                 ranges = plan_layers(args.n_layers, layer_bytes, head_bytes, free, fixed)
                 self.parts = [Part(rng, head=r == 0) for r, rng in enumerate(ranges)]
             self.top_k = args.moe.num_experts_per_tok if args.is_moe else 0
+            self._loading = True
             for r in self.remotes:
                 p = self.parts[r]
                 g.send_json({"op": "load", "folder": str(folder), "layers": [p.layers.start, p.layers.stop],
@@ -213,16 +217,21 @@ class Pipeline:
                              **options}, r)
         return self.parts[0]
 
+    def _loaded(self) -> list[dict]:
+        """The other ranks' answers to the load plan() asked for (each rank answers once, and a rank waits for
+        its answer to be read before it reads another command)."""
+        replies = [self.group.recv_json(r, "loading its layers", forever=True) for r in self.remotes]
+        self._loading = False
+        return replies
+
     def attach(self, engine) -> None:
         """Wait for the other ranks' loads and make `engine`'s model run its chunks with them."""
         with self.lock:
-            verifies = []
-            for r in self.remotes:
-                reply = self.group.recv_json(r, "loading its layers", forever=True)
+            replies = self._loaded()
+            for r, reply in zip(self.remotes, replies, strict=True):
                 if reply.get("error"):
                     raise MixchatError(f"rank {r}: {reply['error']}")
-                verifies.append(bool(reply.get("verifies")))
-            self.verifies = all(verifies)
+            self.verifies = all(bool(reply.get("verifies")) for reply in replies)
         self.hidden = engine.args.dim
         engine.model.ranks = self
 
@@ -317,6 +326,8 @@ class Pipeline:
         if self.group.broken is None:
             try:
                 with self.lock:
+                    if self._loading:
+                        self._loaded()
                     for r in self.remotes:
                         self.group.send_json({"op": "stop"}, r)
             except RankLost:

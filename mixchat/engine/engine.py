@@ -202,7 +202,7 @@ def _expert_capacity(args: ModelArgs, state: dict[str, torch.Tensor], expert_nam
     resident = model_bytes(shapes, dt.itemsize, spec)
     one = _expert_bytes(args, dt, spec)
     capacity = int((budget - resident) // one)
-    if capacity >= args.n_layers * args.moe.num_experts:
+    if capacity >= len(expert_names) // 3:  # all of them (this rank's, under the expert split) fit
         return None
     if capacity < 2:
         raise MixchatError(f"--memory-budget {human_bytes(budget)} is too small for this model: the non-expert "
@@ -298,6 +298,9 @@ class Engine:
         if part is None and (group := dist_group.current()) is not None and group.rank == 0:
             from mixchat.distributed.pipeline import Pipeline, layer_sizes
 
+            if memory_budget and split != "experts":
+                raise MixchatError("--memory-budget works across ranks with --split experts only (each rank's budget "
+                                   "then covers its own experts); with the pipeline split each rank holds its layers")
             pipeline = Pipeline.of(group)
             options = {"dtype": dtype, "device": device, "threads": threads, "quant": quant,
                        "huge_pages": huge_pages, "fused_decode": fused_decode}
@@ -306,9 +309,9 @@ class Engine:
         if part is not None:
             from mixchat.distributed.pipeline import owns
 
-            if memory_budget:
-                raise MixchatError("--memory-budget is not available across ranks yet: leave it out and give each "
-                                   "rank its share of the layers (each rank holds only its own)")
+            if memory_budget and part.experts is None:
+                raise MixchatError("--memory-budget works across ranks with --split experts only (each rank's budget "
+                                   "then covers its own experts); with the pipeline split each rank holds its layers")
             state = {n: t for n, t in state.items() if owns(n, part)}
         quantized: dict[str, dict[str, torch.Tensor]] = {}
         cached, store = False, None
@@ -386,7 +389,8 @@ class Engine:
                     linear.install(ff)
                 return ff
 
-            experts = offload(model, load_expert, _expert_bytes(args, dt, spec), capacity, prefetch)
+            experts = offload(model, load_expert, _expert_bytes(args, dt, spec), capacity, prefetch,
+                              part.experts if part is not None else None)
         if pin:
             state = hugepages.copy_into_huge_pages(state, f"reading {release.weights_label.name} into memory",
                                                    show=show_progress, on_progress=on_progress,

@@ -197,7 +197,7 @@ class FusedDecoder:
         if not isinstance(moe.experts, nn.ModuleList):  # on demand: the format comes with the first fetched expert
             if not hasattr(moe, "decode_fetch"):
                 return None
-            return None, 0, moe.top_k, gate[1][0], [None] * len(moe.experts), False, None
+            return None, 0, moe.top_k, gate[1][0], [None] * len(moe.experts), False, getattr(moe, "reduce", None)
         # An expert split across ranks (mixchat.distributed) holds `local` experts here, and reduces the sum.
         local, reduce = getattr(moe, "local", range(len(moe.experts))), getattr(moe, "reduce", None)
         found = [expert_parts(ex) if e in local else None for e, ex in enumerate(moe.experts)]

@@ -57,6 +57,7 @@ class ExpertCache:
     def __init__(self, load: Callable[[int, int], nn.Module], expert_bytes: int, capacity: int,
                  prefetch: bool = True) -> None:
         self._load, self.expert_bytes, self.capacity, self.prefetch_enabled = load, expert_bytes, capacity, prefetch
+        self.local: range | list = range(1 << 30)  # the experts this cache may load (all, but under the expert split)
         self._lru: OrderedDict[Key, nn.Module] = OrderedDict()
         self._pending: dict[Key, Future] = {}
         self._unused_prefetch: set[Key] = set()
@@ -106,6 +107,7 @@ class ExpertCache:
     def prefetch(self, layer: int, experts: list[int]) -> None:
         if self._pool is None:
             return
+        experts = [e for e in experts if e in self.local]  # the expert split: another rank's are not ours to load
         with self._lock:
             # Never predict more than the cache can hold next to what the current layer uses.
             room = max(0, self.capacity - 2)
@@ -154,30 +156,37 @@ class OffloadedMoe(MoeFeedForward):
         # Not a submodule: it belongs to (and is loaded with) the next layer.
         object.__setattr__(self, "next_gate", next_gate)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def predict(self, x: torch.Tensor) -> None:
+        """Prefetch the next layer's experts as its router would choose them for x's last row (the one that
+        matters most when decoding; in a prefill chunk, the most chosen)."""
         if self.next_gate is not None:
-            # The last token's guess matters most (decode); in a prefill chunk, the most chosen.
             guess = torch.topk(self.next_gate(x[-1:]), self.top_k, dim=-1).indices[0].tolist()
             self.experts.cache.prefetch(self.experts.layer + 1, guess)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.predict(x)
         return super().forward(x)
 
-    def decode_fetch(self, xn: torch.Tensor, chosen: list[int]) -> list[tuple]:
+    def decode_fetch(self, xn: torch.Tensor, chosen: list[int]) -> list[tuple | None]:
         """For the compiled one-token step (kernels.DecodeMoe): predict and prefetch the next layer's experts
-        from the normed input xn, as forward() does, then decoder.expert_parts of the chosen experts."""
-        if self.next_gate is not None:
-            guess = torch.topk(self.next_gate(xn[-1:]), self.top_k, dim=-1).indices[0].tolist()
-            self.experts.cache.prefetch(self.experts.layer + 1, guess)
+        from the normed input xn, as forward() does, then decoder.expert_parts of the chosen experts (None for
+        another rank's, under the expert split)."""
+        self.predict(xn)
+        local = self.experts.cache.local
         # asked for in ascending id, as forward() asks for them
-        parts = {e: expert_parts(self.experts[e]) for e in sorted(chosen)}
+        parts = {e: expert_parts(self.experts[e]) for e in sorted(chosen) if e in local}
         if any(p is None for p in parts.values()):
             raise ValueError("an expert loaded on demand is in a format the kernels do not take")
-        return [parts[e] for e in chosen]
+        return [parts.get(e) for e in chosen]
 
 
 def offload(model: nn.Module, load: Callable[[int, int], nn.Module], expert_bytes: int, capacity: int,
-            prefetch: bool = True) -> ExpertCache:
-    """Replace every MoE layer's experts by views of one ExpertCache holding `capacity` experts."""
+            prefetch: bool = True, local: range | None = None) -> ExpertCache:
+    """Replace every MoE layer's experts by views of one ExpertCache holding `capacity` experts (of the
+    experts `local` only, under the expert split across ranks: mixchat.distributed.experts)."""
     cache = ExpertCache(load, expert_bytes, capacity, prefetch)
+    if local is not None:
+        cache.local = local
     layers = list(model.layers)
     for i, layer in enumerate(layers):
         moe = layer.feed_forward

@@ -226,21 +226,15 @@ class DecodeMoe:
         weights = torch.empty(t, self.top_k, dtype=torch.float32)
         xn = torch.empty(t, self._dims[0], dtype=torch.float32)
         args = (self._ref, h.data_ptr(), t, xn.data_ptr(), chosen.data_ptr(), weights.data_ptr())
-        if self.reduce is not None:
-            # This rank's experts into zeros (0 + x is x), the ranks' parts summed, then the residual: with top-2
-            # routing at most two parts are not zero, so the sum is the one process's, whatever the order.
-            _call(self._lib, "mc_decode_moe", *args, 1)
-            part = torch.zeros_like(h)
-            _call(self._lib, "mc_decode_moe", self._ref, part.data_ptr(), *args[2:], 6)
-            self.reduce(part)
-            h += part
-            return chosen, weights
-        if fetch is None:
+        if fetch is None and self.reduce is None:
             _call(self._lib, "mc_decode_moe", *args, 3)
             return chosen, weights
         _call(self._lib, "mc_decode_moe", *args, 1)
-        ids = sorted(set(chosen.flatten().tolist()))  # every expert some token chose, each once
-        for e, (fmt, ex) in zip(ids, fetch(xn, ids), strict=True):
+        ids = sorted(set(chosen.flatten().tolist())) if fetch is not None else []  # each chosen expert once
+        for e, got in zip(ids, fetch(xn, ids) if ids else [], strict=True):
+            if got is None:  # another rank's (the expert split)
+                continue
+            fmt, ex = got
             if self._kind is None:
                 self._configure(fmt, ex)
             elif fmt != self._fmt:
@@ -248,8 +242,17 @@ class DecodeMoe:
             self._check_expert(ex)
             self._set(e, ex)
         try:
-            _call(self._lib, "mc_decode_moe", *args, 2)
-        finally:  # hold no expert past the call: the on-demand cache must be able to free it
+            if self.reduce is None:
+                _call(self._lib, "mc_decode_moe", *args, 2)
+            else:
+                # This rank's experts into zeros (0 + x is x), the ranks' parts summed, then the residual: with
+                # top-2 routing at most two parts are not zero, so the sum is one process's in any order.
+                part = torch.zeros_like(h)
+                if self._kind is not None:  # else no expert of this rank's has been seen yet: its part is zero
+                    _call(self._lib, "mc_decode_moe", self._ref, part.data_ptr(), *args[2:], 6)
+                self.reduce(part)
+                h += part
+        finally:  # hold no fetched expert past the call: the on-demand cache must be able to free it
             for e in ids:
                 self._w[3 * e: 3 * e + 3] = [None] * 3
                 self._experts[e] = None
