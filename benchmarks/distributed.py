@@ -25,10 +25,14 @@ NS = ("mcbench0", "mcbench1")
 ADDR = ("10.77.0.1", "10.77.0.2")
 
 
-def bench_args(a: argparse.Namespace, threads: int) -> list[str]:
+def bench_args(a: argparse.Namespace, threads: int, split: str | None = None) -> list[str]:
     out = ["-m", "mixchat", "bench", "--model", a.model, "--json", "--threads", str(threads),
            "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens), "--runs", str(a.runs)]
-    return out + (["--quant", a.quant] if a.quant else [])
+    return out + (["--quant", a.quant] if a.quant else []) + (["--split", split] if split else [])
+
+
+def is_moe(folder: str) -> bool:
+    return bool(json.loads((Path(folder) / "params.json").read_text()).get("moe"))
 
 
 def parse(stdout: str) -> dict:
@@ -76,13 +80,13 @@ def drop_link() -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def over_link(a: argparse.Namespace, env: dict) -> dict:
+def over_link(a: argparse.Namespace, env: dict, split: str) -> dict:
     """2 ranks, one per namespace, with torchrun's static rendezvous on rank 0's address."""
     procs = []
     for node, ns in enumerate(NS):
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr", ADDR[0], "--master-port", "29531",
-               *bench_args(a, 1)]
+               *bench_args(a, 1, split)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     outs = [p.communicate(timeout=3600) for p in procs]
     if any(p.returncode for p in procs):
@@ -107,32 +111,37 @@ def main() -> None:
            "PYTHONWARNINGS": "ignore"}
     rows = {}
     rows["one process, 2 threads"] = run([sys.executable, *bench_args(a, 2)], env)
-    rows["2 ranks x 1 thread, 127.0.0.1"] = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                 "--nproc-per-node", "2", *bench_args(a, 1)], env)
-    if not a.skip_link:
+    splits = ["pipeline", "experts"] if is_moe(a.model) else ["pipeline"]
+    for split in splits:
+        rows[f"{split}: 2 ranks x 1 thread, 127.0.0.1"] = run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             *bench_args(a, 1, split)], env)
+    for split in splits if not a.skip_link else []:
         try:
             delayed = make_link(a.delay_ms, a.rate)
         except (subprocess.CalledProcessError, FileNotFoundError) as exc:
             print(f"note: no simulated link ({exc}); run as root with iproute2 for that row", file=sys.stderr)
+            break
+        try:
+            r = over_link(a, env, split)
+        finally:
+            drop_link()
+        if delayed:
+            rows[f"{split}: 2 ranks x 1 thread, {a.delay_ms:g} ms each way, {a.rate}"] = r
         else:
-            try:
-                r = over_link(a, env)
-            finally:
-                drop_link()
-            if delayed:
-                rows[f"2 ranks x 1 thread, {a.delay_ms:g} ms each way, {a.rate}"] = r
-            else:
-                rows[f"2 ranks x 1 thread, {a.rate} (tbf; no netem in this kernel)"] = r
-                # Each decoded token crosses the link once each way on its critical path (rank 0's command
-                # and activations out, rank 1's report and activations back): one round trip per token, and
-                # per prompt chunk.
-                rt = 2 * a.delay_ms / 1e3
-                chunks = -(-a.prompt_tokens // 256)
-                prefill_s = a.prompt_tokens / r["prefill_tokens_per_second"] + chunks * rt
-                rows[f"  the same + {a.delay_ms:g} ms each way, added per round trip (predicted)"] = {
-                    **r, "prefill_tokens_per_second": a.prompt_tokens / prefill_s,
-                    "decode_tokens_per_second": 1 / (1 / r["decode_tokens_per_second"] + rt),
-                    "rank_wait_ms_per_token": round(r["rank_wait_ms_per_token"] + rt * 1e3, 3)}
+            rows[f"{split}: 2 ranks x 1 thread, {a.rate} (tbf; no netem in this kernel)"] = r
+            # The round trips on each token's critical path: the pipeline's one (rank 0's command and
+            # activations out, rank 1's report and activations back); the expert split's one per MoE layer
+            # (the all_reduce) and the report. The same per prompt chunk.
+            trips = 1 if split == "pipeline" else 1 + json.loads((Path(a.model) / "params.json").read_text())[
+                "n_layers"]
+            rt = 2 * a.delay_ms / 1e3 * trips
+            chunks = -(-a.prompt_tokens // 256)
+            prefill_s = a.prompt_tokens / r["prefill_tokens_per_second"] + chunks * rt
+            rows[f"{split}: the same + {a.delay_ms:g} ms each way x {trips} round trips (predicted)"] = {
+                **r, "prefill_tokens_per_second": a.prompt_tokens / prefill_s,
+                "decode_tokens_per_second": 1 / (1 / r["decode_tokens_per_second"] + rt),
+                "rank_wait_ms_per_token": round(r["rank_wait_ms_per_token"] + rt * 1e3, 3)}
     print(f"{a.model} ({a.quant or 'bf16'}), {a.prompt_tokens}-token prompt, {a.decode_tokens} decoded, "
           f"median of {a.runs}")
     print("| run | prefill tok/s | decode tok/s | waiting on rank 1 (ms/token) | bytes per token | split |")
