@@ -284,3 +284,81 @@ def test_an_error_on_rank_zero_after_the_others_loaded_ends_every_rank_at_once(d
                           text=True, timeout=300, env=env(tmp_path / "home"))
     assert proc.returncode != 0 and "mixchat: error: --context 100000" in proc.stderr
     assert time.monotonic() - began < 60  # the others' answers are read, so nobody waits out a timeout
+
+
+def test_every_probe_answer_is_read_before_a_refusal(dense):
+    """A rank whose answer is left unread waits on it, and rank 0's stop after the error would wait on that."""
+    group = FakeGroup([{"error": "no release folder at /x"}, {"identity": release_identity(dense), "free": 1}])
+    group.size = 3
+    with pytest.raises(MixchatError, match="rank 1: no release folder"):
+        Pipeline(group).plan(dense, {}, tiny_args(**SHAPE), 1, 1, None)
+    assert group.replies == []
+
+
+def test_only_rank_zero_gives_up_waiting():
+    import datetime
+
+    class Work:
+        def wait(self, timeout):
+            self.timeout = timeout
+
+    for rank, expect in ((0, datetime.timedelta(seconds=3)), (1, dist_group.FOREVER)):
+        g = object.__new__(dist_group.Group)
+        g.rank, g.timeout = rank, datetime.timedelta(seconds=3)
+        work = Work()
+        g._wait(work, 1, "", forever=False)
+        assert work.timeout == expect
+
+
+def test_a_lost_rank_inside_the_layers_lets_go_of_the_exchange(dense):
+    """Under the expert split the sums run inside rank 0's layers: a rank lost there must not leave the lock
+    held, or the app's other thread (saving, deleting a conversation) would wait for good."""
+    import threading
+
+    class Lost(FakeGroup):
+        def send(self, t, peer, doing=""):
+            pass
+
+        def all_reduce(self, t, doing=""):
+            self.broken = "rank 1 closed its connection"
+            raise dist_group.RankLost(self.broken)
+
+    group = Lost([])
+    group.timeout = __import__("datetime").timedelta(seconds=5)
+    pipe = Pipeline(group)
+    pipe.parts = [Part(range(4), range(0, 2), head=True), Part(range(4), range(2, 4))]
+
+    class Cache:
+        cid = 1
+
+    pipe.start(torch.zeros(1, 8), Cache())
+    with pytest.raises(dist_group.RankLost):
+        pipe.reduce(torch.zeros(1, 8))
+    took = []
+    t = threading.Thread(target=lambda: took.append(pipe.lock.acquire(timeout=2)))
+    t.start()
+    t.join()
+    assert took == [True] and group.broken
+
+
+def test_the_disk_budget_keeps_every_part_of_the_conversation_just_saved(tmp_path):
+    from mixchat.conversations.kvstore import enforce_disk_budget
+
+    for i, name in enumerate(["old.safetensors", "old.rank1.safetensors", "new.rank1.safetensors",
+                              "new.safetensors"]):
+        (tmp_path / name).write_bytes(b"x" * 100)
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    removed = enforce_disk_budget(tmp_path, 150, keep=tmp_path / "new.safetensors")
+    assert sorted(p.name for p in removed) == ["old.rank1.safetensors", "old.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.rank1.safetensors", "new.safetensors"]
+
+
+def test_rm_deletes_the_parts_other_ranks_saved_on_this_machine(dense, tmp_path):
+    home = tmp_path / "home"
+    _, done, _ = answer(ONE, home, "--model", str(dense), "hello")
+    cid = done["conversation"]
+    part = home / "kv" / f"{cid}.rank1.safetensors"
+    part.write_bytes(b"part")
+    proc = subprocess.run([*ONE, "rm", cid], capture_output=True, text=True, env=env(home))
+    assert proc.returncode == 0, proc.stderr
+    assert not part.exists() and not (home / "kv" / f"{cid}.safetensors").exists()

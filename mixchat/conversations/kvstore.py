@@ -149,8 +149,8 @@ def enforce_disk_budget(folder: Path, budget: int, keep: Path | None = None) -> 
     for p in files:
         if total <= budget:
             break
-        if p == keep:
-            continue
+        if keep is not None and p.name.split(".", 1)[0] == keep.name.split(".", 1)[0]:
+            continue  # the conversation's own file, and the parts other ranks saved beside it
         total -= p.stat().st_size
         p.unlink(missing_ok=True)
         removed.append(p)
@@ -206,9 +206,9 @@ class SessionPool:
 
     def forget(self, cid: str) -> None:
         """The conversation was deleted: drop its cache from memory and disk."""
-        session = self.sessions.pop(cid, None)
-        if session is not None and hasattr(session.cache, "forget_parts"):
-            session.cache.forget_parts(cid)
+        self.sessions.pop(cid, None)
+        if self.engine.pipeline is not None:  # the parts the other ranks saved, open or not
+            self.engine.pipeline.tell({"op": "forget", "name": cid})
         try:
             self.path(cid).unlink(missing_ok=True)
         except OSError:

@@ -84,6 +84,10 @@ class Group:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.pipeline = None  # rank 0's mixchat.distributed.pipeline.Pipeline, once a model is loaded
+        # The launch's --split and --rank-layers: every model rank 0 loads in this launch is split so (the app
+        # loads models from its settings, which do not hold them).
+        self.split: str = "pipeline"
+        self.rank_layers: list[int] | None = None
         if "GLOO_SOCKET_IFNAME" not in os.environ and (iface := _interface_for(os.environ["MASTER_ADDR"])):
             os.environ["GLOO_SOCKET_IFNAME"] = iface  # listen on the rendezvous network only
         try:
@@ -113,7 +117,9 @@ class Group:
 
     def _wait(self, work, peer: int | str, doing: str, forever: bool) -> None:
         try:
-            work.wait(FOREVER if forever else self.timeout)
+            # Only rank 0 gives up: the others wait on it (and on the rank before them) for as long as it takes,
+            # since rank 0 is the one that names a lost rank and keeps what was said.
+            work.wait(FOREVER if forever or self.rank != 0 else self.timeout)
         except RuntimeError as exc:
             raise self._lost(peer, exc, doing) from None
 

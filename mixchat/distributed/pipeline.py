@@ -193,8 +193,9 @@ class Pipeline:
             free = [available_memory()]
             for r in self.remotes:
                 g.send_json({"op": "probe", "folder": str(folder)}, r)
-            for r in self.remotes:
-                reply = g.recv_json(r, "opening the release folder", forever=True)
+            # every answer read before any is judged: a rank whose answer is left unread waits on it
+            replies = [g.recv_json(r, "opening the release folder", forever=True) for r in self.remotes]
+            for r, reply in zip(self.remotes, replies, strict=True):
                 if reply.get("error"):
                     raise MixchatError(f"rank {r}: {reply['error']}")
                 if reply.get("identity") != identity:
@@ -236,10 +237,27 @@ class Pipeline:
         engine.model.ranks = self
 
     def reduce(self, part: torch.Tensor) -> None:
-        """The expert split's sum across ranks, in place (the MoE layers call it)."""
+        """The expert split's sum across ranks, in place (the MoE layers call it, between start and finish)."""
         began = time.perf_counter()
-        self.group.all_reduce(part, "adding its experts' outputs")
+        try:
+            self.group.all_reduce(part, "adding its experts' outputs")
+        except BaseException:
+            self._abandon()
+            raise
         self.wait_seconds += time.perf_counter() - began
+
+    def _abandon(self) -> None:
+        """A chunk failed between start and finish: the ranks are out of step for good; let go of the lock."""
+        if self._open:
+            self._open = False
+            self.group.broken = self.group.broken or "a forward pass was interrupted midway"
+            self.lock.release()
+
+    def _acquire(self) -> None:
+        """The lock, within the rank timeout: a thread never waits for good on an exchange that cannot end."""
+        if not self.lock.acquire(timeout=self.group.timeout.total_seconds()):
+            raise RankLost(f"the other ranks stayed busy for {self.group.timeout.total_seconds():g} s "
+                           f"(--rank-timeout); {AFTER}")
 
     # -- the forward pass
     def _flush(self) -> None:
@@ -252,10 +270,10 @@ class Pipeline:
         """A chunk begins (its slots taken): the others are told, and under the expert split given h, since they
         run every layer beside this rank."""
         g = self.group
-        self.lock.acquire()  # released by finish
+        self._acquire()  # released by finish
         if self._open:  # the last chunk never finished (an exception between): the ranks are out of step
-            g.broken = "a forward pass was interrupted midway"
             self.lock.release()
+            self._abandon()
             raise RankLost(f"{g.broken}; {AFTER}")
         try:
             self._flush()
@@ -292,8 +310,8 @@ class Pipeline:
             if not self.experts_split:
                 h = g.recv(torch.empty(n, self.hidden, dtype=h.dtype), self.remotes[-1], "running its layers")
             self.wait_seconds += time.perf_counter() - began
+        finally:  # finished or failed (then the group is broken), the chunk is over: the lock goes with it
             self._open = False
-        finally:
             self.lock.release()
         return h, experts, weights
 
@@ -311,15 +329,21 @@ class Pipeline:
         self._dropped.append(cid)
 
     def tell(self, command: dict) -> None:
-        with self.lock:
+        self._acquire()
+        try:
             self._flush()
             for r in self.remotes:
                 self.group.send_json(command, r)
+        finally:
+            self.lock.release()
 
     def ask(self, command: dict, doing: str) -> list[dict]:
-        with self.lock:
+        self._acquire()
+        try:
             self.tell(command)
             return [self.group.recv_json(r, doing) for r in self.remotes]
+        finally:
+            self.lock.release()
 
     def stop(self) -> None:
         """Rank 0 is done: let the others exit."""
@@ -423,7 +447,7 @@ class Server:
                 reply = handler(cmd)
             except RankLost:
                 return 1
-            except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
+            except (KeyError, ValueError, TypeError, RuntimeError, OSError, AttributeError) as exc:
                 # A command this rank cannot carry out (a cache of a model since replaced): rank 0 hears why
                 # where it waits for an answer, and nothing where it does not.
                 reply = {"error": " ".join(str(exc).split())[:300] or type(exc).__name__} if op in _ANSWERED else None
@@ -540,6 +564,7 @@ class Server:
 
 def serve(group: Group) -> int:
     """The whole life of a rank other than 0; returns its exit status."""
-    # Ctrl+C reaches every process of the terminal's group: rank 0 decides what it means and tells the others.
+    # torchrun passes Ctrl+C on to every rank as it shuts the launch down: rank 0 stops the reply and saves it,
+    # and this rank must still be there to save its part.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return Server(group).run()

@@ -173,7 +173,7 @@ def load_options(ns) -> dict:
             raise MixchatError("--rank-layers: every rank holds at least one layer")
     return {"dtype": ns.dtype, "device": ns.device, "threads": ns.threads, "quant": getattr(ns, "quant", None),
             "memory_budget": budget * 1e9 if budget else None, "context": context, "rank_layers": rank_layers,
-            "split": getattr(ns, "split", None) or "pipeline"}
+            "split": getattr(ns, "split", None)}
 
 
 def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> int:
@@ -264,7 +264,7 @@ class Engine:
              on_progress: Callable[[int, int], None] | None = None, quant: str | None = None,
              memory_budget: float | None = None, prefetch: bool = True, huge_pages: bool | None = None,
              context: int | None = None, fused_decode: bool = True, part: Part | None = None,
-             rank_layers: list[int] | None = None, split: str = "pipeline") -> Engine:
+             rank_layers: list[int] | None = None, split: str | None = None) -> Engine:
         """`on_progress(bytes_done, bytes_total)` reports reading, converting or quantizing the
         weights (the TUI's progress bar); `show_progress` draws a bar on stderr (default: when it is
         a tty). `quant` is 'int8', 'int4' or 'int4-G' (see mixchat.speed.quant); None keeps the weights.
@@ -297,6 +297,8 @@ class Engine:
         pipeline = None
         if part is None and (group := dist_group.current()) is not None and group.rank == 0:
             from mixchat.distributed.pipeline import Pipeline, layer_sizes
+
+            split, rank_layers = split or group.split, rank_layers or group.rank_layers  # default: the launch's
 
             if memory_budget and split != "experts":
                 raise MixchatError("--memory-budget works across ranks with --split experts only (each rank's budget "

@@ -120,12 +120,13 @@ def _rm(ns: argparse.Namespace) -> int:
 
     conv = _store().delete(ns.id)
     print(f"deleted {short_id(conv.id)} ({one_line(conv.title) or '(untitled)'}) and its messages")
-    kv = paths.kv_dir() / f"{conv.id}.safetensors"
-    try:
-        kv.unlink(missing_ok=True)
-    except OSError as exc:  # the conversation is gone; only its cache file is left behind
-        print(f"mixchat: warning: could not delete its KV cache {kv} ({exc.strerror}); remove it by hand",
-              file=sys.stderr)
+    # its cache, and the parts other ranks of a torchrun launch saved on this machine (<id>.rank<r>.safetensors)
+    for kv in [paths.kv_dir() / f"{conv.id}.safetensors", *paths.kv_dir().glob(f"{conv.id}.rank*.safetensors")]:
+        try:
+            kv.unlink(missing_ok=True)
+        except OSError as exc:  # the conversation is gone; only its cache file is left behind
+            print(f"mixchat: warning: could not delete its KV cache {kv} ({exc.strerror}); remove it by hand",
+                  file=sys.stderr)
     return 0
 
 
@@ -446,9 +447,16 @@ def _join_launch(ns: argparse.Namespace):
     if not dist_group.launched():
         return None
     timeout = getattr(ns, "rank_timeout", None)
-    if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= 86400):
-        raise MixchatError(f"--rank-timeout {timeout}: must be a number of seconds from 0 to 86400")
-    return dist_group.start(timeout or DEFAULT_RANK_TIMEOUT)
+    valid = timeout is None or (math.isfinite(timeout) and 0.001 <= timeout <= 86400)
+    group = dist_group.start(timeout if valid and timeout else DEFAULT_RANK_TIMEOUT)
+    if group.rank == 0:  # the other ranks say nothing: rank 0 names a bad flag, once
+        if not valid:
+            raise MixchatError(f"--rank-timeout {timeout:g}: must be a number of seconds from 0.001 to 86400")
+        group.split = getattr(ns, "split", None) or "pipeline"
+        from mixchat.engine.engine import load_options
+
+        group.rank_layers = load_options(ns)["rank_layers"] if getattr(ns, "rank_layers", None) else None
+    return group
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,7 +466,6 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else list(argv))
     if ns.home:
         os.environ["MIXCHAT_HOME"] = ns.home
-    group = None
     try:
         group = _join_launch(ns)
         if group is not None and group.rank != 0:
@@ -478,11 +485,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         code = 0  # the reader went away (mixchat ... | head): stop quietly, as Unix tools do
     finally:
-        if group is not None and group.rank == 0:
+        from mixchat.distributed import group as dist_group
+
+        # also when the launch was joined and a flag then refused: the other ranks wait for their stop
+        if (joined := dist_group.current()) is not None and joined.rank == 0:
             from mixchat.distributed.pipeline import Pipeline
 
-            Pipeline.of(group).stop()
-            group.close()
+            Pipeline.of(joined).stop()
+            joined.close()
     try:
         sys.stdout.flush()
     except OSError:
