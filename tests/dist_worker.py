@@ -11,7 +11,8 @@ import sys
 import torch
 
 from mixchat.distributed import group as dist_group
-from mixchat.distributed.pipeline import Pipeline, serve
+from mixchat.distributed.pipeline import Pipeline
+from mixchat.distributed.serving import serve
 
 
 def passes(engine, cache) -> dict[str, list[torch.Tensor]]:

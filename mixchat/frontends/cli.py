@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         group = _join_launch(ns)
         if group is not None and group.rank != 0:
-            from mixchat.distributed.pipeline import serve
+            from mixchat.distributed.serving import serve
 
             return serve(group)  # the other ranks only answer rank 0, and say nothing
         code = ns.func(ns)

@@ -655,6 +655,15 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             except MixchatError as exc:
                 self.notify(str(exc), title="context not changed", severity="error", timeout=12)
                 new.context = self.settings.context
+        reload = ("model", "dtype", "threads", "quant", "memory_budget_gb")
+        if any(getattr(new, k) != getattr(self.settings, k) for k in reload) and new.model and \
+                getattr(self.engine, "pipeline", None) is not None and any(p.busy for p in self.tabs.query(ChatPane)):
+            # Under torchrun the other ranks are in the middle of this reply: a new model now would put them out
+            # of step. (One process keeps the old model for the reply being written.)
+            for k in reload:
+                setattr(new, k, getattr(self.settings, k))
+            self.notify("a reply is being written across the ranks: stop it (Esc), then change the model settings",
+                        severity="warning")
         old, self.settings = self.settings, new
         settings_mod.save(new)
         pane = self.pane
@@ -662,7 +671,6 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             pane.chat.system = new.system or None  # the open conversation takes the new system prompt
             if pane.chat.id:
                 self.store.update_settings(pane.chat.id, pane.chat.system, vars(new.sampling()))
-        reload = ("model", "dtype", "threads", "quant", "memory_budget_gb")
         if any(getattr(new, k) != getattr(old, k) for k in reload) and new.model:
             self.model_folder, self.engine = new.model, None
             self._model_asked.clear()
