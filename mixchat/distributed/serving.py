@@ -81,7 +81,8 @@ class Server:
         try:
             self.engine = Engine.load(cmd["folder"], dtype=cmd["dtype"], device=cmd["device"], threads=cmd["threads"],
                                       quant=cmd["quant"], show_progress=False, huge_pages=cmd["huge_pages"],
-                                      fused_decode=cmd["fused_decode"], part=self.part)
+                                      fused_decode=cmd["fused_decode"], memory_budget=cmd["memory_budget"],
+                                      prefetch=cmd["prefetch"], part=self.part)
         except MixchatError as exc:
             return {"error": str(exc)}
         decoder = self.engine.model.decoder

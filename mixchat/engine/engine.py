@@ -299,21 +299,18 @@ class Engine:
             from mixchat.distributed.pipeline import Pipeline, layer_sizes
 
             split, rank_layers = split or group.split, rank_layers or group.rank_layers  # default: the launch's
-
             if memory_budget and split != "experts":
                 raise MixchatError("--memory-budget works across ranks with --split experts only (each rank's budget "
                                    "then covers its own experts); with the pipeline split each rank holds its layers")
             pipeline = Pipeline.of(group)
             options = {"dtype": dtype, "device": device, "threads": threads, "quant": quant,
-                       "huge_pages": huge_pages, "fused_decode": fused_decode}
+                       "huge_pages": huge_pages, "fused_decode": fused_decode, "memory_budget": memory_budget,
+                       "prefetch": prefetch}
             part = pipeline.plan(release.folder.resolve(), options, args, *layer_sizes(args, state, dt, spec),
                                  rank_layers, split)
         if part is not None:
             from mixchat.distributed.pipeline import owns
 
-            if memory_budget and part.experts is None:
-                raise MixchatError("--memory-budget works across ranks with --split experts only (each rank's budget "
-                                   "then covers its own experts); with the pipeline split each rank holds its layers")
             state = {n: t for n, t in state.items() if owns(n, part)}
         quantized: dict[str, dict[str, torch.Tensor]] = {}
         cached, store = False, None
