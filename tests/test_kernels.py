@@ -369,6 +369,51 @@ def test_thread_count_does_not_change_results():
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+def test_threads_taking_each_others_chunks_give_every_row_once_and_the_same(kind):
+    # mc_run_jobs hands out each weight's rows in chunks (a multiple of 16 rows, ~256 K weights: 64 rows
+    # at K = 4096) and a thread that is through its share takes chunks from the end of the others'. Rows
+    # that are not a multiple of a chunk, weights of different heights in one region, and more threads
+    # than chunks (some threads own nothing): every row is computed (each is checked against the weights)
+    # and by one thread in a fixed order, so the outputs are bit-identical whatever the thread count.
+    g = gen(21)
+    k = 4096
+    x = torch.randn(2, k, generator=g)
+    heights = (1000, 72, 336)  # 15.6, 1.1 and 5.25 chunks of 64 rows
+    weights, reference = [], []
+    for i, n in enumerate(heights):
+        if kind == "bf16":
+            w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+            weights.append((w,))
+            reference.append(w.float())
+        elif kind == "int8":
+            q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+            scale = torch.rand(n, generator=g) * 0.01
+            weights.append((q, scale))
+            reference.append(q.float() * scale[:, None])
+        else:
+            packed, scale, zero, w = int4_case(n, k, 64, seed=i)
+            weights.append((packed, scale, zero))
+            reference.append(w)
+    try:
+        outs = []
+        for threads in (1, 2, 3, 8):
+            kernels.set_num_threads(threads)
+            outs.append(kernels.linear_many(x, kind, weights, 64 if kind == "int4" else 0))
+    finally:
+        kernels.set_num_threads(None)
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0], strict=True):
+            assert torch.equal(a, b)
+    if kind == "bf16":  # exact fp32 x: the sums themselves are checked (int8/int4 round x to int8)
+        for y, w in zip(outs[0], reference, strict=True):
+            assert_matches(y, x, w)
+    else:
+        for y, w in zip(outs[0], reference, strict=True):
+            torch.testing.assert_close(y, x @ w.T, rtol=0.05, atol=0.05 * (x @ w.T).abs().max().item())
+
+
+@needs_kernels
 def test_concurrent_callers():
     # ctypes drops the GIL: two Python threads run kernels at once, each with its own scratch for x.
     g = gen(4)

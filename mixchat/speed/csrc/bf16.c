@@ -22,25 +22,36 @@ MC_MAYBE_UNUSED static void bf16_rows_scalar(const mc_ctx *c, int64_t lo, int64_
 /* bf16                                                                                              */
 /* ------------------------------------------------------------------------------------------------- */
 #if MC_AVX512
-/* AVX-512: 16 bf16 weights per load, widened to fp32 in column order (zero-extend to 32 bits, shift left
- * 16: exact), one FMA with 16 fp32 x. x stays fp32 and in its own order (prep_bf16 copies it into the
- * aligned scratch), so the products are the AVX2 code's; only the order of the fp32 additions differs.
- * vdpbf16ps (AVX512_BF16) is not used: it would need x rounded to bf16, which no bf16 path does (x is
- * fp32 throughout), so it would change results by far more than a reordering (2^-9 of each x). Per 64
- * columns four steps of 16 go to accumulator sets 0-3 (mod S), as the AVX2 code spreads its halves. */
+/* AVX-512: 32 bf16 weights per 512-bit load, split as the AVX2 code splits 16: `dword << 16` is the even
+ * column as fp32 and `dword & 0xffff0000` the odd one (exact), two cheap ALU ops and two FMAs with 16 fp32 x
+ * each; prep_bf16 puts x in the matching order (per 32 columns: 16 even, then 16 odd). Widening 16 weights
+ * at a time in column order (vpmovzxwd, a port-5 shuffle per 16 weights, from 256-bit loads) read 5-10 %
+ * slower: with the FMAs the core keeps fewer loads in flight. Only the order of the fp32 additions differs
+ * from the AVX2 code. vdpbf16ps (AVX512_BF16) is not used: it would need x rounded to bf16, which no bf16
+ * path does (x is fp32 throughout), so it would change results by far more than a reordering (2^-9 of each
+ * x). Per 64 columns the even and odd halves of two steps go to accumulator sets 0-3 (mod S). */
 MC_INLINE void bf16_step512(const mc_ctx *c, const uint16_t *w, int64_t k, const int R, const int T,
-                            __m512 (*acc)[8])
+                            __m512 (*even)[8], __m512 (*odd)[8])
 {
     const int64_t K = c->K, K32 = K & ~(int64_t)31;
-    __m512 wf[4];
+    const __m512i hi_mask = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 we[4], wo[4];
     MC_UNROLL for (int r = 0; r < R; r++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
-        wf[r] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+        __m512i v = _mm512_loadu_si512((const void *)(w + r * K + k));
+        MC_REG(v);
+        we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
     }
     MC_UNROLL for (int t = 0; t < T; t++) {
-        __m512 xv = _mm512_load_ps(c->xp + t * K32 + k);
-        if (R > 1) MC_REG(xv);
-        MC_UNROLL for (int r = 0; r < R; r++) acc[r][t] = _mm512_fmadd_ps(wf[r], xv, acc[r][t]);
+        __m512 xe = _mm512_load_ps(c->xp + t * K32 + k), xo = _mm512_load_ps(c->xp + t * K32 + k + 16);
+        if (R > 1) {
+            MC_REG(xe);
+            MC_REG(xo);
+        }
+        MC_UNROLL for (int r = 0; r < R; r++) {
+            even[r][t] = _mm512_fmadd_ps(we[r], xe, even[r][t]);
+            odd[r][t] = _mm512_fmadd_ps(wo[r], xo, odd[r][t]);
+        }
     }
 }
 
@@ -51,7 +62,7 @@ MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K;
     const uint16_t *w = (const uint16_t *)c->w + n0 * K;
-    const int64_t pf = MC_PF_OFFSET(R, 2 * K);
+    mc_pf pfs = mc_pf_init(c, R, 2 * K, 2 * k0);
     __m512 acc[4][4][8];
     MC_ZERO_ACC512(acc, S, R, T);
     if (carry && !first)
@@ -60,12 +71,13 @@ MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
     int64_t k = k0;
     for (; k + 64 <= k1; k += 64) {
         if (MC_PF) MC_UNROLL for (int h = 0; h < 2; h++)
-            MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k + 32 * h, pf);
-        MC_UNROLL for (int q = 0; q < 4; q++) bf16_step512(c, w, k + 16 * q, R, T, acc[q % S]);
+            MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k + 32 * h, mc_pf_at(&pfs, 2 * (k + 32 * h)));
+        MC_UNROLL for (int q = 0; q < 2; q++)
+            bf16_step512(c, w, k + 32 * q, R, T, acc[(2 * q) % S], acc[(2 * q + 1) % S]);
     }
     if (k < k1) { /* 32 columns left */
-        if (MC_PF) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k, pf);
-        MC_UNROLL for (int q = 0; q < 2; q++) bf16_step512(c, w, k + 16 * q, R, T, acc[q % S]);
+        if (MC_PF) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k, mc_pf_at(&pfs, 2 * k));
+        bf16_step512(c, w, k, R, T, acc[0], acc[1 % S]);
     }
     if (carry && !last) {
         MC_UNROLL for (int s_ = 0; s_ < S; s_++) MC_UNROLL for (int r_ = 0; r_ < R; r_++)
@@ -88,7 +100,7 @@ MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K, K32 = K & ~(int64_t)31;
     const uint16_t *w = (const uint16_t *)c->w + n0 * K;
-    const int64_t pf = MC_PF_OFFSET(R, 2 * K);
+    mc_pf pfs = mc_pf_init(c, R, 2 * K, 2 * k0);
     const __m256i hi_mask = _mm256_set1_epi32((int)0xffff0000u);
     __m256 acc[4][4][8];
     MC_ZERO_ACC(acc, S, R, T);
@@ -96,7 +108,7 @@ MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
         MC_UNROLL for (int s_ = 0; s_ < S; s_++) MC_UNROLL for (int r_ = 0; r_ < R; r_++)
             MC_UNROLL for (int t_ = 0; t_ < T; t_++) acc[s_][r_][t_] = carry[r_][t_][s_];
     for (int64_t k = k0; k < k1; k += 32) {
-        MC_UNROLL for (int r = 0; r < R; r++) if (MC_PF) MC_PREFETCH(w + r * K + k, pf);
+        MC_UNROLL for (int r = 0; r < R; r++) if (MC_PF) MC_PREFETCH(w + r * K + k, mc_pf_at(&pfs, 2 * k));
         MC_UNROLL for (int h = 0; h < 2; h++) {
             __m256 we[4], wo[4];
             MC_UNROLL for (int r = 0; r < R; r++) {
@@ -197,11 +209,18 @@ static const mc_rows_fn bf16_xfns[9] = {0, bf16_rows_t1, bf16_rows_x2, bf16_rows
                                         bf16_rows_x5, bf16_rows_x6, bf16_rows_x7, bf16_rows_x8};
 
 #if MC_AVX512
-/* The AVX-512 kernel reads x in its own order: an aligned copy of each row's first K32 columns. */
+/* x in the AVX-512 kernel's order: per 32 columns the 16 even ones, then the 16 odd ones (aligned scratch). */
 static void prep_bf16(const float *x, int T, int64_t K, float *xp)
 {
     const int64_t K32 = K & ~(int64_t)31;
-    for (int t = 0; t < T; t++) memcpy(xp + t * K32, x + t * K, (size_t)K32 * sizeof(float));
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    for (int t = 0; t < T; t++)
+        for (int64_t b = 0; b < K32; b += 32) {
+            __m512 lo = _mm512_loadu_ps(x + t * K + b), hi = _mm512_loadu_ps(x + t * K + b + 16);
+            _mm512_store_ps(xp + t * K32 + b, _mm512_permutex2var_ps(lo, even, hi));
+            _mm512_store_ps(xp + t * K32 + b + 16, _mm512_permutex2var_ps(lo, odd, hi));
+        }
 }
 #else
 static void prep_bf16(const float *x, int T, int64_t K, float *xp)

@@ -2,8 +2,8 @@
  * common.h (part of kernels.c, the unity build; see there): what every format's kernels share.
  * The includes and the SIMD switches (MC_AVX2, MC_AVX512, MC_VNNI), macros, tunables (rows and accumulator
  * splits per kernel, K chunk budget, prefetch distance), the exported thread and ABI settings, mc_ctx (one
- * product's arguments), the OpenMP job runner (mc_run_jobs: the same pool and thread count for every
- * kernel), the per-thread scratch buffer, bf16 -> fp32, group sums of x, and, for the SIMD build, the row
+ * product's arguments), the prefetch offset (mc_pf), the OpenMP job runner (mc_run_jobs: the same pool and
+ * thread count for every kernel, rows in chunks the threads share out), the per-thread scratch buffer, bf16 -> fp32, group sums of x, and, for the SIMD build, the row
  * driver (MC_DRIVER) and the accumulator macros (8 and 16 lanes) the bf16/int8/int4 files instantiate. Kept in one header so each
  * format's file holds only its own arithmetic.
  */
@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <alloca.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -82,10 +83,6 @@ _Static_assert(MC_INT4_T1_R >= 1 && MC_INT4_T1_R <= 4 && MC_INT4_T1_S >= 1 && MC
 #ifndef MC_PF_HINT
 #define MC_PF_HINT _MM_HINT_T1
 #endif
-/* Where the data ~MC_PF bytes ahead in this thread's access order lives, relative to the current
- * address: further along the row when rows are streamed whole; in the next group of R rows (same
- * columns) when K is chunked, since the rest of this row is only read a whole chunk later. */
-#define MC_PF_OFFSET(R, row_bytes) (c->KC >= c->K - 63 ? (int64_t)MC_PF : (int64_t)(R) * (int64_t)(row_bytes))
 #define MC_PREFETCH(p, off) _mm_prefetch((const char *)(p) + (off), MC_PF_HINT)
 
 #define MC_EBADARG -1
@@ -124,6 +121,37 @@ typedef struct {
 
 typedef void (*mc_rows_fn)(const mc_ctx *c, int64_t lo, int64_t hi);
 
+/* The software prefetch offset of a row kernel: what it reads ~MC_PF bytes later in its own order of reads.
+ * When K is chunked, that is the next group of R rows at the same columns (the rest of this row is read a
+ * whole chunk later). When rows are streamed whole, R at a time in lockstep, it is MC_PF / R bytes further
+ * along each row, and past a row's end the row R further on, not the next one, which another of the R
+ * streams is reading at that moment. Prefetching "MC_PF along the address" there fetched the next row late
+ * and skipped the row after: products with long rows (K = 14336, the 7B's w2) read 10-15 % slower than
+ * those with short ones. mc_pf_at is called with the current column's byte offset, in increasing order. */
+typedef struct {
+    int64_t off, wrap_at, step, row;
+} mc_pf;
+
+MC_INLINE mc_pf mc_pf_init(const mc_ctx *c, int R, int64_t row_bytes, int64_t col_bytes)
+{
+    mc_pf p = {(int64_t)R * row_bytes, INT64_MAX, 0, row_bytes};
+    if (c->KC < c->K - 63) return p;
+    const int64_t lead = MC_PF / R, m = (col_bytes + lead) / row_bytes;
+    p.step = (int64_t)(R - 1) * row_bytes;
+    p.off = lead + m * p.step;
+    p.wrap_at = (m + 1) * row_bytes - lead;
+    return p;
+}
+
+MC_INLINE int64_t mc_pf_at(mc_pf *p, int64_t col_bytes)
+{
+    while (col_bytes >= p->wrap_at) {
+        p->off += p->step;
+        p->wrap_at += p->row;
+    }
+    return p->off;
+}
+
 /* Contiguous, `align`-row-aligned share of [0, n) for thread `tid` of `nt`. */
 MC_MAYBE_UNUSED static void mc_share(int64_t n, int64_t align, int tid, int nt, int64_t *lo, int64_t *hi)
 {
@@ -141,12 +169,42 @@ typedef struct {
     mc_ctx c;
 } mc_job;
 
-/* Static split over OpenMP threads. kernels.py loads this library after torch, so `omp parallel` runs
+/* A job's rows in chunks of a multiple of MC_RB rows and about MC_CHUNK_WEIGHTS weights (512 KB of bf16 at K =
+ * 4096): small enough to even out the threads, long enough to stream. */
+#ifndef MC_CHUNK_WEIGHTS
+#define MC_CHUNK_WEIGHTS (1 << 18)
+#endif
+MC_MAYBE_UNUSED static int64_t mc_chunk_rows(const mc_ctx *c)
+{
+    int64_t rows = (MC_CHUNK_WEIGHTS + c->K - 1) / c->K;
+    return (rows + MC_RB - 1) / MC_RB * MC_RB;
+}
+
+/* One thread's chunks of one job, [front, back) packed in one word: the owner takes from the front, the
+ * others from the back, each with a compare-and-swap, so no chunk runs twice. */
+MC_MAYBE_UNUSED static int64_t mc_take(uint64_t *span, int front)
+{
+    uint64_t v = __atomic_load_n(span, __ATOMIC_ACQUIRE);
+    for (;;) {
+        uint32_t f = (uint32_t)(v >> 32), b = (uint32_t)v;
+        if (f >= b) return -1;
+        uint64_t next = front ? ((uint64_t)(f + 1) << 32) | b : ((uint64_t)f << 32) | (b - 1);
+        if (__atomic_compare_exchange_n(span, &v, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return front ? (int64_t)f : (int64_t)(b - 1);
+    }
+}
+
+/* Runs the jobs over OpenMP threads. kernels.py loads this library after torch, so `omp parallel` runs
  * on torch's own libgomp worker pool (no second pool competing for the cores); num_threads() is given
  * per region rather than through omp_set_num_threads(), which would change torch's setting too.
  * Several jobs (the products of one x with wq, wk and wv, or with w1 and w3) share one region: each
  * thread goes on to its part of the next weight without waiting for the others, which saves a
- * fork/join per weight and keeps the memory streams busy across the switch. */
+ * fork/join per weight and keeps the memory streams busy across the switch.
+ * Each thread starts on one contiguous share of each job (a simple sequential stream for the hardware
+ * prefetchers) and, once through it, takes chunks from the end of the others' shares. A static split
+ * left one core idle 17 % of the time in a 7B layer on a 2-core VM, whose cores do not read equally fast
+ * from one moment to the next; the split changes no result, since each output row is summed by one
+ * thread, the same way whichever. */
 static void mc_run_jobs(const mc_job *jobs, int n)
 {
     int nt = g_threads;
@@ -163,12 +221,30 @@ static void mc_run_jobs(const mc_job *jobs, int n)
         return;
     }
 #ifdef _OPENMP
+    uint64_t *span = (uint64_t *)alloca(sizeof(uint64_t) * (size_t)n * (size_t)nt);
+    int64_t chunk[MC_MULTI_MAX];
+    for (int i = 0; i < n; i++) {
+        chunk[i] = mc_chunk_rows(&jobs[i].c);
+        for (int t = 0; t < nt; t++) {
+            int64_t lo, hi;
+            mc_share((jobs[i].c.N + chunk[i] - 1) / chunk[i], 1, t, nt, &lo, &hi);
+            span[i * nt + t] = ((uint64_t)lo << 32) | (uint64_t)hi;
+        }
+    }
 #pragma omp parallel num_threads(nt)
     {
+        /* a pool that gives fewer threads than asked: the missing threads' shares are taken as the others' */
+        const int tid = omp_get_thread_num();
         for (int i = 0; i < n; i++) {
-            int64_t lo, hi;
-            mc_share(jobs[i].c.N, 8, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-            if (lo < hi) jobs[i].fn(&jobs[i].c, lo, hi);
+            const mc_job *j = &jobs[i];
+            for (int v = 0; v < nt; v++) {
+                uint64_t *s = &span[i * nt + (tid + v) % nt];
+                int64_t q;
+                while ((q = mc_take(s, v == 0)) >= 0) {
+                    int64_t lo = q * chunk[i], hi = lo + chunk[i] < j->c.N ? lo + chunk[i] : j->c.N;
+                    j->fn(&j->c, lo, hi);
+                }
+            }
         }
     }
 #else

@@ -9,7 +9,9 @@
  *   - read each weight row once for all T rows of x (up to 8; 4 for exact int4; more rows are done in
  *     slices), so T = 4 costs about the same memory traffic as T = 1;
  *   - give each thread one contiguous range of output rows, so it streams its own part of the weight
- *     (simple sequential streams for the hardware prefetchers);
+ *     (simple sequential streams for the hardware prefetchers), and let a thread that is through its
+ *     range take chunks from the end of the others' (mc_run_jobs), so no core idles while another
+ *     reads;
  *   - accumulate in fp32 in enough independent registers (R rows x T tokens x S splits, about 8) to
  *     hide FMA latency; R rows share each load of x.
  *
@@ -19,8 +21,9 @@
  * the chunks in turn (partial sums kept in a small array). Elsewhere chunking measured slower than
  * streaming whole rows (it breaks the weight into short runs), so KC = K there.
  *
- * Weights are also prefetched in software, MC_PF bytes ahead: one core alone cannot keep enough cache
- * misses in flight from the hardware prefetchers to approach the read limit (measured: +10-40%).
+ * Weights are also prefetched in software, MC_PF bytes ahead in the thread's order of reads (mc_pf):
+ * while the core also converts and multiplies, the hardware prefetchers alone do not keep enough cache
+ * misses in flight to approach the read limit (measured: +10-40%).
  *
  * Weight formats:
  *   bf16  w uint16 [N, K] (bf16 bits). Any K (the last K % 32 columns go through scalar code).
