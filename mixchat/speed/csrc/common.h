@@ -163,10 +163,13 @@ MC_MAYBE_UNUSED static void mc_share(int64_t n, int64_t align, int tid, int nt, 
     *hi = b * align < n ? b * align : n;
 }
 
-/* One product for the job runner: a row kernel and its arguments. */
+/* One product for the job runner: a row kernel and its arguments. whole: each thread runs one contiguous
+ * share in one call (kernels whose rows are not weight rows, such as the transposed bf16 one, whose rows
+ * are output columns: cut finer, each call would read a few bytes from every row of the stored weight). */
 typedef struct {
     mc_rows_fn fn;
     mc_ctx c;
+    int whole;
 } mc_job;
 
 /* A job's rows in chunks of a multiple of MC_RB rows and about MC_CHUNK_WEIGHTS weights (512 KB of bf16 at K =
@@ -174,10 +177,19 @@ typedef struct {
 #ifndef MC_CHUNK_WEIGHTS
 #define MC_CHUNK_WEIGHTS (1 << 18)
 #endif
-MC_MAYBE_UNUSED static int64_t mc_chunk_rows(const mc_ctx *c)
+MC_MAYBE_UNUSED static int64_t mc_chunk_rows(const mc_job *j, int nt)
 {
-    int64_t rows = (MC_CHUNK_WEIGHTS + c->K - 1) / c->K;
-    return (rows + MC_RB - 1) / MC_RB * MC_RB;
+    const int64_t N = j->c.N;
+    if (j->whole) { /* one share per thread, 8-row aligned */
+        int64_t per = (N + nt - 1) / nt;
+        return per < 8 ? 8 : (per + 7) / 8 * 8;
+    }
+    int64_t rows = (MC_CHUNK_WEIGHTS + j->c.K - 1) / j->c.K;
+    /* at least 4 chunks per thread where the rows allow it (many cores, short weights) */
+    int64_t most = (N + 4 * (int64_t)nt - 1) / (4 * (int64_t)nt);
+    if (most < rows) rows = most;
+    rows = (rows + MC_RB - 1) / MC_RB * MC_RB;
+    return rows > 0 ? rows : MC_RB;
 }
 
 /* One thread's chunks of one job, [front, back) packed in one word: the owner takes from the front, the
@@ -216,15 +228,27 @@ static void mc_run_jobs(const mc_job *jobs, int n)
     /* Below ~64 K weights the fork/join costs more than a second core gains. */
     if (work < 65536) nt = 1;
     if (nt > rows / 8) nt = rows / 8 > 0 ? (int)(rows / 8) : 1;
+#ifdef _OPENMP
+    if (n > MC_MULTI_MAX) { /* no caller gives more; one region per job rather than a fixed array overrun */
+        for (int i = 0; i < n; i++) mc_run_jobs(&jobs[i], 1);
+        return;
+    }
+    if (nt > 1024) nt = 1024; /* bounds the spans on the stack */
+    int64_t chunk[MC_MULTI_MAX], chunks = 0;
+    for (int i = 0; i < n && nt > 1; i++) {
+        chunk[i] = mc_chunk_rows(&jobs[i], nt);
+        chunks += (jobs[i].c.N + chunk[i] - 1) / chunk[i];
+    }
+    if (nt > chunks) nt = (int)chunks; /* a thread with no chunk of any job would only fork and join */
+#endif
     if (nt <= 1) {
         for (int i = 0; i < n; i++) jobs[i].fn(&jobs[i].c, 0, jobs[i].c.N);
         return;
     }
 #ifdef _OPENMP
+    /* chunk indices are packed in 32 bits: N / 16 < 2^32 for any weight that fits in memory */
     uint64_t *span = (uint64_t *)alloca(sizeof(uint64_t) * (size_t)n * (size_t)nt);
-    int64_t chunk[MC_MULTI_MAX];
     for (int i = 0; i < n; i++) {
-        chunk[i] = mc_chunk_rows(&jobs[i].c);
         for (int t = 0; t < nt; t++) {
             int64_t lo, hi;
             mc_share((jobs[i].c.N + chunk[i] - 1) / chunk[i], 1, t, nt, &lo, &hi);
@@ -252,9 +276,9 @@ static void mc_run_jobs(const mc_job *jobs, int n)
 #endif
 }
 
-static void mc_run(mc_rows_fn fn, const mc_ctx *c)
+static void mc_run(mc_rows_fn fn, const mc_ctx *c, int whole)
 {
-    mc_job job = {fn, *c};
+    mc_job job = {fn, *c, whole};
     mc_run_jobs(&job, 1);
 }
 

@@ -159,7 +159,8 @@ static void prep_int4(const float *x, int T, int64_t K, float *xp)
 #if MC_AVX512
 /* AVX-512: 128 columns (64 bytes) per step and row, one load. The 128-bit lane L of the loaded weights is the
  * 32-column block L, as in the AVX2 code, so its int32 sums (lanes 4L..4L+3) belong to block L; x's even and
- * odd halves for the two 64-column groups are prep_q8's layout taken 32 bytes from each group, and the 16
+ * odd halves are one 512-bit load each (prep_q8 orders x per 128 columns in the AVX-512 build; gathering
+ * them from its AVX2 order took four 256-bit loads and two shuffles per step), and the 16
  * block scales of x are prep_q8's two 8-lane vectors side by side. The integer sums are the AVX2 code's
  * (VNNI: vpdpbusd for each half; BW: vpmaddubsw, add, vpmaddwd, as in AVX2), each lane converted and scaled
  * by x's and w's block scales, as in AVX2; only the order of the fp32 additions across lanes differs.
@@ -196,11 +197,9 @@ MC_INLINE void int4q8_step512(const mc_ctx *c, const uint8_t *w, int64_t n0, int
         const int8_t *xb = c->xq + t * K + k;
         __m512i xl, xh;
         __m512 d;
-        if (full) {
-            xl = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)xb)),
-                                    _mm256_load_si256((const __m256i *)(xb + 64)), 1);
-            xh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(xb + 32))),
-                                    _mm256_load_si256((const __m256i *)(xb + 96)), 1);
+        if (full) { /* prep_q8 put the four blocks' even halves, then their odd halves, side by side */
+            xl = _mm512_loadu_si512((const void *)xb);
+            xh = _mm512_loadu_si512((const void *)(xb + 64));
         } else {
             xl = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_load_si256((const __m256i *)xb), 0);
             xh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_load_si256((const __m256i *)(xb + 32)), 0);
@@ -444,9 +443,19 @@ static void prep_q8(const float *x, int T, int64_t K, int G, int8_t *xq, float *
             __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi16(p01, p23), 0xd8);
             /* -> [16 even | 16 odd] */
             q = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(q, eo), 0xd8);
+#if MC_AVX512
+            /* the AVX-512 kernel's order: per 128 columns the four blocks' even halves, then their odd ones,
+             * so that one 512-bit load takes each; the last 64 columns of a row (K % 128 == 64) as in AVX2 */
+            const int64_t base = (32 * b) & ~(int64_t)127;
+            const int whole = base + 128 <= K;
+            int8_t *dst = xq + t * K + (whole ? base + 16 * (b % 4) : (b / 2) * 64 + 16 * (b % 2));
+            const int64_t odd = whole ? 64 : 32;
+#else
             int8_t *dst = xq + t * K + (b / 2) * 64 + 16 * (b % 2);
+            const int64_t odd = 32;
+#endif
             _mm_store_si128((__m128i *)dst, _mm256_castsi256_si128(q));
-            _mm_store_si128((__m128i *)(dst + 32), _mm256_extracti128_si256(q, 1));
+            _mm_store_si128((__m128i *)(dst + odd), _mm256_extracti128_si256(q, 1));
             if (per == 1) {
                 float *dv = xd + (t * nb64 + b / 2) * 8 + 4 * (b % 2);
                 dv[0] = dv[1] = dv[2] = dv[3] = d;

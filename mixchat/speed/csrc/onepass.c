@@ -56,7 +56,7 @@ static int one_pass(int kind, const float *x, int T, int64_t K, int n, const voi
             c.xd = xd;
         }
         for (int i = 0; i < n; i++) {
-            jobs[i] = (mc_job){fn, c};
+            jobs[i] = (mc_job){fn, c, 0};
             jobs[i].c.w = w[i];
             jobs[i].c.N = N[i];
             /* the kernels index y[t * N + n]: a slice of rows of x is a slice of rows of y */
@@ -87,7 +87,7 @@ MC_API int mc_linear_bf16(const float *x, int T, int64_t K, const uint16_t *w, i
     return one_pass(0, x, T, K, 1, &wv, NULL, NULL, 0, &N, &y, 0);
 #else
     mc_ctx c = {.x = x, .w = w, .y = y, .N = N, .K = K, .T = T};
-    mc_run(bf16_rows_scalar, &c);
+    mc_run(bf16_rows_scalar, &c, 0);
 #endif
     return 0;
 }
@@ -104,11 +104,11 @@ MC_API int mc_linear_int8(const float *x, int T, int64_t K, const int8_t *q, con
         int tt = T - t0 < 8 ? T - t0 : 8;
         mc_ctx c = {.x = x + (int64_t)t0 * K, .w = q, .scale = scale, .y = y + (int64_t)t0 * N, .N = N, .K = K,
                     .KC = (K & ~(int64_t)31) > 0 ? (K & ~(int64_t)31) : 1, .T = tt};
-        mc_run(int8_fns[tt], &c);
+        mc_run(int8_fns[tt], &c, 0);
     }
 #else
     mc_ctx c = {.x = x, .w = q, .scale = scale, .y = y, .N = N, .K = K, .T = T};
-    mc_run(int8_rows_scalar, &c);
+    mc_run(int8_rows_scalar, &c, 0);
 #endif
     return 0;
 }
@@ -168,11 +168,11 @@ MC_API int mc_linear_int4(const float *x, int T, int64_t K, const uint8_t *packe
         group_sums(xt, tt, K, G, xs);
         mc_ctx c = {.x = xt, .xp = xp, .xs = xs, .w = packed, .scale = scale, .zero = zero,
                     .y = y + (int64_t)t0 * N, .N = N, .K = K, .KC = K, .T = tt, .G = G};
-        mc_run(int4_fns[group_index(G)][tt], &c);
+        mc_run(int4_fns[group_index(G)][tt], &c, 0);
     }
 #else
     mc_ctx c = {.x = x, .w = packed, .scale = scale, .zero = zero, .y = y, .N = N, .K = K, .T = T, .G = G};
-    mc_run(int4_rows_scalar, &c);
+    mc_run(int4_rows_scalar, &c, 0);
 #endif
     return 0;
 }
@@ -210,7 +210,7 @@ MC_API int mc_linear_bf16_t(const float *x, int T, int64_t K, const uint16_t *s,
         int tt = T - t0 < 8 ? T - t0 : 8;
         if (g_bf16t_ksplit && bf16t_ksplit(x + (int64_t)t0 * K, tt, K, s, N, y + (int64_t)t0 * N) == 0) continue;
         mc_ctx c = {.x = x + (int64_t)t0 * K, .w = s, .y = y + (int64_t)t0 * N, .N = N, .K = K, .T = tt};
-        mc_run(bf16t_fns[tt], &c);
+        mc_run(bf16t_fns[tt], &c, 1); /* rows here are output columns */
     }
 #else
     for (int t = 0; t < T; t++)

@@ -371,16 +371,13 @@ def simd_level() -> int:
     return lib.mc_simd_level() if (lib := _get()) is not None else -1
 
 
-def read_probe(gib: float = 1.0, threads: int | None = None, reps: int = 5, buffer: torch.Tensor | None = None
-               ) -> float:
+def read_probe(gib: float = 1.0, threads: int | None = None, reps: int = 5) -> float:
     """The memory read rate in GB/s (1e9 bytes/s) that the loaded build's widest loads reach over a buffer of
     `gib` GiB (csrc/probe.c), best of `reps` passes, on `threads` threads (None: get_num_threads()): the
-    ceiling the kernels' own read rates compare to. `buffer` (uint8, written): read that instead of a new
-    one, for callers that probe again and again. Raises KernelError without the compiled kernels."""
+    ceiling the kernels' own read rates compare to. Raises KernelError without the compiled kernels."""
     if (lib := _get()) is None:
         raise KernelError(reason())
-    # written, so every page is really there
-    buf = buffer if buffer is not None else torch.ones(int(gib * (1 << 30)), dtype=torch.uint8)
+    buf = torch.ones(int(gib * (1 << 30)), dtype=torch.uint8)  # written, so every page is really there
     rate = lib.mc_read_probe(buf.data_ptr(), buf.numel(), threads or get_num_threads(), reps)
     if rate < 0:
         raise KernelError(f"mc_read_probe failed with code {rate:.0f} (gib={gib}, reps={reps})")
