@@ -62,7 +62,7 @@ MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K;
     const uint16_t *w = (const uint16_t *)c->w + n0 * K;
-    mc_pf pfs = mc_pf_init(c, R, 2 * K, 2 * k0);
+    mc_pf pfs = mc_pf_init(c, w, R, 2 * K, 2 * k0);
     __m512 acc[4][4][8];
     MC_ZERO_ACC512(acc, S, R, T);
     if (carry && !first)
@@ -70,13 +70,12 @@ MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
             MC_UNROLL for (int t_ = 0; t_ < T; t_++) acc[s_][r_][t_] = carry[r_][t_][s_];
     int64_t k = k0;
     for (; k + 64 <= k1; k += 64) {
-        if (MC_PF) MC_UNROLL for (int h = 0; h < 2; h++)
-            MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k + 32 * h, mc_pf_at(&pfs, 2 * (k + 32 * h)));
+        MC_UNROLL for (int h = 0; h < 2; h++) mc_prefetch(&pfs, R, 2 * (k + 32 * h));
         MC_UNROLL for (int q = 0; q < 2; q++)
             bf16_step512(c, w, k + 32 * q, R, T, acc[(2 * q) % S], acc[(2 * q + 1) % S]);
     }
     if (k < k1) { /* 32 columns left */
-        if (MC_PF) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k, mc_pf_at(&pfs, 2 * k));
+        mc_prefetch(&pfs, R, 2 * k);
         bf16_step512(c, w, k, R, T, acc[0], acc[1 % S]);
     }
     if (carry && !last) {
@@ -100,7 +99,7 @@ MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K, K32 = K & ~(int64_t)31;
     const uint16_t *w = (const uint16_t *)c->w + n0 * K;
-    mc_pf pfs = mc_pf_init(c, R, 2 * K, 2 * k0);
+    mc_pf pfs = mc_pf_init(c, w, R, 2 * K, 2 * k0);
     const __m256i hi_mask = _mm256_set1_epi32((int)0xffff0000u);
     __m256 acc[4][4][8];
     MC_ZERO_ACC(acc, S, R, T);
@@ -108,7 +107,7 @@ MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
         MC_UNROLL for (int s_ = 0; s_ < S; s_++) MC_UNROLL for (int r_ = 0; r_ < R; r_++)
             MC_UNROLL for (int t_ = 0; t_ < T; t_++) acc[s_][r_][t_] = carry[r_][t_][s_];
     for (int64_t k = k0; k < k1; k += 32) {
-        MC_UNROLL for (int r = 0; r < R; r++) if (MC_PF) MC_PREFETCH(w + r * K + k, mc_pf_at(&pfs, 2 * k));
+        mc_prefetch(&pfs, R, 2 * k);
         MC_UNROLL for (int h = 0; h < 2; h++) {
             __m256 we[4], wo[4];
             MC_UNROLL for (int r = 0; r < R; r++) {

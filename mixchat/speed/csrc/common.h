@@ -121,20 +121,22 @@ typedef struct {
 
 typedef void (*mc_rows_fn)(const mc_ctx *c, int64_t lo, int64_t hi);
 
+#if MC_AVX2 /* the SIMD kernels prefetch (MC_PREFETCH needs immintrin.h) */
 /* The software prefetch offset of a row kernel: what it reads ~MC_PF bytes later in its own order of reads.
  * When K is chunked, that is the next group of R rows at the same columns (the rest of this row is read a
  * whole chunk later). When rows are streamed whole, R at a time in lockstep, it is MC_PF / R bytes further
  * along each row, and past a row's end the row R further on, not the next one, which another of the R
  * streams is reading at that moment. Prefetching "MC_PF along the address" there fetched the next row late
  * and skipped the row after: products with long rows (K = 14336, the 7B's w2) read 10-15 % slower than
- * those with short ones. mc_pf_at is called with the current column's byte offset, in increasing order. */
+ * those with short ones. mc_prefetch is called with the current column's byte offset, in increasing order. */
 typedef struct {
+    const char *w; /* the first of the R rows */
     int64_t off, wrap_at, step, row;
 } mc_pf;
 
-MC_INLINE mc_pf mc_pf_init(const mc_ctx *c, int R, int64_t row_bytes, int64_t col_bytes)
+MC_INLINE mc_pf mc_pf_init(const mc_ctx *c, const void *w, int R, int64_t row_bytes, int64_t col_bytes)
 {
-    mc_pf p = {(int64_t)R * row_bytes, INT64_MAX, 0, row_bytes};
+    mc_pf p = {(const char *)w, (int64_t)R * row_bytes, INT64_MAX, 0, row_bytes};
     if (c->KC < c->K - 63) return p;
     const int64_t lead = MC_PF / R, m = (col_bytes + lead) / row_bytes;
     p.step = (int64_t)(R - 1) * row_bytes;
@@ -143,14 +145,17 @@ MC_INLINE mc_pf mc_pf_init(const mc_ctx *c, int R, int64_t row_bytes, int64_t co
     return p;
 }
 
-MC_INLINE int64_t mc_pf_at(mc_pf *p, int64_t col_bytes)
+/* Prefetches, in each of the R rows, what is read ~MC_PF bytes after byte `col` of the rows. */
+MC_INLINE void mc_prefetch(mc_pf *p, const int R, int64_t col)
 {
-    while (col_bytes >= p->wrap_at) {
+    if (!MC_PF) return;
+    while (col >= p->wrap_at) {
         p->off += p->step;
         p->wrap_at += p->row;
     }
-    return p->off;
+    MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(p->w + r * p->row + col, p->off);
 }
+#endif
 
 /* Contiguous, `align`-row-aligned share of [0, n) for thread `tid` of `nt`. */
 MC_MAYBE_UNUSED static void mc_share(int64_t n, int64_t align, int tid, int nt, int64_t *lo, int64_t *hi)

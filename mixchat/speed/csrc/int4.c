@@ -76,15 +76,14 @@ MC_INLINE void int4_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, c
     const int64_t K = c->K, ng = K / GS;
     const int SPAN = GS >= 64 ? GS : 64;
     const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
-    mc_pf pfs = mc_pf_init(c, R, K / 2, k0 / 2);
+    mc_pf pfs = mc_pf_init(c, w, R, K / 2, k0 / 2);
     __m256 y[1][2][4];
     MC_ZERO_ACC(y, 1, R, T);
     for (int64_t k = k0; k < k1; k += SPAN) {
         __m256 acc[4][2][4];
         MC_ZERO_ACC(acc, S, R, T);
         MC_UNROLL for (int b = 0; b < SPAN / 64; b++) {
-            if (MC_PF && ((k + 64 * b) & 127) == 0)
-                MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * (K / 2) + (k + 64 * b) / 2, mc_pf_at(&pfs, (k + 64 * b) / 2));
+            if (((k + 64 * b) & 127) == 0) mc_prefetch(&pfs, R, (k + 64 * b) / 2);
             __m256i v[2];
             MC_UNROLL for (int r = 0; r < R; r++) {
                 v[r] = _mm256_loadu_si256((const __m256i *)(w + r * (K / 2) + (k + 64 * b) / 2));
@@ -232,14 +231,14 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K;
     const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
-    mc_pf pfs = mc_pf_init(c, R, K / 2, k0 / 2);
+    mc_pf pfs = mc_pf_init(c, w, R, K / 2, k0 / 2);
     __m512 y[2][4][8];
     MC_ZERO_ACC512(y, S, R, T);
     int64_t k = k0;
     for (; k + 128 * S <= k1; k += 128 * S) {
         MC_UNROLL for (int u = 0; u < S; u++) {
             /* one 64-byte line per row and 128 columns */
-            if (MC_PF) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * (K / 2) + (k + 128 * u) / 2, mc_pf_at(&pfs, (k + 128 * u) / 2));
+            mc_prefetch(&pfs, R, (k + 128 * u) / 2);
             int4q8_step512(c, w, n0, k + 128 * u, R, T, GS, 1, y[u]);
         }
     }
@@ -323,14 +322,13 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K, W = GS == 128 ? 128 : 64;
     const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
-    mc_pf pfs = mc_pf_init(c, R, K / 2, k0 / 2);
+    mc_pf pfs = mc_pf_init(c, w, R, K / 2, k0 / 2);
     __m256 y[2][4][8];
     MC_ZERO_ACC(y, S, R, T);
     int64_t k = k0;
     for (; k + W * S <= k1; k += W * S) {
         /* one 64-byte line per row and 128 columns */
-        if (MC_PF) MC_UNROLL for (int64_t kk = k; kk < k + W * S; kk += 64) if ((kk & 127) == 0)
-            MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * (K / 2) + kk / 2, mc_pf_at(&pfs, kk / 2));
+        MC_UNROLL for (int64_t kk = k; kk < k + W * S; kk += 64) if ((kk & 127) == 0) mc_prefetch(&pfs, R, kk / 2);
         MC_UNROLL for (int u = 0; u < S; u++) {
             if (GS == 128) int4q8_step128(c, w, n0, k + W * u, R, T, y[u]);
             else int4q8_step(c, w, n0, k + W * u, R, T, GS, y[u]);

@@ -31,11 +31,11 @@ MC_INLINE void int8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, c
 {
     const int64_t K = c->K;
     const int8_t *w = (const int8_t *)c->w + n0 * K;
-    mc_pf pfs = mc_pf_init(c, R, K, k0);
+    mc_pf pfs = mc_pf_init(c, w, R, K, k0);
     __m256 acc[4][2][8];
     MC_ZERO_ACC(acc, S, R, T);
     for (int64_t k = k0; k < k1; k += 32) {
-        if (MC_PF && (k & 63) == 0) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k, mc_pf_at(&pfs, k));
+        if ((k & 63) == 0) mc_prefetch(&pfs, R, k);
         MC_UNROLL for (int u = 0; u < 4; u++) {
             __m256 wf[2];
             MC_UNROLL for (int r = 0; r < R; r++)
@@ -126,13 +126,13 @@ MC_INLINE void int8q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K;
     const int8_t *w = (const int8_t *)c->w + n0 * K;
-    mc_pf pfs = mc_pf_init(c, R, K, k0);
+    mc_pf pfs = mc_pf_init(c, w, R, K, k0);
     __m512 y[4][4][8];
     MC_ZERO_ACC512(y, S, R, T);
     int64_t k = k0;
     for (; k + 64 * S <= k1; k += 64 * S) {
         MC_UNROLL for (int u = 0; u < S; u++) {
-            if (MC_PF) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k + 64 * u, mc_pf_at(&pfs, k + 64 * u));
+            mc_prefetch(&pfs, R, k + 64 * u);
             int8q8_step512(c, w, k + 64 * u, R, T, 1, y[u]);
         }
     }
@@ -169,13 +169,13 @@ MC_INLINE void int8q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K;
     const int8_t *w = (const int8_t *)c->w + n0 * K;
-    mc_pf pfs = mc_pf_init(c, R, K, k0);
+    mc_pf pfs = mc_pf_init(c, w, R, K, k0);
     __m256 y[4][4][8];
     MC_ZERO_ACC(y, S, R, T);
     int64_t k = k0;
     for (; k + 32 * S <= k1; k += 32 * S) {
         MC_UNROLL for (int u = 0; u < S; u++) {
-            if (MC_PF && ((k + 32 * u) & 63) == 0) MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(w + r * K + k + 32 * u, mc_pf_at(&pfs, k + 32 * u));
+            if (((k + 32 * u) & 63) == 0) mc_prefetch(&pfs, R, k + 32 * u);
             int8q8_step(c, w, k + 32 * u, R, T, y[u]);
         }
     }
