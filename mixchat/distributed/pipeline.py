@@ -403,6 +403,3 @@ class ShardedCache(KVCache):
                 raise ValueError(f"rank {r}'s part {reply['error']}")
             if reply.get("pos") != self.pos:
                 raise ValueError(f"rank {r}'s part holds {reply.get('pos')} tokens, rank 0's {self.pos}")
-
-    def forget_parts(self, name: str) -> None:
-        self.pipeline.tell({"op": "forget", "name": name})

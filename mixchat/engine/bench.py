@@ -50,22 +50,21 @@ class ReadCeiling:
     def __init__(self, threads: int | None = None) -> None:
         from mixchat.speed import kernels
 
-        self._kernels = kernels.available()
+        self.per_run = kernels.available()  # the kernels' probe, around each run; else torch's figure, once
         self.rates: list[float] = []
-        if self._kernels:
+        if self.per_run:
             # mc_simd_level: 0 scalar, 1 AVX2, 2-3 AVX-512 (see kernels.SIMD_LEVELS); probe.c loads as wide.
             width = ("64-bit", "256-bit", "512-bit", "512-bit")[kernels.simd_level()]
             self.threads = threads or kernels.get_num_threads()
             self.how = f"{width} loads, {self.threads} threads, best of 3 before and after each run"
         else:
             self.how = "torch fp32 matrix-vector product (no compiled kernels), measured once"
-        self.per_run = self._kernels
 
     def measure(self) -> float:
         """GB/s now (the kernels' probe), or the torch figure (measured once)."""
         from mixchat.speed import kernels
 
-        if self._kernels:
+        if self.per_run:
             # A fresh 1 GiB each time rather than one held through the runs: held, it could push the pages
             # of weights read in place from the release's files out of memory and slow the decode measured.
             rate = kernels.read_probe(threads=self.threads, reps=3)
