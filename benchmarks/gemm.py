@@ -7,7 +7,9 @@ For [T, K] x [N, K]^T at a 7B model's MLP shapes, prints GFLOP/s (2 T N K per ca
 - torch bf16 F.linear (oneDNN; without AVX512-BF16 it converts as it goes);
 - bf16 upcast + fp32 F.linear (mixchat's path without its kernels: copy the weight to a reused fp32
   buffer, then MKL);
-- mixchat's GEMM on bf16, int8 and int4 weights (converted to fp32 in 16 x 256 tiles as it goes).
+- mixchat's GEMM on bf16, int8 and int4 weights (converted to fp32 in 16 x 256 tiles as it goes; int4
+  through its 8-bit-activation kernel);
+- on AVX512-BF16 CPUs, mixchat's vdpbf16ps GEMM on bf16 and int8 weights (x rounded to bf16).
 Prefill tokens/s ~= GFLOP/s / (2 x parameters per token). Run it on an otherwise idle machine.
 """
 
@@ -49,10 +51,22 @@ def methods(n: int, k: int, group: int) -> list[tuple[str, Callable[[torch.Tenso
         s = torch.rand(n, generator=gen) * 1e-3
         p = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
         sc, zp = torch.rand(n, k // group, generator=gen) * 1e-3, torch.randn(n, k // group, generator=gen) * 1e-3
-        out += [("mixchat GEMM bf16", lambda x: kernels.linear_bf16(x, wb)),
-                ("mixchat GEMM int8", lambda x: kernels.linear_int8(x, q, s)),
+        out += [("mixchat GEMM bf16", lambda x: tile(False, kernels.linear_bf16, x, wb)),
+                ("mixchat GEMM int8", lambda x: tile(False, kernels.linear_int8, x, q, s)),
                 (f"mixchat GEMM int4 g{group}", lambda x: kernels.linear_int4(x, p, sc, zp, group))]
+        if kernels.bf16dot():
+            out += [("mixchat vdpbf16ps GEMM bf16", lambda x: tile(True, kernels.linear_bf16, x, wb)),
+                    ("mixchat vdpbf16ps GEMM int8", lambda x: tile(True, kernels.linear_int8, x, q, s))]
     return out
+
+
+def tile(bf16dot: bool, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """fn(*args) through the kernels' vdpbf16ps GEMM or their fp32 one (the default is put back after)."""
+    kernels.set_gemm_bf16dot(bf16dot)
+    try:
+        return fn(*args)
+    finally:
+        kernels.set_gemm_bf16dot(True)
 
 
 def main() -> int:

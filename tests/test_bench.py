@@ -24,6 +24,9 @@ def test_bench_reports_speed_and_what_its_memory_figures_count(make_release):
     assert r["read_bandwidth_gb_per_second"] > 0 and r["decode_fraction_of_ceiling"] > 0
     from mixchat.speed import kernels
 
+    # which product took the prompt: the tiny model's bf16 weights go through the kernels' GEMM or torch's
+    assert "GEMM" in r["prompt_gemm"] if kernels.available() else r["prompt_gemm"].startswith("torch")
+
     # The ceiling is the kernels' own probe, with their widest loads on the decoding threads.
     if kernels.available():
         assert f"loads, {r['threads']} threads" in r["read_bandwidth_probe"], r["read_bandwidth_probe"]

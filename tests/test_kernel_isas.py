@@ -40,6 +40,8 @@ def libs() -> dict[str, ctypes.CDLL]:
         pytest.skip(f"no avx2 build here: {e}")
     if _level(out["native"]) == 3:  # the AVX-512 kernels without vpdpbusd: vpmaddubsw + vpmaddwd
         out["native-novnni"] = loader.load(kernels.build(flags=(*kernels.isa_flags("native"), "-mno-avx512vnni")))
+    if out["native"].mc_bf16dot():  # the AVX-512 build of a CPU without AVX512-BF16: the fp32 GEMM tile only
+        out["native-nobf16"] = loader.load(kernels.build(flags=(*kernels.isa_flags("native"), "-mno-avx512bf16")))
     return out
 
 
@@ -49,6 +51,11 @@ def test_the_builds_run_the_code_they_say(libs):
         assert _level(libs["native"]) == (3 if _cpu_has("avx512_vnni") else 2)
     if "native-novnni" in libs:
         assert _level(libs["native-novnni"]) == 2
+    # the vdpbf16ps GEMM where the compiler targets AVX512-BF16, never in the avx2 build
+    assert libs["native"].mc_bf16dot() == (_level(libs["native"]) >= 2 and _cpu_has("avx512_bf16"))
+    assert not libs["avx2"].mc_bf16dot()
+    if "native-nobf16" in libs:
+        assert not libs["native-nobf16"].mc_bf16dot() and _level(libs["native-nobf16"]) == _level(libs["native"])
 
 
 def _run(lib: ctypes.CDLL, name: str, x: torch.Tensor, n: int, *args) -> torch.Tensor:
@@ -64,6 +71,11 @@ def _agree(results: dict[str, torch.Tensor], want: torch.Tensor, bound: torch.Te
     base = results["avx2"]
     for name, got in results.items():
         assert_within(got, base, 2 * bound, f"{name} against avx2, {what}")
+
+
+def bound_of(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    mag = magnitude(x, w.float())
+    return product_bound(mag, k) + gamma(k, FP64) * mag
 
 
 def _x(t: int, k: int, seed: int) -> torch.Tensor:
@@ -124,10 +136,17 @@ def test_bf16_is_the_same_in_every_build(libs, n, k, t):
     x = torch.randn(t, k, generator=g)
     w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
     results = {name: _run(lib, "mc_linear_bf16", x, n, w) for name, lib in libs.items()}
-    want = x.double() @ w.double().T
-    mag = magnitude(x, w.float())
-    bound = product_bound(mag, k) + gamma(k, FP64) * mag
-    _agree(results, want, bound, f"bf16 T={t} N={n} K={k}")
+    # A build with vdpbf16ps multiplies x rounded to bf16 (bf16_rows_x): each build is held to the product of
+    # the x it multiplies; the builds that multiply x as it is, to each other too.
+    same_x = {}
+    for name, lib in libs.items():
+        xr = kernels.bf16_x(x, lib)
+        mag = magnitude(xr, w.float())
+        bound = product_bound(mag, k) + gamma(k, FP64) * mag
+        assert_within(results[name], xr.double() @ w.double().T, bound, f"{name} bf16 T={t} N={n} K={k}")
+        if not lib.mc_bf16dot():
+            same_x[name] = results[name]
+    _agree(same_x, x.double() @ w.double().T, bound_of(x, w, k), f"bf16 T={t} N={n} K={k}")
 
 
 @pytest.mark.parametrize("n,k", [(7, 40), (33, 256 + 16), (70, 520), (130, 1024)])
@@ -136,7 +155,8 @@ def test_bf16_is_the_same_in_every_build(libs, n, k, t):
 def test_the_gemm_is_the_same_in_every_build_bit_for_bit(libs, n, k, t, threads):
     """Prompts (from the GEMM's row count on): the AVX-512 tile (6 rows x 32 outputs) sums each output over
     k in the AVX2 tile's order, so the builds agree exactly, also on the outputs past the last pair of
-    16-output blocks and across the threads' shares."""
+    16-output blocks and across the threads' shares. (The vdpbf16ps tile, which rounds x, is switched off
+    here: test_kernels holds it to its own bound.)"""
     g = torch.Generator().manual_seed(n * k + t)
     x = torch.randn(t, k, generator=g)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
@@ -146,9 +166,11 @@ def test_the_gemm_is_the_same_in_every_build_bit_for_bit(libs, n, k, t, threads)
     got = {}
     for name, lib in libs.items():
         lib.mc_set_threads(threads)
+        lib.mc_set_gemm_bf16dot(0)
         assert t >= lib.mc_get_gemm_min_rows()
         got[name] = (_run(lib, "mc_linear_bf16", x, n, w), _run(lib, "mc_linear_int8", x, n, q, scale),
                      _run(lib, "mc_linear_bf16_t", x, n, s))
+        lib.mc_set_gemm_bf16dot(1)
         lib.mc_set_threads(kernels.get_num_threads())
     ref = x.double() @ w.double().t()
     mag = magnitude(x, w.float())

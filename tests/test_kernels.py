@@ -85,7 +85,7 @@ def test_bf16_matches_torch(n, k, t):
     g = gen(n + k + t)
     x = torch.randn(t, k, generator=g)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-    assert_matches(kernels.linear_bf16(x, w), x, w.float())
+    assert_matches(kernels.linear_bf16(x, w), kernels.bf16_x(x), w.float())
 
 
 @needs_kernels
@@ -122,7 +122,7 @@ def test_more_rows_than_one_pass_serves(t):
     g = gen(t)
     x = torch.randn(t, 320, generator=g)
     w = torch.randn(72, 320, generator=g).to(torch.bfloat16)
-    assert_matches(kernels.linear_bf16(x, w), x, w.float())
+    assert_matches(kernels.linear_bf16(x, w), kernels.bf16_x(x), w.float())
     q = torch.randint(-127, 128, (72, 320), generator=g, dtype=torch.int8)
     s = torch.rand(72, generator=g) + 0.5
     assert_matches(kernels.linear_int8(x, q, s, exact=True), x, q.float() * s[:, None], WEIGHT_ROUNDINGS["int8"])
@@ -137,11 +137,11 @@ def test_leading_dimensions_and_input_dtypes():
     w = torch.randn(40, 256, generator=g).to(torch.bfloat16)
     y = kernels.linear_bf16(x, w)
     assert y.shape == (2, 3, 40)
-    assert_matches(y, x, w.float())
+    assert_matches(y, kernels.bf16_x(x), w.float())
     xb = x.to(torch.bfloat16)  # converted to fp32 on the way in
-    assert_matches(kernels.linear_bf16(xb, w), xb.float(), w.float())
+    assert_matches(kernels.linear_bf16(xb, w), kernels.bf16_x(xb.float()), w.float())
     xt = torch.randn(256, 3, generator=g).T  # non-contiguous x is copied, not rejected
-    assert_matches(kernels.linear_bf16(xt, w), xt, w.float())
+    assert_matches(kernels.linear_bf16(xt, w), kernels.bf16_x(xt), w.float())
     assert kernels.linear_bf16(torch.empty(0, 256), w).shape == (0, 40)
 
 
@@ -164,12 +164,16 @@ def test_gemm_matches_torch(n, k, extra, gemm_rows):
     g = gen(n + k + t)
     x = torch.randn(t, k, generator=g)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-    assert_matches(kernels.linear_bf16(x, w), x, w.float())
+    assert_matches(kernels.linear_bf16(x, w), kernels.bf16_x(x), w.float())
     wt = torch.randn(k, n, generator=g).to(torch.bfloat16)  # stored transposed, as the torrent w2
     assert_matches(kernels.linear_bf16(x, wt.t()), x, wt.t().float())
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, generator=g) * 0.01 + 1e-4
-    assert_matches(kernels.linear_int8(x, q, scale), x, q.float() * scale[:, None], WEIGHT_ROUNDINGS["int8"])
+    # int8 prompts, unless exact: x rounded to bf16 where the vdpbf16ps GEMM takes them (as for bf16 weights)
+    assert_matches(kernels.linear_int8(x, q, scale), kernels.bf16_x(x), q.float() * scale[:, None],
+                   WEIGHT_ROUNDINGS["int8"])
+    assert_matches(kernels.linear_int8(x, q, scale, exact=True), x, q.float() * scale[:, None],
+                   WEIGHT_ROUNDINGS["int8"])
     if k % 64 == 0:
         for group in (32, 64):
             case = int4_case(n, k, group, seed=t)
@@ -425,7 +429,7 @@ def test_concurrent_callers():
     def work(x: torch.Tensor) -> None:
         try:
             for _ in range(50):
-                assert_matches(kernels.linear_bf16(x, w), x, w.float())
+                assert_matches(kernels.linear_bf16(x, w), kernels.bf16_x(x), w.float())
                 assert_int4_matches(kernels.linear_int4(x, packed, scale, zero, 32), x, case, 32, q8=True)
         except BaseException as e:  # noqa: B036 - reported to the main thread
             errors.append(e)
@@ -480,7 +484,7 @@ def test_disabled_by_environment(fresh_state):
     g = gen(6)
     x = torch.randn(3, 128, generator=g)
     w = torch.randn(16, 128, generator=g).to(torch.bfloat16)
-    assert_matches(kernels.linear_bf16(x, w), x, w.float())
+    assert_matches(kernels.linear_bf16(x, w), kernels.bf16_x(x), w.float())
     q = torch.randint(-127, 128, (16, 128), generator=g, dtype=torch.int8)
     s = torch.rand(16, generator=g)
     assert_matches(kernels.linear_int8(x, q, s, exact=True), x, q.float() * s[:, None], WEIGHT_ROUNDINGS["int8"])
@@ -637,7 +641,7 @@ def test_each_build_meets_the_contract(kernel_isa, rows):
         x = torch.randn(rows, k, generator=g)
         x[:, ::97] *= 30
         w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-        assert_matches(kernels.linear_bf16(x, w), x, w.float())
+        assert_matches(kernels.linear_bf16(x, w), kernels.bf16_x(x), w.float())
         wt = torch.randn(k, n, generator=g).to(torch.bfloat16)
         assert_matches(kernels.linear_bf16(x, wt.t()), x, wt.t().float())
         q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -646,7 +650,8 @@ def test_each_build_meets_the_contract(kernel_isa, rows):
         if k % 64:
             continue
         q8 = rows < kernels.get_gemm_min_rows()  # int8 rounds x to Q8 below the GEMM's rows
-        assert_matches(kernels.linear_int8(x, q, s), kernels.quantize_x_q8(x) if q8 else x, q.float() * s[:, None],
+        assert_matches(kernels.linear_int8(x, q, s), kernels.quantize_x_q8(x) if q8 else kernels.bf16_x(x),
+                       q.float() * s[:, None],
                        WEIGHT_ROUNDINGS["int8"] + (Q8_ROUNDINGS if q8 else 0))
         for group in kernels.INT4_GROUPS:
             case = int4_case(n, k, group, seed=group)
@@ -678,6 +683,90 @@ def expert_rows(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
                         for layer in range(experts.shape[1])])
 
 
+needs_bf16dot = pytest.mark.skipif(not kernels.bf16dot(), reason="the kernels' build has no vdpbf16ps GEMM "
+                                   "(a CPU without AVX512-BF16)")
+
+
+@needs_bf16dot
+@pytest.mark.parametrize("n,k", [(7, 32), (33, 96), (130, 544), (260, 1056), (40, 48)])
+@pytest.mark.parametrize("t", [12, 13, 40])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_vdpbf16ps_gemm_multiplies_x_rounded_to_bf16(n, k, t, threads):
+    """Prompts on an AVX512-BF16 build: bf16 and int8 weights by x rounded to bf16 (to nearest even), summed
+    in fp32 as pairs of exact products, so within one K-term fp32 sum of the rounded x's exact product (int8:
+    one more rounding, the row's scale). Partial tiles in T (3 rows), N (128 outputs) and K (512 columns)
+    and the threads' shares; K % 32 != 0 (48) goes through the fp32 tile instead, bit for bit."""
+    g = torch.Generator().manual_seed(n * k + t)
+    x = torch.randn(t, k, generator=g)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) + 0.1
+    assert t >= kernels.get_gemm_min_rows()
+    kernels.set_num_threads(threads)
+    try:
+        got = kernels.linear_bf16(x, w), kernels.linear_int8(x, q, scale)
+        kernels.set_gemm_bf16dot(False)
+        fp32_tile = kernels.linear_bf16(x, w), kernels.linear_int8(x, q, scale)
+    finally:
+        kernels.set_gemm_bf16dot(True)
+        kernels.set_num_threads(None)
+    if k % 32:
+        for a, b in zip(got, fp32_tile, strict=True):
+            assert torch.equal(a, b)
+        return
+    xr = x.to(torch.bfloat16).double()
+    w8 = q.double() * scale.double()[:, None]
+    for y, wd, extra, what in ((got[0], w.double(), 0, "bf16"), (got[1], w8, 1, "int8")):
+        mag = magnitude(xr, wd)
+        assert_within(y, xr @ wd.T, product_bound(mag, k, roundings=extra) + gamma(k, FP64) * mag, f"{what} T={t}")
+    # and it is not the fp32 tile: that one multiplies x as it is
+    assert not torch.equal(got[0], fp32_tile[0])
+
+
+@needs_kernels
+def test_prompt_gemm_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
+    """With native bf16 the faster of the kernels' GEMM and torch's takes prompts: measured at the first
+    prompt, kept beside the kernels' build so later processes choose alike, measured again when the file
+    is damaged; MIXCHAT_PROMPT_GEMM forces either; without native bf16 the kernels, unmeasured."""
+    from mixchat.speed import linear
+
+    calls = []
+
+    def measure() -> dict:
+        calls.append(1)
+        return {"choice": "torch", "kernels_gflops": 100.0, "torch_gflops": 200.0, "kernels_gemm": "fp32",
+                "measured": "now"}
+
+    kept = tmp_path / "prompt-gemm.json"
+    monkeypatch.setattr(linear, "measure_prompt_gemm", measure)
+    monkeypatch.setattr(linear, "_choice_file", lambda lib: kept)
+    monkeypatch.setattr(linear, "_choices", {})
+    monkeypatch.delenv("MIXCHAT_PROMPT_GEMM", raising=False)
+    monkeypatch.setenv("MIXCHAT_NATIVE_BF16", "0")
+    assert linear.prompt_gemm() == "kernels" and not calls and not kept.exists()
+    monkeypatch.setenv("MIXCHAT_NATIVE_BF16", "1")
+    assert linear.prompt_gemm() == "torch" and linear.prompt_gemm() == "torch" and len(calls) == 1
+    assert "torch GEMM" in linear.prompt_gemm_note() and "bf16 200;" in linear.prompt_gemm_note()
+    monkeypatch.setattr(linear, "_choices", {})  # a new process reads the file
+    assert linear.prompt_gemm() == "torch" and len(calls) == 1
+    kept.write_text("{not json")
+    monkeypatch.setattr(linear, "_choices", {})
+    assert linear.prompt_gemm() == "torch" and len(calls) == 2
+    for forced in ("kernels", "torch"):
+        monkeypatch.setenv("MIXCHAT_PROMPT_GEMM", forced)
+        assert linear.prompt_gemm() == forced and len(calls) == 2
+
+
+@needs_kernels
+def test_measuring_the_prompt_gemms_times_both():
+    from mixchat.speed import linear
+
+    found = linear.measure_prompt_gemm(rows=24, n=64, k=256, repeats=1)
+    assert found["choice"] in ("kernels", "torch")
+    assert found["kernels_gflops"] > 0 and found["torch_gflops"] > 0
+    assert found["kernels_gemm"] == ("vdpbf16ps" if kernels.bf16dot() else "fp32")
+
+
 @needs_kernels
 def test_native_bf16_decides_who_multiplies_a_prompt(monkeypatch, native_bf16):
     from mixchat.speed import linear
@@ -691,8 +780,13 @@ def test_native_bf16_decides_who_multiplies_a_prompt(monkeypatch, native_bf16):
         for t in (1, most, most + 1):
             layer(torch.randn(t, 64))
     # the kernels take decode and short prompts either way; longer prompts go to torch's bf16 GEMM where
-    # the CPU multiplies bf16 natively
+    # the CPU multiplies bf16 natively and torch's GEMM measured faster (the fixture pins that side)
     assert rows == [1, most] + ([] if native_bf16 else [most + 1])
+    monkeypatch.setenv("MIXCHAT_PROMPT_GEMM", "kernels")  # where the kernels' GEMM measured faster
+    rows.clear()
+    with torch.no_grad():
+        layer(torch.randn(most + 1, 64))
+    assert rows == [most + 1]
     # without the kernels, several rows are upcast to fp32 unless bf16 is native
     assert linear.upcast(linear._UPCAST_MIN_TOKENS, layer.weight) is not native_bf16
 

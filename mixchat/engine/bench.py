@@ -8,6 +8,10 @@ import resource
 import statistics
 import time
 from argparse import Namespace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mixchat.engine.engine import Engine
 
 
 def format_experts(engine) -> str:
@@ -175,6 +179,8 @@ def run(ns: Namespace) -> int:
                       read_bandwidth_range_gb_per_second=[round(min(ceiling.rates), 2), round(max(ceiling.rates), 2)],
                       decode_ceiling_tokens_per_second=round(bandwidth * 1e9 / per_token, 3),
                       decode_fraction_of_ceiling=round(statistics.median(fractions), 3))
+    if engine.device.type == "cpu":
+        result["prompt_gemm"] = prompt_gemm_line(engine)
     if engine.experts is not None:
         result["experts"] = {"capacity": engine.experts.capacity, **engine.experts.stats.as_dict()}
     if link is not None:  # torchrun: rank 0's view of the split
@@ -203,9 +209,32 @@ def run(ns: Namespace) -> int:
         print(f"  ceiling     {result['decode_ceiling_tokens_per_second']:.3f} tok/s at the measured "
               f"{bandwidth:.1f} GB/s memory read rate ({ceiling.how}{spread}); decode reaches "
               f"{result['decode_fraction_of_ceiling']:.0%} of it{against}")
+    if "prompt_gemm" in result:
+        print(f"  prompts     {result['prompt_gemm']}")
     if engine.experts is not None:
         print(f"  experts     {format_experts(engine)}")
     if link is not None:
         print(f"  ranks       {engine.world_size} ({engine.split}): {result['rank_wait_ms_per_token']} ms of each "
               f"decoded token waiting on the others, {result['link_bytes_per_token']} bytes to and from them per token")
     return 0
+
+
+def prompt_gemm_line(engine: Engine) -> str:
+    """Which product multiplied the prompt's weights, and on native-bf16 CPUs what decided it."""
+    import torch
+
+    from mixchat.speed import kernels, linear
+
+    dot = "vdpbf16ps (x rounded to bf16, fp32 sums)" if kernels.bf16dot() else "fp32"
+    if not kernels.available():
+        return f"torch ({kernels.reason()})"
+    if engine.quant is not None:
+        if engine.quant.name == "int8":
+            return f"int8 weights: the kernels' {dot} GEMM"
+        return f"{engine.quant.name} weights: the kernels' 8-bit-activation kernel"
+    if engine.dtype != torch.bfloat16:
+        return f"{str(engine.dtype).removeprefix('torch.')} weights: torch"
+    choice = linear.prompt_gemm()
+    if (note := linear.prompt_gemm_note()) is not None:
+        return note
+    return "torch's bf16 GEMM (MIXCHAT_PROMPT_GEMM=torch)" if choice == "torch" else f"the kernels' {dot} GEMM"

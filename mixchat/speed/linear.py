@@ -10,7 +10,11 @@ both describe their weights to the C side through the same kernel_parts() protoc
 from __future__ import annotations
 
 import functools
+import json
+import os
 import threading
+import time
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -20,9 +24,13 @@ from torch import nn
 from mixchat.paths import env_flag
 
 _UPCAST_MIN_TOKENS = 4
-# Where the CPU multiplies bf16 matrices natively, torch's GEMM beats the kernels' AVX2 one for prompts;
-# the kernels still take decode and short prompts there, which are bound by reading the weights.
+# Where the CPU multiplies bf16 matrices natively, torch's GEMM may beat the kernels' for prompts (see
+# prompt_gemm); the kernels take decode and short prompts there whatever, which are bound by reading the weights.
 _KERNEL_MAX_ROWS = 16
+# torch's GEMM takes prompts only when it measured this much faster than the kernels': within that the two
+# trade places from one run to the next on a busy machine, and the kernels keep the products' sums in fp32
+# where torch rounds them to bf16.
+_TORCH_MARGIN = 0.9
 _use_kernels = True
 
 
@@ -51,9 +59,9 @@ def _cpu_multiplies_bf16() -> bool:
 
 def native_bf16() -> bool:
     """Whether torch's bf16 matrix products are the fast ones on this CPU (AVX512-BF16 or AMX), which
-    decides two paths: prompts of more than _KERNEL_MAX_ROWS tokens go through torch's bf16 GEMM rather
-    than the kernels' (it rounds the activations and the result to bf16, where the kernels keep fp32), and
-    without the kernels bf16 weights are multiplied as they are rather than upcast to fp32.
+    decides two paths: prompts of more than _KERNEL_MAX_ROWS tokens may go through torch's bf16 GEMM rather
+    than the kernels' (prompt_gemm measures which is faster), and without the kernels bf16 weights are
+    multiplied as they are rather than upcast to fp32.
 
     CPUs without them run bf16 matrix-matrix products about 4x slower than fp32 ones (measured on an AVX2
     EPYC: a 128x4096 by 4096x14336 product takes 710 ms in bf16, 170 ms in fp32). mixchat's compiled
@@ -67,6 +75,110 @@ def native_bf16() -> bool:
     rows (the kernels' one-token path never asks).
     """
     return env_flag("MIXCHAT_NATIVE_BF16", _cpu_multiplies_bf16())
+
+
+def prompt_gemm() -> str:
+    """Who multiplies a bf16 weight by a prompt of more than _KERNEL_MAX_ROWS rows where the kernels are
+    loaded: "kernels" or "torch".
+
+    Without native bf16 (native_bf16()) the kernels: torch's bf16 GEMM is several times slower there. With
+    it, whichever measured faster on this machine (measure_prompt_gemm: a 7B-sized product through each,
+    at the first such prompt), kept in the kernels' build folder so every later process makes the same
+    choice (delete prompt-gemm.json there to measure again). The kernels' GEMM is their vdpbf16ps one where
+    the build has it (AVX512-BF16: x rounded to bf16, sums in fp32), their fp32 one elsewhere; torch's
+    (oneDNN) rounds x and the result to bf16, and on AMX CPUs runs on the tile units.
+    MIXCHAT_PROMPT_GEMM=kernels or torch forces either (tests; comparing the two); other values are ignored,
+    like an unset variable.
+    """
+    forced = os.environ.get("MIXCHAT_PROMPT_GEMM", "").strip().lower()
+    if forced in ("kernels", "torch"):
+        return forced
+    if not native_bf16() or (k := kernels_or_none()) is None:
+        return "kernels"
+    return _measured_choice(k)
+
+
+_choices: dict[tuple[str, int], dict] = {}  # (library path, threads) -> the measurement
+
+
+def _choice_file(lib: object) -> Path | None:
+    """Where the measurement for the loaded library is kept: beside it, in its build's folder (which a
+    change of source, compiler, flags or CPU replaces)."""
+    name = getattr(lib, "_name", None)
+    return Path(name).parent / "prompt-gemm.json" if name else None
+
+
+def _measured_choice(k: ModuleType) -> str:
+    lib = k.library()
+    threads = k.get_num_threads()
+    path = _choice_file(lib)
+    key = (str(path), threads)
+    if (found := _choices.get(key)) is None:
+        kept = _read_choices(path)
+        found = kept.get(str(threads))
+        if not isinstance(found, dict) or found.get("choice") not in ("kernels", "torch"):
+            found = measure_prompt_gemm()
+            kept[str(threads)] = found
+            _write_choices(path, kept)
+        _choices[key] = found
+    return found["choice"]
+
+
+def measure_prompt_gemm(rows: int = 128, n: int = 4096, k: int = 4096, repeats: int = 3) -> dict:
+    """Time a [rows, k] x [n, k]^T bf16 product (a 7B's wq at a 128-token prompt) through the kernels and
+    through torch's bf16 GEMM, in turns, best of `repeats` each; returns both rates in GFLOP/s and the
+    choice (torch only when it is faster by more than the margin, see _TORCH_MARGIN)."""
+    kern = kernels_or_none()
+    if kern is None:
+        return {"choice": "kernels", "why": "no kernels to measure"}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, k, generator=gen)
+    w = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
+    ways = {"kernels": lambda: kern.linear_bf16(x, w), "torch": lambda: F.linear(x.to(torch.bfloat16), w)}
+    best = dict.fromkeys(ways, float("inf"))
+    for fn in ways.values():
+        fn()  # warm: first-touch of buffers, oneDNN's kernel generation
+    for _ in range(repeats):
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    flops = 2 * rows * n * k / 1e9
+    rate = {name: round(flops / max(secs, 1e-9), 1) for name, secs in best.items()}
+    choice = "torch" if best["torch"] < _TORCH_MARGIN * best["kernels"] else "kernels"
+    return {"choice": choice, "kernels_gflops": rate["kernels"], "torch_gflops": rate["torch"],
+            "kernels_gemm": "vdpbf16ps" if kern.bf16dot() else "fp32", "shape": [rows, n, k],
+            "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def prompt_gemm_note() -> str | None:
+    """What prompt_gemm() measured in this process, as one line (for `bench` and --stats), or None where it
+    measured nothing (no native bf16, no kernels, or forced)."""
+    for found in _choices.values():
+        if "kernels_gflops" in found:
+            return (f"prompts: {found['choice']} GEMM (kernels' {found['kernels_gemm']} "
+                    f"{found['kernels_gflops']:.0f} GFLOP/s, torch's bf16 {found['torch_gflops']:.0f}; "
+                    f"measured {found['measured']})")
+    return None
+
+
+def _read_choices(path: Path | None) -> dict:
+    try:
+        data = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: measure again
+    return data if isinstance(data, dict) else {}
+
+
+def _write_choices(path: Path | None, data: dict) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only cache: measure again next time, nothing lost
 
 
 _scratch = threading.local()
@@ -112,7 +224,7 @@ class KernelLinear(nn.Linear):
         # The torrent layout's w2 is a transposed view, which the kernels read as it lies.
         transposed = not w.is_contiguous() and w.t().is_contiguous()
         if w.dtype == torch.bfloat16 and w.device.type == "cpu" and (transposed or w.is_contiguous()) \
-                and not torch.is_grad_enabled() and (x.shape[0] <= _KERNEL_MAX_ROWS or not native_bf16()) \
+                and not torch.is_grad_enabled() and (x.shape[0] <= _KERNEL_MAX_ROWS or prompt_gemm() == "kernels") \
                 and (k := kernels_or_none()) is not None:
             return k.linear_bf16(x, w).to(x.dtype)
         # Without the kernels, torch's bf16 product takes 455 ms for one Mixtral expert's transposed

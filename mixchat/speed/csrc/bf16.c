@@ -27,10 +27,9 @@ MC_MAYBE_UNUSED static void bf16_rows_scalar(const mc_ctx *c, int64_t lo, int64_
  * each; prep_bf16 puts x in the matching order (per 32 columns: 16 even, then 16 odd). Widening 16 weights
  * at a time in column order (vpmovzxwd, a port-5 shuffle per 16 weights, from 256-bit loads) read 5-10 %
  * slower: with the FMAs the core keeps fewer loads in flight. Only the order of the fp32 additions differs
- * from the AVX2 code. vdpbf16ps (AVX512_BF16) is not used: it would need x rounded to bf16, which no bf16
- * path does (x is fp32 throughout), so it would change results by far more than a reordering (2^-9 of each
- * x). Per 64 columns the even and odd halves of two steps go to accumulator sets 0-3 (mod S). */
-MC_INLINE void bf16_step512(const mc_ctx *c, const uint16_t *w, int64_t k, const int R, const int T,
+ * from the AVX2 code. Per 64 columns the even and odd halves of two steps go to accumulator sets 0-3 (mod S).
+ * With AVX512_BF16, bf16_dot512 below replaces this step (x rounded to bf16). */
+MC_MAYBE_UNUSED MC_INLINE void bf16_step512(const mc_ctx *c, const uint16_t *w, int64_t k, const int R, const int T,
                             __m512 (*even)[8], __m512 (*odd)[8])
 {
     const int64_t K = c->K, K32 = K & ~(int64_t)31;
@@ -55,6 +54,29 @@ MC_INLINE void bf16_step512(const mc_ctx *c, const uint16_t *w, int64_t k, const
     }
 }
 
+#if MC_BF16DOT
+/* AVX512-BF16: x rounded to bf16 (prep_bf16), so one vdpbf16ps takes 32 weights as they are stored, with no
+ * widening: half the instructions of the split above and half the bytes of x per weight, which on a Zen 4
+ * core is what held bf16 decode under the read rate the int8 and int4 kernels reach. x is rounded as
+ * llama.cpp rounds it for bf16 weights (its vec_dot type is bf16); the sums stay fp32. Every bf16 row path
+ * of this build (one token, several, row-exact, the fused decode step) takes it, so they agree as before. */
+MC_INLINE void bf16_dot512(const mc_ctx *c, const uint16_t *w, int64_t k, const int R, const int T, __m512 (*acc)[8])
+{
+    const int64_t K = c->K, K32 = K & ~(int64_t)31;
+    __m512i wv[4];
+    MC_UNROLL for (int r = 0; r < R; r++) {
+        wv[r] = _mm512_loadu_si512((const void *)(w + r * K + k));
+        MC_REG(wv[r]);
+    }
+    MC_UNROLL for (int t = 0; t < T; t++) {
+        __m512i xv = _mm512_load_si512((const void *)((const uint16_t *)c->xp + t * K32 + k));
+        if (R > 1) MC_REG(xv);
+        MC_UNROLL for (int r = 0; r < R; r++)
+            acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)xv, (__m512bh)wv[r]);
+    }
+}
+#endif
+
 /* carry (the row-exact drivers): the accumulators live on from one K chunk to the next, loaded unless
  * `first` and stored unless `last`, so chunking x (to keep it in L1) does not change a row's sums. */
 MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, const int R, const int T,
@@ -71,12 +93,20 @@ MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
     int64_t k = k0;
     for (; k + 64 <= k1; k += 64) {
         MC_UNROLL for (int h = 0; h < 2; h++) mc_prefetch(&pfs, R, 2 * (k + 32 * h));
+#if MC_BF16DOT
+        MC_UNROLL for (int q = 0; q < 2; q++) bf16_dot512(c, w, k + 32 * q, R, T, acc[q % S]);
+#else
         MC_UNROLL for (int q = 0; q < 2; q++)
             bf16_step512(c, w, k + 32 * q, R, T, acc[(2 * q) % S], acc[(2 * q + 1) % S]);
+#endif
     }
     if (k < k1) { /* 32 columns left */
         mc_prefetch(&pfs, R, 2 * k);
+#if MC_BF16DOT
+        bf16_dot512(c, w, k, R, T, acc[0]);
+#else
         bf16_step512(c, w, k, R, T, acc[0], acc[1 % S]);
+#endif
     }
     if (carry && !last) {
         MC_UNROLL for (int s_ = 0; s_ < S; s_++) MC_UNROLL for (int r_ = 0; r_ < R; r_++)
@@ -207,7 +237,19 @@ MC_BF16_XDRIVER(8)
 static const mc_rows_fn bf16_xfns[9] = {0, bf16_rows_t1, bf16_rows_x2, bf16_rows_x3, bf16_rows_x4,
                                         bf16_rows_x5, bf16_rows_x6, bf16_rows_x7, bf16_rows_x8};
 
-#if MC_AVX512
+#if MC_BF16DOT
+/* x for bf16_dot512: rounded to bf16 (to nearest even), in column order, K32 values per row. */
+static void prep_bf16(const float *x, int T, int64_t K, float *xp)
+{
+    const int64_t K32 = K & ~(int64_t)31;
+    uint16_t *xb = (uint16_t *)xp;
+    for (int t = 0; t < T; t++)
+        for (int64_t b = 0; b < K32; b += 32)
+            _mm512_store_si512((void *)(xb + t * K32 + b),
+                               (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + t * K + b + 16),
+                                                            _mm512_loadu_ps(x + t * K + b)));
+}
+#elif MC_AVX512
 /* x in the AVX-512 kernel's order: per 32 columns the 16 even ones, then the 16 odd ones (aligned scratch). */
 static void prep_bf16(const float *x, int T, int64_t K, float *xp)
 {

@@ -2,8 +2,9 @@
  * gemm.c (part of kernels.c): products with many rows of x, and bf16 weights stored transposed.
  * The transposed bf16 paths (s [K, N], the torrent layout's expert w2) for few rows (threads split N or K)
  * and the register-tiled GEMM for prompts: each format's weights are converted to fp32 tiles in L1
- * (pack_*) and multiplied 6 rows x 16 outputs at a time. Here rather than per format because the tile
- * loop is shared and only the small pack functions differ.
+ * (pack_*) and multiplied 6 rows x 16 outputs at a time; on AVX512-BF16 CPUs, bf16 and int8 weights go
+ * instead through a vdpbf16ps tile on bf16 pairs (gemm2_*, at the end). Here rather than per format because
+ * the tile loop is shared and only the small pack functions differ.
  */
 
 /* ------------------------------------------------------------------------------------------------- */
@@ -444,4 +445,270 @@ static int gemm_run(const mc_ctx *cin, mc_pack_fn pack)
 #endif
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------------- */
+/* GEMM with vdpbf16ps (AVX512-BF16): x rounded to bf16, products of bf16 pairs                       */
+/* ------------------------------------------------------------------------------------------------- */
+/* The same scheme as the fp32 tile above, with the k loop taken two columns at a time: vdpbf16ps adds
+ * x[t][k] w[n][k] + x[t][k+1] w[n][k+1] into each of 16 fp32 lanes (one per output n), so the packed block
+ * holds, per column pair, the 32-bit pair (w[n][k], w[n][k+1]) of each of 16 outputs, and x's panels hold
+ * the pair (x[t][k], x[t][k+1]) of each of MC_MR2 rows, broadcast as one dword. A 3 x 128 tile is 24
+ * vdpbf16ps per eight loads of weights and three broadcasts: 64 flops per instruction where the fp32 tile's
+ * FMA does 32, and the bf16 weights go in as they are stored. The broadcasts take a vector slot each, so the
+ * tile is wide in outputs and short in rows (6 x 32, 12 vdpbf16ps per six broadcasts, ran 10-15 % slower).
+ * Each thread walks its outputs in tiles, and K in blocks of MC_KB2 columns inside that: the tile's y rows
+ * stay in L2 across K, where walking K outside left a 14336-wide y (7 MB) to L3 at every block (320 against
+ * 380 GFLOP/s for a 7B's w1 at 128 rows, 2 Zen 4 cores). What it changes: x is rounded to bf16 (to nearest
+ * even, once per call; the weights are bf16 already, and int8 weights are integers, exact in bf16), the
+ * sums stay fp32, and vdpbf16ps treats bf16 subnormals as zero. int8's per-row scale multiplies the finished
+ * sum. Packing a block is a 16 x 16 transpose of 32-bit pairs, 64 shuffles per 512 weights, against the
+ * 16 T vdpbf16ps that then use them. Needs K % 32 == 0 (whole 16-pair groups). */
+#if MC_BF16DOT
+
+static int g_gemm_bf16dot = 1;
+
+/* r[i] <- column i of the 16 x 16 block of dwords whose rows are r[0..15]. */
+MC_INLINE void transpose16(__m512i r[16])
+{
+    __m512i a[16], b[16];
+    for (int i = 0; i < 8; i++) {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    /* b[4i + c], lane L: column 4L + c of rows 4i..4i+3 */
+    for (int i = 0; i < 4; i++) {
+        b[4 * i + 0] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), e1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+        __m512i e2 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xee), e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xee);
+        r[c] = _mm512_shuffle_i32x4(e0, e1, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(e0, e1, 0xdd);
+        r[8 + c] = _mm512_shuffle_i32x4(e2, e3, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(e2, e3, 0xdd);
+    }
+}
+
+/* 32 weights (columns k..k+31) of row n as bf16, in order: as stored, or int8 converted exactly. */
+MC_INLINE __m512i row32_bf16(const mc_ctx *c, int64_t n, int64_t k)
+{
+    return _mm512_loadu_si512((const void *)((const uint16_t *)c->w + n * c->K + k));
+}
+
+MC_INLINE __m512i row32_int8(const mc_ctx *c, int64_t n, int64_t k)
+{
+    __m256i b = _mm256_loadu_si256((const __m256i *)((const int8_t *)c->w + n * c->K + k));
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* bp[kp][0..15] = the bf16 pairs (columns k0 + 2kp, k0 + 2kp + 1) of rows n0..n0+15 (rows >= N zero),
+ * kp < kc / 2, kc % 32 == 0. */
+#define MC_PACK2(NAME, ROW32)                                                                        \
+    static void NAME(const mc_ctx *c, int64_t n0, int64_t k0, int kc, uint32_t *bp)                \
+    {                                                                                               \
+        int rows = c->N - n0 >= 16 ? 16 : (int)(c->N - n0);                                         \
+        for (int k = 0; k < kc; k += 32) {                                                          \
+            __m512i r[16];                                                                          \
+            for (int i = 0; i < 16; i++) r[i] = i < rows ? ROW32(c, n0 + i, k0 + k) : _mm512_setzero_si512(); \
+            transpose16(r);                                                                         \
+            for (int i = 0; i < 16; i++) _mm512_store_si512((void *)(bp + (k / 2 + i) * 16), r[i]);  \
+        }                                                                                           \
+    }
+
+MC_PACK2(pack2_bf16, row32_bf16)
+MC_PACK2(pack2_int8, row32_int8)
+
+typedef void (*mc_pack2_fn)(const mc_ctx *c, int64_t n0, int64_t k0, int kc, uint32_t *bp);
+
+#ifndef MC_KB2
+#define MC_KB2 512 /* columns per packed block of the bf16 tile */
+#endif
+#ifndef MC_MR2
+#define MC_MR2 3 /* rows of x per bf16 tile */
+#endif
+#ifndef MC_NB2
+#define MC_NB2 8 /* 16-output blocks per bf16 tile */
+#endif
+#define MC_NR2 (16 * MC_NB2)
+
+/* y[MR][MC_NR2] (row stride ldy) = (first ? 0 : y) + x pairs [kp][MC_MR2] * bp[b][kp][16], times the
+ * outputs' scales (sc, MC_NR2 of them) when it is the last block of K. */
+MC_INLINE void gemm2_tile(const uint32_t *x, const uint32_t *bp, int kpn, float *y, int64_t ldy, int first,
+                          const float *sc, const int MR)
+{
+    __m512 acc[MC_MR2][MC_NB2];
+    MC_UNROLL for (int t = 0; t < MR; t++) MC_UNROLL for (int b = 0; b < MC_NB2; b++)
+        acc[t][b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + t * ldy + 16 * b);
+#pragma GCC unroll 2
+    for (int kp = 0; kp < kpn; kp++) {
+        __m512bh a[MC_MR2];
+        MC_UNROLL for (int t = 0; t < MR; t++) a[t] = (__m512bh)_mm512_set1_epi32((int)x[kp * MC_MR2 + t]);
+        MC_UNROLL for (int b = 0; b < MC_NB2; b++) {
+            __m512bh w = (__m512bh)_mm512_load_si512((const void *)(bp + (b * (MC_KB2 / 2) + kp) * 16));
+            MC_UNROLL for (int t = 0; t < MR; t++) acc[t][b] = _mm512_dpbf16_ps(acc[t][b], a[t], w);
+        }
+    }
+    if (sc) {
+        MC_UNROLL for (int b = 0; b < MC_NB2; b++) {
+            __m512 s = _mm512_loadu_ps(sc + 16 * b);
+            MC_UNROLL for (int t = 0; t < MR; t++) acc[t][b] = _mm512_mul_ps(acc[t][b], s);
+        }
+    }
+    MC_UNROLL for (int t = 0; t < MR; t++) MC_UNROLL for (int b = 0; b < MC_NB2; b++)
+        _mm512_storeu_ps(y + t * ldy + 16 * b, acc[t][b]);
+}
+
+static void gemm2_tile_any(const uint32_t *x, const uint32_t *bp, int kpn, float *y, int64_t ldy, int first,
+                           const float *sc, int mr)
+{
+    if (mr == MC_MR2) {
+        gemm2_tile(x, bp, kpn, y, ldy, first, sc, MC_MR2);
+        return;
+    }
+    switch (mr) {
+    case 1: gemm2_tile(x, bp, kpn, y, ldy, first, sc, 1); break;
+#if MC_MR2 > 2
+    case 2: gemm2_tile(x, bp, kpn, y, ldy, first, sc, 2); break;
+#endif
+#if MC_MR2 > 3
+    case 3: gemm2_tile(x, bp, kpn, y, ldy, first, sc, 3); break;
+#endif
+#if MC_MR2 > 4
+    case 4: gemm2_tile(x, bp, kpn, y, ldy, first, sc, 4); break;
+#endif
+#if MC_MR2 > 5
+    case 5: gemm2_tile(x, bp, kpn, y, ldy, first, sc, 5); break;
+#endif
+#if MC_MR2 > 6
+    case 6: gemm2_tile(x, bp, kpn, y, ldy, first, sc, 6); break;
+    case 7: gemm2_tile(x, bp, kpn, y, ldy, first, sc, 7); break;
+#endif
+    default: break;
+    }
+}
+
+/* The outputs n0..n0+MC_NR2-1 of every row of y, over the columns k0..k0+MC_KB2-1: pack that block of the
+ * weight once, then run it past every panel of x. A partial tile of outputs (the last) goes through the
+ * same tile into a full-width scratch tile. */
+static void gemm2_block(const mc_ctx *c, mc_pack2_fn pack, const uint32_t *xp, uint32_t *bp, int64_t n0, int64_t k0)
+{
+    float edge[MC_MR2 * MC_NR2], sce[MC_NR2];
+    const int64_t K = c->K, N = c->N, KP = K / 2;
+    int kc = K - k0 < MC_KB2 ? (int)(K - k0) : MC_KB2, first = k0 == 0, last = k0 + kc == K;
+    for (int b = 0; b < MC_NB2; b++) {
+        uint32_t *dst = bp + b * (MC_KB2 / 2) * 16;
+        if (n0 + 16 * b < N) pack(c, n0 + 16 * b, k0, kc, dst);
+        else memset(dst, 0, (size_t)(kc / 2) * 16 * sizeof(uint32_t));
+    }
+    int cols = N - n0 < MC_NR2 ? (int)(N - n0) : MC_NR2;
+    const float *sc = NULL;
+    if (last && c->scale) {
+        if (cols == MC_NR2) sc = c->scale + n0;
+        else {
+            for (int j = 0; j < MC_NR2; j++) sce[j] = j < cols ? c->scale[n0 + j] : 0.f;
+            sc = sce;
+        }
+    }
+    for (int t0 = 0; t0 < c->T; t0 += MC_MR2) {
+        int mr = c->T - t0 < MC_MR2 ? c->T - t0 : MC_MR2;
+        const uint32_t *xb = xp + (t0 / MC_MR2) * KP * MC_MR2 + (k0 / 2) * MC_MR2;
+        float *yb = c->y + t0 * N + n0;
+        if (cols == MC_NR2) {
+            gemm2_tile_any(xb, bp, kc / 2, yb, N, first, sc, mr);
+            continue;
+        }
+        for (int t = 0; t < mr; t++)
+            for (int j = 0; j < MC_NR2; j++) edge[t * MC_NR2 + j] = j < cols && !first ? yb[t * N + j] : 0.f;
+        gemm2_tile_any(xb, bp, kc / 2, edge, MC_NR2, first, sc, mr);
+        for (int t = 0; t < mr; t++) memcpy(yb + t * N, edge + t * MC_NR2, cols * sizeof(float));
+    }
+}
+
+/* Outputs [lo, hi) of y for one thread; lo is a multiple of MC_NR2. */
+static void gemm2_rows(const mc_ctx *c, mc_pack2_fn pack, const uint32_t *xp, int64_t lo, int64_t hi)
+{
+    uint32_t bp[MC_NB2 * MC_KB2 / 2 * 16] __attribute__((aligned(64)));
+    for (int64_t n0 = lo; n0 < hi; n0 += MC_NR2)
+        for (int64_t k0 = 0; k0 < c->K; k0 += MC_KB2) gemm2_block(c, pack, xp, bp, n0, k0);
+}
+
+/* x -> bf16 pairs in MC_MR2-row panels p0..p1-1 of xp[p][kp][MC_MR2] (rows past T zero), rounded to
+ * nearest even. */
+static void gemm2_panels(const float *x, int T, int64_t K, uint32_t *xp, int64_t p0, int64_t p1)
+{
+    const int64_t KP = K / 2;
+    for (int64_t p = p0; p < p1; p++)
+        for (int t = 0; t < MC_MR2; t++) {
+            int64_t row = p * MC_MR2 + t;
+            uint32_t *dst = xp + p * KP * MC_MR2 + t;
+            if (row >= T) {
+                for (int64_t kp = 0; kp < KP; kp++) dst[kp * MC_MR2] = 0;
+                continue;
+            }
+            const float *src = x + row * K;
+            for (int64_t k = 0; k < K; k += 32) {
+                uint32_t pairs[16] __attribute__((aligned(64)));
+                _mm512_store_si512((void *)pairs,
+                                   (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16), _mm512_loadu_ps(src + k)));
+                for (int j = 0; j < 16; j++) dst[(k / 2 + j) * MC_MR2] = pairs[j];
+            }
+        }
+}
+
+/* y = x w^T through the bf16 tile (pack: pack2_bf16 or pack2_int8 with c->scale). K % 32 == 0. The threads
+ * round their share of x's panels, then (after a barrier) multiply their share of the outputs. */
+static int gemm2_run(const mc_ctx *c, mc_pack2_fn pack)
+{
+    const int64_t panels = (c->T + MC_MR2 - 1) / MC_MR2;
+    uint32_t *xp = (uint32_t *)mc_scratch((size_t)panels * (size_t)(c->K / 2) * MC_MR2 * sizeof(uint32_t));
+    if (!xp) return MC_ENOMEM;
+    int nt = g_threads;
+    int64_t units = (c->N + MC_NR2 - 1) / MC_NR2;
+    if (nt > units) nt = (int)units;
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            int tid = omp_get_thread_num(), n_th = omp_get_num_threads();
+            int64_t lo, hi;
+            mc_share(panels, 1, tid, n_th, &lo, &hi);
+            gemm2_panels(c->x, c->T, c->K, xp, lo, hi);
+#pragma omp barrier
+            mc_share(c->N, MC_NR2, tid, n_th, &lo, &hi);
+            if (lo < hi) gemm2_rows(c, pack, xp, lo, hi);
+        }
+        return 0;
+    }
+#endif
+    gemm2_panels(c->x, c->T, c->K, xp, 0, panels);
+    gemm2_rows(c, pack, xp, 0, c->N);
+    return 0;
+}
+#endif /* MC_BF16DOT */
+
 #endif /* MC_AVX2 */
+
+/* Whether this build has the bf16 GEMM (MC_BF16DOT), and whether prompts use it (on by default where it
+ * exists; mixchat.speed.kernels switches it to compare the two and to keep a CPU's faster one). */
+MC_API int mc_bf16dot(void) { return MC_BF16DOT; }
+MC_API int mc_get_gemm_bf16dot(void)
+{
+#if MC_BF16DOT
+    return g_gemm_bf16dot;
+#else
+    return 0;
+#endif
+}
+MC_API void mc_set_gemm_bf16dot(int on)
+{
+#if MC_BF16DOT
+    g_gemm_bf16dot = on;
+#else
+    (void)on;
+#endif
+}

@@ -46,9 +46,10 @@
  * Where the compiler targets AVX-512 F/BW/VL (-march=native on such a CPU), the bf16, int8 Q8 and int4 Q8
  * row kernels are AVX-512 ones (with vpdpbusd under AVX512_VNNI), each beside its AVX2 twin in the same
  * file (#if MC_AVX512); the avx2 build (-march=x86-64-v3) always compiles the AVX2 twins, so one AVX-512
- * machine tests both. mc_simd_level() says which (0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 + VNNI). The
- * exact fp32-activation int8/int4 kernels, the GEMM, the transposed bf16 paths and decode.c's arithmetic
- * are AVX2 code in every SIMD build.
+ * machine tests both. mc_simd_level() says which (0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 + VNNI). With
+ * AVX512-BF16 the GEMM also has a vdpbf16ps tile for bf16 and int8 weights (x rounded to bf16; gemm.c),
+ * which mc_bf16dot() reports. The exact fp32-activation int8/int4 kernels, the transposed bf16 paths and
+ * decode.c's arithmetic are AVX2 code in every SIMD build.
  *
  * The one file compiled (a unity build: every part is included here, in this order, so the compiler sees
  * one translation unit and inlines across parts exactly as it did when they were one file):

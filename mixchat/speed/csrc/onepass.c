@@ -81,6 +81,9 @@ MC_API int mc_linear_bf16(const float *x, int T, int64_t K, const uint16_t *w, i
 #if MC_AVX2
     if (T >= g_gemm_min_rows && K % 8 == 0) {
         mc_ctx c = {.x = x, .w = w, .y = y, .N = N, .K = K, .T = T};
+#if MC_BF16DOT
+        if (g_gemm_bf16dot && K % 32 == 0) return gemm2_run(&c, pack2_bf16);
+#endif
         return gemm_run(&c, pack_bf16);
     }
     const void *wv = w;
@@ -125,11 +128,19 @@ MC_MAYBE_UNUSED static void round_q8(const float *x, int64_t n, int block, float
 }
 
 /* Like mc_linear_int8, but x rounded to int8 per 32 columns (see int8q8_step) when that is what makes
- * it faster: for fewer than the GEMM's rows and K % 32 == 0. Otherwise it is mc_linear_int8. */
+ * it faster: for fewer than the GEMM's rows and K % 32 == 0; from the GEMM's rows on, with vdpbf16ps,
+ * rounded to bf16 for the vdpbf16ps GEMM. Otherwise it is mc_linear_int8 (x exact). */
 MC_API int mc_linear_int8_q8(const float *x, int T, int64_t K, const int8_t *q, const float *scale, int64_t N,
                              float *y)
 {
     if (T < 1 || K < 1 || N < 1) return MC_EBADARG;
+#if MC_BF16DOT
+    /* prompts: the vdpbf16ps GEMM rounds x to bf16 instead (finer than Q8, and exact int8 weights) */
+    if (T >= g_gemm_min_rows && g_gemm_bf16dot && K % 32 == 0) {
+        mc_ctx c = {.x = x, .w = q, .scale = scale, .y = y, .N = N, .K = K, .T = T};
+        return gemm2_run(&c, pack2_int8);
+    }
+#endif
     if (T >= g_gemm_min_rows || K % 32) return mc_linear_int8(x, T, K, q, scale, N, y);
 #if MC_AVX2
     const void *wv = q;

@@ -20,7 +20,7 @@ from mixchat.speed.kernels.formats import (
     quantize_x_q8,
     unpack_int4,
 )
-from mixchat.speed.kernels.linear import MULTI_MAX, linear_bf16, linear_int4, linear_int8, linear_many
+from mixchat.speed.kernels.linear import MULTI_MAX, bf16_x, linear_bf16, linear_int4, linear_int8, linear_many
 from mixchat.speed.kernels.loader import (
     FLAGS,
     GEMM_MIN_ROWS,
@@ -28,6 +28,7 @@ from mixchat.speed.kernels.loader import (
     SIMD_LEVELS,
     KernelError,
     available,
+    bf16dot,
     build,
     cache_root,
     forced_isa,
@@ -38,6 +39,7 @@ from mixchat.speed.kernels.loader import (
     read_probe,
     reason,
     requested_isa,
+    set_gemm_bf16dot,
     set_gemm_min_rows,
     set_num_threads,
     set_transposed_split,
@@ -49,8 +51,9 @@ from mixchat.speed.kernels.loader import _compiler as _compiler  # tests skip bu
 
 __all__ = [
     "FLAGS", "GEMM_MIN_ROWS", "INT4_GROUPS", "ISAS", "MULTI_MAX", "SIMD_LEVELS", "DecodeLayer", "DecodeMoe", "Slots",
-    "KernelError", "available", "build", "cache_root", "dequantize_int4", "forced_isa", "get_gemm_min_rows",
-    "get_num_threads", "isa_flags", "library", "linear_bf16", "linear_int4", "linear_int8", "linear_many",
-    "pack_int4", "q8_block", "quantize_x_q8", "read_probe", "reason", "requested_isa", "set_gemm_min_rows",
-    "set_num_threads", "set_transposed_split", "simd", "simd_level", "source", "unpack_int4",
+    "KernelError", "available", "bf16_x", "bf16dot", "build", "cache_root", "dequantize_int4", "forced_isa",
+    "get_gemm_min_rows", "get_num_threads", "isa_flags", "library", "linear_bf16", "linear_int4", "linear_int8",
+    "linear_many", "pack_int4", "q8_block", "quantize_x_q8", "read_probe", "reason", "requested_isa",
+    "set_gemm_bf16dot", "set_gemm_min_rows", "set_num_threads", "set_transposed_split", "simd", "simd_level",
+    "source", "unpack_int4",
 ]

@@ -94,6 +94,23 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _shaped(y, x)
 
 
+def bf16_x(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x as linear_bf16 multiplies it in the loaded build (or `lib`): as it is, except in a build with
+    vdpbf16ps (bf16dot), which rounds it to bf16 (to nearest even): in the row kernels over the whole
+    32-column blocks (the last K % 32 columns as they are); in the GEMM (from its row count on, K % 8 == 0)
+    all of x where K % 32 == 0 and the vdpbf16ps GEMM is on, else none (the fp32 tile). For tests and the
+    self-check."""
+    lib = lib if lib is not None else _get()
+    if lib is None or not lib.mc_bf16dot():
+        return x
+    k = x.shape[-1]
+    rows = x.numel() // max(k, 1)
+    if rows >= lib.mc_get_gemm_min_rows() and k % 8 == 0:  # the GEMM's (mc_linear_bf16)
+        return x.to(torch.bfloat16).to(x.dtype) if k % 32 == 0 and lib.mc_get_gemm_bf16dot() else x
+    k32 = k // 32 * 32
+    return torch.cat([x[..., :k32].to(torch.bfloat16).to(x.dtype), x[..., k32:]], dim=-1)
+
+
 def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, exact: bool = False) -> torch.Tensor:
     """y = (x @ q.T) * scale in fp32. q int8 [N, K], scale float32 [N].
     Like linear_int4, and like llama.cpp's Q8_0, x is rounded to int8 per 32 columns for products of

@@ -55,7 +55,7 @@ def _source_files() -> list[Path]:
 
 ISAS = ("native", "avx2", "portable")
 _COMMON = ("-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
-ABI_VERSION = 7  # must match MC_ABI_VERSION in csrc/common.h
+ABI_VERSION = 8  # must match MC_ABI_VERSION in csrc/common.h
 GEMM_MIN_ROWS = 12  # the C side's default (mc_get_gemm_min_rows)
 # mc_simd_level(): which row kernels the compiler's feature macros chose for this build.
 SIMD_LEVELS = {0: "scalar code", 1: "AVX2+FMA code", 2: "AVX-512 code", 3: "AVX-512 code with VNNI"}
@@ -217,6 +217,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.mc_set_gemm_min_rows.argtypes = [i32]
     lib.mc_get_gemm_min_rows.restype = i32
     lib.mc_set_bf16t_ksplit.argtypes = [i32]
+    lib.mc_bf16dot.restype = i32
+    lib.mc_set_gemm_bf16dot.argtypes = [i32]
+    lib.mc_get_gemm_bf16dot.restype = i32
     for name in ("mc_linear_bf16", "mc_linear_bf16_t"):
         getattr(lib, name).argtypes = [vp, i32, i64, vp, i64, vp]
     for name in ("mc_linear_int8", "mc_linear_int8_q8"):
@@ -276,6 +279,8 @@ def _open(isa: str) -> tuple[ctypes.CDLL, str]:
             first = first or KernelError(f"{type(e).__name__}: {e}".splitlines()[0])
             break
         notes = [f"{isa} build", SIMD_LEVELS.get(lib.mc_simd_level(), "unknown code")]
+        if lib.mc_bf16dot():
+            notes[-1] += "; vdpbf16ps for bf16"
         if isa == "native" and not lib.mc_simd():
             notes[-1] += ": the CPU or compiler lacks AVX2+FMA"
         if attempt != flags:
@@ -363,6 +368,20 @@ def set_gemm_min_rows(n: int) -> None:
         raise ValueError(f"rows must be at least 1, not {n}")
     if (lib := _get()) is not None:
         lib.mc_set_gemm_min_rows(n)
+
+
+def bf16dot() -> bool:
+    """Whether the loaded build has the prompt GEMM on vdpbf16ps (AVX512-BF16: x rounded to bf16, sums in
+    fp32; gemm.c), which bf16 and int8 products of get_gemm_min_rows() rows or more take unless
+    set_gemm_bf16dot(False)."""
+    return (lib := _get()) is not None and bool(lib.mc_bf16dot())
+
+
+def set_gemm_bf16dot(on: bool) -> None:
+    """Whether prompts take the vdpbf16ps GEMM where the build has one (the default) or the fp32 one (to
+    compare the two; tests take both)."""
+    if (lib := _get()) is not None:
+        lib.mc_set_gemm_bf16dot(int(on))
 
 
 def simd_level() -> int:

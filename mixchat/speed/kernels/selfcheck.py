@@ -8,7 +8,7 @@ import ctypes
 import torch
 
 from mixchat.speed.kernels.formats import INT4_GROUPS, dequantize_int4, pack_int4, q8_block, quantize_x_q8, unpack_int4
-from mixchat.speed.kernels.linear import _ptr, linear_many_lib
+from mixchat.speed.kernels.linear import _ptr, bf16_x, linear_many_lib
 from mixchat.speed.kernels.loader import KernelError
 
 
@@ -54,7 +54,7 @@ def self_check(lib: ctypes.CDLL) -> None:
             y = torch.empty(t, n)
             if lib.mc_linear_bf16(_ptr(x), t, k, _ptr(w), n, _ptr(y)) != 0:
                 raise KernelError("self-check failed: mc_linear_bf16 refused valid arguments")
-            _close(f"bf16 T={t} N={n} K={k}", y, x, w.float())
+            _close(f"bf16 T={t} N={n} K={k}", y, bf16_x(x, lib), w.float())
 
             q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
             s = torch.rand(n, generator=gen) + 0.1
@@ -82,7 +82,7 @@ def self_check(lib: ctypes.CDLL) -> None:
         x = torch.randn(2, 128, generator=gen)
         ws = [torch.randn(n, 128, generator=gen).to(torch.bfloat16) for n in (24, 40)]
         for got, w in zip(linear_many_lib(lib, x, "bf16", [(w,) for w in ws]), ws, strict=True):
-            _close("multi bf16", got, x, w.float())
+            _close("multi bf16", got, bf16_x(x, lib), w.float())
         qs = [(torch.randint(-127, 128, (n, 128), generator=gen, dtype=torch.int8), torch.rand(n, generator=gen) + 0.1)
               for n in (24, 40)]
         for got, (q, s) in zip(linear_many_lib(lib, x, "int8", qs), qs, strict=True):
@@ -96,16 +96,22 @@ def self_check(lib: ctypes.CDLL) -> None:
         x = torch.randn(t, k, generator=gen)
         y = torch.empty(t, n)
         w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
-        lib.mc_linear_bf16(_ptr(x), t, k, _ptr(w), n, _ptr(y))
-        _close(f"bf16 GEMM T={t} N={n} K={k}", y, x, w.float())
+        q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        s = torch.rand(n, generator=gen) + 0.1
+        # Both tiles where the build has the vdpbf16ps one, which multiplies x rounded to bf16.
+        for dot in (0, 1) if lib.mc_bf16dot() else (0,):
+            lib.mc_set_gemm_bf16dot(dot)
+            xr = x.to(torch.bfloat16).float() if dot else x
+            lib.mc_linear_bf16(_ptr(x), t, k, _ptr(w), n, _ptr(y))
+            _close(f"bf16 GEMM T={t} N={n} K={k}{' vdpbf16ps' * dot}", y, xr, w.float())
+            lib.mc_linear_int8_q8(_ptr(x), t, k, _ptr(q), _ptr(s), n, _ptr(y))
+            _close(f"int8 GEMM T={t} N={n} K={k}{' vdpbf16ps' * dot}", y, xr, q.float() * s[:, None])
+            lib.mc_linear_int8(_ptr(x), t, k, _ptr(q), _ptr(s), n, _ptr(y))  # exact x: the fp32 tile
+            _close(f"int8 GEMM T={t} N={n} K={k} exact", y, x, q.float() * s[:, None])
         wt = torch.randn(k, n, generator=gen).to(torch.bfloat16)
         for rows in (1, t):
             lib.mc_linear_bf16_t(_ptr(x), rows, k, _ptr(wt), n, _ptr(y))
             _close(f"bf16 transposed T={rows} N={n} K={k}", y[:rows], x[:rows], wt.float().T)
-        q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-        s = torch.rand(n, generator=gen) + 0.1
-        lib.mc_linear_int8(_ptr(x), t, k, _ptr(q), _ptr(s), n, _ptr(y))
-        _close(f"int8 GEMM T={t} N={n} K={k}", y, x, q.float() * s[:, None])
         packed = pack_int4(torch.randint(0, 16, (n, k), generator=gen))
         sc, zp = torch.rand(n, k // 64, generator=gen) + 0.1, torch.randn(n, k // 64, generator=gen)
         w4, w4_abs = dequantize_int4(packed, sc, zp, 64), _int4_abs(packed, sc, zp, 64)
