@@ -53,7 +53,10 @@ def products(kind: str, lib: ctypes.CDLL, gen: torch.Generator) -> tuple[Callabl
                                                   n, y.data_ptr()), (p, s, z)))
             total += p.numel() + 8 * s.numel()
 
+    keep = (y, xs)  # the calls hold raw pointers into these: they must outlive products()
+
     def run() -> None:
+        assert keep
         for fn, args, _keep in calls:
             if fn(*args) != 0:
                 raise SystemExit(f"{fn.__name__} failed")
