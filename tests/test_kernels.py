@@ -755,6 +755,10 @@ def test_prompt_gemm_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path
     for forced in ("kernels", "torch"):
         monkeypatch.setenv("MIXCHAT_PROMPT_GEMM", forced)
         assert linear.prompt_gemm() == forced and len(calls) == 2
+        assert linear.prompt_gemm_note() is None  # forced: no measurement decides it
+    # a cache folder that cannot take the file loses nothing but the next process's shortcut
+    linear._write_choices(tmp_path / "gone" / "prompt-gemm.json", {"2": {"choice": "torch"}})
+    assert not (tmp_path / "gone").exists()
 
 
 @needs_kernels

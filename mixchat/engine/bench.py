@@ -133,6 +133,10 @@ def run(ns: Namespace) -> int:
     prompt = torch.randint(3, engine.args.vocab_size, (ns.prompt_tokens,), generator=gen).to(engine.device)
 
     per_token = active_bytes_per_token(engine)
+    if engine.device.type == "cpu":
+        from mixchat.speed import linear
+
+        linear.prompt_gemm()  # a first measurement of the prompt GEMMs must not land in a timed prefill
     ceiling = ReadCeiling() if engine.device.type == "cpu" else None
     prefill, decode, fractions, ceilings = [], [], [], []
     link = engine.pipeline.group if engine.pipeline is not None else None
@@ -237,4 +241,7 @@ def prompt_gemm_line(engine: Engine) -> str:
     choice = linear.prompt_gemm()
     if (note := linear.prompt_gemm_note()) is not None:
         return note
-    return "torch's bf16 GEMM (MIXCHAT_PROMPT_GEMM=torch)" if choice == "torch" else f"the kernels' {dot} GEMM"
+    if choice == "torch":
+        how = "bf16 GEMM" if linear.native_bf16() else "fp32 GEMM on an fp32 copy of each weight"
+        return f"torch's {how} (MIXCHAT_PROMPT_GEMM=torch)"
+    return f"the kernels' {dot} GEMM"

@@ -9,6 +9,7 @@ both describe their weights to the C side through the same kernel_parts() protoc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -99,6 +100,7 @@ def prompt_gemm() -> str:
 
 
 _choices: dict[tuple[str, int], dict] = {}  # (library path, threads) -> the measurement
+_measuring = threading.Lock()  # one thread measures; one that prompts meanwhile waits for its answer
 
 
 def _choice_file(lib: object) -> Path | None:
@@ -114,13 +116,15 @@ def _measured_choice(k: ModuleType) -> str:
     path = _choice_file(lib)
     key = (str(path), threads)
     if (found := _choices.get(key)) is None:
-        kept = _read_choices(path)
-        found = kept.get(str(threads))
-        if not isinstance(found, dict) or found.get("choice") not in ("kernels", "torch"):
-            found = measure_prompt_gemm()
-            kept[str(threads)] = found
-            _write_choices(path, kept)
-        _choices[key] = found
+        with _measuring:
+            if (found := _choices.get(key)) is None:
+                kept = _read_choices(path)
+                found = kept.get(str(threads))
+                if not isinstance(found, dict) or found.get("choice") not in ("kernels", "torch"):
+                    found = measure_prompt_gemm()
+                    kept[str(threads)] = found
+                    _write_choices(path, kept)
+                _choices[key] = found
     return found["choice"]
 
 
@@ -152,14 +156,18 @@ def measure_prompt_gemm(rows: int = 128, n: int = 4096, k: int = 4096, repeats: 
 
 
 def prompt_gemm_note() -> str | None:
-    """What prompt_gemm() measured in this process, as one line (for `bench` and --stats), or None where it
-    measured nothing (no native bf16, no kernels, or forced)."""
-    for found in _choices.values():
-        if "kernels_gflops" in found:
-            return (f"prompts: {found['choice']} GEMM (kernels' {found['kernels_gemm']} "
-                    f"{found['kernels_gflops']:.0f} GFLOP/s, torch's bf16 {found['torch_gflops']:.0f}; "
-                    f"measured {found['measured']})")
-    return None
+    """What decides prompt_gemm() now, as one line (for `bench`), where it is a measurement (this process's
+    or a kept one, for the loaded library and thread count); None where nothing was measured (no native
+    bf16, no kernels, MIXCHAT_PROMPT_GEMM set, or no prompt yet)."""
+    if os.environ.get("MIXCHAT_PROMPT_GEMM", "").strip().lower() in ("kernels", "torch") or not native_bf16():
+        return None
+    if (k := kernels_or_none()) is None:
+        return None
+    found = _choices.get((str(_choice_file(k.library())), k.get_num_threads()))
+    if not found or "kernels_gflops" not in found:
+        return None
+    return (f"{found['choice']} GEMM (kernels' {found['kernels_gemm']} {found['kernels_gflops']:.0f} GFLOP/s, "
+            f"torch's bf16 {found['torch_gflops']:.0f}; measured {found['measured']})")
 
 
 def _read_choices(path: Path | None) -> dict:
@@ -173,12 +181,13 @@ def _read_choices(path: Path | None) -> dict:
 def _write_choices(path: Path | None, data: dict) -> None:
     if path is None:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     try:
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a read-only cache: measure again next time, nothing lost
+    except OSError:  # a cache folder we cannot write: measure again next time, nothing lost
+        with contextlib.suppress(OSError):  # on a read-only mount even unlinking a missing file fails
+            tmp.unlink()
 
 
 _scratch = threading.local()

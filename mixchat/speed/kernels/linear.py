@@ -11,7 +11,8 @@ reaches; the matrix-vector kernels come within 65-85% of it on one core, at 1.5-
 (benchmarks/gemv.py), and read each weight once for up to 8 rows of x, so T = 4 costs little more than
 T = 1. From get_gemm_min_rows() rows of x on (prompts), a register-tiled GEMM takes over: it converts
 16 x 256 tiles of the weight to fp32 in L1 and runs at the FMA units' pace, so prompts need no fp32 copy
-of any weight, whatever its format.
+of any weight, whatever its format. On CPUs with AVX512-BF16 the bf16 kernels (one row and the GEMM) and
+the int8 GEMM take x rounded to bf16 instead, with vdpbf16ps (bf16_x says which x a build multiplies).
 
 x is [..., K] in any float dtype (computed in fp32); the result is fp32 [..., N]. Below the GEMM's row
 count linear_int8 and linear_int4 round x to int8 per 32 columns unless exact=True (see linear_int4's
@@ -95,7 +96,8 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def bf16_x(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x as linear_bf16 multiplies it in the loaded build (or `lib`): as it is, except in a build with
+    """x as linear_bf16 multiplies it by a weight stored [N, K] (a transposed one keeps x as it is) in the
+    loaded build (or `lib`): as it is, except in a build with
     vdpbf16ps (bf16dot), which rounds it to bf16 (to nearest even): in the row kernels over the whole
     32-column blocks (the last K % 32 columns as they are); in the GEMM (from its row count on, K % 8 == 0)
     all of x where K % 32 == 0 and the vdpbf16ps GEMM is on, else none (the fp32 tile). For tests and the
@@ -115,8 +117,8 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, exact: bo
     """y = (x @ q.T) * scale in fp32. q int8 [N, K], scale float32 [N].
     Like linear_int4, and like llama.cpp's Q8_0, x is rounded to int8 per 32 columns for products of
     fewer rows than the GEMM takes (K % 32 == 0): with fp32 x a core converts only about 4 weights per
-    cycle, under the memory read rate, while integer multiply-adds keep up with it. exact=True keeps x
-    in fp32."""
+    cycle, under the memory read rate, while integer multiply-adds keep up with it. From the GEMM's rows
+    on, a build with vdpbf16ps rounds x to bf16 (K % 32 == 0; see bf16_x). exact=True keeps x in fp32."""
     _check_weight(q, "q", torch.int8)
     n, k = q.shape
     _check_weight(scale, "scale", torch.float32, dim=1)
