@@ -26,6 +26,10 @@ def test_bench_reports_speed_and_what_its_memory_figures_count(make_release):
 
     # which product took the prompt: the tiny model's bf16 weights go through the kernels' GEMM or torch's
     assert "GEMM" in r["prompt_gemm"] if kernels.available() else r["prompt_gemm"].startswith("torch")
+    # whether decode's row kernels prefetch, per format, as measured on this machine (kernels.prefetch)
+    if kernels.simd():
+        assert r["row_prefetch"].startswith("bf16 o") and "int8 o" in r["row_prefetch"], r["row_prefetch"]
+        assert "GB/s with" in r["row_prefetch"] and "measured" in r["row_prefetch"]
 
     # The ceiling is the kernels' own probe, with their widest loads on the decoding threads.
     if kernels.available():

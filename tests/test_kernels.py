@@ -729,6 +729,7 @@ def test_prompt_gemm_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path
     prompt, kept beside the kernels' build so later processes choose alike, measured again when the file
     is damaged; MIXCHAT_PROMPT_GEMM forces either; without native bf16 the kernels, unmeasured."""
     from mixchat.speed import linear
+    from mixchat.speed.kernels import measured
 
     calls = []
 
@@ -739,25 +740,25 @@ def test_prompt_gemm_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path
 
     kept = tmp_path / "prompt-gemm.json"
     monkeypatch.setattr(linear, "measure_prompt_gemm", measure)
-    monkeypatch.setattr(linear, "_choice_file", lambda lib: kept)
-    monkeypatch.setattr(linear, "_choices", {})
+    monkeypatch.setattr(measured, "choice_file", lambda lib, name: kept if name == kept.name else None)
+    monkeypatch.setattr(measured, "_found", {})
     monkeypatch.delenv("MIXCHAT_PROMPT_GEMM", raising=False)
     monkeypatch.setenv("MIXCHAT_NATIVE_BF16", "0")
     assert linear.prompt_gemm() == "kernels" and not calls and not kept.exists()
     monkeypatch.setenv("MIXCHAT_NATIVE_BF16", "1")
     assert linear.prompt_gemm() == "torch" and linear.prompt_gemm() == "torch" and len(calls) == 1
     assert "torch GEMM" in linear.prompt_gemm_note() and "bf16 200;" in linear.prompt_gemm_note()
-    monkeypatch.setattr(linear, "_choices", {})  # a new process reads the file
+    measured.forget()  # a new process reads the file
     assert linear.prompt_gemm() == "torch" and len(calls) == 1
     kept.write_text("{not json")
-    monkeypatch.setattr(linear, "_choices", {})
+    measured.forget()
     assert linear.prompt_gemm() == "torch" and len(calls) == 2
     for forced in ("kernels", "torch"):
         monkeypatch.setenv("MIXCHAT_PROMPT_GEMM", forced)
         assert linear.prompt_gemm() == forced and len(calls) == 2
         assert linear.prompt_gemm_note() is None  # forced: no measurement decides it
     # a cache folder that cannot take the file loses nothing but the next process's shortcut
-    linear._write_choices(tmp_path / "gone" / "prompt-gemm.json", {"2": {"choice": "torch"}})
+    measured._write(tmp_path / "gone" / "prompt-gemm.json", {"2": {"choice": "torch"}})
     assert not (tmp_path / "gone").exists()
 
 
@@ -874,3 +875,106 @@ def test_torrent_w2_views_decode_like_fp32(make_release):
     router = log.logits()
     n = routed_alike(got_experts, want_experts, router, tolerance(router.abs().max().item(), *terms))
     assert_within(got[:n], want[:n], tolerance(want.abs().max().item(), *terms), "bf16 vs fp32 decode")
+
+
+@needs_kernels
+def test_row_prefetch_is_measured_once_per_machine_kept_and_forced(monkeypatch, tmp_path):
+    """Each format's software prefetch is set from a measurement at the first call (kept beside the
+    library, read by later processes, measured again when damaged), or forced by MIXCHAT_ROW_PREFETCH."""
+    from mixchat.speed.kernels import measured, prefetch
+
+    lib = kernels.library()
+    if not lib.mc_simd():
+        pytest.skip("the portable build does not prefetch")
+    calls = []
+
+    def measure(lib_: object) -> dict:
+        calls.append(lib_)
+        return {"distance_bytes": lib.mc_prefetch_default(), "measured": "now",
+                **{fmt: {"choice": choice, "on_gb_per_second": 10.0, "off_gb_per_second": 12.0}
+                   for fmt, choice in zip(prefetch.FORMATS, ("off", "on", "off"), strict=True)}}
+
+    def distances() -> list[int]:
+        kernels.linear_bf16(torch.randn(1, 64), torch.randn(8, 64).to(torch.bfloat16))
+        return [lib.mc_get_prefetch(i) for i in range(len(prefetch.FORMATS))]
+
+    kept = tmp_path / prefetch.FILE
+    on = lib.mc_prefetch_default()
+    assert on > 0
+    monkeypatch.setattr(prefetch, "measure", measure)
+    monkeypatch.setattr(measured, "choice_file", lambda lib_, name: kept if name == kept.name else None)
+    monkeypatch.setattr(measured, "_found", {})
+    monkeypatch.delenv("MIXCHAT_ROW_PREFETCH", raising=False)
+    try:
+        kernels.reapply_settings()
+        assert distances() == [0, on, 0] and len(calls) == 1 and kept.exists()
+        assert distances() == [0, on, 0] and len(calls) == 1  # set once, not per call
+        note = prefetch.note(lib, kernels.get_num_threads())
+        assert note.startswith("bf16 off (10.0 GB/s with, 12.0 without), int8 on") and "measured now" in note
+        measured.forget()  # a new process reads the file
+        kernels.reapply_settings()
+        assert distances() == [0, on, 0] and len(calls) == 1
+        kept.write_text('{"2": {"bf16": "garbage"}, "1": []}')
+        measured.forget()
+        kernels.reapply_settings()
+        assert distances() == [0, on, 0] and len(calls) == 2
+        for forced, want in (("on", [on] * 3), ("off", [0] * 3)):
+            monkeypatch.setenv("MIXCHAT_ROW_PREFETCH", forced)
+            kernels.reapply_settings()
+            assert distances() == want and len(calls) == 2
+            assert prefetch.note(lib, kernels.get_num_threads()) is None
+        monkeypatch.setenv("MIXCHAT_ROW_PREFETCH", "sometimes")  # ignored, like an unset one
+        kernels.reapply_settings()
+        assert distances() == [0, on, 0]
+    finally:
+        monkeypatch.undo()
+        kernels.reapply_settings()
+    assert lib.mc_set_prefetch(len(prefetch.FORMATS), 0) < 0 and lib.mc_get_prefetch(-1) < 0
+
+
+@needs_kernels
+def test_the_prefetch_distance_changes_no_result():
+    """Prefetches only move data: every format's products are the same bits with or without them."""
+    from mixchat.speed.kernels import prefetch
+
+    lib = kernels.library()
+    g = gen(7)
+    k, n = 4096, 96
+    x = torch.randn(3, k, generator=g)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) + 0.5
+    packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    s4, z4 = torch.rand(n, k // 128, generator=g), torch.randn(n, k // 128, generator=g)
+
+    def products() -> list[torch.Tensor]:
+        return [kernels.linear_bf16(x[:1], w), kernels.linear_bf16(x, w), kernels.linear_int8(x[:1], q, scale),
+                kernels.linear_int4(x[:1], packed, s4, z4, 128), kernels.linear_int4(x, packed, s4, z4, 128)]
+
+    products()
+    try:
+        got = []
+        for pf in (lib.mc_prefetch_default(), 0, 64):
+            for i in range(len(prefetch.FORMATS)):
+                lib.mc_set_prefetch(i, pf)
+            got.append(products())
+    finally:
+        kernels.reapply_settings()
+    for other in got[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got[0], other, strict=True))
+
+
+@needs_kernels
+def test_measuring_the_row_prefetch_times_every_format(monkeypatch):
+    from mixchat.speed.kernels import prefetch
+
+    lib = kernels.library()
+    kernels.linear_bf16(torch.randn(1, 64), torch.randn(8, 64).to(torch.bfloat16))  # threads set
+    before = [lib.mc_get_prefetch(i) for i in range(len(prefetch.FORMATS))]
+    monkeypatch.setattr(prefetch, "_BYTES", 8 * 2**20)
+    found = prefetch.measure(lib, rounds=3)
+    for fmt in prefetch.FORMATS:
+        assert found[fmt]["choice"] in ("on", "off")
+        assert found[fmt]["on_gb_per_second"] > 0 and found[fmt]["off_gb_per_second"] > 0
+        assert (found[fmt]["choice"] == "off") == (found[fmt]["off_speedup"] > prefetch._MARGIN)
+    assert [lib.mc_get_prefetch(i) for i in range(len(prefetch.FORMATS))] == before  # put back

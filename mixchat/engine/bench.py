@@ -60,7 +60,8 @@ class ReadCeiling:
             # mc_simd_level: 0 scalar, 1 AVX2, 2-3 AVX-512 (see kernels.SIMD_LEVELS); probe.c loads as wide.
             width = ("64-bit", "256-bit", "512-bit", "512-bit")[kernels.simd_level()]
             self.threads = threads or kernels.get_num_threads()
-            self.how = f"{width} loads, {self.threads} threads, best of 3 before and after each run"
+            self.how = (f"{width} loads, {self.threads} threads, best of 3 with and 3 without software prefetch, "
+                        "before and after each run")
         else:
             self.how = "torch fp32 matrix-vector product (no compiled kernels), measured once"
 
@@ -185,6 +186,8 @@ def run(ns: Namespace) -> int:
                       decode_fraction_of_ceiling=round(statistics.median(fractions), 3))
     if engine.device.type == "cpu":
         result["prompt_gemm"] = prompt_gemm_line(engine)
+        if (line := row_prefetch_line()) is not None:
+            result["row_prefetch"] = line
     if engine.experts is not None:
         result["experts"] = {"capacity": engine.experts.capacity, **engine.experts.stats.as_dict()}
     if link is not None:  # torchrun: rank 0's view of the split
@@ -215,12 +218,27 @@ def run(ns: Namespace) -> int:
               f"{result['decode_fraction_of_ceiling']:.0%} of it{against}")
     if "prompt_gemm" in result:
         print(f"  prompts     {result['prompt_gemm']}")
+    if "row_prefetch" in result:
+        print(f"  prefetch    {result['row_prefetch']}")
     if engine.experts is not None:
         print(f"  experts     {format_experts(engine)}")
     if link is not None:
         print(f"  ranks       {engine.world_size} ({engine.split}): {result['rank_wait_ms_per_token']} ms of each "
               f"decoded token waiting on the others, {result['link_bytes_per_token']} bytes to and from them per token")
     return 0
+
+
+def row_prefetch_line() -> str | None:
+    """Whether the row kernels (decode) prefetch their weights in software, per format, and what decided it;
+    None without SIMD kernels (nothing prefetches)."""
+    from mixchat.speed import kernels
+    from mixchat.speed.kernels import prefetch
+
+    if not kernels.simd():
+        return None
+    if (forced := prefetch.forced()) is not None:
+        return f"{forced} for every format (MIXCHAT_ROW_PREFETCH={forced})"
+    return prefetch.note(kernels.library(), kernels.get_num_threads()) or "the build's own (not measured yet)"
 
 
 def prompt_gemm_line(engine: Engine) -> str:

@@ -9,13 +9,10 @@ both describe their weights to the C side through the same kernel_parts() protoc
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import os
 import threading
 import time
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -23,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixchat.paths import env_flag
+from mixchat.speed.kernels import measured
 
 _UPCAST_MIN_TOKENS = 4
 # Where the CPU multiplies bf16 matrices natively, torch's GEMM may beat the kernels' for prompts (see
@@ -99,32 +97,12 @@ def prompt_gemm() -> str:
     return _measured_choice(k)
 
 
-_choices: dict[tuple[str, int], dict] = {}  # (library path, threads) -> the measurement
-_measuring = threading.Lock()  # one thread measures; one that prompts meanwhile waits for its answer
-
-
-def _choice_file(lib: object) -> Path | None:
-    """Where the measurement for the loaded library is kept: beside it, in its build's folder (which a
-    change of source, compiler, flags or CPU replaces)."""
-    name = getattr(lib, "_name", None)
-    return Path(name).parent / "prompt-gemm.json" if name else None
+_PROMPT_GEMM_FILE = "prompt-gemm.json"
 
 
 def _measured_choice(k: ModuleType) -> str:
-    lib = k.library()
-    threads = k.get_num_threads()
-    path = _choice_file(lib)
-    key = (str(path), threads)
-    if (found := _choices.get(key)) is None:
-        with _measuring:
-            if (found := _choices.get(key)) is None:
-                kept = _read_choices(path)
-                found = kept.get(str(threads))
-                if not isinstance(found, dict) or found.get("choice") not in ("kernels", "torch"):
-                    found = measure_prompt_gemm()
-                    kept[str(threads)] = found
-                    _write_choices(path, kept)
-                _choices[key] = found
+    found = measured.kept(k.library(), _PROMPT_GEMM_FILE, k.get_num_threads(), measure_prompt_gemm,
+                          lambda found: found.get("choice") in ("kernels", "torch"))
     return found["choice"]
 
 
@@ -163,31 +141,11 @@ def prompt_gemm_note() -> str | None:
         return None
     if (k := kernels_or_none()) is None:
         return None
-    found = _choices.get((str(_choice_file(k.library())), k.get_num_threads()))
+    found = measured.known(k.library(), _PROMPT_GEMM_FILE, k.get_num_threads())
     if not found or "kernels_gflops" not in found:
         return None
     return (f"{found['choice']} GEMM (kernels' {found['kernels_gemm']} {found['kernels_gflops']:.0f} GFLOP/s, "
             f"torch's bf16 {found['torch_gflops']:.0f}; measured {found['measured']})")
-
-
-def _read_choices(path: Path | None) -> dict:
-    try:
-        data = json.loads(path.read_text()) if path is not None else {}
-    except (OSError, ValueError):
-        return {}  # missing or damaged: measure again
-    return data if isinstance(data, dict) else {}
-
-
-def _write_choices(path: Path | None, data: dict) -> None:
-    if path is None:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except OSError:  # a cache folder we cannot write: measure again next time, nothing lost
-        with contextlib.suppress(OSError):  # on a read-only mount even unlinking a missing file fails
-            tmp.unlink()
 
 
 _scratch = threading.local()

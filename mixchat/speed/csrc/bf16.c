@@ -84,7 +84,7 @@ MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K;
     const uint16_t *w = (const uint16_t *)c->w + n0 * K;
-    mc_pf pfs = mc_pf_init(c, w, R, 2 * K, 2 * k0);
+    mc_pf pfs = mc_pf_init(c, w, R, 2 * K, 2 * k0, MC_FMT_BF16);
     __m512 acc[4][4][8];
     MC_ZERO_ACC512(acc, S, R, T);
     if (carry && !first)
@@ -129,7 +129,7 @@ MC_INLINE void bf16_block_c(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K, K32 = K & ~(int64_t)31;
     const uint16_t *w = (const uint16_t *)c->w + n0 * K;
-    mc_pf pfs = mc_pf_init(c, w, R, 2 * K, 2 * k0);
+    mc_pf pfs = mc_pf_init(c, w, R, 2 * K, 2 * k0, MC_FMT_BF16);
     const __m256i hi_mask = _mm256_set1_epi32((int)0xffff0000u);
     __m256 acc[4][4][8];
     MC_ZERO_ACC(acc, S, R, T);

@@ -59,7 +59,7 @@
 /* Bump when an exported signature changes or an export kernels.py relies on is added (5: mc_struct_size;
  * 6: T rows in mc_decode_*, mc_linear_rows; 8: mc_bf16dot, mc_set_gemm_bf16dot):
  * kernels.py refuses a library with another version. */
-#define MC_ABI_VERSION 8
+#define MC_ABI_VERSION 9
 
 #define MC_MULTI_MAX 8        /* weights one mc_linear_multi call takes */
 #define MC_RB 16              /* rows per block that share one pass over the K chunks */
@@ -101,6 +101,13 @@ _Static_assert(MC_INT4_T1_R >= 1 && MC_INT4_T1_R <= 4 && MC_INT4_T1_S >= 1 && MC
 #define MC_ENOMEM -2
 
 static int g_threads = 1;
+/* The row kernels' software prefetch distance in bytes (mc_pf), per weight format (MC_FMT_*): MC_PF unless
+ * mc_set_prefetch says otherwise, 0 turning it off. It helps where the hardware prefetchers alone keep too
+ * few misses in flight (AVX2 EPYC, Xeon, Zen 4: +10-40 %; int8 and int4 on Zen 5) and costs bf16 on Zen 5
+ * (a one-token product read at 0.81 of the probe with it, 0.99 without), so the Python side measures both
+ * on each machine (speed.kernels.prefetch) rather than guess from the CPU. */
+enum { MC_FMT_BF16, MC_FMT_INT8, MC_FMT_INT4, MC_FMTS };
+static int64_t g_pf[MC_FMTS] = {MC_PF, MC_PF, MC_PF};
 
 MC_API int mc_abi_version(void) { return MC_ABI_VERSION; }
 MC_API int mc_simd(void) { return MC_AVX2; }
@@ -110,6 +117,15 @@ MC_API int mc_simd(void) { return MC_AVX2; }
 MC_API int mc_simd_level(void) { return MC_AVX2 ? (MC_AVX512 ? 2 + MC_VNNI : 1) : 0; }
 MC_API void mc_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
 MC_API int mc_get_threads(void) { return g_threads; }
+/* Sets format fmt's distance (bytes < 0: 0; at most 1 MiB); MC_EBADARG for an unknown format. */
+MC_API int mc_set_prefetch(int fmt, int64_t bytes)
+{
+    if (fmt < 0 || fmt >= MC_FMTS) return MC_EBADARG;
+    g_pf[fmt] = bytes < 0 ? 0 : bytes > (1 << 20) ? (1 << 20) : bytes;
+    return 0;
+}
+MC_API int64_t mc_get_prefetch(int fmt) { return fmt >= 0 && fmt < MC_FMTS ? g_pf[fmt] : -1; }
+MC_API int64_t mc_prefetch_default(void) { return MC_PF; }
 
 /* bf16 stored transposed, T <= 8: threads split K (1, default) or N (0); see bf16t_krange. */
 static int g_bf16t_ksplit = 1;
@@ -134,7 +150,7 @@ typedef struct {
 typedef void (*mc_rows_fn)(const mc_ctx *c, int64_t lo, int64_t hi);
 
 #if MC_AVX2 /* the SIMD kernels prefetch (MC_PREFETCH needs immintrin.h) */
-/* The software prefetch offset of a row kernel: what it reads ~MC_PF bytes later in its own order of reads.
+/* The software prefetch offset of a row kernel: what it reads ~g_pf[fmt] (MC_PF) bytes later in its own order of reads.
  * When K is chunked, that is the next group of R rows at the same columns (the rest of this row is read a
  * whole chunk later). When rows are streamed whole, R at a time in lockstep, it is MC_PF / R bytes further
  * along each row, and past a row's end the row R further on, not the next one, which another of the R
@@ -144,23 +160,25 @@ typedef void (*mc_rows_fn)(const mc_ctx *c, int64_t lo, int64_t hi);
 typedef struct {
     const char *w; /* the first of the R rows */
     int64_t off, wrap_at, step, row;
+    int on; /* g_pf[fmt] > 0 when the kernel started */
 } mc_pf;
 
-MC_INLINE mc_pf mc_pf_init(const mc_ctx *c, const void *w, int R, int64_t row_bytes, int64_t col_bytes)
+MC_INLINE mc_pf mc_pf_init(const mc_ctx *c, const void *w, int R, int64_t row_bytes, int64_t col_bytes, int fmt)
 {
-    mc_pf p = {(const char *)w, (int64_t)R * row_bytes, INT64_MAX, 0, row_bytes};
+    const int64_t pf = g_pf[fmt];
+    mc_pf p = {(const char *)w, (int64_t)R * row_bytes, INT64_MAX, 0, row_bytes, pf > 0};
     if (c->KC < c->K - 63) return p;
-    const int64_t lead = MC_PF / R, m = (col_bytes + lead) / row_bytes;
+    const int64_t lead = pf / R, m = (col_bytes + lead) / row_bytes;
     p.step = (int64_t)(R - 1) * row_bytes;
     p.off = lead + m * p.step;
     p.wrap_at = (m + 1) * row_bytes - lead;
     return p;
 }
 
-/* Prefetches, in each of the R rows, what is read ~MC_PF bytes after byte `col` of the rows. */
+/* Prefetches, in each of the R rows, what is read ~g_pf[fmt] bytes after byte `col` of the rows. */
 MC_INLINE void mc_prefetch(mc_pf *p, const int R, int64_t col)
 {
-    if (!MC_PF) return;
+    if (!p->on) return;
     while (col >= p->wrap_at) {
         p->off += p->step;
         p->wrap_at += p->row;

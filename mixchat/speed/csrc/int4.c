@@ -76,7 +76,7 @@ MC_INLINE void int4_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, c
     const int64_t K = c->K, ng = K / GS;
     const int SPAN = GS >= 64 ? GS : 64;
     const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
-    mc_pf pfs = mc_pf_init(c, w, R, K / 2, k0 / 2);
+    mc_pf pfs = mc_pf_init(c, w, R, K / 2, k0 / 2, MC_FMT_INT4);
     __m256 y[1][2][4];
     MC_ZERO_ACC(y, 1, R, T);
     for (int64_t k = k0; k < k1; k += SPAN) {
@@ -231,7 +231,7 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K;
     const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
-    mc_pf pfs = mc_pf_init(c, w, R, K / 2, k0 / 2);
+    mc_pf pfs = mc_pf_init(c, w, R, K / 2, k0 / 2, MC_FMT_INT4);
     __m512 y[2][4][8];
     MC_ZERO_ACC512(y, S, R, T);
     int64_t k = k0;
@@ -322,7 +322,7 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K, W = GS == 128 ? 128 : 64;
     const uint8_t *w = (const uint8_t *)c->w + n0 * (K / 2);
-    mc_pf pfs = mc_pf_init(c, w, R, K / 2, k0 / 2);
+    mc_pf pfs = mc_pf_init(c, w, R, K / 2, k0 / 2, MC_FMT_INT4);
     __m256 y[2][4][8];
     MC_ZERO_ACC(y, S, R, T);
     int64_t k = k0;

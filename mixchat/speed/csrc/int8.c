@@ -31,7 +31,7 @@ MC_INLINE void int8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, c
 {
     const int64_t K = c->K;
     const int8_t *w = (const int8_t *)c->w + n0 * K;
-    mc_pf pfs = mc_pf_init(c, w, R, K, k0);
+    mc_pf pfs = mc_pf_init(c, w, R, K, k0, MC_FMT_INT8);
     __m256 acc[4][2][8];
     MC_ZERO_ACC(acc, S, R, T);
     for (int64_t k = k0; k < k1; k += 32) {
@@ -126,7 +126,7 @@ MC_INLINE void int8q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K;
     const int8_t *w = (const int8_t *)c->w + n0 * K;
-    mc_pf pfs = mc_pf_init(c, w, R, K, k0);
+    mc_pf pfs = mc_pf_init(c, w, R, K, k0, MC_FMT_INT8);
     __m512 y[4][4][8];
     MC_ZERO_ACC512(y, S, R, T);
     int64_t k = k0;
@@ -169,7 +169,7 @@ MC_INLINE void int8q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
 {
     const int64_t K = c->K;
     const int8_t *w = (const int8_t *)c->w + n0 * K;
-    mc_pf pfs = mc_pf_init(c, w, R, K, k0);
+    mc_pf pfs = mc_pf_init(c, w, R, K, k0, MC_FMT_INT8);
     __m256 y[4][4][8];
     MC_ZERO_ACC(y, S, R, T);
     int64_t k = k0;

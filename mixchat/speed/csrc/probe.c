@@ -7,8 +7,9 @@
  * showed 138-162 % "of the ceiling". This reads a caller's buffer (1 GiB or more, so no cache helps) with
  * the widest loads the build has (512-bit under __AVX512F__, 256-bit under AVX2, 64-bit otherwise), split
  * over the same OpenMP pool and thread count as the kernels (one contiguous share per thread, as the
- * kernels give each thread its own rows), with the same software prefetch distance as the kernels
- * (MC_PF: one core alone does not keep enough misses in flight without it), eight independent XOR
+ * kernels give each thread its own rows), in turns with and without a software prefetch MC_PF bytes ahead
+ * (on most CPUs one core alone does not keep enough misses in flight without it; on Zen 5 it costs, see
+ * g_pf), so the best of both is the ceiling whichever the kernels run, eight independent XOR
  * accumulators per thread (no dependency chain limits the loads), and the accumulators folded into a
  * volatile sink so no load can be optimised away. Returns the best GB/s (1e9 bytes/s) over `reps`
  * passes, or a negative code on bad arguments.
@@ -34,15 +35,18 @@ static double mc_now(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* XOR of every 64-bit word of p[0, n) (n a multiple of MC_PROBE_STEP, p 64-byte aligned). */
-static uint64_t mc_probe_range(const char *p, int64_t n)
+/* XOR of every 64-bit word of p[0, n) (n a multiple of MC_PROBE_STEP, p 64-byte aligned), prefetching pf
+ * bytes ahead (0: not at all). */
+static uint64_t mc_probe_range(const char *p, int64_t n, int64_t pf)
 {
 #if MC_PROBE_BITS == 512
     __m512i a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_si512();
     for (int64_t o = 0; o < n; o += MC_PROBE_STEP) {
-        __builtin_prefetch(p + o + MC_PF, 0, 2);
-        __builtin_prefetch(p + o + MC_PF + 256, 0, 2);
+        if (pf) {
+            __builtin_prefetch(p + o + pf, 0, 2);
+            __builtin_prefetch(p + o + pf + 256, 0, 2);
+        }
         MC_UNROLL for (int i = 0; i < 8; i++)
             a[i] = _mm512_xor_si512(a[i], _mm512_load_si512((const void *)(p + o + 64 * i)));
     }
@@ -54,8 +58,10 @@ static uint64_t mc_probe_range(const char *p, int64_t n)
     __m256i a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
     for (int64_t o = 0; o < n; o += MC_PROBE_STEP) {
-        __builtin_prefetch(p + o + MC_PF, 0, 2);
-        __builtin_prefetch(p + o + MC_PF + 256, 0, 2);
+        if (pf) {
+            __builtin_prefetch(p + o + pf, 0, 2);
+            __builtin_prefetch(p + o + pf + 256, 0, 2);
+        }
         /* two 32-byte loads per accumulator and iteration: 8 chains, 16 loads */
         MC_UNROLL for (int i = 0; i < 8; i++) {
             a[i] = _mm256_xor_si256(a[i], _mm256_load_si256((const __m256i *)(p + o + 32 * i)));
@@ -69,8 +75,10 @@ static uint64_t mc_probe_range(const char *p, int64_t n)
     uint64_t a[8] = {0};
     const uint64_t *w = (const uint64_t *)p;
     for (int64_t o = 0; o < n / 8; o += MC_PROBE_STEP / 8) {
-        __builtin_prefetch(p + 8 * o + MC_PF, 0, 2);
-        __builtin_prefetch(p + 8 * o + MC_PF + 256, 0, 2);
+        if (pf) {
+            __builtin_prefetch(p + 8 * o + pf, 0, 2);
+            __builtin_prefetch(p + 8 * o + pf + 256, 0, 2);
+        }
         for (int j = 0; j < MC_PROBE_STEP / 8; j += 8)
             for (int i = 0; i < 8; i++) a[i] ^= w[o + j + i];
     }
@@ -78,7 +86,7 @@ static uint64_t mc_probe_range(const char *p, int64_t n)
 #endif
 }
 
-/* Best GB/s over `reps` passes over buf[0, bytes) with `threads` threads (<= 0: the kernels' setting,
+/* Best GB/s over `reps` passes with and `reps` without the software prefetch, in turns, over buf[0, bytes) with `threads` threads (<= 0: the kernels' setting,
  * mc_set_threads). Reads the 64-byte-aligned part of the buffer whose length is a multiple of
  * MC_PROBE_STEP per thread. MC_EBADARG for fewer than 1 MiB or reps < 1. */
 MC_API double mc_read_probe(const void *buf, int64_t bytes, int threads, int reps)
@@ -94,7 +102,8 @@ MC_API double mc_read_probe(const void *buf, int64_t bytes, int threads, int rep
     n = per * nt;
     double best = 0.;
     uint64_t sink = 0;
-    for (int r = 0; r < reps; r++) {
+    for (int r = 0; r < 2 * reps; r++) {
+        const int64_t pf = r % 2 ? 0 : MC_PF;
         int64_t read = 0;
         double t0 = mc_now();
 #ifdef _OPENMP
@@ -103,11 +112,11 @@ MC_API double mc_read_probe(const void *buf, int64_t bytes, int threads, int rep
             int tid = omp_get_thread_num(), got = omp_get_num_threads();
             /* a pool that gives fewer threads than asked: the ones there split the whole buffer */
             int64_t share = got == nt ? per : (n / got) & ~(int64_t)(MC_PROBE_STEP - 1);
-            sink ^= mc_probe_range(p + tid * share, share);
+            sink ^= mc_probe_range(p + tid * share, share, pf);
             read += share;
         }
 #else
-        sink ^= mc_probe_range(p, n);
+        sink ^= mc_probe_range(p, n, pf);
         read = n;
 #endif
         double dt = mc_now() - t0;

@@ -55,7 +55,7 @@ def _source_files() -> list[Path]:
 
 ISAS = ("native", "avx2", "portable")
 _COMMON = ("-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
-ABI_VERSION = 8  # must match MC_ABI_VERSION in csrc/common.h
+ABI_VERSION = 9  # must match MC_ABI_VERSION in csrc/common.h
 GEMM_MIN_ROWS = 12  # the C side's default (mc_get_gemm_min_rows)
 # mc_simd_level(): which row kernels the compiler's feature macros chose for this build.
 SIMD_LEVELS = {0: "scalar code", 1: "AVX2+FMA code", 2: "AVX-512 code", 3: "AVX-512 code with VNNI"}
@@ -214,6 +214,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.mc_read_probe.argtypes, lib.mc_read_probe.restype = [vp, i64, i32, i32], ctypes.c_double
     lib.mc_set_threads.argtypes = [i32]
     lib.mc_get_threads.restype = i32
+    lib.mc_set_prefetch.argtypes, lib.mc_set_prefetch.restype = [i32, i64], i32
+    lib.mc_get_prefetch.argtypes, lib.mc_get_prefetch.restype = [i32], i64
+    lib.mc_prefetch_default.restype = i64
     lib.mc_set_gemm_min_rows.argtypes = [i32]
     lib.mc_get_gemm_min_rows.restype = i32
     lib.mc_set_bf16t_ksplit.argtypes = [i32]
@@ -361,6 +364,12 @@ def get_num_threads() -> int:
     return _threads or torch.get_num_threads()
 
 
+def reapply_settings() -> None:
+    """Have the next call of each library set its thread count and prefetch distances again (from
+    MIXCHAT_ROW_PREFETCH or the kept measurement, see prefetch.py): after a test or benchmark set them by hand."""
+    _lib_threads.clear()
+
+
 def set_gemm_min_rows(n: int) -> None:
     """From how many rows of x on the register-tiled GEMM replaces the matrix-vector kernels (benchmarks
     and tests move it; the default is where the two cross on an AVX2 EPYC)."""
@@ -421,6 +430,10 @@ def _call(lib: ctypes.CDLL, name: str, *args: object) -> None:
     n = get_num_threads()
     if _lib_threads.get(lib._handle) != n:  # by handle: loading one file twice gives one C state
         lib.mc_set_threads(n)
+        # Imported here: it imports this module for the library state.
+        from mixchat.speed.kernels.prefetch import apply
+
+        apply(lib, n)
         _lib_threads[lib._handle] = n
     rc = getattr(lib, name)(*args)
     if rc != 0:

@@ -1,0 +1,74 @@
+"""Choices the kernels make by measuring this machine once: kept beside the loaded library, per thread count.
+
+Some settings depend on the CPU in ways no feature flag tells (which prompt GEMM is faster, whether the row
+kernels' software prefetch helps or hurts), so they are measured at first use and written to a small JSON
+file in the library's build folder, which a change of source, compiler, flags or CPU replaces. Every later
+process then makes the same choice without measuring; deleting the file measures again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+_found: dict[tuple[str, int], dict] = {}  # (file, threads) -> the measurement
+_measuring = threading.Lock()  # one thread measures; one that asks meanwhile waits for its answer
+
+
+def choice_file(lib: object, name: str) -> Path | None:
+    """Where the measurement `name` (a file name) for the loaded library `lib` is kept: beside it."""
+    path = getattr(lib, "_name", None)
+    return Path(path).parent / name if path else None
+
+
+def kept(lib: object, name: str, threads: int, measure: Callable[[], dict],
+         valid: Callable[[dict], bool]) -> dict:
+    """The measurement `name` for `lib` at `threads` threads: this process's, the kept one where `valid` accepts
+    it, or a new one from measure() (then kept)."""
+    path = choice_file(lib, name)
+    key = (str(path), threads)
+    if (found := _found.get(key)) is None:
+        with _measuring:
+            if (found := _found.get(key)) is None:
+                data = _read(path)
+                found = data.get(str(threads))
+                if not isinstance(found, dict) or not valid(found):
+                    found = measure()
+                    data[str(threads)] = found
+                    _write(path, data)
+                _found[key] = found
+    return found
+
+
+def known(lib: object, name: str, threads: int) -> dict | None:
+    """What kept() has given in this process for `lib`, `name` and `threads`, without measuring; None if nothing."""
+    return _found.get((str(choice_file(lib, name)), threads))
+
+
+def forget() -> None:
+    """Drop this process's answers (tests: the next kept() reads the files again)."""
+    _found.clear()
+
+
+def _read(path: Path | None) -> dict:
+    try:
+        data = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: measure again
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path | None, data: dict) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:  # a cache folder we cannot write: measure again next time, nothing lost
+        with contextlib.suppress(OSError):  # on a read-only mount even unlinking a missing file fails
+            tmp.unlink()
