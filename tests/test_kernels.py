@@ -978,3 +978,57 @@ def test_measuring_the_row_prefetch_times_every_format(monkeypatch):
         assert found[fmt]["on_gb_per_second"] > 0 and found[fmt]["off_gb_per_second"] > 0
         assert (found[fmt]["choice"] == "off") == (found[fmt]["off_speedup"] > prefetch._MARGIN)
     assert [lib.mc_get_prefetch(i) for i in range(len(prefetch.FORMATS))] == before  # put back
+
+
+@needs_kernels
+def test_measuring_the_prompt_gemms_may_measure_the_row_prefetch_first(monkeypatch, tmp_path):
+    """The prompt-GEMM measurement's first kernel call sets the row prefetch, which may need its own
+    measurement then: the two wait on separate locks (one lock for both deadlocked the first bench)."""
+    from mixchat.speed import linear
+    from mixchat.speed.kernels import measured, prefetch
+
+    real_gemm, real_prefetch = linear.measure_prompt_gemm, prefetch.measure
+    monkeypatch.setattr(linear, "measure_prompt_gemm", lambda: real_gemm(rows=24, n=64, k=256, repeats=1))
+    monkeypatch.setattr(prefetch, "_BYTES", 4 * 2**20)
+    monkeypatch.setattr(prefetch, "measure", lambda lib: real_prefetch(lib, rounds=1))
+    monkeypatch.setattr(measured, "choice_file", lambda lib, name: tmp_path / name)
+    monkeypatch.setattr(measured, "_found", {})
+    monkeypatch.setenv("MIXCHAT_NATIVE_BF16", "1")
+    for name in ("MIXCHAT_PROMPT_GEMM", "MIXCHAT_ROW_PREFETCH"):
+        monkeypatch.delenv(name, raising=False)
+    kernels.reapply_settings()
+    answer = []
+    try:
+        worker = threading.Thread(target=lambda: answer.append(linear.prompt_gemm()), daemon=True)
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "prompt_gemm() hung measuring the row prefetch inside its own measurement"
+    finally:
+        monkeypatch.undo()
+        kernels.reapply_settings()
+    assert answer[0] in ("kernels", "torch")
+    assert (tmp_path / "prompt-gemm.json").exists() and (tmp_path / prefetch.FILE).exists()
+
+
+@needs_kernels
+def test_a_failed_prefetch_measurement_keeps_the_builds_distances(monkeypatch):
+    """A measurement that cannot run (no memory for its weights) costs the choice, never the product."""
+    from mixchat.speed.kernels import measured, prefetch
+
+    def fail(lib: object) -> dict:
+        raise MemoryError("no room for the measurement's weights")
+
+    lib = kernels.library()
+    monkeypatch.setattr(prefetch, "measure", fail)
+    monkeypatch.setattr(measured, "choice_file", lambda lib_, name: None)
+    monkeypatch.setattr(measured, "_found", {})
+    monkeypatch.delenv("MIXCHAT_ROW_PREFETCH", raising=False)
+    kernels.reapply_settings()
+    try:
+        x, w = torch.randn(1, 64), torch.randn(8, 64).to(torch.bfloat16)
+        assert torch.equal(kernels.linear_bf16(x, w), kernels.linear_bf16(x, w))
+        if lib.mc_simd():
+            assert [lib.mc_get_prefetch(i) for i in range(3)] == [lib.mc_prefetch_default()] * 3
+    finally:
+        monkeypatch.undo()
+        kernels.reapply_settings()

@@ -135,9 +135,11 @@ def run(ns: Namespace) -> int:
 
     per_token = active_bytes_per_token(engine)
     if engine.device.type == "cpu":
-        from mixchat.speed import linear
+        from mixchat.speed import kernels, linear
 
-        linear.prompt_gemm()  # a first measurement of the prompt GEMMs must not land in a timed prefill
+        # a first measurement of the row prefetch or the prompt GEMMs must not land in a timed run
+        kernels.settle()
+        linear.prompt_gemm()
     ceiling = ReadCeiling() if engine.device.type == "cpu" else None
     prefill, decode, fractions, ceilings = [], [], [], []
     link = engine.pipeline.group if engine.pipeline is not None else None

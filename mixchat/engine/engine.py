@@ -371,6 +371,8 @@ class Engine:
         kernel_layers = dev.type == "cpu"
         if kernel_layers:
             linear.install(model)
+            if (k := linear.kernels_or_none()) is not None:
+                k.settle()  # the row prefetch is measured once per machine (a second): here, not in a reply
         experts = None
         if capacity is not None:
             def load_expert(layer: int, e: int) -> torch.nn.Module:

@@ -152,9 +152,9 @@ typedef void (*mc_rows_fn)(const mc_ctx *c, int64_t lo, int64_t hi);
 #if MC_AVX2 /* the SIMD kernels prefetch (MC_PREFETCH needs immintrin.h) */
 /* The software prefetch offset of a row kernel: what it reads ~g_pf[fmt] (MC_PF) bytes later in its own order of reads.
  * When K is chunked, that is the next group of R rows at the same columns (the rest of this row is read a
- * whole chunk later). When rows are streamed whole, R at a time in lockstep, it is MC_PF / R bytes further
+ * whole chunk later). When rows are streamed whole, R at a time in lockstep, it is g_pf[fmt] / R bytes further
  * along each row, and past a row's end the row R further on, not the next one, which another of the R
- * streams is reading at that moment. Prefetching "MC_PF along the address" there fetched the next row late
+ * streams is reading at that moment. Prefetching "g_pf along the address" there fetched the next row late
  * and skipped the row after: products with long rows (K = 14336, the 7B's w2) read 10-15 % slower than
  * those with short ones. mc_prefetch is called with the current column's byte offset, in increasing order. */
 typedef struct {

@@ -21,11 +21,12 @@
  * the chunks in turn (partial sums kept in a small array). Elsewhere chunking measured slower than
  * streaming whole rows (it breaks the weight into short runs), so KC = K there.
  *
- * Weights are also prefetched in software, MC_PF bytes ahead in the thread's order of reads (mc_pf):
- * while the core also converts and multiplies, the hardware prefetchers alone do not keep enough cache
- * misses in flight to approach the read limit (measured: +10-40% on AVX2 EPYC and Xeon). On Zen 5 the
+ * Weights are also prefetched in software, g_pf[format] bytes (MC_PF unless set) ahead in the thread's order
+ * of reads (mc_pf): while the core also converts and multiplies, the hardware prefetchers alone do not keep
+ * enough cache misses in flight to approach the read limit (measured: +10-40% on AVX2 EPYC and Xeon). On Zen 5 the
  * same prefetches cost 15-20 %, so the distance is a runtime setting (mc_set_prefetch, 0: none) that
- * the Python side chooses by measuring both on the machine.
+ * the Python side chooses by measuring both on the machine. The GEMM's packing (gemm.c) keeps the
+ * compile-time MC_PF.
  *
  * Weight formats:
  *   bf16  w uint16 [N, K] (bf16 bits). Any K (the last K % 32 columns go through scalar code).

@@ -44,6 +44,7 @@ from mixchat.speed.kernels.loader import (
     set_gemm_min_rows,
     set_num_threads,
     set_transposed_split,
+    settle,
     simd,
     simd_level,
     source,
@@ -55,6 +56,6 @@ __all__ = [
     "KernelError", "available", "bf16_x", "bf16dot", "build", "cache_root", "dequantize_int4", "forced_isa",
     "get_gemm_min_rows", "get_num_threads", "isa_flags", "library", "linear_bf16", "linear_int4", "linear_int8",
     "linear_many", "pack_int4", "q8_block", "quantize_x_q8", "read_probe", "reapply_settings", "reason",
-    "requested_isa", "set_gemm_bf16dot", "set_gemm_min_rows", "set_num_threads", "set_transposed_split", "simd",
-    "simd_level", "source", "unpack_int4",
+    "requested_isa", "set_gemm_bf16dot", "set_gemm_min_rows", "set_num_threads", "set_transposed_split", "settle",
+    "simd", "simd_level", "source", "unpack_int4",
 ]

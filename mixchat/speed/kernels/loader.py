@@ -426,15 +426,31 @@ def get_gemm_min_rows() -> int:
 
 
 
-def _call(lib: ctypes.CDLL, name: str, *args: object) -> None:
-    n = get_num_threads()
-    if _lib_threads.get(lib._handle) != n:  # by handle: loading one file twice gives one C state
-        lib.mc_set_threads(n)
-        # Imported here: it imports this module for the library state.
-        from mixchat.speed.kernels.prefetch import apply
+def settle() -> None:
+    """Give the loaded library its thread count and prefetch distances now (measuring the prefetch the first
+    time on this machine, about a second) rather than at its first product: before timed work."""
+    if (lib := _get()) is not None:
+        _settle(lib)
 
+
+def _settle(lib: ctypes.CDLL) -> None:
+    n = get_num_threads()
+    if _lib_threads.get(lib._handle) == n:  # by handle: loading one file twice gives one C state
+        return
+    lib.mc_set_threads(n)
+    # Imported here: it imports this module for the library state.
+    from mixchat.speed.kernels.prefetch import apply
+
+    try:
         apply(lib, n)
-        _lib_threads[lib._handle] = n
+    except Exception:  # noqa: BLE001 - a failed measurement (memory) keeps the build's distances, not the error
+        for fmt in range(3):
+            lib.mc_set_prefetch(fmt, lib.mc_prefetch_default())
+    _lib_threads[lib._handle] = n
+
+
+def _call(lib: ctypes.CDLL, name: str, *args: object) -> None:
+    _settle(lib)
     rc = getattr(lib, name)(*args)
     if rc != 0:
         raise KernelError(f"{name} failed with code {rc}")

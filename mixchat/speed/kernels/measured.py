@@ -16,7 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 _found: dict[tuple[str, int], dict] = {}  # (file, threads) -> the measurement
-_measuring = threading.Lock()  # one thread measures; one that asks meanwhile waits for its answer
+# One lock per kind of measurement: one thread measures, one that asks meanwhile waits for its answer. Per
+# kind, because one measurement may need another (the prompt GEMMs' first kernel call sets the row prefetch).
+_measuring: dict[str, threading.Lock] = {}
+_locks_lock = threading.Lock()
+
+
+def _lock(name: str) -> threading.Lock:
+    with _locks_lock:
+        return _measuring.setdefault(name, threading.Lock())
 
 
 def choice_file(lib: object, name: str) -> Path | None:
@@ -32,7 +40,7 @@ def kept(lib: object, name: str, threads: int, measure: Callable[[], dict],
     path = choice_file(lib, name)
     key = (str(path), threads)
     if (found := _found.get(key)) is None:
-        with _measuring:
+        with _lock(name):
             if (found := _found.get(key)) is None:
                 data = _read(path)
                 found = data.get(str(threads))
