@@ -6,7 +6,8 @@ EPYC, the Xeon and Zen 4 that took decode closer to the read limit (+10-40 %), a
 int4 on Zen 5, where it costs bf16 (a one-token product read at 0.81 of the probe with it, 0.99 without):
 no CPU feature flag tells these apart. So at the first kernel call of a process, for each library and thread
 count, one-token products of each format (bf16; int8 and int4 with 8-bit activations) are timed with and
-without, in turns, and a format's prefetch is turned off only where that is faster by more than _MARGIN.
+without, in turns, and a format's prefetch is turned off only where that is faster by more than _MARGIN
+(by the median of the turns' ratios and by the median rates alike: on a busy machine they disagree).
 The answer is kept beside the library (measured.py), so later processes do not measure.
 MIXCHAT_ROW_PREFETCH=on or off forces either for every format; other values are ignored, like an unset one.
 """
@@ -52,7 +53,19 @@ def apply(lib: object, threads: int) -> None:
 
 
 def _valid(found: dict) -> bool:
-    return all(isinstance(f := found.get(fmt), dict) and f.get("choice") in ("on", "off") for fmt in FORMATS)
+    """A kept measurement is used when each format's choice is what _choose makes of its own figures (one
+    taken on a busy machine can contradict itself: its runs' median ratio against its median rates)."""
+    try:
+        return all(found[fmt]["choice"] == _choose(found[fmt]) for fmt in FORMATS)
+    except (KeyError, TypeError):
+        return False
+
+
+def _choose(figures: dict) -> str:
+    """Off only when both the median of the rounds' ratios and the ratio of the median rates say that
+    running without is faster by more than _MARGIN."""
+    ratio, on, off = figures["off_speedup"], figures["on_gb_per_second"], figures["off_gb_per_second"]
+    return "off" if ratio > _MARGIN and off > _MARGIN * on else "on"
 
 
 def note(lib: object, threads: int) -> str | None:
@@ -132,7 +145,7 @@ def _measure_format(lib: object, fmt: int, products: tuple[Callable[[], int], in
     for i in range(rounds):
         for pf in (on, 0) if i % 2 == 0 else (0, on):
             times[pf].append(timed(pf))
-    ratio = statistics.median(a / b for a, b in zip(times[on], times[0], strict=True))
-    return {"choice": "off" if ratio > _MARGIN else "on", "off_speedup": round(ratio, 3),
-            "on_gb_per_second": round(size / statistics.median(times[on]) / 1e9, 1),
-            "off_gb_per_second": round(size / statistics.median(times[0]) / 1e9, 1)}
+    figures = {"off_speedup": round(statistics.median(a / b for a, b in zip(times[on], times[0], strict=True)), 3),
+               "on_gb_per_second": round(size / statistics.median(times[on]) / 1e9, 1),
+               "off_gb_per_second": round(size / statistics.median(times[0]) / 1e9, 1)}
+    return {"choice": _choose(figures), **figures}
