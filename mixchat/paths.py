@@ -16,6 +16,13 @@ def env_flag(name: str, default: bool) -> bool:
     return value.strip().lower() not in ("0", "off", "false", "no")
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str | None:
+    """One of `choices` from the environment (any case, spaces trimmed); None when unset or any other value,
+    which is ignored like an unset variable."""
+    value = os.environ.get(name, "").strip().lower()
+    return value if value in choices else None
+
+
 def home_override() -> Path | None:
     value = os.environ.get("MIXCHAT_HOME")
     return Path(value).expanduser() if value else None

@@ -135,10 +135,10 @@ def run(ns: Namespace) -> int:
 
     per_token = active_bytes_per_token(engine)
     if engine.device.type == "cpu":
-        from mixchat.speed import kernels, linear
+        from mixchat.speed import linear
 
-        # a first measurement of the row prefetch or the prompt GEMMs must not land in a timed run
-        kernels.settle()
+        # a first measurement of the prompt GEMMs must not land in a timed run (Engine.load measured the
+        # row prefetch)
         linear.prompt_gemm()
     ceiling = ReadCeiling() if engine.device.type == "cpu" else None
     prefill, decode, fractions, ceilings = [], [], [], []

@@ -10,7 +10,6 @@ both describe their weights to the C side through the same kernel_parts() protoc
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 from types import ModuleType
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixchat.paths import env_flag
+from mixchat.paths import env_choice, env_flag
 from mixchat.speed.kernels import measured
 
 _UPCAST_MIN_TOKENS = 4
@@ -89,8 +88,7 @@ def prompt_gemm() -> str:
     MIXCHAT_PROMPT_GEMM=kernels or torch forces either (tests; comparing the two); other values are ignored,
     like an unset variable.
     """
-    forced = os.environ.get("MIXCHAT_PROMPT_GEMM", "").strip().lower()
-    if forced in ("kernels", "torch"):
+    if (forced := _forced_prompt_gemm()) is not None:
         return forced
     if not native_bf16() or (k := kernels_or_none()) is None:
         return "kernels"
@@ -98,6 +96,10 @@ def prompt_gemm() -> str:
 
 
 _PROMPT_GEMM_FILE = "prompt-gemm.json"
+
+
+def _forced_prompt_gemm() -> str | None:
+    return env_choice("MIXCHAT_PROMPT_GEMM", ("kernels", "torch"))
 
 
 def _measured_choice(k: ModuleType) -> str:
@@ -137,7 +139,7 @@ def prompt_gemm_note() -> str | None:
     """What decides prompt_gemm() now, as one line (for `bench`), where it is a measurement (this process's
     or a kept one, for the loaded library and thread count); None where nothing was measured (no native
     bf16, no kernels, MIXCHAT_PROMPT_GEMM set, or no prompt yet)."""
-    if os.environ.get("MIXCHAT_PROMPT_GEMM", "").strip().lower() in ("kernels", "torch") or not native_bf16():
+    if _forced_prompt_gemm() is not None or not native_bf16():
         return None
     if (k := kernels_or_none()) is None:
         return None

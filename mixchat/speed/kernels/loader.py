@@ -441,11 +441,7 @@ def _settle(lib: ctypes.CDLL) -> None:
     # Imported here: it imports this module for the library state.
     from mixchat.speed.kernels.prefetch import apply
 
-    try:
-        apply(lib, n)
-    except Exception:  # noqa: BLE001 - a failed measurement (memory) keeps the build's distances, not the error
-        for fmt in range(3):
-            lib.mc_set_prefetch(fmt, lib.mc_prefetch_default())
+    apply(lib, n)
     _lib_threads[lib._handle] = n
 
 

@@ -14,13 +14,13 @@ MIXCHAT_ROW_PREFETCH=on or off forces either for every format; other values are 
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
+from mixchat.paths import env_choice
 from mixchat.speed.kernels import measured
 
 FILE = "row-prefetch.json"
@@ -32,22 +32,25 @@ _BYTES = 240 * 2**20
 
 
 def forced() -> str | None:
-    value = os.environ.get("MIXCHAT_ROW_PREFETCH", "").strip().lower()
-    return value if value in ("on", "off") else None
+    return env_choice("MIXCHAT_ROW_PREFETCH", ("on", "off"))
 
 
 def apply(lib: object, threads: int) -> None:
     """Set each format's prefetch distance in `lib` for `threads` threads: the build's own
     (mc_prefetch_default) or 0, as forced() or the kept measurement says (measuring it the first time).
-    Builds without SIMD row kernels do not prefetch, and are left as they are."""
+    A measurement that fails (no memory for its weights) leaves the build's own: it costs the choice, never
+    the caller's product. Builds without SIMD row kernels do not prefetch, and are left as they are."""
     if not lib.mc_simd():
         return
     default = lib.mc_prefetch_default()
     if (force := forced()) is not None:
         choices = dict.fromkeys(FORMATS, force)
     else:
-        choices = measured.kept(lib, FILE, threads, lambda: measure(lib), _valid)
-        choices = {fmt: choices[fmt]["choice"] for fmt in FORMATS}
+        try:
+            found = measured.kept(lib, FILE, threads, lambda: measure(lib), _valid)
+            choices = {fmt: found[fmt]["choice"] for fmt in FORMATS}
+        except Exception:  # noqa: BLE001 - see above
+            choices = dict.fromkeys(FORMATS, "on")
     for i, fmt in enumerate(FORMATS):
         lib.mc_set_prefetch(i, default if choices[fmt] == "on" else 0)
 
@@ -74,7 +77,7 @@ def note(lib: object, threads: int) -> str | None:
     if forced() is not None or lib is None or not lib.mc_simd():
         return None
     found = measured.known(lib, FILE, threads)
-    if not found or not _valid(found) or any("on_gb_per_second" not in found[fmt] for fmt in FORMATS):
+    if not found or not _valid(found):  # _valid also needs each format's rates
         return None
     parts = [f"{fmt} {found[fmt]['choice']} ({found[fmt]['on_gb_per_second']:.1f} GB/s with, "
              f"{found[fmt]['off_gb_per_second']:.1f} without)" for fmt in FORMATS]
@@ -102,7 +105,7 @@ def _products(lib: object, fmt: str) -> tuple[Callable[[], int], int]:
     per_byte = {"bf16": 0.5, "int8": 1, "int4": 2}[fmt]  # weights per byte
     k = 4096
     n = int(_BYTES / 2 / k * per_byte) // 256 * 256
-    calls = []
+    calls, size = [], 0
     for rows, cols in ((n, k), (k, n)):
         x, y = torch.ones(1, cols), torch.empty(1, rows)
         if fmt == "bf16":
@@ -121,11 +124,11 @@ def _products(lib: object, fmt: str) -> tuple[Callable[[], int], int]:
                     y.data_ptr())
             fn = lib.mc_linear_int4_q8
         calls.append((fn, args, (x, y, w)))  # the tensors stay alive while the call holds their pointers
+        size += w[0].numel() * w[0].element_size()  # the weights read (scales are a rounding error)
 
     def run() -> int:
         return calls[0][0](*calls[0][1]) | calls[1][0](*calls[1][1])
 
-    size = sum(t.numel() * t.element_size() for c in calls for t in c[2][2][:1])
     return run, size
 
 
