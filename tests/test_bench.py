@@ -17,6 +17,7 @@ def test_bench_reports_speed_and_what_its_memory_figures_count(make_release, mon
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["prefill_tokens_per_second"] > 0 and r["decode_tokens_per_second"] > 0
+    assert r["first_prefill_tokens_per_second"] > 0  # the untimed first run, reported apart
     if sys.platform == "linux":
         # Resident memory after loading, split into the model's own and the files read in place: the
         # peak counts the whole process, loading included, so it is never below what follows it.

@@ -21,7 +21,7 @@ from mixchat.paths import env_flag
 from mixchat.progress import Progress, human_bytes
 from mixchat.release.config import ModelArgs
 from mixchat.release.folder import Release, model_state, open_release
-from mixchat.speed import hugepages, linear
+from mixchat.speed import heap, hugepages, linear
 from mixchat.speed.decoder import FusedDecoder
 from mixchat.speed.experts import ExpertCache, offload
 from mixchat.speed.qformat import QuantSpec, expert_bytes, model_bytes, parse_quant
@@ -370,6 +370,7 @@ class Engine:
         # the weights come with load_state_dict below.
         kernel_layers = dev.type == "cpu"
         if kernel_layers:
+            heap.keep_freed_memory()  # a prompt's activations: faulted in once, not at every layer
             linear.install(model)
             if (k := linear.kernels_or_none()) is not None:
                 k.settle()  # the row prefetch is measured once per machine (a second): here, not in a reply
