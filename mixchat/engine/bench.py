@@ -111,6 +111,16 @@ def active_bytes_per_token(engine) -> int:
     return total
 
 
+def _clock(engine: Engine) -> float:
+    """perf_counter once the device has finished what was queued (CUDA runs kernels asynchronously: a time
+    read without waiting would leave a step's work to the next measurement)."""
+    if engine.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(engine.device)
+    return time.perf_counter()
+
+
 def run(ns: Namespace) -> int:
     import torch
 
@@ -144,27 +154,31 @@ def run(ns: Namespace) -> int:
     # also faults in the heap its activations will reuse (mixchat.speed.heap) and wakes the threads. Its
     # prefill rate is reported apart, as what the first prompt after loading gets.
     cache = engine.new_cache()
-    t = time.perf_counter()
+    t = _clock(engine)
     token = engine.model(prompt, cache, last_only=True).logits[-1].argmax()
-    first_prefill = ns.prompt_tokens / (time.perf_counter() - t)
+    first_prefill = ns.prompt_tokens / (_clock(engine) - t)
     engine.model(token.view(1), cache)
     del cache
+    if engine.experts is not None:  # the stats printed below count the timed runs only
+        from mixchat.speed.experts import ExpertStats
+
+        engine.experts.stats = ExpertStats()
     ceiling = ReadCeiling() if engine.device.type == "cpu" else None
     prefill, decode, fractions, ceilings = [], [], [], []
     link = engine.pipeline.group if engine.pipeline is not None else None
     waited, moved, decoded = 0.0, 0, 0  # decode's waits on other ranks and bytes to and from them
     for _ in range(ns.runs):
         cache = engine.new_cache()
-        t = time.perf_counter()
+        t = _clock(engine)
         out = engine.model(prompt, cache, last_only=True)
-        prefill.append(ns.prompt_tokens / (time.perf_counter() - t))
+        prefill.append(ns.prompt_tokens / (_clock(engine) - t))
         token = out.logits[-1].argmax()
         before = ceiling.measure() if ceiling else 0.0
-        t, w0 = time.perf_counter(), engine.rank_wait()
+        t, w0 = _clock(engine), engine.rank_wait()
         b0 = link.bytes_sent + link.bytes_received if link is not None else 0
         for _ in range(ns.decode_tokens):
             token = engine.model(token.view(1), cache).logits[-1].argmax()
-        decode.append(ns.decode_tokens / (time.perf_counter() - t))
+        decode.append(ns.decode_tokens / (_clock(engine) - t))
         if ceiling:
             ceilings.append(max(before, ceiling.measure()))
             fractions.append(decode[-1] * per_token / 1e9 / ceilings[-1])
@@ -218,8 +232,8 @@ def run(ns: Namespace) -> int:
               f"{result['anonymous_after_load_gb']} GB the model's own, "
               f"{result['file_after_load_gb']} GB read in place from the release's files")
     print(f"  prefill     {result['prefill_tokens_per_second']:.2f} tok/s ({ns.prompt_tokens}-token prompt, "
-          f"median of {ns.runs} after an untimed one; that first prompt "
-          f"{result['first_prefill_tokens_per_second']:.2f})")
+          f"median of {ns.runs} after an untimed one; that first prompt at "
+          f"{result['first_prefill_tokens_per_second']:.2f} tok/s)")
     print(f"  decode      {result['decode_tokens_per_second']:.3f} tok/s ({ns.decode_tokens} tokens), reading "
           f"{per_token / 1e9:.2f} GB of weights per token = {result['decode_weight_gb_per_second']} GB/s")
     if bandwidth:

@@ -284,6 +284,7 @@ class Engine:
         memory; "experts": every layer everywhere, each rank a share of every layer's experts) and loads its own
         part; the other ranks load the `part` it gives them. Each reads and quantizes only its own tensors."""
         set_threads(threads)
+        heap.release_freed()  # what a dropped model left in the heap, before this one's weights come
         asked_to_warm = warm
         if huge_pages is None:
             huge_pages = env_flag("MIXCHAT_HUGEPAGES", True)

@@ -466,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else list(argv))
     if ns.home:
         os.environ["MIXCHAT_HOME"] = ns.home
+    from mixchat.speed import heap
+
+    heap.keep_freed_memory()  # before the app's threads start: each keeps the malloc arena it began with
     try:
         group = _join_launch(ns)
         if group is not None and group.rank != 0:

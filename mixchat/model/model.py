@@ -100,7 +100,7 @@ class Attention(nn.Module):
             q, keys, values = q.float(), keys.float(), values.float()
         # Grouped-query attention without repeating keys (query head h uses kv head h // (H / Hkv)); the
         # mask (causal, and this layer's window) is [T, S], shared by all heads. Batched (4-D): torch's fused
-        # CPU kernel takes only that, where 3-D falls back to the unfused math, 2-3.5x slower per prompt.
+        # CPU kernel takes only that; with 3-D it fell back to the unfused math, whose attention is 2-3.5x slower.
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=step.mask,
                                              enable_gqa=True)[0]  # [H, T, hd]
         return self.wo(out.transpose(0, 1).reshape(t, -1).to(x.dtype))
