@@ -68,11 +68,15 @@ def test_freed_activations_are_reused_without_page_faults(where):
     # The heap grows to its peak over the first prompts (how soon depends on where blocks land), then the
     # others reuse it: at most one activation's pages faulted in over the last three prompts.
     assert sum(kept["faults"][3:]) <= BLOCK, kept
-    # With malloc's defaults (MIXCHAT_KEEP_HEAP=0) such blocks are mapped and unmapped, or trimmed off the
-    # heap, prompt after prompt (glibc 2.36: 12,000-33,000 pages over prompts 2-6; kept, 0-6,400).
-    default = _run(keep=False, where=where)
-    assert default["kept"] is False
-    assert sum(default["faults"][1:]) > 4 * BLOCK, default
+    # With malloc's defaults (MIXCHAT_KEEP_HEAP=0) a thread's arena maps and unmaps its heaps prompt after
+    # prompt (glibc 2.36: about 20,000 pages over prompts 2-6). On the main thread glibc's own adjustment of
+    # its thresholds sometimes catches up with this pattern within a few prompts (6,000-33,000 pages), so
+    # only the thread shows the difference every time (a 7B's real prompts kept faulting 35,000-160,000
+    # pages each on the main thread).
+    if where == "thread":
+        default = _run(keep=False, where=where)
+        assert default["kept"] is False
+        assert sum(default["faults"][1:]) > 4 * BLOCK, default
 
 
 def test_switched_off_or_tuned_by_the_user_leaves_malloc_alone(monkeypatch):
