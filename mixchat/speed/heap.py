@@ -11,7 +11,7 @@ llama.cpp's one preallocated compute buffer is; one arena puts the app's generat
 heap (a thread arena's heaps come and go whatever the thresholds).
 
 Measured on an AMD EPYC Zen 5 (2 threads, full-width 7B, 128-token prompts): 35,000-160,000 page faults per
-prompt before, none after the first; the torch ops between the GEMMs from 400-550 to 250 ms per prompt
+prompt before, 0-1,800 after the first; the torch ops between the GEMMs from 400-550 to 250 ms per prompt
 (silu alone 140 to 16 ms). Decode allocates nothing that large. The cost is memory the process keeps after
 its largest prompt (the activations of one chunk of cache.DEFAULT_CHUNK tokens, about 100-200 MB for a 7B)
 and blocks under 32 MiB that a dropped model leaves in the heap, which release_freed() gives back.
