@@ -51,16 +51,26 @@ print(json.dumps({"kept": kept, "faults": faults}))
 BLOCK = 128 * 14336 * 4 // 4096  # the 4 KiB pages of one [128, 14336] fp32 activation
 
 
-def _run(keep: bool, where: str) -> dict:
+needs_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                                 reason="the thresholds are glibc's malloc's")
+
+
+def _child(script: str, *args: str, keep: bool = True) -> dict:
+    """`script`'s JSON line, run in a fresh interpreter with malloc as glibc's defaults leave it (none of the
+    user's MALLOC_* or GLIBC_TUNABLES), mixchat's settings on or off."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     env["MIXCHAT_KEEP_HEAP"] = "1" if keep else "0"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, where], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="the thresholds are glibc's malloc's")
+def _run(keep: bool, where: str) -> dict:
+    return _child(SCRIPT, where, keep=keep)
+
+
+@needs_glibc
 @pytest.mark.parametrize("where", ["main", "thread"])
 def test_freed_activations_are_reused_without_page_faults(where):
     kept = _run(keep=True, where=where)
@@ -114,14 +124,9 @@ print(json.dumps({"kept": kept, "before": before, "dropped": dropped, "released"
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="the thresholds are glibc's malloc's")
+@needs_glibc
 def test_a_dropped_models_blocks_go_back_to_the_system():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    env["MIXCHAT_KEEP_HEAP"] = "1"
-    proc = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads(proc.stdout)
+    r = _child(RELEASE)
     assert r["kept"] is True
     # kept in the heap once freed (what keeping activations costs) until release_freed gives them back
     assert r["dropped"] > r["before"] - 100, r

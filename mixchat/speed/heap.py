@@ -24,6 +24,7 @@ MIXCHAT_KEEP_HEAP=0.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -57,7 +58,6 @@ def release_freed() -> None:
     """Give the free pages anywhere in the heap back to the system (malloc_trim): after a model is dropped,
     its quantized weights' blocks under 32 MiB would otherwise stay resident until reused."""
     if _kept and (libc := _glibc()) is not None:
-        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
         libc.malloc_trim(0)
 
 
@@ -65,17 +65,20 @@ def _user_tuned() -> bool:
     return any(name in os.environ for name in _USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
+    """The C library with mallopt and malloc_trim bound, where it is glibc (musl's mallopt is a no-op)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 (glibc's own symbol: musl's mallopt is a no-op)
+        libc.gnu_get_libc_version  # noqa: B018 (glibc's own symbol)
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
         return libc
     except (OSError, AttributeError):
         return None
 
 
 def _mallopt(libc: ctypes.CDLL, param: int, value: int) -> bool:
-    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return libc.mallopt(param, value) == 1
