@@ -879,94 +879,125 @@ def test_torrent_w2_views_decode_like_fp32(make_release):
 
 
 @needs_kernels
-def test_row_prefetch_is_measured_once_per_machine_kept_and_forced(monkeypatch, tmp_path):
-    """Each format's software prefetch is set from a measurement at the first call (kept beside the
-    library, read by later processes, measured again when damaged), or forced by MIXCHAT_ROW_PREFETCH."""
+def test_row_reads_are_measured_once_per_machine_kept_and_forced(monkeypatch, tmp_path):
+    """Each format's software prefetch and rows per pass are set from a measurement at the first call (kept
+    beside the library, read by later processes, measured again when damaged), or the prefetch forced by
+    MIXCHAT_ROW_PREFETCH (with the build's rows)."""
     from mixchat.speed.kernels import measured, prefetch
 
     lib = kernels.library()
     if not lib.mc_simd():
-        pytest.skip("the portable build does not prefetch")
+        pytest.skip("the portable build has one way to read")
     calls = []
+
+    def figures(choice: str, **rates: float) -> dict:
+        rates = {name.replace("_", "+"): rate for name, rate in rates.items()}
+        return {"choice": choice, "gb_per_second": rates,
+                "speedup": {name: round(rate / rates["build+on"], 3) for name, rate in rates.items()}}
 
     def measure(lib_: object) -> dict:
         calls.append(lib_)
-        off = {"choice": "off", "off_speedup": 1.2, "on_gb_per_second": 10.0, "off_gb_per_second": 12.0}
-        on = {"choice": "on", "off_speedup": 0.8, "on_gb_per_second": 10.0, "off_gb_per_second": 8.0}
-        return {"distance_bytes": lib.mc_prefetch_default(), "measured": "now", "bf16": off, "int8": on,
-                "int4": dict(off)}
+        return {"distance_bytes": lib.mc_prefetch_default(), "measured": "now",
+                "bf16": figures("one+off", build_on=10.0, build_off=11.0, one_on=10.4, one_off=12.0),
+                "int8": figures("one+on", build_on=10.0, build_off=8.0, one_on=12.5, one_off=9.0),
+                "int4": figures("build+on", build_on=10.0, build_off=8.0)}
 
-    def distances() -> list[int]:
+    def settings() -> list[tuple[int, int]]:
         kernels.linear_bf16(torch.randn(1, 64), torch.randn(8, 64).to(torch.bfloat16))
-        return [lib.mc_get_prefetch(i) for i in range(len(prefetch.FORMATS))]
+        return [(lib.mc_get_prefetch(i), lib.mc_get_one_row(i)) for i in range(len(prefetch.FORMATS))]
 
     kept = tmp_path / prefetch.FILE
     on = lib.mc_prefetch_default()
     assert on > 0
+    measured_settings = [(0, 1), (on, 1), (on, 0)]
     monkeypatch.setattr(prefetch, "measure", measure)
     monkeypatch.setattr(measured, "choice_file", lambda lib_, name: kept if name == kept.name else None)
     monkeypatch.setattr(measured, "_found", {})
     monkeypatch.delenv("MIXCHAT_ROW_PREFETCH", raising=False)
     try:
         kernels.reapply_settings()
-        assert distances() == [0, on, 0] and len(calls) == 1 and kept.exists()
-        assert distances() == [0, on, 0] and len(calls) == 1  # set once, not per call
+        assert settings() == measured_settings and len(calls) == 1 and kept.exists()
+        assert settings() == measured_settings and len(calls) == 1  # set once, not per call
         note = prefetch.note(lib, kernels.get_num_threads())
-        assert note.startswith("bf16 off (10.0 GB/s with, 12.0 without), int8 on") and "measured now" in note
+        assert note.startswith("bf16 one row, prefetch off (12.0 GB/s against 10.0 with build rows, prefetch on); "
+                               "int8 one row, prefetch on (12.5 GB/s against 10.0"), note
+        assert "; int4 build rows, prefetch on (10.0 GB/s); measured now" in note, note
         measured.forget()  # a new process reads the file
         kernels.reapply_settings()
-        assert distances() == [0, on, 0] and len(calls) == 1
+        assert settings() == measured_settings and len(calls) == 1
         kept.write_text('{"2": {"bf16": "garbage"}, "1": []}')
         measured.forget()
         kernels.reapply_settings()
-        assert distances() == [0, on, 0] and len(calls) == 2
-        # one taken on a busy machine contradicts itself (its turns' ratio says off, its median rates on)
+        assert settings() == measured_settings and len(calls) == 2
+        # one taken on a busy machine contradicts itself (its turns' ratio says one row, its median rates not)
         record = measure(lib)
-        record["bf16"].update(off_speedup=1.3, on_gb_per_second=21.0, off_gb_per_second=15.7)
+        record["bf16"]["speedup"]["one+off"] = 1.3
+        record["bf16"]["gb_per_second"]["one+off"] = 10.2
         kept.write_text(json.dumps({str(kernels.get_num_threads()): record}))
         measured.forget()
         kernels.reapply_settings()
-        assert distances() == [0, on, 0] and len(calls) == 4  # measured again, not taken
-        for forced, want in (("on", [on] * 3), ("off", [0] * 3)):
+        assert settings() == measured_settings and len(calls) == 4  # measured again, not taken
+        for forced, want in (("on", [(on, 0)] * 3), ("off", [(0, 0)] * 3)):
             monkeypatch.setenv("MIXCHAT_ROW_PREFETCH", forced)
             kernels.reapply_settings()
-            assert distances() == want and len(calls) == 4
+            assert settings() == want and len(calls) == 4
             assert prefetch.note(lib, kernels.get_num_threads()) is None
         monkeypatch.setenv("MIXCHAT_ROW_PREFETCH", "sometimes")  # ignored, like an unset one
         kernels.reapply_settings()
-        assert distances() == [0, on, 0]
+        assert settings() == measured_settings
     finally:
         monkeypatch.undo()
         kernels.reapply_settings()
     assert lib.mc_set_prefetch(len(prefetch.FORMATS), 0) < 0 and lib.mc_get_prefetch(-1) < 0
+    assert lib.mc_set_one_row(len(prefetch.FORMATS), 1) < 0 and lib.mc_get_one_row(-1) < 0
+
+
+def test_choosing_a_row_read_setting_needs_a_margin_by_both_measures():
+    """The build's own setting stays unless another beat it by more than the margin in both the median of
+    the turns' ratios and the median rates; among several that do, the fastest."""
+    from mixchat.speed.kernels import prefetch
+
+    def choose(speedup: dict, rate: dict) -> str:
+        return prefetch._choose({"speedup": {"build+on": 1.0, **speedup}, "gb_per_second": {"build+on": 10.0, **rate}})
+
+    assert choose({"build+off": 1.2, "one+on": 1.1}, {"build+off": 12.0, "one+on": 11.0}) == "build+off"
+    assert choose({"build+off": 1.2, "one+on": 1.3}, {"build+off": 12.0, "one+on": 13.0}) == "one+on"
+    assert choose({"build+off": 1.04, "one+on": 1.03}, {"build+off": 10.4, "one+on": 10.3}) == "build+on"
+    assert choose({"one+off": 1.2}, {"one+off": 10.3}) == "build+on"  # rates disagree: a busy machine
+    assert choose({"one+off": 1.01}, {"one+off": 12.0}) == "build+on"
 
 
 @needs_kernels
-def test_the_prefetch_distance_changes_no_result():
-    """Prefetches only move data: every format's products are the same bits with or without them."""
+def test_the_row_reads_change_no_result():
+    """Prefetches only move data and rows per pass do not change any row's sums: every format's products are
+    the same bits with or without them (99 rows: a pass of several rows leaves some over)."""
     from mixchat.speed.kernels import prefetch
 
     lib = kernels.library()
     g = gen(7)
-    k, n = 4096, 96
+    k, n = 4096, 99
     x = torch.randn(3, k, generator=g)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, generator=g) + 0.5
     packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
     s4, z4 = torch.rand(n, k // 128, generator=g), torch.randn(n, k // 128, generator=g)
+    s64, z64 = torch.rand(n, k // 64, generator=g), torch.randn(n, k // 64, generator=g)
 
     def products() -> list[torch.Tensor]:
         return [kernels.linear_bf16(x[:1], w), kernels.linear_bf16(x, w), kernels.linear_int8(x[:1], q, scale),
-                kernels.linear_int4(x[:1], packed, s4, z4, 128), kernels.linear_int4(x, packed, s4, z4, 128)]
+                kernels.linear_int4(x[:1], packed, s4, z4, 128), kernels.linear_int4(x, packed, s4, z4, 128),
+                kernels.linear_int4(x[:1], packed, s64, z64, 64)]
 
     products()
     try:
         got = []
-        for pf in (lib.mc_prefetch_default(), 0, 64):
-            for i in range(len(prefetch.FORMATS)):
-                lib.mc_set_prefetch(i, pf)
-            got.append(products())
+        for one_row in (0, 1):
+            for pf in (lib.mc_prefetch_default(), 0, 64):
+                for i in range(len(prefetch.FORMATS)):
+                    lib.mc_set_prefetch(i, pf)
+                    lib.mc_set_one_row(i, one_row)
+                got.append(products())
     finally:
         kernels.reapply_settings()
     for other in got[1:]:
@@ -974,19 +1005,21 @@ def test_the_prefetch_distance_changes_no_result():
 
 
 @needs_kernels
-def test_measuring_the_row_prefetch_times_every_format(monkeypatch):
+def test_measuring_the_row_reads_times_every_format_in_each_setting(monkeypatch):
     from mixchat.speed.kernels import prefetch
 
     lib = kernels.library()
     kernels.linear_bf16(torch.randn(1, 64), torch.randn(8, 64).to(torch.bfloat16))  # threads set
-    before = [lib.mc_get_prefetch(i) for i in range(len(prefetch.FORMATS))]
+    formats = range(len(prefetch.FORMATS))
+    before = [(lib.mc_get_prefetch(i), lib.mc_get_one_row(i)) for i in formats]
     monkeypatch.setattr(prefetch, "_BYTES", 8 * 2**20)
     found = prefetch.measure(lib, rounds=3)
     for fmt in prefetch.FORMATS:
-        assert found[fmt]["choice"] in ("on", "off")
-        assert found[fmt]["on_gb_per_second"] > 0 and found[fmt]["off_gb_per_second"] > 0
+        assert set(found[fmt]["gb_per_second"]) == set(prefetch._MEASURED[fmt]) == set(found[fmt]["speedup"])
+        assert all(rate > 0 for rate in found[fmt]["gb_per_second"].values())
+        assert found[fmt]["speedup"]["build+on"] == 1.0
         assert found[fmt]["choice"] == prefetch._choose(found[fmt])
-    assert [lib.mc_get_prefetch(i) for i in range(len(prefetch.FORMATS))] == before  # put back
+    assert [(lib.mc_get_prefetch(i), lib.mc_get_one_row(i)) for i in formats] == before  # put back
 
 
 @needs_kernels
@@ -1038,6 +1071,7 @@ def test_a_failed_prefetch_measurement_keeps_the_builds_distances(monkeypatch):
         assert torch.equal(kernels.linear_bf16(x, w), kernels.linear_bf16(x, w))
         if lib.mc_simd():
             assert [lib.mc_get_prefetch(i) for i in range(3)] == [lib.mc_prefetch_default()] * 3
+            assert [lib.mc_get_one_row(i) for i in range(3)] == [0] * 3
     finally:
         monkeypatch.undo()
         kernels.reapply_settings()

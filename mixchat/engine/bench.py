@@ -148,7 +148,7 @@ def run(ns: Namespace) -> int:
         from mixchat.speed import linear
 
         # a first measurement of the prompt GEMMs must not land in a timed run (Engine.load measured the
-        # row prefetch)
+        # row kernels' reads)
         linear.prompt_gemm()
     # One untimed run first, as llama-bench does (a prompt and a decoded token): the process's first prompt
     # also faults in the heap its activations will reuse (mixchat.speed.heap) and wakes the threads. Its
@@ -212,8 +212,8 @@ def run(ns: Namespace) -> int:
                       decode_fraction_of_ceiling=round(statistics.median(fractions), 3))
     if engine.device.type == "cpu":
         result["prompt_gemm"] = prompt_gemm_line(engine)
-        if (line := row_prefetch_line()) is not None:
-            result["row_prefetch"] = line
+        if (line := row_reads_line()) is not None:
+            result["row_reads"] = line
     if engine.experts is not None:
         result["experts"] = {"capacity": engine.experts.capacity, **engine.experts.stats.as_dict()}
     if link is not None:  # torchrun: rank 0's view of the split
@@ -245,8 +245,8 @@ def run(ns: Namespace) -> int:
               f"{result['decode_fraction_of_ceiling']:.0%} of it{against}")
     if "prompt_gemm" in result:
         print(f"  prompts     {result['prompt_gemm']}")
-    if "row_prefetch" in result:
-        print(f"  prefetch    {result['row_prefetch']}")
+    if "row_reads" in result:
+        print(f"  row reads   {result['row_reads']}")
     if engine.experts is not None:
         print(f"  experts     {format_experts(engine)}")
     if link is not None:
@@ -255,16 +255,16 @@ def run(ns: Namespace) -> int:
     return 0
 
 
-def row_prefetch_line() -> str | None:
-    """Whether the row kernels (decode) prefetch their weights in software, per format, and what decided it;
-    None without SIMD kernels (nothing prefetches)."""
+def row_reads_line() -> str | None:
+    """How the row kernels (decode) read their weights, per format (software prefetch, rows per pass), and
+    what decided it; None without SIMD kernels (nothing to set)."""
     from mixchat.speed import kernels
     from mixchat.speed.kernels import prefetch
 
     if not kernels.simd():
         return None
     if (forced := prefetch.forced()) is not None:
-        return f"{forced} for every format (MIXCHAT_ROW_PREFETCH={forced})"
+        return f"build rows, prefetch {forced} for every format (MIXCHAT_ROW_PREFETCH={forced})"
     return prefetch.note(kernels.library(), kernels.get_num_threads()) or "the build's own (not measured yet)"
 
 

@@ -191,6 +191,8 @@ MC_INLINE void bf16_epi(const mc_ctx *c, int64_t n, const int T, const float *pa
 
 /* (R, S) per T: about 8 accumulator chains within the 16 ymm registers. */
 MC_DRIVER(bf16_rows_t1, bf16_block, bf16_epi, c->K & ~(int64_t)31, MC_BF16_T1_R, 1, MC_BF16_T1_S)
+/* one row per pass (mc_set_one_row): the same sums as bf16_rows_t1 */
+MC_DRIVER(bf16_rows_t1r1, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 1, MC_BF16_T1_S)
 MC_DRIVER(bf16_rows_t2, bf16_block, bf16_epi, c->K & ~(int64_t)31, 2, 2, 2)
 MC_DRIVER(bf16_rows_t3, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 3, 2)
 MC_DRIVER(bf16_rows_t4, bf16_block, bf16_epi, c->K & ~(int64_t)31, 1, 4, 2)

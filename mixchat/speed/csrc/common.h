@@ -59,7 +59,7 @@
 /* Bump when an exported signature changes or an export kernels.py relies on is added (5: mc_struct_size;
  * 6: T rows in mc_decode_*, mc_linear_rows; 8: mc_bf16dot, mc_set_gemm_bf16dot):
  * kernels.py refuses a library with another version. */
-#define MC_ABI_VERSION 9
+#define MC_ABI_VERSION 10
 
 #define MC_MULTI_MAX 8        /* weights one mc_linear_multi call takes */
 #define MC_RB 16              /* rows per block that share one pass over the K chunks */
@@ -125,6 +125,19 @@ MC_API int mc_set_prefetch(int fmt, int64_t bytes)
     return 0;
 }
 MC_API int64_t mc_get_prefetch(int fmt) { return fmt >= 0 && fmt < MC_FMTS ? g_pf[fmt] : -1; }
+/* Whether a one-token product of format fmt reads one weight row per pass (1) or the build's MC_*_T1_R rows
+ * side by side (0, the default). R changes no row's sums, only how many rows stream at once: on a 2-core
+ * Zen 4 four bf16 rows per pass read 10-15 % faster than two, on Zen 5 one row read 0.95 of the probe against
+ * 0.77-0.83 for four (int8: 0.93 against 0.73 for two), so the Python side measures it per machine with the
+ * prefetch (speed.kernels.prefetch). MC_EBADARG for an unknown format. */
+static int g_one_row[MC_FMTS];
+MC_API int mc_set_one_row(int fmt, int on)
+{
+    if (fmt < 0 || fmt >= MC_FMTS) return MC_EBADARG;
+    g_one_row[fmt] = on != 0;
+    return 0;
+}
+MC_API int mc_get_one_row(int fmt) { return fmt >= 0 && fmt < MC_FMTS ? g_one_row[fmt] : -1; }
 MC_API int64_t mc_prefetch_default(void) { return MC_PF; }
 
 /* bf16 stored transposed, T <= 8: threads split K (1, default) or N (0); see bf16t_krange. */

@@ -357,6 +357,7 @@ MC_INLINE void int4q8_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1,
         int4q8_block(c, n0, k0, k1, R, T, S, GS, part);                                             \
     }                                                                                               \
     MC_DRIVER(int4q8_g##GS##_t1, int4q8_block_g##GS, int4_epi, c->K, R1, 1, S1)                     \
+    MC_DRIVER(int4q8_g##GS##_t1r1, int4q8_block_g##GS, int4_epi, c->K, 1, 1, S1) /* mc_set_one_row */ \
     MC_DRIVER(int4q8_g##GS##_t2, int4q8_block_g##GS, int4_epi, c->K, 2, 2, 1)                       \
     MC_DRIVER(int4q8_g##GS##_t3, int4q8_block_g##GS, int4_epi, c->K, 1, 3, 2)                       \
     MC_DRIVER(int4q8_g##GS##_t4, int4q8_block_g##GS, int4_epi, c->K, 1, 4, 2)                       \
@@ -387,6 +388,8 @@ static const mc_rows_fn int4q8_fns[3][9] = {
     {0, int4q8_g128_t1, int4q8_g128_t2, int4q8_g128_t3, int4q8_g128_t4, int4q8_g128_t5, int4q8_g128_t6,
      int4q8_g128_t7, int4q8_g128_t8},
 };
+
+static const mc_rows_fn int4q8_r1fns[3] = {int4q8_g32_t1r1, int4q8_g64_t1r1, int4q8_g128_t1r1};
 
 static const mc_rows_fn int4q8_xfns[3][9] = {
     {0, int4q8_g32_t1, int4q8_g32_x2, int4q8_g32_x3, int4q8_g32_x4, int4q8_g32_x5, int4q8_g32_x6, int4q8_g32_x7,

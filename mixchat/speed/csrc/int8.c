@@ -191,6 +191,7 @@ MC_INLINE void int8q8_epi(const mc_ctx *c, int64_t n, const int T, const float *
 }
 
 MC_DRIVER(int8q8_t1, int8q8_block, int8q8_epi, c->K, MC_INT8_T1_R, 1, MC_INT8_T1_S)
+MC_DRIVER(int8q8_t1r1, int8q8_block, int8q8_epi, c->K, 1, 1, MC_INT8_T1_S) /* mc_set_one_row */
 MC_DRIVER(int8q8_t2, int8q8_block, int8q8_epi, c->K, 2, 2, 2)
 MC_DRIVER(int8q8_t3, int8q8_block, int8q8_epi, c->K, 2, 3, 1)
 MC_DRIVER(int8q8_t4, int8q8_block, int8q8_epi, c->K, 2, 4, 1)

@@ -1,15 +1,22 @@
-"""Whether the row kernels (decode, short prompts) prefetch their weights in software: measured per machine
-and per weight format.
+"""How the row kernels (decode, short prompts) read their weights, measured per machine and weight format:
+whether they prefetch in software, and how many weight rows one pass reads side by side.
 
 The kernels prefetch each weight row a few KiB ahead of their reads (csrc/common.h, mc_pf). On the AVX2
 EPYC, the Xeon and Zen 4 that took decode closer to the read limit (+10-40 %), and so it does for int8 and
-int4 on Zen 5, where it costs bf16 (a one-token product read at 0.81 of the probe with it, 0.99 without):
-no CPU feature flag tells these apart. So at the first kernel call of a process, for each library and thread
-count, one-token products of each format (bf16; int8 and int4 with 8-bit activations) are timed with and
-without, in turns, and a format's prefetch is turned off only where that is faster by more than _MARGIN
-(by the median of the turns' ratios and by the median rates alike: on a busy machine they disagree).
-The answer is kept beside the library (measured.py), so later processes do not measure.
-MIXCHAT_ROW_PREFETCH=on or off forces either for every format; other values are ignored, like an unset one.
+int4 on Zen 5, where it costs bf16 (a one-token product read at 0.81 of the probe with it, 0.99 without).
+A one-token pass reads the build's MC_*_T1_R rows side by side (bf16 four with vdpbf16ps, else two; int8
+two): on a 2-core Zen 4 four bf16 rows read 10-15 % faster than two, on Zen 5 one row at a time read int8
+at 0.93 of the probe against 0.73 for two (in the model's decode 0.82 against 0.73). No CPU feature flag
+tells these machines apart. So at the first kernel call of a process, for each library and thread count,
+one-token products of each format (bf16; int8 and int4 with 8-bit activations) are timed in each setting
+(CONFIGS), in turns, and a format leaves the build's own (rows, prefetch on) only for a setting that is
+faster by more than _MARGIN (by the median of the turns' ratios and by the median rates alike: on a busy
+machine they disagree). Neither changes a result (prefetches only move data; the rows per pass do not
+change any row's sums). int4 is measured with its default groups of 128, whose kernel reads one row per pass
+in every build, so only its prefetch is measured. The answer is kept beside the library (measured.py), so
+later processes do not measure.
+MIXCHAT_ROW_PREFETCH=on or off forces the prefetch for every format, with the build's rows and nothing
+measured; other values are ignored, like an unset one.
 """
 
 from __future__ import annotations
@@ -25,7 +32,11 @@ from mixchat.speed.kernels import measured
 
 FILE = "row-prefetch.json"
 FORMATS = ("bf16", "int8", "int4")  # MC_FMT_* in csrc/common.h, in order
-# Off only when it measured this much faster: elsewhere the status quo, which won where it was tuned.
+# (one row per pass, prefetch on) by name; the first is the build's own, which a measurement has to beat.
+CONFIGS = {"build+on": (False, True), "build+off": (False, False), "one+on": (True, True), "one+off": (True, False)}
+DEFAULT = "build+on"
+_MEASURED = {"bf16": tuple(CONFIGS), "int8": tuple(CONFIGS), "int4": ("build+on", "build+off")}
+# Another setting only when it measured this much faster: elsewhere the status quo, which won where it was tuned.
 _MARGIN = 1.05
 # Bytes of weights each format's measurement streams (two products): several times any L3 here.
 _BYTES = 240 * 2**20
@@ -36,23 +47,28 @@ def forced() -> str | None:
 
 
 def apply(lib: object, threads: int) -> None:
-    """Set each format's prefetch distance in `lib` for `threads` threads: the build's own
-    (mc_prefetch_default) or 0, as forced() or the kept measurement says (measuring it the first time).
-    A measurement that fails (no memory for its weights) leaves the build's own: it costs the choice, never
-    the caller's product. Builds without SIMD row kernels do not prefetch, and are left as they are."""
+    """Set each format's prefetch distance (the build's own, mc_prefetch_default, or 0) and rows per pass in
+    `lib` for `threads` threads, as forced() or the kept measurement says (measuring it the first time). A
+    measurement that fails (no memory for its weights) leaves the build's own: it costs the choice, never the
+    caller's product. Builds without SIMD row kernels do not prefetch, and are left as they are."""
     if not lib.mc_simd():
         return
-    default = lib.mc_prefetch_default()
     if (force := forced()) is not None:
-        choices = dict.fromkeys(FORMATS, force)
+        choices = dict.fromkeys(FORMATS, f"build+{force}")
     else:
         try:
             found = measured.kept(lib, FILE, threads, lambda: measure(lib), _valid)
             choices = {fmt: found[fmt]["choice"] for fmt in FORMATS}
         except Exception:  # noqa: BLE001 - see above
-            choices = dict.fromkeys(FORMATS, "on")
+            choices = dict.fromkeys(FORMATS, DEFAULT)
     for i, fmt in enumerate(FORMATS):
-        lib.mc_set_prefetch(i, default if choices[fmt] == "on" else 0)
+        _set(lib, i, choices[fmt])
+
+
+def _set(lib: object, fmt: int, config: str) -> None:
+    one_row, prefetch = CONFIGS[config]
+    lib.mc_set_prefetch(fmt, lib.mc_prefetch_default() if prefetch else 0)
+    lib.mc_set_one_row(fmt, int(one_row))
 
 
 def _valid(found: dict) -> bool:
@@ -60,42 +76,53 @@ def _valid(found: dict) -> bool:
     taken on a busy machine can contradict itself: its runs' median ratio against its median rates)."""
     try:
         return all(found[fmt]["choice"] == _choose(found[fmt]) for fmt in FORMATS)
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return False
 
 
 def _choose(figures: dict) -> str:
-    """Off only when both the median of the rounds' ratios and the ratio of the median rates say that
-    running without is faster by more than _MARGIN."""
-    ratio, on, off = figures["off_speedup"], figures["on_gb_per_second"], figures["off_gb_per_second"]
-    return "off" if ratio > _MARGIN and off > _MARGIN * on else "on"
+    """The fastest setting by median rate where both the median of the rounds' ratios against the build's own
+    and the ratio of the median rates say it is faster by more than _MARGIN; else the build's own."""
+    rate, speedup = figures["gb_per_second"], figures["speedup"]
+    best = max((name for name in rate if name != DEFAULT), key=rate.__getitem__)
+    return best if speedup[best] > _MARGIN and rate[best] > _MARGIN * rate[DEFAULT] else DEFAULT
+
+
+def describe(config: str) -> str:
+    """A setting in words: 'one row, prefetch off'."""
+    one_row, prefetch = CONFIGS[config]
+    return f"{'one row' if one_row else 'build rows'}, prefetch {'on' if prefetch else 'off'}"
 
 
 def note(lib: object, threads: int) -> str | None:
-    """One line for `bench`: each format's prefetch and its measured rates, where a measurement decides it
-    (None: forced, not measured in this process, or no SIMD kernels)."""
+    """One line for `bench`: each format's setting and its measured rate against the build's own, where a
+    measurement decides it (None: forced, not measured in this process, or no SIMD kernels)."""
     if forced() is not None or lib is None or not lib.mc_simd():
         return None
     found = measured.known(lib, FILE, threads)
     if not found or not _valid(found):  # _valid also needs each format's rates
         return None
-    parts = [f"{fmt} {found[fmt]['choice']} ({found[fmt]['on_gb_per_second']:.1f} GB/s with, "
-             f"{found[fmt]['off_gb_per_second']:.1f} without)" for fmt in FORMATS]
-    return f"{', '.join(parts)}; measured {found['measured']}"
+    parts = []
+    for fmt in FORMATS:
+        choice, rate = found[fmt]["choice"], found[fmt]["gb_per_second"]
+        against = "" if choice == DEFAULT else f" against {rate[DEFAULT]:.1f} with {describe(DEFAULT)}"
+        parts.append(f"{fmt} {describe(choice)} ({rate[choice]:.1f} GB/s{against})")
+    return f"{'; '.join(parts)}; measured {found['measured']}"
 
 
 def measure(lib: object, rounds: int = 15) -> dict:
     """For each format, time one-token products through a [n, 4096] and a [4096, n] weight (a 7B MLP's
-    shapes, n sized to _BYTES) at the library's current thread count, with the build's prefetch distance
-    and with none, `rounds` times each in turns (who goes first alternating). Returns per format the choice,
-    the rates (GB/s, medians) and the median of the rounds' own ratios."""
+    shapes, n sized to _BYTES) at the library's current thread count in each of the format's settings
+    (_MEASURED), `rounds` times each in turns (the order reversed every other round). Returns per format the
+    choice, the rates (GB/s, medians) and the medians of the rounds' own speedups against the build's own."""
     found: dict = {"distance_bytes": lib.mc_prefetch_default()}
     for i, fmt in enumerate(FORMATS):
-        saved = lib.mc_get_prefetch(i)
+        saved = lib.mc_get_prefetch(i), lib.mc_get_one_row(i)
         try:
-            found[fmt] = _measure_format(lib, i, _products(lib, fmt), rounds)
+            found[fmt] = _measure_format(lib, i, _MEASURED[fmt], _products(lib, fmt), rounds)
         finally:
-            lib.mc_set_prefetch(i, saved)
+            lib.mc_set_prefetch(i, saved[0])
+            lib.mc_set_one_row(i, saved[1])
     found["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return found
 
@@ -132,23 +159,26 @@ def _products(lib: object, fmt: str) -> tuple[Callable[[], int], int]:
     return run, size
 
 
-def _measure_format(lib: object, fmt: int, products: tuple[Callable[[], int], int], rounds: int) -> dict:
+def _measure_format(lib: object, fmt: int, configs: tuple[str, ...], products: tuple[Callable[[], int], int],
+                    rounds: int) -> dict:
     run, size = products
-    on = lib.mc_prefetch_default()
 
-    def timed(pf: int) -> float:
-        lib.mc_set_prefetch(fmt, pf)
+    def timed(config: str) -> float:
+        _set(lib, fmt, config)
         start = time.perf_counter()
         if rc := run():
-            raise RuntimeError(f"the prefetch measurement's product failed with code {rc}")
+            raise RuntimeError(f"the row-read measurement's product failed with code {rc}")
         return time.perf_counter() - start
 
-    timed(on), timed(0)  # warm: the pages, the thread pool
-    times: dict[int, list[float]] = {on: [], 0: []}
+    for config in configs:  # warm: the pages, the thread pool
+        timed(config)
+    times: dict[str, list[float]] = {config: [] for config in configs}
     for i in range(rounds):
-        for pf in (on, 0) if i % 2 == 0 else (0, on):
-            times[pf].append(timed(pf))
-    figures = {"off_speedup": round(statistics.median(a / b for a, b in zip(times[on], times[0], strict=True)), 3),
-               "on_gb_per_second": round(size / statistics.median(times[on]) / 1e9, 1),
-               "off_gb_per_second": round(size / statistics.median(times[0]) / 1e9, 1)}
+        for config in configs if i % 2 == 0 else reversed(configs):
+            times[config].append(timed(config))
+    figures = {
+        "gb_per_second": {c: round(size / statistics.median(times[c]) / 1e9, 1) for c in configs},
+        "speedup": {c: round(statistics.median(a / b for a, b in zip(times[DEFAULT], times[c], strict=True)), 3)
+                    for c in configs},
+    }
     return {"choice": _choose(figures), **figures}
