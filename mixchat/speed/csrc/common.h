@@ -145,7 +145,9 @@ static int g_bf16t_ksplit = 1;
 MC_API void mc_set_bf16t_ksplit(int on) { g_bf16t_ksplit = on; }
 
 /* Everything a row kernel needs; one struct so the thread runner can stay generic. */
-typedef struct {
+typedef struct mc_ctx mc_ctx;
+typedef void (*mc_rows_fn)(const mc_ctx *c, int64_t lo, int64_t hi);
+struct mc_ctx {
     const float *x;     /* fp32 [T, K], caller's layout */
     const float *xp;    /* prepared fp32 copy of x (bf16: even/odd order; int4: nibble order) */
     const float *xs;    /* int4: per-token, per-group sums of x, [T, K/G] */
@@ -158,9 +160,9 @@ typedef struct {
     int64_t N, K;
     int64_t KC;         /* K chunk (see the top of the file) */
     int T, G;
-} mc_ctx;
-
-typedef void (*mc_rows_fn)(const mc_ctx *c, int64_t lo, int64_t hi);
+    int TA;             /* int4q8_sliced: all rows of x prepared, taken 8 at a time by fns[] */
+    const mc_rows_fn *fns;
+};
 
 #if MC_AVX2 /* the SIMD kernels prefetch (MC_PREFETCH needs immintrin.h) */
 /* The software prefetch offset of a row kernel: what it reads ~g_pf[fmt] (MC_PF) bytes later in its own order of reads.

@@ -400,6 +400,37 @@ static const mc_rows_fn int4q8_xfns[3][9] = {
      int4q8_g128_x7, int4q8_g128_x8},
 };
 
+/* Prompts: the 8-row kernels take x a slice of 8 rows at a time, and run through one by one, each slice
+ * streamed every weight from memory again (16 passes at 128 tokens). int4q8_sliced instead walks a block of
+ * weight rows (MC_INT4_BLOCK_BYTES, which stays in L2) through every slice of x in turn before the next
+ * block, so the weights come from memory once per MC_INT4_SLICE_ROWS rows of x. Each (row, token) is still
+ * summed by the same 8-row kernel (c->fns[rows]), so no result changes. MC_INT4_UNSLICED: the old order. */
+#ifndef MC_INT4_BLOCK_BYTES
+#define MC_INT4_BLOCK_BYTES (128 * 1024)
+#endif
+#ifndef MC_INT4_SLICE_ROWS
+#define MC_INT4_SLICE_ROWS 128 /* rows of x prepared at once: 1.8 MB at K = 14336, within L3 */
+#endif
+static void int4q8_sliced(const mc_ctx *c, int64_t lo, int64_t hi)
+{
+    const int64_t K = c->K, xd_row = c->G == 128 ? K / 128 : K / 8, xs_row = K / c->G;
+    int64_t rows = MC_INT4_BLOCK_BYTES / (K / 2);
+    rows = rows < MC_RB ? MC_RB : rows / MC_RB * MC_RB;
+    for (int64_t nb = lo; nb < hi; nb += rows) {
+        const int64_t ne = nb + rows < hi ? nb + rows : hi;
+        for (int t0 = 0; t0 < c->TA; t0 += 8) {
+            mc_ctx s = *c;
+            s.T = c->TA - t0 < 8 ? c->TA - t0 : 8;
+            s.x = c->x + t0 * K;
+            s.xq = c->xq + t0 * K;
+            s.xd = c->xd + t0 * xd_row;
+            s.xs = c->xs + t0 * xs_row;
+            s.y = c->y + t0 * c->N;
+            c->fns[s.T](&s, nb, ne);
+        }
+    }
+}
+
 /* Round x to int8 per 32 columns (v = rint(x * 127 / amax), d = amax / 127), store it in the order the
  * kernel reads (per 64 columns: 32 even, then 32 odd), the block scales as 8-lane vectors, and the
  * per-group sums of the rounded x (v * d), so the only error is x's own rounding. */

@@ -16,10 +16,44 @@ MC_MAYBE_UNUSED static int group_index(int G) { return G == 32 ? 0 : G == 64 ? 1
  * exact: every row of y is bit for bit what a call with that row of x alone gives (the row-exact drivers),
  * which drafting's verify pass needs to reproduce plain decoding; otherwise each row count gets the
  * accumulator layout that is fastest for it, which changes the order of the fp32 sums. */
+/* int4 with Q8 x for more than 8 rows of x: up to MC_INT4_SLICE_ROWS rows prepared at once, each job's rows
+ * in blocks through all their slices (int4q8_sliced). */
+static int int4_prompt(const float *x, int T, int64_t K, int n, const void *const *w, const float *const *scale,
+                       const float *const *zero, int G, const int64_t *N, float *const *y, int exact)
+{
+    mc_job jobs[MC_MULTI_MAX];
+    for (int t0 = 0; t0 < T; t0 += MC_INT4_SLICE_ROWS) {
+        int tt = T - t0 < MC_INT4_SLICE_ROWS ? T - t0 : MC_INT4_SLICE_ROWS;
+        size_t q_bytes = ((size_t)tt * (size_t)K + 63) & ~(size_t)63;
+        size_t xd_n = (size_t)tt * (size_t)(K / 64) * 8, xs_n = (size_t)tt * (size_t)(K / G);
+        char *buf = (char *)mc_scratch(q_bytes + (xd_n + xs_n) * sizeof(float));
+        if (!buf) return MC_ENOMEM;
+        int8_t *xq = (int8_t *)buf;
+        float *xd = (float *)(buf + q_bytes), *xs = xd + xd_n;
+        const float *xt = x + (int64_t)t0 * K;
+        prep_q8(xt, tt, K, G, xq, xd, xs);
+        mc_ctx c = {.x = xt, .xq = xq, .xd = xd, .xs = xs, .K = K, .KC = K, .T = tt, .G = G, .TA = tt,
+                    .fns = (exact ? int4q8_xfns : int4q8_fns)[group_index(G)]};
+        for (int i = 0; i < n; i++) {
+            jobs[i] = (mc_job){int4q8_sliced, c, 0};
+            jobs[i].c.w = w[i];
+            jobs[i].c.N = N[i];
+            jobs[i].c.y = y[i] + (int64_t)t0 * N[i];
+            jobs[i].c.scale = scale[i];
+            jobs[i].c.zero = zero[i];
+        }
+        mc_run_jobs(jobs, n);
+    }
+    return 0;
+}
+
 static int one_pass(int kind, const float *x, int T, int64_t K, int n, const void *const *w,
                     const float *const *scale, const float *const *zero, int G, const int64_t *N, float *const *y,
                     int exact)
 {
+#ifndef MC_INT4_UNSLICED
+    if (kind == 2 && T > 8) return int4_prompt(x, T, K, n, w, scale, zero, G, N, y, exact);
+#endif
     const int rows = 8;
     const int64_t K32 = K & ~(int64_t)31;
     mc_job jobs[MC_MULTI_MAX];
