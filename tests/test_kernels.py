@@ -251,7 +251,8 @@ def test_int4_q8_is_exact_for_the_rounded_x(n, k, group, t):
 def test_int4_prompts_give_each_eight_row_slices_own_bits(k, group, t):
     """More than 8 rows of x walk each block of weight rows through every 8-row slice (int4q8_sliced) rather
     than each slice through every weight: the same kernels on the same slices, so the same bits, also past
-    the 128 rows prepared at once, for several weights sharing x, and for the row-exact products."""
+    the 128 rows prepared at once, and for several weights sharing x (in one call below the GEMM's row count;
+    the row-exact products, drafting's, in one call at any count)."""
     case, other = int4_case(200, k, group, seed=t + k), int4_case(72, k, group, seed=t + k + 1)
     x = torch.randn(t, k, generator=gen(t))
     x[:, ::97] *= 30
@@ -262,8 +263,9 @@ def test_int4_prompts_give_each_eight_row_slices_own_bits(k, group, t):
     assert torch.equal(kernels.linear_int4(x, *case[:3], group), by_slices(case))
     both = kernels.linear_many(x, "int4", [case[:3], other[:3]], group=group)
     assert torch.equal(both[0], by_slices(case)) and torch.equal(both[1], by_slices(other))
-    rows = kernels.linear_many(x, "int4", [case[:3]], group=group, exact_rows=True)[0]
-    assert torch.equal(rows, torch.cat([kernels.linear_int4(x[i:i + 1], *case[:3], group) for i in range(t)]))
+    rows = kernels.linear_many(x, "int4", [case[:3], other[:3]], group=group, exact_rows=True)
+    for got, c in zip(rows, (case, other), strict=True):
+        assert torch.equal(got, torch.cat([kernels.linear_int4(x[i:i + 1], *c[:3], group) for i in range(t)]))
 
 
 @needs_kernels
@@ -950,6 +952,13 @@ def test_row_reads_are_measured_once_per_machine_kept_and_forced(monkeypatch, tm
         measured.forget()
         kernels.reapply_settings()
         assert settings() == measured_settings and len(calls) == 2
+        # a setting this code does not know (an edited or older file) is measured again, never applied
+        record = measure(lib)
+        record["int8"] = figures("one+sometimes", build_on=10.0, one_sometimes=12.0)
+        kept.write_text(json.dumps({str(kernels.get_num_threads()): record}))
+        measured.forget()
+        kernels.reapply_settings()
+        assert settings() == measured_settings and len(calls) == 4
         # one taken on a busy machine contradicts itself (its turns' ratio says one row, its median rates not)
         record = measure(lib)
         record["bf16"]["speedup"]["one+off"] = 1.3
@@ -957,11 +966,11 @@ def test_row_reads_are_measured_once_per_machine_kept_and_forced(monkeypatch, tm
         kept.write_text(json.dumps({str(kernels.get_num_threads()): record}))
         measured.forget()
         kernels.reapply_settings()
-        assert settings() == measured_settings and len(calls) == 4  # measured again, not taken
+        assert settings() == measured_settings and len(calls) == 6  # measured again, not taken
         for forced, want in (("on", [(on, 0)] * 3), ("off", [(0, 0)] * 3)):
             monkeypatch.setenv("MIXCHAT_ROW_PREFETCH", forced)
             kernels.reapply_settings()
-            assert settings() == want and len(calls) == 4
+            assert settings() == want and len(calls) == 6
             assert prefetch.note(lib, kernels.get_num_threads()) is None
         monkeypatch.setenv("MIXCHAT_ROW_PREFETCH", "sometimes")  # ignored, like an unset one
         kernels.reapply_settings()
@@ -986,6 +995,8 @@ def test_choosing_a_row_read_setting_needs_a_margin_by_both_measures():
     assert choose({"build+off": 1.04, "one+on": 1.03}, {"build+off": 10.4, "one+on": 10.3}) == "build+on"
     assert choose({"one+off": 1.2}, {"one+off": 10.3}) == "build+on"  # rates disagree: a busy machine
     assert choose({"one+off": 1.01}, {"one+off": 12.0}) == "build+on"
+    # the fastest by rate fails the ratio test: the one that passes both is taken, not the build's own
+    assert choose({"build+off": 1.2, "one+on": 1.04}, {"build+off": 12.0, "one+on": 12.5}) == "build+off"
 
 
 @needs_kernels

@@ -374,7 +374,7 @@ class Engine:
             heap.keep_freed_memory()  # a prompt's activations: faulted in once, not at every layer
             linear.install(model)
             if (k := linear.kernels_or_none()) is not None:
-                k.settle()  # the row prefetch is measured once per machine (a second): here, not in a reply
+                k.settle()  # the row reads are measured once per machine (a few seconds): here, not in a reply
         experts = None
         if capacity is not None:
             def load_expert(layer: int, e: int) -> torch.nn.Module:

@@ -57,7 +57,8 @@
 #define MC_REG(v) __asm__("" : "+x"(v))
 
 /* Bump when an exported signature changes or an export kernels.py relies on is added (5: mc_struct_size;
- * 6: T rows in mc_decode_*, mc_linear_rows; 8: mc_bf16dot, mc_set_gemm_bf16dot):
+ * 6: T rows in mc_decode_*, mc_linear_rows; 8: mc_bf16dot, mc_set_gemm_bf16dot; 9: the prompt GEMM's
+ * choice exports; 10: mc_set_one_row, mc_get_one_row):
  * kernels.py refuses a library with another version. */
 #define MC_ABI_VERSION 10
 

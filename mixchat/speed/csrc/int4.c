@@ -411,7 +411,9 @@ static const mc_rows_fn int4q8_xfns[3][9] = {
 #ifndef MC_INT4_SLICE_ROWS
 #define MC_INT4_SLICE_ROWS 128 /* rows of x prepared at once: 1.8 MB at K = 14336, within L3 */
 #endif
-static void int4q8_sliced(const mc_ctx *c, int64_t lo, int64_t hi)
+/* the slices must be the 8-row slices one_pass takes, or the sums' order (and bits) would change */
+_Static_assert(MC_INT4_SLICE_ROWS % 8 == 0 && MC_INT4_SLICE_ROWS > 0, "MC_INT4_SLICE_ROWS: a multiple of 8");
+MC_MAYBE_UNUSED static void int4q8_sliced(const mc_ctx *c, int64_t lo, int64_t hi)
 {
     const int64_t K = c->K, xd_row = c->G == 128 ? K / 128 : K / 8, xs_row = K / c->G;
     int64_t rows = MC_INT4_BLOCK_BYTES / (K / 2);

@@ -21,9 +21,9 @@
  * the chunks in turn (partial sums kept in a small array). Elsewhere chunking measured slower than
  * streaming whole rows (it breaks the weight into short runs), so KC = K there.
  *
- * int4 prompts (Q8 x, more than 8 rows; bf16 and int8 prompts take the GEMM) go through the same 8-row
- * kernels, but each block of weight rows meets every slice of x before the next block (int4q8_sliced), so
- * the weights stream from memory once per 128 rows of x rather than once per 8.
+ * int4 prompts (Q8 x, more than 8 rows; bf16 and int8 prompts take the GEMM from its row count on) go
+ * through the same 8-row kernels, but each block of weight rows meets every slice of x before the next
+ * block (int4q8_sliced), so the weights stream from memory once per 128 rows of x rather than once per 8.
  *
  * Weights are also prefetched in software, g_pf[format] bytes (MC_PF unless set) ahead in the thread's order
  * of reads (mc_pf): while the core also converts and multiplies, the hardware prefetchers alone do not keep

@@ -1,6 +1,7 @@
 /*
  * onepass.c (part of kernels.c): the exported mc_linear_* entry points and one_pass, which runs several
- * weights of one format against the same x in one thread region (x prepared once per slice of 8 rows).
+ * weights of one format against the same x in one thread region (x prepared once per slice of 8 rows; int4
+ * prompts up to 128 rows at once, see int4_prompt).
  * Each entry point picks its path: the GEMM from mc_get_gemm_min_rows() rows of x, one_pass below it, the
  * portable loops without AVX2. In one file because mc_linear_multi and the fallbacks call across formats.
  */
@@ -9,16 +10,9 @@
 
 MC_MAYBE_UNUSED static int group_index(int G) { return G == 32 ? 0 : G == 64 ? 1 : 2; }
 
-/* The one-pass kernels for n weights that share x (kind 0: bf16; 1: int8 with Q8 x; 2: int4 with Q8 x):
- * x is taken in slices of up to 8 rows, each slice prepared once (reordered, or rounded to int8, row by
- * row) and run against every weight in one thread region (mc_run_jobs). The single-weight entry points
- * are the n = 1 case.
- * exact: every row of y is bit for bit what a call with that row of x alone gives (the row-exact drivers),
- * which drafting's verify pass needs to reproduce plain decoding; otherwise each row count gets the
- * accumulator layout that is fastest for it, which changes the order of the fp32 sums. */
 /* int4 with Q8 x for more than 8 rows of x: up to MC_INT4_SLICE_ROWS rows prepared at once, each job's rows
  * in blocks through all their slices (int4q8_sliced). */
-static int int4_prompt(const float *x, int T, int64_t K, int n, const void *const *w, const float *const *scale,
+MC_MAYBE_UNUSED static int int4_prompt(const float *x, int T, int64_t K, int n, const void *const *w, const float *const *scale,
                        const float *const *zero, int G, const int64_t *N, float *const *y, int exact)
 {
     mc_job jobs[MC_MULTI_MAX];
@@ -47,6 +41,13 @@ static int int4_prompt(const float *x, int T, int64_t K, int n, const void *cons
     return 0;
 }
 
+/* The one-pass kernels for n weights that share x (kind 0: bf16; 1: int8 with Q8 x; 2: int4 with Q8 x):
+ * x is taken in slices of up to 8 rows, each slice prepared once (reordered, or rounded to int8, row by
+ * row) and run against every weight in one thread region (mc_run_jobs). The single-weight entry points
+ * are the n = 1 case.
+ * exact: every row of y is bit for bit what a call with that row of x alone gives (the row-exact drivers),
+ * which drafting's verify pass needs to reproduce plain decoding; otherwise each row count gets the
+ * accumulator layout that is fastest for it, which changes the order of the fp32 sums. */
 static int one_pass(int kind, const float *x, int T, int64_t K, int n, const void *const *w,
                     const float *const *scale, const float *const *zero, int G, const int64_t *N, float *const *y,
                     int exact)

@@ -72,20 +72,23 @@ def _set(lib: object, fmt: int, config: str) -> None:
 
 
 def _valid(found: dict) -> bool:
-    """A kept measurement is used when each format's choice is what _choose makes of its own figures (one
-    taken on a busy machine can contradict itself: its runs' median ratio against its median rates)."""
+    """A kept measurement is used when each format's figures name exactly the settings measured for it and
+    its choice is what _choose makes of them (one taken on a busy machine can contradict itself: its runs'
+    median ratio against its median rates)."""
     try:
-        return all(found[fmt]["choice"] == _choose(found[fmt]) for fmt in FORMATS)
-    except (KeyError, TypeError, ValueError):
+        return all(set(found[fmt]["gb_per_second"]) == set(found[fmt]["speedup"]) == set(_MEASURED[fmt])
+                   and found[fmt]["choice"] == _choose(found[fmt]) for fmt in FORMATS)
+    except (KeyError, TypeError, ValueError, AttributeError):
         return False
 
 
 def _choose(figures: dict) -> str:
-    """The fastest setting by median rate where both the median of the rounds' ratios against the build's own
-    and the ratio of the median rates say it is faster by more than _MARGIN; else the build's own."""
+    """Among the settings that both the median of the rounds' ratios against the build's own and the ratio of
+    the median rates say are faster by more than _MARGIN, the fastest by median rate; else the build's own."""
     rate, speedup = figures["gb_per_second"], figures["speedup"]
-    best = max((name for name in rate if name != DEFAULT), key=rate.__getitem__)
-    return best if speedup[best] > _MARGIN and rate[best] > _MARGIN * rate[DEFAULT] else DEFAULT
+    faster = [name for name in rate if name != DEFAULT and speedup[name] > _MARGIN
+              and rate[name] > _MARGIN * rate[DEFAULT]]
+    return max(faster, key=rate.__getitem__) if faster else DEFAULT
 
 
 def describe(config: str) -> str:
