@@ -76,8 +76,10 @@ def test_freed_activations_are_reused_without_page_faults(where):
     kept = _run(keep=True, where=where)
     assert kept["kept"] is True
     # The heap grows to its peak over the first prompts (how soon depends on where blocks land), then the
-    # others reuse it: at most one activation's pages faulted in over the last three prompts.
-    assert sum(kept["faults"][3:]) <= BLOCK, kept
+    # others reuse it: 0-1,024 pages over the last three prompts on an idle machine, 4,096 once while the
+    # full suite compiled kernels beside it (the peak crept up by two activations); malloc's defaults
+    # fault 10,000-58,000 there. So at most three activations' pages.
+    assert sum(kept["faults"][3:]) <= 3 * BLOCK, kept
     # With malloc's defaults (MIXCHAT_KEEP_HEAP=0) a thread's arena maps and unmaps its heaps prompt after
     # prompt (glibc 2.36: about 20,000 pages over prompts 2-6). On the main thread glibc's own adjustment of
     # its thresholds sometimes catches up with this pattern within a few prompts (6,000-33,000 pages), so
