@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
+import pytest
 from conftest import tiny_args
 from test_release import run_cli
 
@@ -45,3 +48,41 @@ def test_bench_reports_speed_and_what_its_memory_figures_count(make_release, mon
         assert 0 < low <= r["read_bandwidth_gb_per_second"] <= high
         expected = r["decode_tokens_per_second"] * r["weight_bytes_per_token"] / 1e9 / r["read_bandwidth_gb_per_second"]
         assert abs(r["decode_fraction_of_ceiling"] - expected) <= 0.01 * expected + 0.002, (r, expected)
+
+
+def test_measure_again_drops_the_kept_kernel_choices(monkeypatch, tmp_path):
+    """`bench --measure-again` throws away this machine's kept kernel choices (row reads, prompt GEMM), so the
+    load and the first prompt measure them anew: the way out of a measurement taken on a busy machine."""
+    from mixchat.engine import bench
+    from mixchat.speed import kernels, linear
+    from mixchat.speed.kernels import measured, prefetch
+
+    if kernels.library() is None:
+        pytest.skip("no kernels, nothing measured")
+    files = {name: tmp_path / name for name in (prefetch.FILE, linear.PROMPT_GEMM_FILE, "other.json")}
+    for path in files.values():
+        path.write_text("{}")
+    monkeypatch.setattr(measured, "choice_file", lambda lib, name: files.get(name))
+    monkeypatch.setattr(measured, "_found", {(str(files[prefetch.FILE]), 2): {"kept": 1},
+                                             (str(files["other.json"]), 2): {"kept": 2}})
+    try:
+        bench.measure_again()
+        assert not files[prefetch.FILE].exists() and not files[linear.PROMPT_GEMM_FILE].exists()
+        assert files["other.json"].exists() and list(measured._found) == [(str(files["other.json"]), 2)]
+        bench.measure_again()  # nothing left to drop: no error
+    finally:
+        monkeypatch.undo()
+        kernels.reapply_settings()
+
+
+def test_bench_measure_again_measures_anew(make_release):
+    from mixchat.speed import kernels
+
+    folder = make_release(tiny_args())
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    proc = run_cli("bench", "-m", str(folder), "--prompt-tokens", "4", "--decode-tokens", "2", "--runs", "1",
+                   "--json", "--measure-again")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    if kernels.simd() and "MIXCHAT_ROW_PREFETCH" not in os.environ:
+        assert r["row_reads"].rsplit("measured ", 1)[1] >= started, r["row_reads"]

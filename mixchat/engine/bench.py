@@ -132,6 +132,8 @@ def run(ns: Namespace) -> int:
                               ns.decode_tokens, 1 << 20), ("--runs", ns.runs, 1000)):
         if not 1 <= value <= most:
             raise MixchatError(f"{flag} {value}: must be from 1 to {most}")
+    if getattr(ns, "measure_again", False):
+        measure_again()
     start = time.perf_counter()
     engine = Engine.load(ns.model, **load_options(ns))
     load_s = time.perf_counter() - start
@@ -253,6 +255,17 @@ def run(ns: Namespace) -> int:
         print(f"  ranks       {engine.world_size} ({engine.split}): {result['rank_wait_ms_per_token']} ms of each "
               f"decoded token waiting on the others, {result['link_bytes_per_token']} bytes to and from them per token")
     return 0
+
+
+def measure_again() -> None:
+    """Drop the kept kernel choices of the loaded kernels (row reads, prompt GEMM), so that loading the model
+    and the first prompt measure them anew (and keep the new answers)."""
+    from mixchat.speed import kernels, linear
+    from mixchat.speed.kernels import measured, prefetch
+
+    if (lib := kernels.library()) is not None:
+        measured.discard(lib, (prefetch.FILE, linear.PROMPT_GEMM_FILE))
+        kernels.reapply_settings()
 
 
 def row_reads_line() -> str | None:

@@ -396,6 +396,9 @@ def build_parser(prompt: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3, help="report the median of this many runs")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--measure-again", action="store_true",
+                   help="measure this machine's kernel choices (row reads, prompt GEMM) anew rather than use the "
+                        "kept ones, e.g. after they were measured while other work shared the machine")
     p.set_defaults(func=_bench)
     return parser
 

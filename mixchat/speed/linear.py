@@ -95,7 +95,7 @@ def prompt_gemm() -> str:
     return _measured_choice(k)
 
 
-_PROMPT_GEMM_FILE = "prompt-gemm.json"
+PROMPT_GEMM_FILE = "prompt-gemm.json"
 
 
 def _forced_prompt_gemm() -> str | None:
@@ -103,7 +103,7 @@ def _forced_prompt_gemm() -> str | None:
 
 
 def _measured_choice(k: ModuleType) -> str:
-    found = measured.kept(k.library(), _PROMPT_GEMM_FILE, k.get_num_threads(), measure_prompt_gemm,
+    found = measured.kept(k.library(), PROMPT_GEMM_FILE, k.get_num_threads(), measure_prompt_gemm,
                           lambda found: found.get("choice") in ("kernels", "torch"))
     return found["choice"]
 
@@ -143,7 +143,7 @@ def prompt_gemm_note() -> str | None:
         return None
     if (k := kernels_or_none()) is None:
         return None
-    found = measured.known(k.library(), _PROMPT_GEMM_FILE, k.get_num_threads())
+    found = measured.known(k.library(), PROMPT_GEMM_FILE, k.get_num_threads())
     if not found or "kernels_gflops" not in found:
         return None
     return (f"{found['choice']} GEMM (kernels' {found['kernels_gemm']} {found['kernels_gflops']:.0f} GFLOP/s, "

@@ -57,6 +57,17 @@ def known(lib: object, name: str, threads: int) -> dict | None:
     return _found.get((str(choice_file(lib, name)), threads))
 
 
+def discard(lib: object, names: tuple[str, ...]) -> None:
+    """Drop the kept measurements `names` of `lib` (every thread count; files and this process's answers), so
+    the next kept() measures again: for a measurement taken while other work shared the machine."""
+    for name in names:
+        if (path := choice_file(lib, name)) is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        for key in [key for key in _found if key[0] == str(path)]:
+            del _found[key]
+
+
 def forget() -> None:
     """Drop this process's answers (tests: the next kept() reads the files again)."""
     _found.clear()
