@@ -982,6 +982,23 @@ def test_row_reads_are_measured_once_per_machine_kept_and_forced(monkeypatch, tm
     assert lib.mc_set_one_row(len(prefetch.FORMATS), 1) < 0 and lib.mc_get_one_row(-1) < 0
 
 
+def test_a_measurement_records_how_busy_the_machine_was(monkeypatch):
+    """Kept choices say when they were measured and at what load, so a busy moment shows in `bench`."""
+    from mixchat.speed.kernels import measured
+
+    monkeypatch.setattr(measured.os, "getloadavg", lambda: (2.5, 1.0, 0.5))
+    found = measured.stamp()
+    assert found["load_average"] == 2.5 and found["cpus"] == (measured.os.cpu_count() or 1)
+    assert measured.when(found) == f"measured {found['measured']} at load 2.50 on {found['cpus']} CPUs"
+    assert measured.when({"measured": "then"}) == "measured then"  # kept before the load was recorded
+
+    def no_load() -> tuple[float, float, float]:
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(measured.os, "getloadavg", no_load)
+    assert "load_average" not in measured.stamp()
+
+
 def test_choosing_a_row_read_setting_needs_a_margin_by_both_measures():
     """The build's own setting stays unless another beat it by more than the margin in both the median of
     the turns' ratios and the median rates; among several that do, the fastest."""
@@ -1051,6 +1068,7 @@ def test_measuring_the_row_reads_times_every_format_in_each_setting(monkeypatch)
         assert all(rate > 0 for rate in found[fmt]["gb_per_second"].values())
         assert found[fmt]["speedup"]["build+on"] == 1.0
         assert found[fmt]["choice"] == prefetch._choose(found[fmt])
+    assert found["measured"] and found["cpus"] >= 1  # and the load, where the OS has one
     assert [(lib.mc_get_prefetch(i), lib.mc_get_one_row(i)) for i in formats] == before  # put back
 
 

@@ -131,8 +131,7 @@ def measure_prompt_gemm(rows: int = 128, n: int = 4096, k: int = 4096, repeats: 
     rate = {name: round(flops / max(secs, 1e-9), 1) for name, secs in best.items()}
     choice = "torch" if best["torch"] < _TORCH_MARGIN * best["kernels"] else "kernels"
     return {"choice": choice, "kernels_gflops": rate["kernels"], "torch_gflops": rate["torch"],
-            "kernels_gemm": "vdpbf16ps" if kern.bf16dot() else "fp32", "shape": [rows, n, k],
-            "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "kernels_gemm": "vdpbf16ps" if kern.bf16dot() else "fp32", "shape": [rows, n, k], **measured.stamp()}
 
 
 def prompt_gemm_note() -> str | None:
@@ -147,7 +146,7 @@ def prompt_gemm_note() -> str | None:
     if not found or "kernels_gflops" not in found:
         return None
     return (f"{found['choice']} GEMM (kernels' {found['kernels_gemm']} {found['kernels_gflops']:.0f} GFLOP/s, "
-            f"torch's bf16 {found['torch_gflops']:.0f}; measured {found['measured']})")
+            f"torch's bf16 {found['torch_gflops']:.0f}; {measured.when(found)})")
 
 
 _scratch = threading.local()

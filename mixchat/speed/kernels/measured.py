@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,6 +56,22 @@ def kept(lib: object, name: str, threads: int, measure: Callable[[], dict],
 def known(lib: object, name: str, threads: int) -> dict | None:
     """What kept() has given in this process for `lib`, `name` and `threads`, without measuring; None if nothing."""
     return _found.get((str(choice_file(lib, name)), threads))
+
+
+def stamp() -> dict:
+    """When a measurement is taken and how busy the machine was (the 1-minute load average against the CPUs):
+    one taken beside other work can pick the wrong setting and is kept like any other, so `bench` shows it."""
+    found: dict = {"measured": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count() or 1}
+    with contextlib.suppress(OSError, AttributeError):  # no load average on Windows
+        found["load_average"] = round(os.getloadavg()[0], 2)
+    return found
+
+
+def when(found: dict) -> str:
+    """'measured 2026-12-02 09:00:34 at load 0.41 on 2 CPUs' (the load where it was recorded)."""
+    load = found.get("load_average")
+    busy = f" at load {load:.2f} on {found.get('cpus', '?')} CPUs" if isinstance(load, (int, float)) else ""
+    return f"measured {found.get('measured', '?')}{busy}"
 
 
 def discard(lib: object, names: tuple[str, ...]) -> None:

@@ -110,7 +110,7 @@ def note(lib: object, threads: int) -> str | None:
         choice, rate = found[fmt]["choice"], found[fmt]["gb_per_second"]
         against = "" if choice == DEFAULT else f" against {rate[DEFAULT]:.1f} with {describe(DEFAULT)}"
         parts.append(f"{fmt} {describe(choice)} ({rate[choice]:.1f} GB/s{against})")
-    return f"{'; '.join(parts)}; measured {found['measured']}"
+    return f"{'; '.join(parts)}; {measured.when(found)}"
 
 
 def measure(lib: object, rounds: int = 15) -> dict:
@@ -126,8 +126,7 @@ def measure(lib: object, rounds: int = 15) -> dict:
         finally:
             lib.mc_set_prefetch(i, saved[0])
             lib.mc_set_one_row(i, saved[1])
-    found["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    return found
+    return found | measured.stamp()
 
 
 def _products(lib: object, fmt: str) -> tuple[Callable[[], int], int]:
