@@ -1,7 +1,7 @@
 /*
  * onepass.c (part of kernels.c): the exported mc_linear_* entry points and one_pass, which runs several
  * weights of one format against the same x in one thread region (x prepared once per slice of 8 rows; int4
- * prompts up to 128 rows at once, see int4_prompt).
+ * prompts up to 128 rows at once).
  * Each entry point picks its path: the GEMM from mc_get_gemm_min_rows() rows of x, one_pass below it, the
  * portable loops without AVX2. In one file because mc_linear_multi and the fallbacks call across formats.
  */
@@ -10,41 +10,11 @@
 
 MC_MAYBE_UNUSED static int group_index(int G) { return G == 32 ? 0 : G == 64 ? 1 : 2; }
 
-/* int4 with Q8 x for more than 8 rows of x: up to MC_INT4_SLICE_ROWS rows prepared at once, each job's rows
- * in blocks through all their slices (int4q8_sliced). */
-MC_MAYBE_UNUSED static int int4_prompt(const float *x, int T, int64_t K, int n, const void *const *w, const float *const *scale,
-                       const float *const *zero, int G, const int64_t *N, float *const *y, int exact)
-{
-    mc_job jobs[MC_MULTI_MAX];
-    for (int t0 = 0; t0 < T; t0 += MC_INT4_SLICE_ROWS) {
-        int tt = T - t0 < MC_INT4_SLICE_ROWS ? T - t0 : MC_INT4_SLICE_ROWS;
-        size_t q_bytes = ((size_t)tt * (size_t)K + 63) & ~(size_t)63;
-        size_t xd_n = (size_t)tt * (size_t)(K / 64) * 8, xs_n = (size_t)tt * (size_t)(K / G);
-        char *buf = (char *)mc_scratch(q_bytes + (xd_n + xs_n) * sizeof(float));
-        if (!buf) return MC_ENOMEM;
-        int8_t *xq = (int8_t *)buf;
-        float *xd = (float *)(buf + q_bytes), *xs = xd + xd_n;
-        const float *xt = x + (int64_t)t0 * K;
-        prep_q8(xt, tt, K, G, xq, xd, xs);
-        mc_ctx c = {.x = xt, .xq = xq, .xd = xd, .xs = xs, .K = K, .KC = K, .T = tt, .G = G, .TA = tt,
-                    .fns = (exact ? int4q8_xfns : int4q8_fns)[group_index(G)]};
-        for (int i = 0; i < n; i++) {
-            jobs[i] = (mc_job){int4q8_sliced, c, 0};
-            jobs[i].c.w = w[i];
-            jobs[i].c.N = N[i];
-            jobs[i].c.y = y[i] + (int64_t)t0 * N[i];
-            jobs[i].c.scale = scale[i];
-            jobs[i].c.zero = zero[i];
-        }
-        mc_run_jobs(jobs, n);
-    }
-    return 0;
-}
-
 /* The one-pass kernels for n weights that share x (kind 0: bf16; 1: int8 with Q8 x; 2: int4 with Q8 x):
  * x is taken in slices of up to 8 rows, each slice prepared once (reordered, or rounded to int8, row by
- * row) and run against every weight in one thread region (mc_run_jobs). The single-weight entry points
- * are the n = 1 case.
+ * row) and run against every weight in one thread region (mc_run_jobs). int4 prompts prepare up to
+ * MC_INT4_SLICE_ROWS rows at once, and each job walks its rows in blocks through all their 8-row slices
+ * (int4q8_sliced). The single-weight entry points are the n = 1 case.
  * exact: every row of y is bit for bit what a call with that row of x alone gives (the row-exact drivers),
  * which drafting's verify pass needs to reproduce plain decoding; otherwise each row count gets the
  * accumulator layout that is fastest for it, which changes the order of the fp32 sums. */
@@ -53,9 +23,10 @@ static int one_pass(int kind, const float *x, int T, int64_t K, int n, const voi
                     int exact)
 {
 #ifndef MC_INT4_UNSLICED
-    if (kind == 2 && T > 8) return int4_prompt(x, T, K, n, w, scale, zero, G, N, y, exact);
-#endif
+    const int rows = kind == 2 && T > 8 ? MC_INT4_SLICE_ROWS : 8;
+#else
     const int rows = 8;
+#endif
     const int64_t K32 = K & ~(int64_t)31;
     mc_job jobs[MC_MULTI_MAX];
     for (int t0 = 0; t0 < T; t0 += rows) {
@@ -85,7 +56,14 @@ static int one_pass(int kind, const float *x, int T, int64_t K, int n, const voi
             } else {
                 prep_q8(xt, tt, K, G, xq, xd, xs);
                 c.xs = xs;
-                fn = (exact ? int4q8_xfns : int4q8_fns)[group_index(G)][tt];
+                const mc_rows_fn *fns = (exact ? int4q8_xfns : int4q8_fns)[group_index(G)];
+                if (tt > 8) { /* the same kernels, 8 rows of x at a time, each weight block through all */
+                    c.TA = tt;
+                    c.fns = fns;
+                    fn = int4q8_sliced;
+                } else {
+                    fn = fns[tt];
+                }
             }
             c.xq = xq;
             c.xd = xd;
