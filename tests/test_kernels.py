@@ -183,6 +183,43 @@ def test_gemm_matches_torch(n, k, extra, gemm_rows):
             assert_int4_matches(kernels.linear_int4(x, *case[:3], group), x, case, group, q8=True)
 
 
+GEMM_ROW_BLOCK = 132  # MC_TROWS in gemm.c: rows of x per pass over the weights
+
+
+@needs_kernels
+@pytest.mark.parametrize("t", [GEMM_ROW_BLOCK + 1, 2 * GEMM_ROW_BLOCK + 7])
+@pytest.mark.parametrize("n,k", [(40, 264), (600, 520)])
+def test_gemm_row_blocks_change_no_result(t, n, k, gemm_rows):
+    """Past MC_TROWS rows the GEMM takes x in blocks of rows, each over all of K per 16 outputs: every
+    output's sum still runs over K in one order, so a long prompt gives, bit for bit, what its rows give
+    in smaller calls (each still through the GEMM), and matches torch."""
+    g = gen(t + n + k)
+    x = torch.randn(t, k, generator=g)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    wt = torch.randn(k, n, generator=g).to(torch.bfloat16)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    cases = [(lambda r: kernels.linear_bf16(r, w), kernels.bf16_x, w.float(), None),
+             (lambda r: kernels.linear_bf16(r, wt.t()), None, wt.t().float(), None),
+             (lambda r: kernels.linear_int8(r, q, scale, exact=True), None, q.float() * scale[:, None],
+              WEIGHT_ROUNDINGS["int8"])]
+    cut = gemm_rows + 5  # both parts at least the GEMM's rows, the first ending inside a block of 6
+    for product, x_seen, weight, rounding in cases:
+        whole = product(x)
+        parts = torch.cat([product(x[:cut]), product(x[cut:])])
+        assert torch.equal(whole, parts)
+        if rounding is None:
+            assert_matches(whole, x_seen(x) if x_seen else x, weight)
+        else:
+            assert_matches(whole, x, weight, rounding)
+    if k % 64 == 0:
+        case = int4_case(n, k, 64, seed=t)
+        whole = kernels.linear_int4(x, *case[:3], 64, exact=True)
+        assert torch.equal(whole, torch.cat([kernels.linear_int4(r, *case[:3], 64, exact=True)
+                                             for r in (x[:cut], x[cut:])]))
+        assert_int4_matches(whole, x, case, 64)
+
+
 @needs_kernels
 @pytest.mark.parametrize("t", [1, 2, 5, 6, 7, 8])
 @pytest.mark.parametrize("k,n", [(1000, 72), (1003, 77), (130, 600)])
