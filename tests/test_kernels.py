@@ -199,25 +199,20 @@ def test_gemm_row_blocks_change_no_result(t, n, k, gemm_rows):
     wt = torch.randn(k, n, generator=g).to(torch.bfloat16)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, generator=g) * 0.01 + 1e-4
-    cases = [(lambda r: kernels.linear_bf16(r, w), kernels.bf16_x, w.float(), None),
-             (lambda r: kernels.linear_bf16(r, wt.t()), None, wt.t().float(), None),
-             (lambda r: kernels.linear_int8(r, q, scale, exact=True), None, q.float() * scale[:, None],
-              WEIGHT_ROUNDINGS["int8"])]
-    cut = gemm_rows + 5  # both parts at least the GEMM's rows, the first ending inside a block of 6
-    for product, x_seen, weight, rounding in cases:
-        whole = product(x)
-        parts = torch.cat([product(x[:cut]), product(x[cut:])])
-        assert torch.equal(whole, parts)
-        if rounding is None:
-            assert_matches(whole, x_seen(x) if x_seen else x, weight)
-        else:
-            assert_matches(whole, x, weight, rounding)
+    # (the product, its check against torch)
+    cases = [(lambda r: kernels.linear_bf16(r, w), lambda y: assert_matches(y, kernels.bf16_x(x), w.float())),
+             (lambda r: kernels.linear_bf16(r, wt.t()), lambda y: assert_matches(y, x, wt.t().float())),
+             (lambda r: kernels.linear_int8(r, q, scale, exact=True),
+              lambda y: assert_matches(y, x, q.float() * scale[:, None], WEIGHT_ROUNDINGS["int8"]))]
     if k % 64 == 0:
         case = int4_case(n, k, 64, seed=t)
-        whole = kernels.linear_int4(x, *case[:3], 64, exact=True)
-        assert torch.equal(whole, torch.cat([kernels.linear_int4(r, *case[:3], 64, exact=True)
-                                             for r in (x[:cut], x[cut:])]))
-        assert_int4_matches(whole, x, case, 64)
+        cases.append((lambda r: kernels.linear_int4(r, *case[:3], 64, exact=True),
+                      lambda y: assert_int4_matches(y, x, case, 64)))
+    cut = gemm_rows + 5  # both parts at least the GEMM's rows, the first ending inside a block of 6
+    for product, check in cases:
+        whole = product(x)
+        assert torch.equal(whole, torch.cat([product(x[:cut]), product(x[cut:])]))
+        check(whole)
 
 
 @needs_kernels

@@ -25,9 +25,9 @@
  * row, unprefetched: 82-93 GFLOP/s for a 7B's w1/w2 at 128 rows on 2 AVX2 Zen 3 cores, 117-127 this way
  * (the FMAs' peak there is 169). x is then read once per 16 outputs, so rows of x go in blocks of at most
  * MC_TROWS (x block <= 7 MB for K = 14336, from L3): at 256 rows one block ran at 60. Threads split the
- * outputs in 16-row units. x is first copied into panels
- * of MC_MR rows, k-major ([T/MC_MR][K][MC_MR]), so the six broadcasts of a k read one 24-byte run instead
- * of six rows K * 4 bytes apart (which for K a multiple of 1024 all fall in one L1 set). */
+ * outputs in 16-row units. x is first copied into panels of MC_MR rows, k-major ([T/MC_MR][K][MC_MR]), so
+ * the six broadcasts of a k read one 24-byte run instead of six rows K * 4 bytes apart (which for K a
+ * multiple of 1024 all fall in one L1 set). */
 
 #define MC_KB 256
 #define MC_MR 6
