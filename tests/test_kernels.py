@@ -35,7 +35,9 @@ from tolerance import (
     tolerance,
 )
 
+from mixchat.paths import env_flag
 from mixchat.speed import kernels
+from mixchat.speed.kernels import loader
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"compiled kernels unavailable: {kernels.reason()}")
 
@@ -73,6 +75,15 @@ def int4_case(n: int, k: int, group: int, seed: int = 0):
     zero = torch.randn(n, k // group, generator=g) * 0.05
     packed = kernels.pack_int4(q)
     return packed, scale, zero, kernels.dequantize_int4(packed, scale, zero, group)
+
+
+@pytest.mark.skipif(not env_flag("MIXCHAT_KERNELS", True) or loader._compiler() is None,
+                    reason="kernels switched off, or no C compiler here")
+def test_kernels_load_where_a_compiler_is():
+    """Every test that needs the kernels skips without them, and a kernel that fails the self-check switches
+    itself off (users fall back to torch): so with a compiler at hand this is the test that fails when a
+    change breaks one, instead of the suite skipping hundreds of tests and passing."""
+    assert kernels.available(), kernels.reason()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,6 +224,37 @@ def test_gemm_row_blocks_change_no_result(t, n, k, gemm_rows):
         whole = product(x)
         assert torch.equal(whole, torch.cat([product(x[:cut]), product(x[cut:])]))
         check(whole)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gemm_output_blocks_change_no_result(threads, gemm_rows):
+    """The GEMM packs several blocks of 16 outputs at once and runs each panel of x through all of them
+    (MC_NBLK; the thread shares decide where a group ends): an output's sum does not depend on its
+    neighbours, so the weight's rows cut into slices at and off those boundaries give, bit for bit, the
+    columns of the whole product."""
+    n, k, t = 600, 520, gemm_rows + 7  # 37.5 blocks of 16: groups that end early and a partial last block
+    g = gen(n + k + threads)
+    x = torch.randn(t, k, generator=g)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    wt = torch.randn(k, n, generator=g).to(torch.bfloat16)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    packed, s4, z4, _ = int4_case(n, 512, 64, seed=threads)  # int4 needs K % 64 == 0
+    x4 = torch.randn(t, 512, generator=g)
+    products = [lambda a, b: kernels.linear_bf16(x, w[a:b]),
+                lambda a, b: kernels.linear_bf16(x, wt[:, a:b].contiguous().t()),
+                lambda a, b: kernels.linear_int8(x, q[a:b], scale[a:b], exact=True),
+                lambda a, b: kernels.linear_int4(x4, packed[a:b], s4[a:b], z4[a:b], 64, exact=True)]
+    cuts = [0, 48, 100, 64 * 4 + 16, 599, n]  # on a block, off one, past a whole group, one output alone
+    try:
+        kernels.set_num_threads(threads)
+        for product in products:
+            whole = product(0, n)
+            parts = torch.cat([product(a, b) for a, b in zip(cuts, cuts[1:], strict=False)], dim=1)
+            assert torch.equal(whole, parts)
+    finally:
+        kernels.set_num_threads(None)
 
 
 @needs_kernels
