@@ -197,19 +197,23 @@ def test_gemm_matches_torch(n, k, extra, gemm_rows):
 GEMM_ROW_BLOCK = 132  # MC_TROWS in gemm.c: rows of x per pass over the weights
 
 
-@needs_kernels
-@pytest.mark.parametrize("t", [GEMM_ROW_BLOCK + 1, 2 * GEMM_ROW_BLOCK + 7])
-@pytest.mark.parametrize("n,k", [(40, 264), (600, 520)])
-def test_gemm_row_blocks_change_no_result(t, n, k, gemm_rows):
-    """Past MC_TROWS rows the GEMM takes x in blocks of rows, each over all of K per 16 outputs: every
-    output's sum still runs over K in one order, so a long prompt gives, bit for bit, what its rows give
-    in smaller calls (each still through the GEMM), and matches torch."""
-    g = gen(t + n + k)
+def gemm_operands(g: torch.Generator, t: int, n: int, k: int) -> tuple[torch.Tensor, ...]:
+    """x [t, k]; bf16 w [n, k] and wt [k, n] (the transposed layout); int8 q [n, k] with its scale [n]."""
     x = torch.randn(t, k, generator=g)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     wt = torch.randn(k, n, generator=g).to(torch.bfloat16)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    return x, w, wt, q, torch.rand(n, generator=g) * 0.01 + 1e-4
+
+
+@needs_kernels
+@pytest.mark.parametrize("t", [GEMM_ROW_BLOCK + 1, 2 * GEMM_ROW_BLOCK + 7])
+@pytest.mark.parametrize("n,k", [(40, 264), (600, 520)])
+def test_gemm_row_blocks_change_no_result(t, n, k, gemm_rows):
+    """Past MC_TROWS rows the GEMM takes x in blocks of rows, each over all of K per pass of outputs: every
+    output's sum still runs over K in one order, so a long prompt gives, bit for bit, what its rows give
+    in smaller calls (each still through the GEMM), and matches torch."""
+    x, w, wt, q, scale = gemm_operands(gen(t + n + k), t, n, k)
     # (the product, its check against torch)
     cases = [(lambda r: kernels.linear_bf16(r, w), lambda y: assert_matches(y, kernels.bf16_x(x), w.float())),
              (lambda r: kernels.linear_bf16(r, wt.t()), lambda y: assert_matches(y, x, wt.t().float())),
@@ -235,11 +239,7 @@ def test_gemm_output_blocks_change_no_result(threads, gemm_rows):
     columns of the whole product."""
     n, k, t = 600, 520, gemm_rows + 7  # 37.5 blocks of 16: groups that end early and a partial last block
     g = gen(n + k + threads)
-    x = torch.randn(t, k, generator=g)
-    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-    wt = torch.randn(k, n, generator=g).to(torch.bfloat16)
-    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    x, w, wt, q, scale = gemm_operands(g, t, n, k)
     packed, s4, z4, _ = int4_case(n, 512, 64, seed=threads)  # int4 needs K % 64 == 0
     x4 = torch.randn(t, 512, generator=g)
     products = [lambda a, b: kernels.linear_bf16(x, w[a:b]),

@@ -15,22 +15,22 @@
  * scheme: y[6 tokens][16 outputs] lives in 12 ymm registers; per k, two loads of 16 fp32 weights and six
  * broadcasts of x feed 12 FMAs. The weights must then be fp32 and k-major (16 outputs of one k side by
  * side), so each 16-row x MC_KB-column block is converted from its stored format (bf16, int8 + scale,
- * int4 + group scale/zero: dequantized exactly as the torch reference does) into a 16 KiB L1 buffer by
+ * int4 + group scale/zero: dequantized exactly as the torch reference does) into a 16 KiB buffer by
  * an 8x8 transpose, then reused for all T rows of x. Converting costs a few ops per weight against 2T
  * FLOPs, so int8/int4 prefill runs as fast as bf16 without ever materialising an fp32 copy of a weight.
- * Each thread takes its outputs 16 at a time and walks all of K for them (MC_KB columns per packed block)
- * before the next 16, so the T x 16 tile of y it adds into stays in L1/L2 and the 16 weight rows are read
- * front to back, which the hardware prefetchers follow. Walking K outside instead (each K block's x in L2
- * while every output passed over it) re-read a 7 MB y from L3 or memory at every block, one line per tile
- * row, unprefetched: 82-93 GFLOP/s for a 7B's w1/w2 at 128 rows on 2 AVX2 Zen 3 cores, 117-127 this way
- * (the FMAs' peak there is 169). x is then read once per pass over K, so rows of x go in blocks of at most
- * MC_TROWS (x block <= 7 MB for K = 14336, from L3): at 256 rows one block ran at 60. A pass takes MC_NBLK
- * blocks of 16 outputs (64 KiB packed, in L2) and runs each 6-row panel of x, now in L1, through all of
- * them, so x comes from L3 once per 64 outputs rather than per 16: the 7B's w2 (K = 14336, whose x block
- * is the largest) went from 82 to 103-114 GFLOP/s at 128 rows on 2 Zen 3 cores, the model's 128-token
- * prefill from a median of 6.9 to 7.4 tok/s (bf16). Threads split the outputs in 16-row units. x is first copied into panels of MC_MR rows, k-major ([T/MC_MR][K][MC_MR]), so
- * the six broadcasts of a k read one 24-byte run instead of six rows K * 4 bytes apart (which for K a
- * multiple of 1024 all fall in one L1 set). */
+ * Each thread takes its outputs MC_NBLK x 16 at a time and walks all of K for them (MC_KB columns per packed
+ * block) before the next, so the tile of y it adds into stays in L1/L2 and the weight rows are read front
+ * to back, which the hardware prefetchers follow. Walking K outside instead (each K block's x in L2 while
+ * every output passed over it) re-read a 7 MB y from L3 or memory at every block, one line per tile row,
+ * unprefetched: 82-93 GFLOP/s for a 7B's w1/w2 at 128 rows on 2 AVX2 Zen 3 cores, 117-127 with 16 outputs
+ * per pass (the FMAs' peak there is 169). x is then read once per pass over K, so rows of x go in blocks of
+ * at most MC_TROWS (x block <= 7 MB for K = 14336, from L3): at 256 rows one block ran at 60. A pass packs
+ * MC_NBLK blocks of 16 outputs (64 KiB, in L2) and runs each 6-row panel of x, then in L1, through all of
+ * them, so x comes from L3 once per 64 outputs rather than per 16: the 7B's w2 (K = 14336, the largest x
+ * block) went from 82 to 103-114 GFLOP/s at 128 rows on 2 Zen 3 cores, the model's 128-token prefill from
+ * a median of 6.85 to 7.45 tok/s (bf16). Threads split the outputs in 16-row units. x is first copied into
+ * panels of MC_MR rows, k-major ([T/MC_MR][K][MC_MR]), so the six broadcasts of a k read one 24-byte run
+ * instead of six rows K * 4 bytes apart (which for K a multiple of 1024 all fall in one L1 set). */
 
 #define MC_KB 256
 #define MC_MR 6
