@@ -38,6 +38,7 @@
 #define MC_TROWS 132 /* rows of x per pass over the weights, a multiple of MC_MR */
 _Static_assert(MC_TROWS % MC_MR == 0, "MC_TROWS: a multiple of MC_MR");
 #define MC_NBLK 4 /* blocks of 16 outputs packed at once (64 KiB, in L2); the AVX-512 tile takes two */
+_Static_assert(MC_NBLK >= 2, "MC_NBLK: the AVX-512 tile's pair of blocks shares the buffer");
 
 static int g_gemm_min_rows = 12;
 MC_API void mc_set_gemm_min_rows(int n) { g_gemm_min_rows = n < 1 ? 1 : n; }
