@@ -41,6 +41,11 @@ def test_bench_reports_speed_and_what_its_memory_figures_count(make_release, mon
     # The ceiling is the kernels' own probe, with their widest loads on the decoding threads.
     if kernels.available():
         assert f"loads, {r['threads']} threads" in r["read_bandwidth_probe"], r["read_bandwidth_probe"]
+        # over memory in the pages the weights are pinned in (huge where the kernel offers them)
+        from mixchat.speed import hugepages
+
+        pages = "in huge pages, as the weights" if hugepages.supported() else "in 4 KiB pages"
+        assert f"threads, over 1 GiB {pages}," in r["read_bandwidth_probe"], r["read_bandwidth_probe"]
         assert r["read_bandwidth_probe"].split()[0] in ("512-bit", "256-bit", "64-bit")
         # Probed around the run, so the ceiling lies within what the probes read, and (one run) the fraction
         # is that run's read rate over the ceiling of its own moment.

@@ -151,3 +151,36 @@ def test_no_copy_where_transparent_huge_pages_are_switched_off(monkeypatch):
     for setting, copies in (("always [madvise] never\n", True), ("always madvise [never]\n", False)):
         monkeypatch.setattr(hugepages, "open", lambda *a, s=setting, **k: io.StringIO(s), raising=False)
         assert hugepages.supported() is copies
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and ":" not in head[0]:
+                lo, hi = (int(a, 16) for a in head[0].split("-"))
+                inside = lo <= address < hi
+            elif inside and head[:1] == ["VmFlags:"]:
+                return head[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@needs_linux
+def test_empty_gives_a_tensor_in_memory_advised_for_huge_pages():
+    t = hugepages.empty((3, 1 << 20), torch.bfloat16)  # 6 MiB
+    assert t.shape == (3, 1 << 20) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert t.data_ptr() % hugepages.HUGE == 0
+    assert "hg" in _vm_flags(t.data_ptr())  # MADV_HUGEPAGE: the kernel backs it with 2 MiB pages if it can
+    t.fill_(1.5)
+    assert float(t.float().sum()) == 1.5 * t.numel()
+    plain = torch.empty(3, 1 << 20, dtype=torch.bfloat16)
+    assert "hg" not in _vm_flags(plain.data_ptr())  # what torch's allocator gives: not advised
+
+
+def test_empty_falls_back_to_torch_where_huge_pages_are_off(monkeypatch):
+    monkeypatch.setattr(hugepages, "supported", lambda: False)
+    t = hugepages.empty((5, 7), torch.float32)
+    assert t.shape == (5, 7) and t.dtype == torch.float32
+    assert hugepages.empty((0,)).numel() == 0

@@ -994,7 +994,7 @@ def test_row_reads_are_measured_once_per_machine_kept_and_forced(monkeypatch, tm
 
     def measure(lib_: object) -> dict:
         calls.append(lib_)
-        return {"distance_bytes": lib.mc_prefetch_default(), "measured": "now",
+        return {"distance_bytes": lib.mc_prefetch_default(), "measured": "now", "pages": prefetch._pages(),
                 "bf16": figures("one+off", build_on=10.0, build_off=11.0, one_on=10.4, one_off=12.0),
                 "int8": figures("one+on", build_on=10.0, build_off=8.0, one_on=12.5, one_off=9.0),
                 "int4": figures("build+on", build_on=10.0, build_off=8.0)}
@@ -1041,10 +1041,19 @@ def test_row_reads_are_measured_once_per_machine_kept_and_forced(monkeypatch, tm
         measured.forget()
         kernels.reapply_settings()
         assert settings() == measured_settings and len(calls) == 6  # measured again, not taken
+        # one taken before the weights were in the model's pages (no "pages": before 0.7.6), or in others
+        for pages in (None, "base" if prefetch._pages() == "huge" else "huge"):
+            record = measure(lib)
+            record.pop("pages") if pages is None else record.update(pages=pages)
+            kept.write_text(json.dumps({str(kernels.get_num_threads()): record}))
+            measured.forget()
+            kernels.reapply_settings()
+            assert settings() == measured_settings
+        assert len(calls) == 10  # each time measured again (the record written and the new one)
         for forced, want in (("on", [(on, 0)] * 3), ("off", [(0, 0)] * 3)):
             monkeypatch.setenv("MIXCHAT_ROW_PREFETCH", forced)
             kernels.reapply_settings()
-            assert settings() == want and len(calls) == 6
+            assert settings() == want and len(calls) == 10
             assert prefetch.note(lib, kernels.get_num_threads()) is None
         monkeypatch.setenv("MIXCHAT_ROW_PREFETCH", "sometimes")  # ignored, like an unset one
         kernels.reapply_settings()

@@ -60,8 +60,11 @@ class ReadCeiling:
             # mc_simd_level: 0 scalar, 1 AVX2, 2-3 AVX-512 (see kernels.SIMD_LEVELS); probe.c loads as wide.
             width = ("64-bit", "256-bit", "512-bit", "512-bit")[kernels.simd_level()]
             self.threads = threads or kernels.get_num_threads()
-            self.how = (f"{width} loads, {self.threads} threads, best of 3 with and 3 without software prefetch, "
-                        "before and after each run")
+            from mixchat.speed import hugepages
+
+            pages = "huge pages, as the weights" if hugepages.supported() else "4 KiB pages"
+            self.how = (f"{width} loads, {self.threads} threads, over 1 GiB in {pages}, best of 3 with and 3 "
+                        "without software prefetch, before and after each run")
         else:
             self.how = "torch fp32 matrix-vector product (no compiled kernels), measured once"
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from mixchat.paths import env_flag
+from mixchat.speed import hugepages
 
 CSRC = Path(__file__).parent.parent / "csrc"
 
@@ -407,7 +408,8 @@ def read_probe(gib: float = 1.0, threads: int | None = None, reps: int = 5) -> f
     ceiling the kernels' own read rates compare to. Raises KernelError without the compiled kernels."""
     if (lib := _get()) is None:
         raise KernelError(reason())
-    buf = torch.ones(int(gib * (1 << 30)), dtype=torch.uint8)  # written, so every page is really there
+    # in pages of the size the weights get (hugepages.empty), written so that every page is really there
+    buf = hugepages.empty((int(gib * (1 << 30)),)).fill_(1)
     rate = lib.mc_read_probe(buf.data_ptr(), buf.numel(), threads or get_num_threads(), reps)
     if rate < 0:
         raise KernelError(f"mc_read_probe failed with code {rate:.0f} (gib={gib}, reps={reps})")

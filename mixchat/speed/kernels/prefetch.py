@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from mixchat.paths import env_choice
+from mixchat.speed import hugepages
 from mixchat.speed.kernels import measured
 
 FILE = "row-prefetch.json"
@@ -74,10 +75,12 @@ def _set(lib: object, fmt: int, config: str) -> None:
 def _valid(found: dict) -> bool:
     """A kept measurement is used when each format's figures name exactly the settings measured for it and
     its choice is what _choose makes of them (one taken on a busy machine can contradict itself: its runs'
-    median ratio against its median rates)."""
+    median ratio against its median rates), and its weights sat in the pages the model's get now (before 0.7.6
+    they were torch's 4 KiB pages: such a measurement is taken again)."""
     try:
-        return all(set(found[fmt]["gb_per_second"]) == set(found[fmt]["speedup"]) == set(_MEASURED[fmt])
-                   and found[fmt]["choice"] == _choose(found[fmt]) for fmt in FORMATS)
+        return found.get("pages") == _pages() and all(
+            set(found[fmt]["gb_per_second"]) == set(found[fmt]["speedup"]) == set(_MEASURED[fmt])
+            and found[fmt]["choice"] == _choose(found[fmt]) for fmt in FORMATS)
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
 
@@ -118,7 +121,7 @@ def measure(lib: object, rounds: int = 15) -> dict:
     shapes, n sized to _BYTES) at the library's current thread count in each of the format's settings
     (_MEASURED), `rounds` times each in turns (the order reversed every other round). Returns per format the
     choice, the rates (GB/s, medians) and the medians of the rounds' own speedups against the build's own."""
-    found: dict = {"distance_bytes": lib.mc_prefetch_default()}
+    found: dict = {"distance_bytes": lib.mc_prefetch_default(), "pages": _pages()}
     for i, fmt in enumerate(FORMATS):
         saved = lib.mc_get_prefetch(i), lib.mc_get_one_row(i)
         try:
@@ -138,27 +141,39 @@ def _products(lib: object, fmt: str) -> tuple[Callable[[], int], int]:
     for rows, cols in ((n, k), (k, n)):
         x, y = torch.ones(1, cols), torch.empty(1, rows)
         if fmt == "bf16":
-            w = (torch.ones(rows, cols, dtype=torch.bfloat16),)
+            w = (_weight((rows, cols), torch.bfloat16, 1),)
             args = (x.data_ptr(), 1, cols, w[0].data_ptr(), rows, y.data_ptr())
             fn = lib.mc_linear_bf16
         elif fmt == "int8":
-            w = (torch.ones(rows, cols, dtype=torch.int8), torch.ones(rows))
+            w = (_weight((rows, cols), torch.int8, 1), torch.ones(rows))
             args = (x.data_ptr(), 1, cols, w[0].data_ptr(), w[1].data_ptr(), rows, y.data_ptr())
             fn = lib.mc_linear_int8_q8
         else:
             group = 128
-            w = (torch.ones(rows, cols // 2, dtype=torch.uint8), torch.ones(rows, cols // group),
-                 torch.zeros(rows, cols // group))
+            w = (_weight((rows, cols // 2), torch.uint8, 1), _weight((rows, cols // group), torch.float32, 1),
+                 _weight((rows, cols // group), torch.float32, 0))
             args = (x.data_ptr(), 1, cols, w[0].data_ptr(), w[1].data_ptr(), w[2].data_ptr(), group, rows,
                     y.data_ptr())
             fn = lib.mc_linear_int4_q8
         calls.append((fn, args, (x, y, w)))  # the tensors stay alive while the call holds their pointers
-        size += w[0].numel() * w[0].element_size()  # the weights read (scales are a rounding error)
+        # every byte read: int4's fp32 scale and zero per group of 128 add 12.5 % to its nibbles, as in `bench`
+        size += sum(t.numel() * t.element_size() for t in w)
 
     def run() -> int:
         return calls[0][0](*calls[0][1]) | calls[1][0](*calls[1][1])
 
     return run, size
+
+
+def _pages() -> str:
+    """The pages the measurement's weights (and the model's) are in: "huge" (advised 2 MiB) or "base"."""
+    return "huge" if hugepages.supported() else "base"
+
+
+def _weight(shape: tuple[int, int], dtype: torch.dtype, value: float) -> torch.Tensor:
+    """A tensor in the pages the model's weights get (hugepages.empty): the prefetch matters less where the
+    hardware prefetchers need not stop at every 4 KiB, so measured in other pages it could choose wrongly."""
+    return hugepages.empty(shape, dtype).fill_(value)
 
 
 def _measure_format(lib: object, fmt: int, configs: tuple[str, ...], products: tuple[Callable[[], int], int],
