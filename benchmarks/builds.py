@@ -22,33 +22,39 @@ from collections.abc import Callable
 
 import torch
 
-from mixchat.speed import kernels
+from mixchat.speed import hugepages, kernels
 from mixchat.speed.kernels import loader
 from mixchat.speed.kernels.formats import pack_int4
 
 SHAPES = [(14336, 4096), (4096, 14336), (14336, 4096), (4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096)]
 
 
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """t copied into huge pages (where the kernel has them), where the engine keeps weights."""
+    return hugepages.empty(tuple(t.shape), t.dtype).copy_(t)
+
+
 def products(kind: str, lib: ctypes.CDLL, gen: torch.Generator) -> tuple[Callable[[], None], int]:
-    """A call that runs one row of x through every weight of three 7B layers, and the bytes it reads."""
+    """A call that runs one row of x through every weight of three 7B layers, and the bytes it reads. The
+    weights sit in huge pages, as the model holds them (and as the probe reads)."""
     calls, total = [], 0
     y = torch.empty(1, 14336)
     xs = {k: torch.randn(1, k, generator=gen) for k in (4096, 14336)}
     for n, k in SHAPES * 3:
         x = xs[k]
         if kind == "bf16":
-            w = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
+            w = pinned((torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16))
             calls.append((lib.mc_linear_bf16, (x.data_ptr(), 1, k, w.data_ptr(), n, y.data_ptr()), (w,)))
             total += w.numel() * 2
         elif kind == "int8":
-            q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+            q = pinned(torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8))
             s = torch.rand(n, generator=gen)
             calls.append((lib.mc_linear_int8_q8, (x.data_ptr(), 1, k, q.data_ptr(), s.data_ptr(), n, y.data_ptr()),
                           (q, s)))
             total += q.numel() + 4 * n
         else:
-            p = pack_int4(torch.randint(0, 16, (n, k), generator=gen))
-            s, z = torch.rand(n, k // 128, generator=gen), torch.rand(n, k // 128, generator=gen)
+            p = pinned(pack_int4(torch.randint(0, 16, (n, k), generator=gen)))
+            s, z = pinned(torch.rand(n, k // 128, generator=gen)), pinned(torch.rand(n, k // 128, generator=gen))
             calls.append((lib.mc_linear_int4_q8, (x.data_ptr(), 1, k, p.data_ptr(), s.data_ptr(), z.data_ptr(), 128,
                                                   n, y.data_ptr()), (p, s, z)))
             total += p.numel() + 8 * s.numel()
@@ -77,7 +83,7 @@ def main() -> int:
         lib = loader.load(kernels.build(flags=(*kernels.isa_flags("native"), *extra.split())))
         lib.mc_set_threads(ns.threads)
         libs[extra or "native"] = lib
-    buf = torch.ones(1 << 30, dtype=torch.uint8)
+    buf = hugepages.empty((1 << 30,)).fill_(1)  # the pages loader.read_probe reads
     runs = {name: products(ns.kind, lib, torch.Generator().manual_seed(0)) for name, lib in libs.items()}
     for run, _ in runs.values():
         run()  # first touch
