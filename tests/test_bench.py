@@ -53,6 +53,44 @@ def test_bench_reports_speed_and_what_its_memory_figures_count(make_release, mon
         assert 0 < low <= r["read_bandwidth_gb_per_second"] <= high
         expected = r["decode_tokens_per_second"] * r["weight_bytes_per_token"] / 1e9 / r["read_bandwidth_gb_per_second"]
         assert abs(r["decode_fraction_of_ceiling"] - expected) <= 0.01 * expected + 0.002, (r, expected)
+        # and against the probe passes between its decoded tokens: their harmonic mean (one run: that run's)
+        low, high = r["read_bandwidth_between_tokens_range_gb_per_second"]
+        assert 0 < low <= r["read_bandwidth_between_tokens_gb_per_second"] <= high
+        expected = r["decode_weight_gb_per_second"] / r["read_bandwidth_between_tokens_gb_per_second"]
+        assert abs(r["decode_fraction_of_moments"] - expected) <= 0.01 * expected + 0.002, (r, expected)
+    else:
+        assert "decode_fraction_of_moments" not in r
+
+
+def test_decode_is_compared_to_the_harmonic_mean_of_probes_between_its_tokens_untimed(make_release, monkeypatch,
+                                                                                      capsys):
+    """A probe pass follows each decoded token, outside the timed step; decode is judged against the harmonic
+    mean of those passes (what a reader at each moment's rate would reach), not their arithmetic mean."""
+    from mixchat.engine import bench
+    from mixchat.frontends.cli import build_parser
+    from mixchat.speed import kernels
+
+    if not kernels.available():
+        pytest.skip("no kernels: no probe between tokens")
+    levels = iter([10.0, 40.0] * 8)
+
+    def slow_sample(self):  # a probe pass that takes 50 ms and alternates between two levels
+        time.sleep(0.05)
+        self.rates.append(next(levels))
+        return self.rates[-1]
+
+    monkeypatch.setattr(bench.BetweenTokens, "sample", slow_sample)
+    folder = make_release(tiny_args())
+    ns = build_parser().parse_args(["bench", "-m", str(folder), "--prompt-tokens", "4", "--decode-tokens", "4",
+                                    "--runs", "2", "--json"])
+    assert bench.run(ns) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["read_bandwidth_between_tokens_gb_per_second"] == 16.0  # 2 / (1/10 + 1/40), not 25
+    assert r["read_bandwidth_between_tokens_range_gb_per_second"] == [10.0, 40.0]
+    # 8 samples of 50 ms were taken, none inside the timed steps: a tiny model's step takes a few ms
+    assert r["decode_tokens_per_second"] > 1 / 0.05
+    expected = r["decode_weight_gb_per_second"] / 16.0
+    assert abs(r["decode_fraction_of_moments"] - expected) <= 0.01 * expected + 0.002, (r, expected)
 
 
 def test_measure_again_drops_the_kept_kernel_choices(monkeypatch, tmp_path):

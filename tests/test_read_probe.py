@@ -53,6 +53,22 @@ def test_the_probe_refuses_bad_arguments():
     assert lib.mc_read_probe(buf.data_ptr(), buf.numel(), 1, 1) > 0
 
 
+def test_the_probe_reads_a_given_buffer_without_allocating_one(monkeypatch):
+    """bench's passes between decoded tokens reuse one held buffer: a given buffer is read as it is."""
+    held = hugepages.empty((4 << 20,)).fill_(1)
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("read_probe allocated a buffer although one was given")
+
+    monkeypatch.setattr(hugepages, "empty", no_allocation)
+    assert kernels.read_probe(threads=1, reps=1, buffer=held) > 0
+    assert kernels.read_probe(threads=1, reps=1, buffer=held.view(torch.int32)) > 0  # its bytes, any dtype
+    with pytest.raises(kernels.KernelError, match="contiguous"):
+        kernels.read_probe(threads=1, reps=1, buffer=held.view(1024, -1)[:, ::2])
+    with pytest.raises(kernels.KernelError, match="mc_read_probe failed"):  # under the probe's 1 MiB
+        kernels.read_probe(threads=1, reps=1, buffer=held[:1000])
+
+
 def _bf16_read_rate(x: torch.Tensor, w: torch.Tensor, runs: int) -> float:
     """GB/s of weight bytes linear_bf16 reads, best of `runs` calls."""
     best = math.inf

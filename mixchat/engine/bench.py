@@ -84,6 +84,35 @@ class ReadCeiling:
         return rate
 
 
+class BetweenTokens:
+    """The read rate of decode's own moments: a short probe pass (the kernels' probe, with and without
+    software prefetch, over BYTES held through the runs) after every decoded token, outside the timed steps.
+
+    On a VM that shares its memory the rate the cores get can jump between two levels every second or so
+    (measured on a 2-core Zen 4: 30-33 or 52-57 GB/s, the same for every buffer at a given moment, about a
+    third of the time at the lower), so a ceiling taken as the best probe around a run counts the slow moments
+    against decode. A reader that always got the probe's rate of each moment would read one token's bytes in
+    bytes / rate_i, so over the run it reaches the harmonic mean of the samples: the figure decode is compared
+    to here. 128 MiB, four times the largest L3 seen here, so a pass is not served from cache (one of 32 MiB
+    read 1.5x the 1 GiB probe beside it, 64 and 128 MiB within 1 %); about 5 ms a token at 50 GB/s."""
+
+    BYTES = 128 << 20
+
+    def __init__(self, threads: int) -> None:
+        from mixchat.speed import hugepages
+
+        self.threads = threads
+        self.buffer = hugepages.empty((self.BYTES,)).fill_(1)
+        self.rates: list[float] = []
+
+    def sample(self) -> float:
+        from mixchat.speed import kernels
+
+        rate = kernels.read_probe(threads=self.threads, reps=1, buffer=self.buffer)
+        self.rates.append(rate)
+        return rate
+
+
 def torch_read_rate() -> float:
     import torch
 
@@ -169,7 +198,10 @@ def run(ns: Namespace) -> int:
 
         engine.experts.stats = ExpertStats()
     ceiling = ReadCeiling() if engine.device.type == "cpu" else None
-    prefill, decode, fractions, ceilings = [], [], [], []
+    # Not under torchrun: the other ranks' steps would wait for rank 0's probe passes.
+    between = BetweenTokens(ceiling.threads) if ceiling is not None and ceiling.per_run \
+        and engine.pipeline is None else None
+    prefill, decode, fractions, ceilings, moments = [], [], [], [], []
     link = engine.pipeline.group if engine.pipeline is not None else None
     waited, moved, decoded = 0.0, 0, 0  # decode's waits on other ranks and bytes to and from them
     for _ in range(ns.runs):
@@ -181,9 +213,19 @@ def run(ns: Namespace) -> int:
         before = ceiling.measure() if ceiling else 0.0
         t, w0 = _clock(engine), engine.rank_wait()
         b0 = link.bytes_sent + link.bytes_received if link is not None else 0
-        for _ in range(ns.decode_tokens):
-            token = engine.model(token.view(1), cache).logits[-1].argmax()
-        decode.append(ns.decode_tokens / (_clock(engine) - t))
+        if between is None:
+            for _ in range(ns.decode_tokens):
+                token = engine.model(token.view(1), cache).logits[-1].argmax()
+            decode.append(ns.decode_tokens / (_clock(engine) - t))
+        else:  # each step timed alone, a probe pass after it (outside the time)
+            spent, samples = 0.0, []
+            for _ in range(ns.decode_tokens):
+                t = time.perf_counter()
+                token = engine.model(token.view(1), cache).logits[-1].argmax()
+                spent += time.perf_counter() - t
+                samples.append(between.sample())
+            decode.append(ns.decode_tokens / spent)
+            moments.append(decode[-1] * per_token / 1e9 / statistics.harmonic_mean(samples))
         if ceiling:
             ceilings.append(max(before, ceiling.measure()))
             fractions.append(decode[-1] * per_token / 1e9 / ceilings[-1])
@@ -215,6 +257,11 @@ def run(ns: Namespace) -> int:
                       read_bandwidth_range_gb_per_second=[round(min(ceiling.rates), 2), round(max(ceiling.rates), 2)],
                       decode_ceiling_tokens_per_second=round(bandwidth * 1e9 / per_token, 3),
                       decode_fraction_of_ceiling=round(statistics.median(fractions), 3))
+    if moments:
+        result.update(read_bandwidth_between_tokens_gb_per_second=round(statistics.harmonic_mean(between.rates), 2),
+                      read_bandwidth_between_tokens_range_gb_per_second=[round(min(between.rates), 2),
+                                                                          round(max(between.rates), 2)],
+                      decode_fraction_of_moments=round(statistics.median(moments), 3))
     if engine.device.type == "cpu":
         result["prompt_gemm"] = prompt_gemm_line(engine)
         if (line := row_reads_line()) is not None:
@@ -248,6 +295,12 @@ def run(ns: Namespace) -> int:
         print(f"  ceiling     {result['decode_ceiling_tokens_per_second']:.3f} tok/s at the measured "
               f"{bandwidth:.1f} GB/s memory read rate ({ceiling.how}{spread}); decode reaches "
               f"{result['decode_fraction_of_ceiling']:.0%} of it{against}")
+    if moments:
+        low, high = result["read_bandwidth_between_tokens_range_gb_per_second"]
+        print(f"  moments     a {BetweenTokens.BYTES >> 20} MiB probe pass after each decoded token read "
+              f"{result['read_bandwidth_between_tokens_gb_per_second']:.1f} GB/s (harmonic mean; "
+              f"{low:.1f}-{high:.1f}); decode reaches {result['decode_fraction_of_moments']:.0%} of the rate of "
+              "its own moments")
     if "prompt_gemm" in result:
         print(f"  prompts     {result['prompt_gemm']}")
     if "row_reads" in result:

@@ -402,15 +402,19 @@ def simd_level() -> int:
     return lib.mc_simd_level() if (lib := _get()) is not None else -1
 
 
-def read_probe(gib: float = 1.0, threads: int | None = None, reps: int = 5) -> float:
+def read_probe(gib: float = 1.0, threads: int | None = None, reps: int = 5,
+               buffer: torch.Tensor | None = None) -> float:
     """The memory read rate in GB/s (1e9 bytes/s) that the loaded build's widest loads reach over a buffer of
     `gib` GiB (csrc/probe.c), best of `reps` passes, on `threads` threads (None: get_num_threads()): the
-    ceiling the kernels' own read rates compare to. Raises KernelError without the compiled kernels."""
+    ceiling the kernels' own read rates compare to. `buffer` (contiguous, at least 1 MiB) is read instead of
+    a fresh one, for repeated short probes. Raises KernelError without the compiled kernels."""
     if (lib := _get()) is None:
         raise KernelError(reason())
     # in pages of the size the weights get (hugepages.empty), written so that every page is really there
-    buf = hugepages.empty((int(gib * (1 << 30)),)).fill_(1)
-    rate = lib.mc_read_probe(buf.data_ptr(), buf.numel(), threads or get_num_threads(), reps)
+    buf = buffer if buffer is not None else hugepages.empty((int(gib * (1 << 30)),)).fill_(1)
+    if not buf.is_contiguous() or buf.device.type != "cpu":
+        raise KernelError("read_probe: the buffer must be a contiguous CPU tensor")
+    rate = lib.mc_read_probe(buf.data_ptr(), buf.nbytes, threads or get_num_threads(), reps)
     if rate < 0:
         raise KernelError(f"mc_read_probe failed with code {rate:.0f} (gib={gib}, reps={reps})")
     return rate
