@@ -1137,6 +1137,35 @@ def test_the_row_reads_change_no_result():
 
 
 @needs_kernels
+def test_one_row_per_pass_only_where_the_rows_x_fits_beside_the_stream():
+    """mc_set_one_row applies to rows whose x, as the kernel reads it, takes at most 16 KiB (bf16 x is bf16 with
+    vdpbf16ps, else fp32; int8 and int4 read 8-bit x): a 7B's w2 (K = 14336) keeps the build's rows in bf16,
+    where one row read 0.54 of the probe against 0.74 on Zen 4. Either way the sums are the same."""
+    from mixchat.speed.kernels import prefetch
+
+    lib = kernels.library()
+    formats = range(len(prefetch.FORMATS))
+    bf16_x = 2 if lib.mc_bf16dot() else 4
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 14336, generator=g)
+    w = (torch.randn(40, 14336, generator=g) * 0.02).to(torch.bfloat16)
+    try:
+        got = []
+        for on in (1, 0):
+            for i in formats:
+                lib.mc_set_one_row(i, on)
+            assert lib.mc_one_row_applies(0, 4096) == (on and 4096 * bf16_x <= 16384)
+            assert lib.mc_one_row_applies(0, 14336) == 0
+            assert lib.mc_one_row_applies(1, 14336) == on and lib.mc_one_row_applies(2, 16384) == on
+            assert lib.mc_one_row_applies(1, 16385) == 0 and lib.mc_one_row_applies(2, 1 << 20) == 0
+            got.append((kernels.linear_bf16(x, w), kernels.linear_bf16(x[:, :4096], w[:, :4096].contiguous())))
+        assert all(torch.equal(a, b) for a, b in zip(*got, strict=True))
+        assert lib.mc_one_row_applies(len(prefetch.FORMATS), 4096) < 0 and lib.mc_one_row_applies(0, 0) < 0
+    finally:
+        kernels.reapply_settings()
+
+
+@needs_kernels
 def test_measuring_the_row_reads_times_every_format_in_each_setting(monkeypatch):
     from mixchat.speed.kernels import prefetch
 

@@ -68,7 +68,7 @@ static int one_pass(int kind, const float *x, int T, int64_t K, int n, const voi
             c.xq = xq;
             c.xd = xd;
         }
-        if (tt == 1 && g_one_row[kind]) /* kind is the MC_FMT_* of the weights */
+        if (tt == 1 && mc_one_row_applies(kind, K) == 1) /* kind is the MC_FMT_* of the weights */
             fn = kind == 0 ? bf16_rows_t1r1 : kind == 1 ? int8q8_t1r1 : int4q8_r1fns[group_index(G)];
         for (int i = 0; i < n; i++) {
             jobs[i] = (mc_job){fn, c, 0};

@@ -220,6 +220,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.mc_prefetch_default.restype = i64
     lib.mc_set_one_row.argtypes, lib.mc_set_one_row.restype = [i32, i32], i32
     lib.mc_get_one_row.argtypes, lib.mc_get_one_row.restype = [i32], i32
+    lib.mc_one_row_applies.argtypes, lib.mc_one_row_applies.restype = [i32, i64], i32
     lib.mc_set_gemm_min_rows.argtypes = [i32]
     lib.mc_get_gemm_min_rows.restype = i32
     lib.mc_set_bf16t_ksplit.argtypes = [i32]

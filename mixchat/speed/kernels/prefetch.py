@@ -6,7 +6,8 @@ EPYC, the Xeon and Zen 4 that took decode closer to the read limit (+10-40 %), a
 int4 on Zen 5, where it costs bf16 (a one-token product read at 0.81 of the probe with it, 0.99 without).
 A one-token pass reads the build's MC_*_T1_R rows side by side (bf16 four with vdpbf16ps, else two; int8
 two): on a 2-core Zen 4 four bf16 rows read 10-15 % faster than two, on Zen 5 one row at a time read int8
-at 0.93 of the probe against 0.73 for two (in the model's decode 0.82 against 0.73). No CPU feature flag
+at 0.93 of the probe against 0.73 for two (in the model's decode 0.82 against 0.73); one row applies only
+where the row's x fits in 16 KiB (csrc/common.h, mc_one_row_applies). No CPU feature flag
 tells these machines apart. So at the first kernel call of a process, for each library and thread count,
 one-token products of each format (bf16; int8 and int4 with 8-bit activations) are timed in each setting
 (CONFIGS), in turns, and a format leaves the build's own (rows, prefetch on) only for a setting that is
