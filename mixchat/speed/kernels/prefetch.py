@@ -118,8 +118,8 @@ def note(lib: object, threads: int) -> str | None:
 
 
 def measure(lib: object, rounds: int = 15) -> dict:
-    """For each format, time one-token products through a [n, 4096] and a [4096, n] weight (a 7B MLP's
-    shapes, n sized to _BYTES) at the library's current thread count in each of the format's settings
+    """For each format, time one-token products through weights of 4,096 and 14,336 columns (a 7B's rows,
+    rows sized to _BYTES) at the library's current thread count in each of the format's settings
     (_MEASURED), `rounds` times each in turns (the order reversed every other round). Returns per format the
     choice, the rates (GB/s, medians) and the medians of the rounds' own speedups against the build's own."""
     found: dict = {"distance_bytes": lib.mc_prefetch_default(), "pages": _pages()}
@@ -136,10 +136,11 @@ def measure(lib: object, rounds: int = 15) -> dict:
 def _products(lib: object, fmt: str) -> tuple[Callable[[], int], int]:
     """A call running both products of `fmt` (its return code) and the bytes of weights it reads."""
     per_byte = {"bf16": 0.5, "int8": 1, "int4": 2}[fmt]  # weights per byte
-    k = 4096
-    n = int(_BYTES / 2 / k * per_byte) // 256 * 256
     calls, size = [], 0
-    for rows, cols in ((n, k), (k, n)):
+    # A 7B's dim and hidden size as row lengths, half the bytes each: the model's rows on either side of where
+    # one row per pass stops applying (mc_one_row_applies), so the setting is timed where the model uses it.
+    for cols in (4096, 14336):
+        rows = max(256, int(_BYTES / 2 / cols * per_byte) // 256 * 256)  # tests shrink _BYTES
         x, y = torch.ones(1, cols), torch.empty(1, rows)
         if fmt == "bf16":
             w = (_weight((rows, cols), torch.bfloat16, 1),)
