@@ -77,7 +77,6 @@ def test_decode_is_compared_to_the_harmonic_mean_of_probes_between_its_tokens_un
     def slow_sample(self):  # a probe pass that takes 50 ms and alternates between two levels
         time.sleep(0.05)
         self.rates.append(next(levels))
-        return self.rates[-1]
 
     monkeypatch.setattr(bench.BetweenTokens, "sample", slow_sample)
     folder = make_release(tiny_args())

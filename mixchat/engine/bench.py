@@ -105,12 +105,10 @@ class BetweenTokens:
         self.buffer = hugepages.empty((self.BYTES,)).fill_(1)
         self.rates: list[float] = []
 
-    def sample(self) -> float:
+    def sample(self) -> None:
         from mixchat.speed import kernels
 
-        rate = kernels.read_probe(threads=self.threads, reps=1, buffer=self.buffer)
-        self.rates.append(rate)
-        return rate
+        self.rates.append(kernels.read_probe(threads=self.threads, reps=1, buffer=self.buffer))
 
 
 def torch_read_rate() -> float:
@@ -217,15 +215,16 @@ def run(ns: Namespace) -> int:
             for _ in range(ns.decode_tokens):
                 token = engine.model(token.view(1), cache).logits[-1].argmax()
             decode.append(ns.decode_tokens / (_clock(engine) - t))
-        else:  # each step timed alone, a probe pass after it (outside the time)
-            spent, samples = 0.0, []
+        else:  # each step timed alone, a probe pass after it (outside the time); CPU only, so no device sync
+            spent = 0.0
             for _ in range(ns.decode_tokens):
                 t = time.perf_counter()
                 token = engine.model(token.view(1), cache).logits[-1].argmax()
                 spent += time.perf_counter() - t
-                samples.append(between.sample())
+                between.sample()
             decode.append(ns.decode_tokens / spent)
-            moments.append(decode[-1] * per_token / 1e9 / statistics.harmonic_mean(samples))
+            run_rate = statistics.harmonic_mean(between.rates[-ns.decode_tokens:])
+            moments.append(decode[-1] * per_token / 1e9 / run_rate)
         if ceiling:
             ceilings.append(max(before, ceiling.measure()))
             fractions.append(decode[-1] * per_token / 1e9 / ceilings[-1])

@@ -417,7 +417,7 @@ def read_probe(gib: float = 1.0, threads: int | None = None, reps: int = 5,
         raise KernelError("read_probe: the buffer must be a contiguous CPU tensor")
     rate = lib.mc_read_probe(buf.data_ptr(), buf.nbytes, threads or get_num_threads(), reps)
     if rate < 0:
-        raise KernelError(f"mc_read_probe failed with code {rate:.0f} (gib={gib}, reps={reps})")
+        raise KernelError(f"mc_read_probe failed with code {rate:.0f} ({buf.nbytes} bytes, reps={reps})")
     return rate
 
 
