@@ -34,8 +34,10 @@ def test_bench_reports_speed_and_what_its_memory_figures_count(make_release, mon
     # how decode's row kernels read, per format, as measured on this machine (kernels.prefetch)
     if kernels.simd():
         line = r["row_reads"]
-        assert line.startswith(("bf16 build rows, prefetch o", "bf16 one row, prefetch o")), line
-        assert "; int8 " in line and "; int4 build rows, prefetch o" in line and " GB/s" in line, line
+        assert line.startswith(("bf16 short rows build rows, prefetch o", "bf16 short rows one row, prefetch o")), line
+        assert ", long rows build rows, prefetch o" in line, line  # bf16's long rows' x does not fit one row
+        assert "; int8 short rows " in line and "; int4 short rows build rows, prefetch o" in line, line
+        assert " GB/s" in line, line
         assert "measured" in line, line
 
     # The ceiling is the kernels' own probe, with their widest loads on the decoding threads.

@@ -977,9 +977,9 @@ def test_torrent_w2_views_decode_like_fp32(make_release):
 
 @needs_kernels
 def test_row_reads_are_measured_once_per_machine_kept_and_forced(monkeypatch, tmp_path):
-    """Each format's software prefetch and rows per pass are set from a measurement at the first call (kept
-    beside the library, read by later processes, measured again when damaged), or the prefetch forced by
-    MIXCHAT_ROW_PREFETCH (with the build's rows)."""
+    """Each format's software prefetch and rows per pass are set per row length from a measurement at the first
+    call (kept beside the library, read by later processes, measured again when damaged or older), or the
+    prefetch forced by MIXCHAT_ROW_PREFETCH (with the build's rows)."""
     from mixchat.speed.kernels import measured, prefetch
 
     lib = kernels.library()
@@ -995,30 +995,44 @@ def test_row_reads_are_measured_once_per_machine_kept_and_forced(monkeypatch, tm
     def measure(lib_: object) -> dict:
         calls.append(lib_)
         return {"distance_bytes": lib.mc_prefetch_default(), "measured": "now", "pages": prefetch._pages(),
-                "bf16": figures("one+off", build_on=10.0, build_off=11.0, one_on=10.4, one_off=12.0),
-                "int8": figures("one+on", build_on=10.0, build_off=8.0, one_on=12.5, one_off=9.0),
-                "int4": figures("build+on", build_on=10.0, build_off=8.0)}
+                "columns": dict(prefetch.ROWS),
+                "bf16": {"short": figures("one+off", build_on=10.0, build_off=11.0, one_on=10.4, one_off=12.0),
+                         "long": figures("build+off", build_on=10.0, build_off=11.0)},
+                "int8": {"short": figures("one+on", build_on=10.0, build_off=8.0, one_on=12.5, one_off=9.0),
+                         "long": figures("build+on", build_on=10.0, build_off=8.0, one_on=10.1, one_off=9.0)},
+                "int4": {"short": figures("build+on", build_on=10.0, build_off=8.0),
+                         "long": figures("build+off", build_on=10.0, build_off=12.0)}}
 
     def settings() -> list[tuple[int, int]]:
         kernels.linear_bf16(torch.randn(1, 64), torch.randn(8, 64).to(torch.bfloat16))
-        return [(lib.mc_get_prefetch(i), lib.mc_get_one_row(i)) for i in range(len(prefetch.FORMATS))]
+        return [(lib.mc_get_prefetch(i, r), lib.mc_get_one_row(i, r))
+                for i in range(len(prefetch.FORMATS)) for r in range(len(prefetch.ROWS))]
 
     kept = tmp_path / prefetch.FILE
     on = lib.mc_prefetch_default()
     assert on > 0
-    measured_settings = [(0, 1), (on, 1), (on, 0)]
+    # (bf16 short, bf16 long, int8 short, int8 long, int4 short, int4 long): each row kind its own choice
+    measured_settings = [(0, 1), (0, 0), (on, 1), (on, 0), (on, 0), (0, 0)]
     monkeypatch.setattr(prefetch, "measure", measure)
     monkeypatch.setattr(measured, "choice_file", lambda lib_, name: kept if name == kept.name else None)
     monkeypatch.setattr(measured, "_found", {})
     monkeypatch.delenv("MIXCHAT_ROW_PREFETCH", raising=False)
+
+    def keep(record: dict) -> None:
+        kept.write_text(json.dumps({str(kernels.get_num_threads()): record}))
+        measured.forget()
+        kernels.reapply_settings()
+
     try:
         kernels.reapply_settings()
         assert settings() == measured_settings and len(calls) == 1 and kept.exists()
         assert settings() == measured_settings and len(calls) == 1  # set once, not per call
         note = prefetch.note(lib, kernels.get_num_threads())
-        assert note.startswith("bf16 one row, prefetch off (12.0 GB/s against 10.0 with build rows, prefetch on); "
-                               "int8 one row, prefetch on (12.5 GB/s against 10.0"), note
-        assert "; int4 build rows, prefetch on (10.0 GB/s); measured now" in note, note
+        assert note.startswith("bf16 short rows one row, prefetch off (12.0 GB/s against 10.0 with build rows, "
+                               "prefetch on), long rows build rows, prefetch off (11.0 GB/s against 10.0"), note
+        assert "; int8 short rows one row, prefetch on (12.5 GB/s against 10.0" in note, note
+        assert ", long rows build rows, prefetch on (10.0 GB/s); int4 short rows" in note, note
+        assert note.endswith("; measured now"), note
         measured.forget()  # a new process reads the file
         kernels.reapply_settings()
         assert settings() == measured_settings and len(calls) == 1
@@ -1028,32 +1042,29 @@ def test_row_reads_are_measured_once_per_machine_kept_and_forced(monkeypatch, tm
         assert settings() == measured_settings and len(calls) == 2
         # a setting this code does not know (an edited or older file) is measured again, never applied
         record = measure(lib)
-        record["int8"] = figures("one+sometimes", build_on=10.0, one_sometimes=12.0)
-        kept.write_text(json.dumps({str(kernels.get_num_threads()): record}))
-        measured.forget()
-        kernels.reapply_settings()
+        record["int8"]["long"] = figures("one+sometimes", build_on=10.0, one_sometimes=12.0)
+        keep(record)
         assert settings() == measured_settings and len(calls) == 4
         # one taken on a busy machine contradicts itself (its turns' ratio says one row, its median rates not)
         record = measure(lib)
-        record["bf16"]["speedup"]["one+off"] = 1.3
-        record["bf16"]["gb_per_second"]["one+off"] = 10.2
-        kept.write_text(json.dumps({str(kernels.get_num_threads()): record}))
-        measured.forget()
-        kernels.reapply_settings()
+        record["bf16"]["short"]["speedup"]["one+off"] = 1.3
+        record["bf16"]["short"]["gb_per_second"]["one+off"] = 10.2
+        keep(record)
         assert settings() == measured_settings and len(calls) == 6  # measured again, not taken
-        # one taken before the weights were in the model's pages (no "pages": before 0.7.6), or in others
-        for pages in (None, "base" if prefetch._pages() == "huge" else "huge"):
+        # one taken before the weights were in the model's pages (no "pages": before 0.7.6), or in others;
+        # one setting per format (before 0.7.8); rows of other lengths
+        older = {fmt: figures("one+off", build_on=10.0, one_off=12.0) for fmt in prefetch.FORMATS}
+        for change in ({"pages": None}, {"pages": "base" if prefetch._pages() == "huge" else "huge"},
+                       {"columns": None, **older}, {"columns": {"short": 4096, "long": 16384}}):
             record = measure(lib)
-            record.pop("pages") if pages is None else record.update(pages=pages)
-            kept.write_text(json.dumps({str(kernels.get_num_threads()): record}))
-            measured.forget()
-            kernels.reapply_settings()
+            record.update(change)
+            keep({k: v for k, v in record.items() if v is not None})
             assert settings() == measured_settings
-        assert len(calls) == 10  # each time measured again (the record written and the new one)
-        for forced, want in (("on", [(on, 0)] * 3), ("off", [(0, 0)] * 3)):
+        assert len(calls) == 14  # each time measured again (the record written and the new one)
+        for forced, want in (("on", [(on, 0)] * 6), ("off", [(0, 0)] * 6)):
             monkeypatch.setenv("MIXCHAT_ROW_PREFETCH", forced)
             kernels.reapply_settings()
-            assert settings() == want and len(calls) == 10
+            assert settings() == want and len(calls) == 14
             assert prefetch.note(lib, kernels.get_num_threads()) is None
         monkeypatch.setenv("MIXCHAT_ROW_PREFETCH", "sometimes")  # ignored, like an unset one
         kernels.reapply_settings()
@@ -1061,8 +1072,11 @@ def test_row_reads_are_measured_once_per_machine_kept_and_forced(monkeypatch, tm
     finally:
         monkeypatch.undo()
         kernels.reapply_settings()
-    assert lib.mc_set_prefetch(len(prefetch.FORMATS), 0) < 0 and lib.mc_get_prefetch(-1) < 0
-    assert lib.mc_set_one_row(len(prefetch.FORMATS), 1) < 0 and lib.mc_get_one_row(-1) < 0
+    kinds = len(prefetch.ROWS)
+    assert lib.mc_set_prefetch(len(prefetch.FORMATS), 0, 0) < 0 and lib.mc_get_prefetch(-1, 0) < 0
+    assert lib.mc_set_prefetch(0, kinds, 0) < 0 and lib.mc_get_prefetch(0, -1) < 0
+    assert lib.mc_set_one_row(len(prefetch.FORMATS), 0, 1) < 0 and lib.mc_get_one_row(-1, 0) < 0
+    assert lib.mc_set_one_row(0, kinds, 1) < 0 and lib.mc_get_one_row(0, kinds) < 0
 
 
 def test_a_measurement_records_how_busy_the_machine_was(monkeypatch):
@@ -1092,11 +1106,11 @@ def test_choosing_a_row_read_setting_needs_a_margin_by_both_measures():
 
     assert choose({"build+off": 1.2, "one+on": 1.1}, {"build+off": 12.0, "one+on": 11.0}) == "build+off"
     assert choose({"build+off": 1.2, "one+on": 1.3}, {"build+off": 12.0, "one+on": 13.0}) == "one+on"
-    assert choose({"build+off": 1.04, "one+on": 1.03}, {"build+off": 10.4, "one+on": 10.3}) == "build+on"
-    assert choose({"one+off": 1.2}, {"one+off": 10.3}) == "build+on"  # rates disagree: a busy machine
+    assert choose({"build+off": 1.02, "one+on": 1.01}, {"build+off": 10.2, "one+on": 10.1}) == "build+on"
+    assert choose({"one+off": 1.2}, {"one+off": 10.2}) == "build+on"  # rates disagree: a busy machine
     assert choose({"one+off": 1.01}, {"one+off": 12.0}) == "build+on"
     # the fastest by rate fails the ratio test: the one that passes both is taken, not the build's own
-    assert choose({"build+off": 1.2, "one+on": 1.04}, {"build+off": 12.0, "one+on": 12.5}) == "build+off"
+    assert choose({"build+off": 1.2, "one+on": 1.02}, {"build+off": 12.0, "one+on": 12.5}) == "build+off"
 
 
 @needs_kernels
@@ -1107,28 +1121,36 @@ def test_the_row_reads_change_no_result():
 
     lib = kernels.library()
     g = gen(7)
-    k, n = 4096, 99
-    x = torch.randn(3, k, generator=g)
-    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    scale = torch.rand(n, generator=g) + 0.5
-    packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-    s4, z4 = torch.rand(n, k // 128, generator=g), torch.randn(n, k // 128, generator=g)
-    s64, z64 = torch.rand(n, k // 64, generator=g), torch.randn(n, k // 64, generator=g)
+    n = 99
+
+    def one_length(k: int):  # -> its products, called
+        x = torch.randn(3, k, generator=g)
+        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) + 0.5
+        packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+        s4, z4 = torch.rand(n, k // 128, generator=g), torch.randn(n, k // 128, generator=g)
+        s64, z64 = torch.rand(n, k // 64, generator=g), torch.randn(n, k // 64, generator=g)
+        return lambda: [
+            kernels.linear_bf16(x[:1], w), kernels.linear_bf16(x, w), kernels.linear_int8(x[:1], q, scale),
+            kernels.linear_int4(x[:1], packed, s4, z4, 128), kernels.linear_int4(x, packed, s4, z4, 128),
+            kernels.linear_int4(x[:1], packed, s64, z64, 64)]
+
+    # short rows, and long ones (past mc_short_row_k) whose int8 x still fits one row per pass
+    short, long = one_length(4096), one_length(lib.mc_short_row_k() + 1024)
 
     def products() -> list[torch.Tensor]:
-        return [kernels.linear_bf16(x[:1], w), kernels.linear_bf16(x, w), kernels.linear_int8(x[:1], q, scale),
-                kernels.linear_int4(x[:1], packed, s4, z4, 128), kernels.linear_int4(x, packed, s4, z4, 128),
-                kernels.linear_int4(x[:1], packed, s64, z64, 64)]
+        return short() + long()
 
     products()
+    kinds = [(i, r) for i in range(len(prefetch.FORMATS)) for r in range(len(prefetch.ROWS))]
     try:
         got = []
-        for one_row in (0, 1):
+        for one_row in ((0, 0), (1, 1), (1, 0), (0, 1)):  # (short rows, long rows)
             for pf in (lib.mc_prefetch_default(), 0, 64):
-                for i in range(len(prefetch.FORMATS)):
-                    lib.mc_set_prefetch(i, pf)
-                    lib.mc_set_one_row(i, one_row)
+                for i, r in kinds:
+                    lib.mc_set_prefetch(i, r, pf if r == 0 else 64 - pf // 2)
+                    lib.mc_set_one_row(i, r, one_row[r])
                 got.append(products())
     finally:
         kernels.reapply_settings()
@@ -1149,17 +1171,21 @@ def test_one_row_per_pass_only_where_the_rows_x_fits_beside_the_stream():
     g = torch.Generator().manual_seed(7)
     x = torch.randn(1, 14336, generator=g)
     w = (torch.randn(40, 14336, generator=g) * 0.02).to(torch.bfloat16)
+    short_k = lib.mc_short_row_k()
+    assert 4096 <= short_k < 14336  # a 7B's two row lengths fall on either side
     try:
         got = []
-        for on in (1, 0):
+        for on in ((1, 1), (0, 0), (1, 0), (0, 1)):  # (short rows, long rows)
             for i in formats:
-                lib.mc_set_one_row(i, on)
-            assert lib.mc_one_row_applies(0, 4096) == (on and 4096 * bf16_x <= 16384)
+                for r in (0, 1):
+                    lib.mc_set_one_row(i, r, on[r])
+            assert lib.mc_one_row_applies(0, 4096) == (on[0] and 4096 * bf16_x <= 16384)
             assert lib.mc_one_row_applies(0, 14336) == 0
-            assert lib.mc_one_row_applies(1, 14336) == on and lib.mc_one_row_applies(2, 16384) == on
+            assert lib.mc_one_row_applies(1, short_k) == on[0] and lib.mc_one_row_applies(1, short_k + 1) == on[1]
+            assert lib.mc_one_row_applies(1, 14336) == on[1] and lib.mc_one_row_applies(2, 16384) == on[1]
             assert lib.mc_one_row_applies(1, 16385) == 0 and lib.mc_one_row_applies(2, 1 << 20) == 0
             got.append((kernels.linear_bf16(x, w), kernels.linear_bf16(x[:, :4096], w[:, :4096].contiguous())))
-        assert all(torch.equal(a, b) for a, b in zip(*got, strict=True))
+        assert all(torch.equal(a, b) for other in got[1:] for a, b in zip(got[0], other, strict=True))
         assert lib.mc_one_row_applies(len(prefetch.FORMATS), 4096) < 0 and lib.mc_one_row_applies(0, 0) < 0
     finally:
         kernels.reapply_settings()
@@ -1172,16 +1198,24 @@ def test_measuring_the_row_reads_times_every_format_in_each_setting(monkeypatch)
     lib = kernels.library()
     kernels.linear_bf16(torch.randn(1, 64), torch.randn(8, 64).to(torch.bfloat16))  # threads set
     formats = range(len(prefetch.FORMATS))
-    before = [(lib.mc_get_prefetch(i), lib.mc_get_one_row(i)) for i in formats]
+    kinds = [(i, r) for i in formats for r in range(len(prefetch.ROWS))]
+    before = [(lib.mc_get_prefetch(i, r), lib.mc_get_one_row(i, r)) for i, r in kinds]
     monkeypatch.setattr(prefetch, "_BYTES", 8 * 2**20)
     found = prefetch.measure(lib, rounds=3)
+    # one row per pass is timed where it applies: bf16's short rows (x in bf16 with vdpbf16ps, 8 KiB; fp32,
+    # 16 KiB, without), int8's rows of both lengths (x 4 and 14 KiB), never bf16's long rows nor int4
+    one_row = {("bf16", "short"), ("int8", "short"), ("int8", "long")}
     for fmt in prefetch.FORMATS:
-        assert set(found[fmt]["gb_per_second"]) == set(prefetch._MEASURED[fmt]) == set(found[fmt]["speedup"])
-        assert all(rate > 0 for rate in found[fmt]["gb_per_second"].values())
-        assert found[fmt]["speedup"]["build+on"] == 1.0
-        assert found[fmt]["choice"] == prefetch._choose(found[fmt])
+        for rows in prefetch.ROWS:
+            figures = found[fmt][rows]
+            want = set(prefetch.CONFIGS) if (fmt, rows) in one_row else {"build+on", "build+off"}
+            assert set(figures["gb_per_second"]) == want == set(figures["speedup"]), (fmt, rows)
+            assert all(rate > 0 for rate in figures["gb_per_second"].values())
+            assert figures["speedup"]["build+on"] == 1.0
+            assert figures["choice"] == prefetch._choose(figures)
+    assert found["columns"] == {"short": 4096, "long": 14336}
     assert found["measured"] and found["cpus"] >= 1  # and the load, where the OS has one
-    assert [(lib.mc_get_prefetch(i), lib.mc_get_one_row(i)) for i in formats] == before  # put back
+    assert [(lib.mc_get_prefetch(i, r), lib.mc_get_one_row(i, r)) for i, r in kinds] == before  # put back
 
 
 @needs_kernels
@@ -1232,8 +1266,9 @@ def test_a_failed_prefetch_measurement_keeps_the_builds_distances(monkeypatch):
         x, w = torch.randn(1, 64), torch.randn(8, 64).to(torch.bfloat16)
         assert torch.equal(kernels.linear_bf16(x, w), kernels.linear_bf16(x, w))
         if lib.mc_simd():
-            assert [lib.mc_get_prefetch(i) for i in range(3)] == [lib.mc_prefetch_default()] * 3
-            assert [lib.mc_get_one_row(i) for i in range(3)] == [0] * 3
+            kinds = [(i, r) for i in range(3) for r in range(2)]
+            assert [lib.mc_get_prefetch(i, r) for i, r in kinds] == [lib.mc_prefetch_default()] * 6
+            assert [lib.mc_get_one_row(i, r) for i, r in kinds] == [0] * 6
     finally:
         monkeypatch.undo()
         kernels.reapply_settings()

@@ -95,7 +95,8 @@ def test_the_kernels_read_no_faster_than_the_probe(threads, prefetch):
         kernels.linear_bf16(x, w)  # page in, start the pool (and set the measured prefetch)
         # either prefetch setting the measurement may choose (kernels.prefetch): the probe takes the best of both
         lib = kernels.library()
-        lib.mc_set_prefetch(0, 0 if prefetch == "none" else lib.mc_prefetch_default())
+        for rows in (0, 1):  # short and long rows alike (these have 16,384 columns: long)
+            lib.mc_set_prefetch(0, rows, 0 if prefetch == "none" else lib.mc_prefetch_default())
         # On a shared machine the bandwidth left over drifts by 2x within seconds, so a best-of-all
         # comparison can pit a quiet moment of one against a busy moment of the other. Each round measures
         # the probe and the kernel back to back; a probe that is not the ceiling loses in every round, so

@@ -58,9 +58,9 @@
 
 /* Bump when an exported signature changes or an export kernels.py relies on is added (5: mc_struct_size;
  * 6: T rows in mc_decode_*, mc_linear_rows; 8: mc_bf16dot, mc_set_gemm_bf16dot; 9: the prompt GEMM's
- * choice exports; 10: mc_set_one_row, mc_get_one_row):
+ * choice exports; 10: mc_set_one_row, mc_get_one_row; 11: the row settings per row length, mc_short_row_k):
  * kernels.py refuses a library with another version. */
-#define MC_ABI_VERSION 10
+#define MC_ABI_VERSION 11
 
 #define MC_MULTI_MAX 8        /* weights one mc_linear_multi call takes */
 #define MC_RB 16              /* rows per block that share one pass over the K chunks */
@@ -102,13 +102,27 @@ _Static_assert(MC_INT4_T1_R >= 1 && MC_INT4_T1_R <= 4 && MC_INT4_T1_S >= 1 && MC
 #define MC_ENOMEM -2
 
 static int g_threads = 1;
-/* The row kernels' software prefetch distance in bytes (mc_pf), per weight format (MC_FMT_*): MC_PF unless
- * mc_set_prefetch says otherwise, 0 turning it off. It helps where the hardware prefetchers alone keep too
- * few misses in flight (AVX2 EPYC, Xeon, Zen 4: +10-40 %; int8 and int4 on Zen 5) and costs bf16 on Zen 5
- * (a one-token product read at 0.81 of the probe with it, 0.99 without), so the Python side measures both
- * on each machine (speed.kernels.prefetch) rather than guess from the CPU. */
+/* The row kernels' settings are kept per weight format (MC_FMT_*) and per row length: a 7B's rows are 4,096
+ * columns long (wq..wo, w1, w3) or 14,336 (w2), and the best way to stream them differs between the two (on a
+ * 2-core Zen 4, int8 kernels alone: one row without prefetch 0.85 of the probe at 4,096 columns against 0.72
+ * for the build's two rows with prefetch; at 14,336 both 0.76; bf16 at 14,336 four rows with prefetch 0.74,
+ * without 0.67). Rows longer than MC_SHORT_ROW_K columns take the long rows' settings. */
 enum { MC_FMT_BF16, MC_FMT_INT8, MC_FMT_INT4, MC_FMTS };
-static int64_t g_pf[MC_FMTS] = {MC_PF, MC_PF, MC_PF};
+enum { MC_ROWS_SHORT, MC_ROWS_LONG, MC_ROW_KINDS };
+#ifndef MC_SHORT_ROW_K
+#define MC_SHORT_ROW_K 8192
+#endif
+MC_INLINE int mc_row_kind(int64_t K) { return K > MC_SHORT_ROW_K ? MC_ROWS_LONG : MC_ROWS_SHORT; }
+MC_INLINE int mc_bad_setting(int fmt, int rows)
+{
+    return fmt < 0 || fmt >= MC_FMTS || rows < 0 || rows >= MC_ROW_KINDS;
+}
+/* The row kernels' software prefetch distance in bytes (mc_pf): MC_PF unless mc_set_prefetch says otherwise, 0
+ * turning it off. It helps where the hardware prefetchers alone keep too few misses in flight (AVX2 EPYC,
+ * Xeon, Zen 4: +10-40 %; int8 and int4 on Zen 5) and costs bf16 on Zen 5 (a one-token product read at 0.81 of
+ * the probe with it, 0.99 without), so the Python side measures both on each machine (speed.kernels.prefetch)
+ * rather than guess from the CPU. */
+static int64_t g_pf[MC_FMTS][MC_ROW_KINDS] = {{MC_PF, MC_PF}, {MC_PF, MC_PF}, {MC_PF, MC_PF}};
 
 MC_API int mc_abi_version(void) { return MC_ABI_VERSION; }
 MC_API int mc_simd(void) { return MC_AVX2; }
@@ -118,27 +132,29 @@ MC_API int mc_simd(void) { return MC_AVX2; }
 MC_API int mc_simd_level(void) { return MC_AVX2 ? (MC_AVX512 ? 2 + MC_VNNI : 1) : 0; }
 MC_API void mc_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
 MC_API int mc_get_threads(void) { return g_threads; }
-/* Sets format fmt's distance (bytes < 0: 0; at most 1 MiB); MC_EBADARG for an unknown format. */
-MC_API int mc_set_prefetch(int fmt, int64_t bytes)
+MC_API int64_t mc_short_row_k(void) { return MC_SHORT_ROW_K; }
+/* Sets the distance of format fmt's rows of kind `rows` (MC_ROWS_*) (bytes < 0: 0; at most 1 MiB);
+ * MC_EBADARG for an unknown format or kind. */
+MC_API int mc_set_prefetch(int fmt, int rows, int64_t bytes)
 {
-    if (fmt < 0 || fmt >= MC_FMTS) return MC_EBADARG;
-    g_pf[fmt] = bytes < 0 ? 0 : bytes > (1 << 20) ? (1 << 20) : bytes;
+    if (mc_bad_setting(fmt, rows)) return MC_EBADARG;
+    g_pf[fmt][rows] = bytes < 0 ? 0 : bytes > (1 << 20) ? (1 << 20) : bytes;
     return 0;
 }
-MC_API int64_t mc_get_prefetch(int fmt) { return fmt >= 0 && fmt < MC_FMTS ? g_pf[fmt] : -1; }
+MC_API int64_t mc_get_prefetch(int fmt, int rows) { return mc_bad_setting(fmt, rows) ? -1 : g_pf[fmt][rows]; }
 /* Whether a one-token product of format fmt reads one weight row per pass (1) or the build's MC_*_T1_R rows
- * side by side (0, the default). R changes no row's sums, only how many rows stream at once: on a 2-core
- * Zen 4 four bf16 rows per pass read 10-15 % faster than two, on Zen 5 one row read 0.95 of the probe against
- * 0.77-0.83 for four (int8: 0.93 against 0.73 for two), so the Python side measures it per machine with the
- * prefetch (speed.kernels.prefetch). MC_EBADARG for an unknown format. */
-static int g_one_row[MC_FMTS];
-MC_API int mc_set_one_row(int fmt, int on)
+ * side by side (0, the default), for rows of kind `rows`. R changes no row's sums, only how many rows stream
+ * at once: on a 2-core Zen 4 four bf16 rows per pass read 10-15 % faster than two, on Zen 5 one row read 0.95
+ * of the probe against 0.77-0.83 for four (int8: 0.93 against 0.73 for two), so the Python side measures it
+ * per machine with the prefetch (speed.kernels.prefetch). MC_EBADARG for an unknown format or kind. */
+static int g_one_row[MC_FMTS][MC_ROW_KINDS];
+MC_API int mc_set_one_row(int fmt, int rows, int on)
 {
-    if (fmt < 0 || fmt >= MC_FMTS) return MC_EBADARG;
-    g_one_row[fmt] = on != 0;
+    if (mc_bad_setting(fmt, rows)) return MC_EBADARG;
+    g_one_row[fmt][rows] = on != 0;
     return 0;
 }
-MC_API int mc_get_one_row(int fmt) { return fmt >= 0 && fmt < MC_FMTS ? g_one_row[fmt] : -1; }
+MC_API int mc_get_one_row(int fmt, int rows) { return mc_bad_setting(fmt, rows) ? -1 : g_one_row[fmt][rows]; }
 /* One row per pass only where the row's x, as the kernel reads it, takes at most MC_ONE_ROW_X_MAX bytes: one
  * weight stream leaves x in L1 beside it, but a longer x is read from L2 once per row instead of once per R
  * rows, and its misses take the line-fill slots the weight stream needs. On a 2-core Zen 4 (32 KiB L1d),
@@ -152,7 +168,7 @@ MC_API int mc_one_row_applies(int fmt, int64_t K)
 {
     if (fmt < 0 || fmt >= MC_FMTS || K < 1) return MC_EBADARG;
     const int64_t x_bytes = fmt == MC_FMT_BF16 ? K * (MC_BF16DOT ? 2 : 4) : K;
-    return g_one_row[fmt] && x_bytes <= MC_ONE_ROW_X_MAX;
+    return g_one_row[fmt][mc_row_kind(K)] && x_bytes <= MC_ONE_ROW_X_MAX;
 }
 MC_API int64_t mc_prefetch_default(void) { return MC_PF; }
 
@@ -181,22 +197,23 @@ struct mc_ctx {
 };
 
 #if MC_AVX2 /* the SIMD kernels prefetch (MC_PREFETCH needs immintrin.h) */
-/* The software prefetch offset of a row kernel: what it reads ~g_pf[fmt] (MC_PF) bytes later in its own order of reads.
- * When K is chunked, that is the next group of R rows at the same columns (the rest of this row is read a
- * whole chunk later). When rows are streamed whole, R at a time in lockstep, it is g_pf[fmt] / R bytes further
- * along each row, and past a row's end the row R further on, not the next one, which another of the R
- * streams is reading at that moment. Prefetching "g_pf along the address" there fetched the next row late
- * and skipped the row after: products with long rows (K = 14336, the 7B's w2) read 10-15 % slower than
- * those with short ones. mc_prefetch is called with the current column's byte offset, in increasing order. */
+/* The software prefetch offset of a row kernel: what it reads ~pf bytes (g_pf of its format and row kind)
+ * later in its own order of reads. When K is chunked, that is the next group of R rows at the same columns
+ * (the rest of this row is read a whole chunk later). When rows are streamed whole, R at a time in lockstep,
+ * it is pf / R bytes further along each row, and past a row's end the row R further on, not the next one,
+ * which another of the R streams is reading at that moment. Prefetching "pf along the address" there fetched
+ * the next row late and skipped the row after: products with long rows (K = 14336, the 7B's w2) read 10-15 %
+ * slower than those with short ones. mc_prefetch is called with the current column's byte offset, in
+ * increasing order. */
 typedef struct {
     const char *w; /* the first of the R rows */
     int64_t off, wrap_at, step, row;
-    int on; /* g_pf[fmt] > 0 when the kernel started */
+    int on; /* pf > 0 when the kernel started */
 } mc_pf;
 
 MC_INLINE mc_pf mc_pf_init(const mc_ctx *c, const void *w, int R, int64_t row_bytes, int64_t col_bytes, int fmt)
 {
-    const int64_t pf = g_pf[fmt];
+    const int64_t pf = g_pf[fmt][mc_row_kind(c->K)];
     mc_pf p = {(const char *)w, (int64_t)R * row_bytes, INT64_MAX, 0, row_bytes, pf > 0};
     if (c->KC < c->K - 63) return p;
     const int64_t lead = pf / R, m = (col_bytes + lead) / row_bytes;
@@ -206,7 +223,7 @@ MC_INLINE mc_pf mc_pf_init(const mc_ctx *c, const void *w, int R, int64_t row_by
     return p;
 }
 
-/* Prefetches, in each of the R rows, what is read ~g_pf[fmt] bytes after byte `col` of the rows. */
+/* Prefetches, in each of the R rows, what is read ~pf bytes after byte `col` of the rows. */
 MC_INLINE void mc_prefetch(mc_pf *p, const int R, int64_t col)
 {
     if (!p->on) return;

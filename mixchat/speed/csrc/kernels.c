@@ -25,11 +25,12 @@
  * through the same 8-row kernels, but each block of weight rows meets every slice of x before the next
  * block (int4q8_sliced), so the weights stream from memory once per 128 rows of x rather than once per 8.
  *
- * Weights are also prefetched in software, g_pf[format] bytes (MC_PF unless set) ahead in the thread's order
- * of reads (mc_pf): while the core also converts and multiplies, the hardware prefetchers alone do not keep
- * enough cache misses in flight to approach the read limit (measured: +10-40% on AVX2 EPYC and Xeon). On Zen 5 the
- * same prefetches cost 15-20 %, so the distance is a runtime setting (mc_set_prefetch, 0: none) that
- * the Python side chooses by measuring both on the machine. The GEMM's packing (gemm.c) keeps the
+ * Weights are also prefetched in software, g_pf[format][row kind] bytes (MC_PF unless set) ahead in the
+ * thread's order of reads (mc_pf): while the core also converts and multiplies, the hardware prefetchers
+ * alone do not keep enough cache misses in flight to approach the read limit (measured: +10-40% on AVX2 EPYC
+ * and Xeon). On Zen 5 the same prefetches cost 15-20 %, so the distance is a runtime setting
+ * (mc_set_prefetch, 0: none) per format and row length that the Python side chooses by measuring both on
+ * the machine. The GEMM's packing (gemm.c) keeps the
  * compile-time MC_PF.
  *
  * Weight formats:

@@ -56,7 +56,7 @@ def _source_files() -> list[Path]:
 
 ISAS = ("native", "avx2", "portable")
 _COMMON = ("-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
-ABI_VERSION = 10  # must match MC_ABI_VERSION in csrc/common.h
+ABI_VERSION = 11  # must match MC_ABI_VERSION in csrc/common.h
 GEMM_MIN_ROWS = 12  # the C side's default (mc_get_gemm_min_rows)
 # mc_simd_level(): which row kernels the compiler's feature macros chose for this build.
 SIMD_LEVELS = {0: "scalar code", 1: "AVX2+FMA code", 2: "AVX-512 code", 3: "AVX-512 code with VNNI"}
@@ -215,11 +215,13 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.mc_read_probe.argtypes, lib.mc_read_probe.restype = [vp, i64, i32, i32], ctypes.c_double
     lib.mc_set_threads.argtypes = [i32]
     lib.mc_get_threads.restype = i32
-    lib.mc_set_prefetch.argtypes, lib.mc_set_prefetch.restype = [i32, i64], i32
-    lib.mc_get_prefetch.argtypes, lib.mc_get_prefetch.restype = [i32], i64
+    # format (MC_FMT_*), row kind (MC_ROWS_*: short, long)
+    lib.mc_set_prefetch.argtypes, lib.mc_set_prefetch.restype = [i32, i32, i64], i32
+    lib.mc_get_prefetch.argtypes, lib.mc_get_prefetch.restype = [i32, i32], i64
     lib.mc_prefetch_default.restype = i64
-    lib.mc_set_one_row.argtypes, lib.mc_set_one_row.restype = [i32, i32], i32
-    lib.mc_get_one_row.argtypes, lib.mc_get_one_row.restype = [i32], i32
+    lib.mc_short_row_k.restype = i64
+    lib.mc_set_one_row.argtypes, lib.mc_set_one_row.restype = [i32, i32, i32], i32
+    lib.mc_get_one_row.argtypes, lib.mc_get_one_row.restype = [i32, i32], i32
     lib.mc_one_row_applies.argtypes, lib.mc_one_row_applies.restype = [i32, i64], i32
     lib.mc_set_gemm_min_rows.argtypes = [i32]
     lib.mc_get_gemm_min_rows.restype = i32
