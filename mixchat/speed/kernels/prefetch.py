@@ -14,10 +14,11 @@ its 14,336-column w2, against 0.71 with the build's setting everywhere and 0.64-
 both. No CPU feature flag tells these machines apart. So at the first kernel call of a process, for each
 library and thread count, one-token products of each format (bf16; int8 and int4 with 8-bit activations)
 and row kind (ROWS: a 7B's 4,096 and 14,336 columns, on either side of mc_short_row_k) are timed in each
-setting (CONFIGS) that applies to them, in turns, and a format's rows leave the build's own (rows, prefetch
-on) only for a setting that is faster by more than _MARGIN (by the median of the turns' ratios and by the
-median rates alike: on a busy machine they disagree). Neither changes a result (prefetches only move data;
-the rows per pass do not change any row's sums). int4 is measured with its default groups of 128, whose
+setting (CONFIGS) that applies to them, in turns (each round takes every format and row kind, 2-3 s in
+all), and a format's rows leave the build's own (rows, prefetch on) only for a setting that is faster by
+more than _MARGIN (by the median of the turns' ratios and by the median rates alike: on a busy machine they
+disagree). Neither changes a result (prefetches only move data; the rows per pass do not change any row's
+sums). int4 is measured with its default groups of 128, whose
 kernel reads one row per pass in every build, so only its prefetch is measured. The answer is kept beside
 the library (measured.py), so later processes do not measure.
 MIXCHAT_ROW_PREFETCH=on or off forces the prefetch for every format and row length, with the build's rows
@@ -50,7 +51,8 @@ _PREFETCH_ONLY = ("build+on", "build+off")  # where one row per pass does not ap
 # without prefetch on short rows measured 1.03-1.05x (bf16) and 1.05-1.11x (int8) alone, 1.12-1.13x in decode
 # (against the rate probed between its tokens), so a margin of 5 % kept bf16 from it about half the time.
 _MARGIN = 1.03
-# Bytes of weights each format's measurement streams (one product per row kind): several times any L3 here.
+# Bytes of weights each format's measurement streams (one product per row kind; all held at once, 750 MB):
+# several times any L3 here.
 _BYTES = 240 * 2**20
 
 
@@ -80,7 +82,7 @@ def apply(lib: object, threads: int) -> None:
 
 def _set(lib: object, fmt: str, rows: str, config: str) -> None:
     one_row, prefetch = CONFIGS[config]
-    f, r = FORMATS.index(fmt), list(ROWS).index(rows)
+    f, r = _index(fmt, rows)
     lib.mc_set_prefetch(f, r, lib.mc_prefetch_default() if prefetch else 0)
     lib.mc_set_one_row(f, r, int(one_row))
 
@@ -137,21 +139,47 @@ def note(lib: object, threads: int) -> str | None:
 def measure(lib: object, rounds: int = 25) -> dict:
     """For each format and row kind, time one-token products through weights with rows of ROWS[kind] columns
     (rows sized to half of _BYTES) at the library's current thread count in each of the settings that apply
-    (_configs), `rounds` times each in turns (the order reversed every other round). Returns per format and
-    row kind the choice, the rates (GB/s, medians) and the medians of the rounds' own speedups against the
-    build's own."""
+    (_configs), `rounds` times each in turns (the order reversed every other round). A round takes every
+    format and row kind in turn, so each one's turns spread over the whole measurement (2-3 s) rather than a
+    fraction of a second: on a VM whose memory rate jumps between two levels every second or so, a
+    measurement of one format inside one spell chose by that spell (int8's short rows on a 2-core Zen 4: one
+    row without prefetch 1.05-1.11x in slow spells, 0.98-1.02x in fast ones). Returns per format and row kind
+    the choice, the rates (GB/s, medians) and the medians of the rounds' own speedups against the build's
+    own."""
+    cases = [(fmt, rows) for fmt in FORMATS for rows in ROWS]
+    saved = {case: (lib.mc_get_prefetch(*_index(*case)), lib.mc_get_one_row(*_index(*case))) for case in cases}
+    try:
+        configs = {case: _configs(lib, *case) for case in cases}
+        products = {case: _product(case[0], ROWS[case[1]], lib) for case in cases}
+
+        def timed(case: tuple[str, str], config: str) -> float:
+            _set(lib, *case, config)
+            start = time.perf_counter()
+            if rc := products[case][0]():
+                raise RuntimeError(f"the row-read measurement's product failed with code {rc}")
+            return time.perf_counter() - start
+
+        for case in cases:  # warm: the pages, the thread pool
+            for config in configs[case]:
+                timed(case, config)
+        times = {case: {config: [] for config in configs[case]} for case in cases}
+        for i in range(rounds):
+            for case in cases:
+                for config in configs[case] if i % 2 == 0 else reversed(configs[case]):
+                    times[case][config].append(timed(case, config))
+    finally:
+        for case, (distance, one_row) in saved.items():
+            lib.mc_set_prefetch(*_index(*case), distance)
+            lib.mc_set_one_row(*_index(*case), one_row)
     found: dict = {"distance_bytes": lib.mc_prefetch_default(), "pages": _pages(), "columns": dict(ROWS)}
-    for i, fmt in enumerate(FORMATS):
-        found[fmt] = {}
-        for r, (rows, cols) in enumerate(ROWS.items()):
-            saved = lib.mc_get_prefetch(i, r), lib.mc_get_one_row(i, r)
-            try:
-                found[fmt][rows] = _measure(lib, fmt, rows, _configs(lib, fmt, rows), _product(fmt, cols, lib),
-                                            rounds)
-            finally:
-                lib.mc_set_prefetch(i, r, saved[0])
-                lib.mc_set_one_row(i, r, saved[1])
+    for fmt, rows in cases:
+        found.setdefault(fmt, {})[rows] = _figures(times[fmt, rows], products[fmt, rows][1])
     return found | measured.stamp()
+
+
+def _index(fmt: str, rows: str) -> tuple[int, int]:
+    """The C side's indices of a format and row kind (MC_FMT_*, MC_ROWS_*)."""
+    return FORMATS.index(fmt), list(ROWS).index(rows)
 
 
 def _configs(lib: object, fmt: str, rows: str) -> tuple[str, ...]:
@@ -159,7 +187,7 @@ def _configs(lib: object, fmt: str, rows: str) -> tuple[str, ...]:
     apply it to such rows (mc_one_row_applies: their x fits beside the weight stream), never for int4."""
     if fmt == "int4":
         return _PREFETCH_ONLY
-    f, r = FORMATS.index(fmt), list(ROWS).index(rows)
+    f, r = _index(fmt, rows)
     saved = lib.mc_get_one_row(f, r)
     lib.mc_set_one_row(f, r, 1)
     applies = lib.mc_one_row_applies(f, ROWS[rows]) == 1
@@ -208,26 +236,12 @@ def _weight(shape: tuple[int, int], dtype: torch.dtype, value: float) -> torch.T
     return hugepages.empty(shape, dtype).fill_(value)
 
 
-def _measure(lib: object, fmt: str, rows: str, configs: tuple[str, ...], product: tuple[Callable[[], int], int],
-             rounds: int) -> dict:
-    run, size = product
-
-    def timed(config: str) -> float:
-        _set(lib, fmt, rows, config)
-        start = time.perf_counter()
-        if rc := run():
-            raise RuntimeError(f"the row-read measurement's product failed with code {rc}")
-        return time.perf_counter() - start
-
-    for config in configs:  # warm: the pages, the thread pool
-        timed(config)
-    times: dict[str, list[float]] = {config: [] for config in configs}
-    for i in range(rounds):
-        for config in configs if i % 2 == 0 else reversed(configs):
-            times[config].append(timed(config))
+def _figures(times: dict[str, list[float]], size: int) -> dict:
+    """The choice, the median rates and the medians of the turns' speedups over the build's own, from each
+    setting's times through `size` bytes."""
     figures = {
-        "gb_per_second": {c: round(size / statistics.median(times[c]) / 1e9, 1) for c in configs},
-        "speedup": {c: round(statistics.median(a / b for a, b in zip(times[DEFAULT], times[c], strict=True)), 3)
-                    for c in configs},
+        "gb_per_second": {c: round(size / statistics.median(t) / 1e9, 1) for c, t in times.items()},
+        "speedup": {c: round(statistics.median(a / b for a, b in zip(times[DEFAULT], t, strict=True)), 3)
+                    for c, t in times.items()},
     }
     return {"choice": _choose(figures), **figures}
