@@ -1147,9 +1147,10 @@ def test_the_row_reads_change_no_result():
     try:
         got = []
         for one_row in ((0, 0), (1, 1), (1, 0), (0, 1)):  # (short rows, long rows)
-            for pf in (lib.mc_prefetch_default(), 0, 64):
+            on = lib.mc_prefetch_default()
+            for pf in ((on, 0), (0, 64), (64, 32)):  # (short rows, long rows): each kind its own distance
                 for i, r in kinds:
-                    lib.mc_set_prefetch(i, r, pf if r == 0 else 64 - pf // 2)
+                    lib.mc_set_prefetch(i, r, pf[r])
                     lib.mc_set_one_row(i, r, one_row[r])
                 got.append(products())
     finally:

@@ -30,8 +30,7 @@
  * alone do not keep enough cache misses in flight to approach the read limit (measured: +10-40% on AVX2 EPYC
  * and Xeon). On Zen 5 the same prefetches cost 15-20 %, so the distance is a runtime setting
  * (mc_set_prefetch, 0: none) per format and row length that the Python side chooses by measuring both on
- * the machine. The GEMM's packing (gemm.c) keeps the
- * compile-time MC_PF.
+ * the machine. The GEMM's packing (gemm.c) keeps the compile-time MC_PF.
  *
  * Weight formats:
  *   bf16  w uint16 [N, K] (bf16 bits). Any K (the last K % 32 columns go through scalar code).

@@ -216,10 +216,9 @@ def _product(fmt: str, cols: int, lib: object) -> tuple[Callable[[], int], int]:
         args = (x.data_ptr(), 1, cols, w[0].data_ptr(), w[1].data_ptr(), w[2].data_ptr(), group, rows,
                 y.data_ptr())
         fn = lib.mc_linear_int4_q8
-    held = (x, y, w)  # the tensors stay alive while the call holds their pointers
 
-    def run() -> int:
-        return fn(*args) if held else -1
+    def run(_alive: tuple = (x, y, w)) -> int:  # the tensors live as long as the call holding their pointers
+        return fn(*args)
 
     # every byte read: int4's fp32 scale and zero per group of 128 add 12.5 % to its nibbles, as in `bench`
     return run, sum(t.numel() * t.element_size() for t in w)
