@@ -216,6 +216,10 @@ MC_INLINE mc_pf mc_pf_init(const mc_ctx *c, const void *w, int R, int64_t row_by
     const int64_t pf = g_pf[fmt][mc_row_kind(c->K)];
     mc_pf p = {(const char *)w, (int64_t)R * row_bytes, INT64_MAX, 0, row_bytes, pf > 0};
     if (c->KC < c->K - 63) return p;
+    if (R == 1) { /* the rows follow each other: pf bytes on is just further along, with no turn to track */
+        p.off = pf;
+        return p;
+    }
     const int64_t lead = pf / R, m = (col_bytes + lead) / row_bytes;
     p.step = (int64_t)(R - 1) * row_bytes;
     p.off = lead + m * p.step;
@@ -227,6 +231,10 @@ MC_INLINE mc_pf mc_pf_init(const mc_ctx *c, const void *w, int R, int64_t row_by
 MC_INLINE void mc_prefetch(mc_pf *p, const int R, int64_t col)
 {
     if (!p->on) return;
+    if (R == 1) { /* as below with step 0, without the division and the loop in every row's inner loop */
+        MC_PREFETCH(p->w + col, p->off);
+        return;
+    }
     while (col >= p->wrap_at) {
         p->off += p->step;
         p->wrap_at += p->row;
