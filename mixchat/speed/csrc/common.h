@@ -231,14 +231,12 @@ MC_INLINE mc_pf mc_pf_init(const mc_ctx *c, const void *w, int R, int64_t row_by
 MC_INLINE void mc_prefetch(mc_pf *p, const int R, int64_t col)
 {
     if (!p->on) return;
-    if (R == 1) { /* as below with step 0, without the division and the loop in every row's inner loop */
-        MC_PREFETCH(p->w + col, p->off);
-        return;
-    }
-    while (col >= p->wrap_at) {
-        p->off += p->step;
-        p->wrap_at += p->row;
-    }
+    /* one row never turns (mc_pf_init); R is a constant, so its kernels are left without the loop */
+    if (R > 1)
+        while (col >= p->wrap_at) {
+            p->off += p->step;
+            p->wrap_at += p->row;
+        }
     MC_UNROLL for (int r = 0; r < R; r++) MC_PREFETCH(p->w + r * p->row + col, p->off);
 }
 #endif
