@@ -24,7 +24,7 @@ import torch
 
 from mixchat.speed import hugepages, kernels
 from mixchat.speed.kernels import loader
-from mixchat.speed.kernels.formats import pack_int4
+from mixchat.speed.kernels.formats import INT4_PARAMS, pack_int4
 
 SHAPES = [(14336, 4096), (4096, 14336), (14336, 4096), (4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096)]
 
@@ -54,10 +54,11 @@ def products(kind: str, lib: ctypes.CDLL, gen: torch.Generator) -> tuple[Callabl
             total += q.numel() + 4 * n
         else:
             p = pinned(pack_int4(torch.randint(0, 16, (n, k), generator=gen)))
-            s, z = pinned(torch.rand(n, k // 128, generator=gen)), pinned(torch.rand(n, k // 128, generator=gen))
+            s = pinned(torch.rand(n, k // 128, generator=gen).to(INT4_PARAMS))
+            z = pinned(torch.rand(n, k // 128, generator=gen).to(INT4_PARAMS))
             calls.append((lib.mc_linear_int4_q8, (x.data_ptr(), 1, k, p.data_ptr(), s.data_ptr(), z.data_ptr(), 128,
                                                   n, y.data_ptr()), (p, s, z)))
-            total += p.numel() + 8 * s.numel()
+            total += p.numel() + 4 * s.numel()
 
     keep = (y, xs)  # the calls hold raw pointers into these: they must outlive products()
 

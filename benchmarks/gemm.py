@@ -50,7 +50,8 @@ def methods(n: int, k: int, group: int) -> list[tuple[str, Callable[[torch.Tenso
         q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
         s = torch.rand(n, generator=gen) * 1e-3
         p = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
-        sc, zp = torch.rand(n, k // group, generator=gen) * 1e-3, torch.randn(n, k // group, generator=gen) * 1e-3
+        sc = (torch.rand(n, k // group, generator=gen) * 1e-3).to(kernels.INT4_PARAMS)
+        zp = (torch.randn(n, k // group, generator=gen) * 1e-3).to(kernels.INT4_PARAMS)
         out += [("mixchat GEMM bf16", lambda x: tile(False, kernels.linear_bf16, x, wb)),
                 ("mixchat GEMM int8", lambda x: tile(False, kernels.linear_int8, x, q, s)),
                 (f"mixchat GEMM int4 g{group}", lambda x: kernels.linear_int4(x, p, sc, zp, group))]

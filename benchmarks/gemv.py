@@ -101,10 +101,11 @@ def methods(n: int, k: int, group: int, min_bytes: int) -> list[tuple[str, Calla
 
     def ours_int4(exact: bool) -> Callable[[], tuple[Method, int, int]]:
         def setup() -> tuple[Method, int, int]:
-            per = n * k // 2 + 8 * n * (k // group)
+            per = n * k // 2 + 4 * n * (k // group)  # fp16 scale and zero per group
             c = copies_for(per, min_bytes)
             ws = [(torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8),
-                   torch.rand(n, k // group, generator=gen) * 1e-3, torch.randn(n, k // group, generator=gen) * 1e-3)
+                   (torch.rand(n, k // group, generator=gen) * 1e-3).to(kernels.INT4_PARAMS),
+                   (torch.randn(n, k // group, generator=gen) * 1e-3).to(kernels.INT4_PARAMS))
                   for _ in range(c)]
             return (lambda x, i: kernels.linear_int4(x, *ws[i], group, exact=exact)), c, nbytes(*ws[0])
 

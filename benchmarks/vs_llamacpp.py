@@ -17,8 +17,9 @@ What it does, caching everything under --cache-dir (default ~/.cache/mixchat-ben
    at the one type, output.weight at 8 bits, token embedding and MoE router left in BF16 (--pure
    --token-embedding-type bf16 --output-tensor-type q8_0). llama.cpp's default recipe (Q6_K output,
    Q8_0 attention for 8 experts, quantised embedding) would make it a comparison of recipes.
-   Bits per weight: Q8_0 8.5 vs mixchat int8 8 (+ a scale per row); Q4_0 4.5 vs mixchat int4 4.5
-   (groups of 128 with an fp32 scale and zero); --mixchat-int4 int4-32/int4-64 spends more bits.
+   Bits per weight: Q8_0 8.5 vs mixchat int8 8 (+ a scale per row); Q4_0 4.5 vs mixchat int4 4.25
+   (groups of 128 with an fp16 scale and zero; 4.5 with fp32 ones before 0.8.0); --mixchat-int4
+   int4-32/int4-64 spends more bits.
 4. For each precision (bf16 <-> BF16, int8 <-> Q8_0, int4 <-> Q4_0) runs `llama-bench` and then
    `mixchat bench`, never both at once, and prints prefill and decode tokens/s and the ratio
    mixchat/llama.cpp (above 1 means mixchat is faster).

@@ -129,8 +129,8 @@ def test_int4_q8_is_the_same_in_every_build(libs, n, k, group, t, threads, monke
     q[0, 1::2] = 15
     q[-1, ::3] = 15
     packed = kernels.pack_int4(q)
-    scale = torch.rand(n, k // group, generator=g) * 0.05 + 0.001
-    zero = torch.randn(n, k // group, generator=g) * 0.05
+    scale = (torch.rand(n, k // group, generator=g) * 0.05 + 0.001).to(kernels.INT4_PARAMS)
+    zero = (torch.randn(n, k // group, generator=g) * 0.05).to(kernels.INT4_PARAMS)
     x = _x(t, k, n + t)
     results = {name: _run(lib, "mc_linear_int4_q8", x, n, packed, scale, zero, group) for name, lib in libs.items()}
     xr = kernels.quantize_x_q8(x, kernels.q8_block(group))

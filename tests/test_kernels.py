@@ -71,8 +71,8 @@ def assert_int4_matches(got: torch.Tensor, x: torch.Tensor, case: tuple, group: 
 def int4_case(n: int, k: int, group: int, seed: int = 0):
     g = gen(seed)
     q = torch.randint(0, 16, (n, k), generator=g)
-    scale = torch.rand(n, k // group, generator=g) * 0.05 + 0.001
-    zero = torch.randn(n, k // group, generator=g) * 0.05
+    scale = (torch.rand(n, k // group, generator=g) * 0.05 + 0.001).to(kernels.INT4_PARAMS)
+    zero = (torch.randn(n, k // group, generator=g) * 0.05).to(kernels.INT4_PARAMS)
     packed = kernels.pack_int4(q)
     return packed, scale, zero, kernels.dequantize_int4(packed, scale, zero, group)
 
@@ -394,14 +394,22 @@ def test_argument_checks():
         kernels.linear_int8(torch.zeros(1, 64), q, torch.zeros(7))
     with pytest.raises(TypeError):
         kernels.linear_int8(torch.zeros(1, 64), q, torch.zeros(8, dtype=torch.float64))
+    def h(*shape):
+        return torch.zeros(*shape, dtype=kernels.INT4_PARAMS)
+
     packed = torch.zeros(8, 48, dtype=torch.uint8)  # K = 96: not a multiple of 64
     with pytest.raises(ValueError):
-        kernels.linear_int4(torch.zeros(1, 96), packed, torch.zeros(8, 3), torch.zeros(8, 3), 32)
+        kernels.linear_int4(torch.zeros(1, 96), packed, h(8, 3), h(8, 3), 32)
     packed = torch.zeros(8, 32, dtype=torch.uint8)
     with pytest.raises(ValueError):
-        kernels.linear_int4(torch.zeros(1, 64), packed, torch.zeros(8, 4), torch.zeros(8, 4), 16)
+        kernels.linear_int4(torch.zeros(1, 64), packed, h(8, 4), h(8, 4), 16)
     with pytest.raises(ValueError):
-        kernels.linear_int4(torch.zeros(1, 64), packed, torch.zeros(8, 1), torch.zeros(8, 2), 32)
+        kernels.linear_int4(torch.zeros(1, 64), packed, h(8, 1), h(8, 2), 32)
+    # fp32 scales and zeros (the format before 0.8.0) would be read as fp16 pairs: refused
+    with pytest.raises(TypeError):
+        kernels.linear_int4(torch.zeros(1, 64), packed, torch.zeros(8, 2), h(8, 2), 32)
+    with pytest.raises(TypeError):
+        kernels.linear_many(torch.zeros(1, 64), "int4", [(packed, h(8, 2), torch.zeros(8, 2))], 32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1129,8 +1137,10 @@ def test_the_row_reads_change_no_result():
         q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         scale = torch.rand(n, generator=g) + 0.5
         packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-        s4, z4 = torch.rand(n, k // 128, generator=g), torch.randn(n, k // 128, generator=g)
-        s64, z64 = torch.rand(n, k // 64, generator=g), torch.randn(n, k // 64, generator=g)
+        s4, z4 = (torch.rand(n, k // 128, generator=g).to(kernels.INT4_PARAMS),
+                  torch.randn(n, k // 128, generator=g).to(kernels.INT4_PARAMS))
+        s64, z64 = (torch.rand(n, k // 64, generator=g).to(kernels.INT4_PARAMS),
+                    torch.randn(n, k // 64, generator=g).to(kernels.INT4_PARAMS))
         return lambda: [
             kernels.linear_bf16(x[:1], w), kernels.linear_bf16(x, w), kernels.linear_int8(x[:1], q, scale),
             kernels.linear_int4(x[:1], packed, s4, z4, 128), kernels.linear_int4(x, packed, s4, z4, 128),

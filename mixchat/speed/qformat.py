@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from mixchat.errors import MixchatError
 
-DEFAULT_INT4_GROUP = 128  # 4.5 bits per weight with its fp32 scale and zero: the size of llama.cpp's Q4_0
+DEFAULT_INT4_GROUP = 128  # 4.25 bits per weight with its fp16 scale and zero (llama.cpp's Q4_0: 4.5)
 MATRICES = (".attention.w", ".feed_forward.w", ".feed_forward.experts.")
 CHOICES = ("none", "int8", "int4", "int4-32", "int4-64", "int4-128")
 
@@ -28,8 +28,8 @@ class QuantSpec:
         return self.kind if self.kind == "int8" else f"int4-g{self.group}"
 
     def bits_per_weight(self) -> float:
-        # int4 stores an fp32 scale and zero per group
-        return 8.0 if self.kind == "int8" else 4.0 + 64.0 / self.group
+        # int4 stores an fp16 scale and zero per group (fp32 before 0.8.0)
+        return 8.0 if self.kind == "int8" else 4.0 + 32.0 / self.group
 
 
 def parse_quant(value: str | None) -> QuantSpec | None:

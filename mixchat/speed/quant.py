@@ -6,10 +6,11 @@ bf16/fp32; only the stored weights shrink.
 
 - int8: one fp32 scale per output row (absmax / 127). Symmetric, like llama.cpp's Q8_0 but with a
   per-row rather than per-32 scale, which is enough for int8 (quality is measured in the tests).
-- int4: groups of G weights along the input dimension (G in 32, 64, 128), each with an fp32 scale
-  and zero: w = (q - 8) * scale + zero, q in 0..15. Asymmetric min/max, because a group's range is
-  rarely centred on 0. Two values per byte, as mixchat.speed.kernels.formats (the layout's one owner)
-  packs them.
+- int4: groups of G weights along the input dimension (G in 32, 64, 128), each with an fp16 scale
+  and zero (fp32 before 0.8.0: 4.5 bits per weight at G = 128, now 4.25): w = (q - 8) * scale + zero,
+  q in 0..15. Weights past fp16's range (65504) cannot be stored so, and are refused with the tensor's
+  name. Asymmetric min/max, because a group's range is rarely centred on 0. Two values per byte, as
+  mixchat.speed.kernels.formats (the layout's one owner) packs them.
 
 What stays unquantized: the embedding table (one row is read per token), the norms, and the MoE
 router (routing decisions are discrete; a small error there changes which experts run). Under int4
@@ -39,11 +40,12 @@ from torch import nn
 from mixchat.errors import MixchatError
 from mixchat.release import checksum
 from mixchat.speed import weights_replaced
-from mixchat.speed.kernels.formats import dequantize_int4, pack_int4, unpack_int4
+from mixchat.speed.kernels.formats import INT4_PARAMS, dequantize_int4, pack_int4, unpack_int4
 from mixchat.speed.linear import fp32_scratch, kernels_or_none
 from mixchat.speed.qformat import QuantSpec, quantizable, spec_for
 
-FORMAT_VERSION = 1
+# 2 (0.8.0): int4's scale and zero are fp16; a cache written before is quantized again.
+FORMAT_VERSION = 2
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,16 +56,32 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (packed uint8 [N, K/2], scale fp32 [N, K/G], zero fp32 [N, K/G])."""
+# fp16's largest finite value: an int4 group whose scale or zero would pass it cannot be stored
+_FP16_MAX = 65504.0
+
+
+def quantize_int4(w: torch.Tensor, group: int,
+                  name: str = "a weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (packed uint8 [N, K/2], scale fp16 [N, K/G], zero fp16 [N, K/G]).
+
+    The scale and zero are rounded to fp16 first and q is chosen against those rounded values, so the
+    stored grid (q - 8) * scale + zero is the one q was fitted to."""
     n, k = w.shape
     if k % group:
         raise MixchatError(f"int4 group {group} does not divide the input dimension {k}; choose int4-32")
     g = w.float().view(n, k // group, group)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-10)
-    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)
-    return pack_int4(q), scale, lo + 8.0 * scale
+    scale32 = (hi - lo) / 15.0
+    if not bool(torch.isfinite(scale32).all()) or float(hi.abs().max()) > _FP16_MAX or \
+            float(lo.abs().max()) > _FP16_MAX:
+        raise MixchatError(f"{name} has weights beyond fp16's range (+-65504), where int4 keeps its scales; "
+                           "quantize this model with --quant int8, or run it unquantized")
+    # the smallest fp16 subnormal: a constant group keeps a scale q can be divided by
+    scale = scale32.clamp(min=2.0**-24).to(INT4_PARAMS)
+    zero = (lo + 8.0 * scale.float()).to(INT4_PARAMS)
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    q = torch.round((g - z) / s + 8.0).clamp_(0, 15).to(torch.uint8).view(n, k)
+    return pack_int4(q), scale, zero
 
 
 def dequantize(parts: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,11 +162,11 @@ class QuantLinear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, self.group, sz)
 
 
-def quantize_tensor(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+def quantize_tensor(w: torch.Tensor, spec: QuantSpec, name: str = "a weight") -> dict[str, torch.Tensor]:
     if spec.kind == "int8":
         q, scale = quantize_int8(w)
         return {"q": q, "scale": scale}
-    q, scale, zero = quantize_int4(w, spec.group)
+    q, scale, zero = quantize_int4(w, spec.group, name)
     return {"q": q, "scale": scale, "zero": zero}
 
 
@@ -170,7 +188,13 @@ def cache_path(fingerprint: str, spec: QuantSpec) -> Path:
     return cache_dir() / f"{fingerprint}-{spec.name}.safetensors"
 
 
-_ST_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.float32: "F32"}
+_ST_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32"}
+
+
+def part_dtype(part: str, spec: QuantSpec) -> torch.dtype:
+    if part == "q":
+        return torch.int8 if spec.kind == "int8" else torch.uint8
+    return torch.float32 if spec.kind == "int8" else INT4_PARAMS
 
 
 def part_shapes(shape: tuple[int, ...], spec: QuantSpec) -> dict[str, tuple[int, ...]]:
@@ -194,8 +218,8 @@ def _write_streaming(path: Path, state: dict[str, torch.Tensor], names: list[str
     for n in names:
         sp = spec_for(n, spec)
         for p, shape in part_shapes(tuple(state[n].shape), sp).items():
-            dtype = torch.float32 if p != "q" else torch.int8 if sp.kind == "int8" else torch.uint8
-            size = math.prod(shape) * (4 if dtype == torch.float32 else 1)
+            dtype = part_dtype(p, sp)
+            size = math.prod(shape) * dtype.itemsize
             header[f"{n}.{p}"] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
                                   "data_offsets": [offset, offset + size]}
             keys.append(f"{n}.{p}")
@@ -210,7 +234,7 @@ def _write_streaming(path: Path, state: dict[str, torch.Tensor], names: list[str
         f.write(struct.pack("<Q", len(raw)) + raw)
         for n in names:
             sp = spec_for(n, spec)
-            parts = quantize_tensor(state[n], sp)
+            parts = quantize_tensor(state[n], sp, n)
             for p in part_shapes(tuple(state[n].shape), sp):
                 data = parts[p].contiguous().view(torch.uint8).numpy().tobytes()
                 crcs[f"{n}.{p}"] = checksum.crc_bytes(data)
@@ -324,7 +348,7 @@ def quantize_state(state: dict[str, torch.Tensor], spec: QuantSpec, fingerprint:
                 bar.done = 0
         parts = {}
         for n in names:
-            parts[n] = quantize_tensor(state[n], spec_for(n, spec))
+            parts[n] = quantize_tensor(state[n], spec_for(n, spec), n)
             advance(state[n].nbytes)
     return Quantized(names, spec, parts=parts)
 

@@ -16,7 +16,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(MC_PORTABLE)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(MC_PORTABLE)
 #include <immintrin.h>
 #define MC_AVX2 1
 #else
@@ -58,9 +58,9 @@
 
 /* Bump when an exported signature changes or an export kernels.py relies on is added (5: mc_struct_size;
  * 6: T rows in mc_decode_*, mc_linear_rows; 8: mc_bf16dot, mc_set_gemm_bf16dot; 9: the prompt GEMM's
- * choice exports; 10: mc_set_one_row, mc_get_one_row; 11: the row settings per row length, mc_short_row_k):
- * kernels.py refuses a library with another version. */
-#define MC_ABI_VERSION 11
+ * choice exports; 10: mc_set_one_row, mc_get_one_row; 11: the row settings per row length, mc_short_row_k;
+ * 12: int4's scale and zero are fp16): kernels.py refuses a library with another version. */
+#define MC_ABI_VERSION 12
 
 #define MC_MULTI_MAX 8        /* weights one mc_linear_multi call takes */
 #define MC_RB 16              /* rows per block that share one pass over the K chunks */
@@ -186,8 +186,9 @@ struct mc_ctx {
     const int8_t *xq;   /* int4 Q8: int8 x in the nibble order, [T, K] */
     const float *xd;    /* int4 Q8: block scales as one 8-lane vector per 64 columns, [T, K/64, 8] */
     const void *w;
-    const float *scale;
-    const float *zero;
+    const float *scale;    /* int8: fp32 [N] */
+    const uint16_t *hscale; /* int4: fp16 bits [N, K/G] */
+    const uint16_t *hzero;  /* int4: fp16 bits [N, K/G] */
     float *y;
     int64_t N, K;
     int64_t KC;         /* K chunk (see the top of the file) */
@@ -395,6 +396,37 @@ MC_MAYBE_UNUSED static void *mc_scratch(size_t bytes)
     }
     return tl_buf;
 }
+
+/* fp16 bits -> fp32, exact (int4's scales and zeros are stored as fp16). With F16C (every AVX2 build) one
+ * vcvtph2ps; the portable build rebuilds the fp32 bits, subnormals and inf/NaN included. */
+static inline float mc_h2f(uint16_t h)
+{
+#if MC_AVX2
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t u;
+    if (e == 0x1f) u = sign | 0x7f800000u | (m << 13);
+    else if (e) u = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m) u = sign;
+    else { /* subnormal: m * 2^-24, normalised */
+        int sh = 0;
+        uint32_t mm = m;
+        while (!(mm & 0x400)) {
+            mm <<= 1;
+            sh++;
+        }
+        u = sign | ((uint32_t)(113 - sh) << 23) | ((mm & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+#if MC_AVX2
+MC_INLINE __m256 mc_h2f8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#endif
 
 static inline float bf16_to_f32(uint16_t h)
 {

@@ -20,8 +20,8 @@
 
 /* Everything about one layer that does not change between tokens (built once by kernels.DecodeLayer).
  * Weights in order wq, wk, wv, wo, w1, w2, w3; w1..w3 may be absent (MoE layers: the experts stay in
- * Python). All weights share one format: kind 0 bf16 [N, K]; 1 int8 + scale [N]; 2 int4 + scale and
- * zero [N, K/G]. */
+ * Python). All weights share one format: kind 0 bf16 [N, K]; 1 int8 + fp32 scale [N]; 2 int4 + fp16 scale
+ * and zero [N, K/G]. */
 typedef struct {
     int32_t kind, group;
     int32_t n_heads, n_kv_heads, head_dim, has_ffn;
@@ -30,7 +30,7 @@ typedef struct {
     float eps;
     const void *attn_norm, *ffn_norm; /* [dim], bf16 when norm_bf16 else fp32 */
     const void *w[7];
-    const float *scale[7], *zero[7];
+    const void *scale[7], *zero[7]; /* int8: fp32 scale; int4: fp16 scale and zero */
 } mc_layer;
 
 /* A Mixtral feed-forward (router and experts) for the fused step. w/scale/zero hold n_experts * 3 entries,
@@ -43,7 +43,7 @@ typedef struct {
     const void *ffn_norm;
     const uint16_t *gate;
     const void *const *w;
-    const float *const *scale, *const *zero;
+    const void *const *scale, *const *zero;
 } mc_moe;
 
 /* Scratch for the vectors between the products: separate from mc_scratch, which one_pass uses for x. */
@@ -208,12 +208,12 @@ static int layer_ok(const mc_layer *L)
 
 /* o[T, D] = w2(silu(w1 xn) * w3 xn) for T tokens (row-exact): the dense feed-forward and each MoE expert. w,
  * scale and zero hold w1, w2, w3 in that order; with w2_transposed w2 is bf16 stored [F, D]. buf: 2TF floats. */
-static int swiglu(int kind, int group, int w2_transposed, const void *const *w, const float *const *scale,
-                  const float *const *zero, const float *xn, int T, int64_t D, int64_t F, float *buf, float *o)
+static int swiglu(int kind, int group, int w2_transposed, const void *const *w, const void *const *scale,
+                  const void *const *zero, const float *xn, int T, int64_t D, int64_t F, float *buf, float *o)
 {
     float *gate = buf, *up = gate + (int64_t)T * F;
     const void *w13[2] = {w[0], w[2]};
-    const float *s13[2] = {scale[0], scale[2]}, *z13[2] = {zero[0], zero[2]};
+    const void *s13[2] = {scale[0], scale[2]}, *z13[2] = {zero[0], zero[2]};
     const int64_t nf[2] = {F, F};
     float *const y13[2] = {gate, up};
     int rc = one_pass(kind, xn, T, D, 2, w13, s13, z13, group, nf, y13, 1);

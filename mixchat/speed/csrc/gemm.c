@@ -255,7 +255,7 @@ MC_INLINE __m256 row8_int4(const mc_ctx *c, int64_t n, int64_t k)
     int64_t g = n * (c->K / c->G) + k / c->G;
     __m256 f = _mm256_sub_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(8.f));
     /* (q - 8) * scale + zero, rounded as dequantize_int4 rounds it (mul, then add) */
-    return _mm256_add_ps(_mm256_mul_ps(f, _mm256_set1_ps(c->scale[g])), _mm256_set1_ps(c->zero[g]));
+    return _mm256_add_ps(_mm256_mul_ps(f, _mm256_set1_ps(mc_h2f(c->hscale[g]))), _mm256_set1_ps(mc_h2f(c->hzero[g])));
 }
 
 /* bp[k][0..15] = fp32 weights of rows n0..n0+15 (rows >= N are zero), columns k0..k0+kc-1 (kc % 8 == 0). */

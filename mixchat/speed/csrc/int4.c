@@ -1,6 +1,6 @@
 /*
- * int4.c (part of kernels.c): int4 weights (two nibbles per byte, fp32 scale and zero per group of
- * 32/64/128). The shared scale-vector and zero-point epilogue, the exact path (fp32 activations, nibbles
+ * int4.c (part of kernels.c): int4 weights (two nibbles per byte, fp16 scale and zero per group of
+ * 32/64/128, converted to fp32 as they are read). The shared scale-vector and zero-point epilogue, the exact path (fp32 activations, nibbles
  * converted in place), the Q8 path (x rounded to int8 per 32 columns, or per group of 128, prepared by
  * prep_q8 in the nibble order), and the portable scalar loop. The entry points are in onepass.c.
  */
@@ -21,7 +21,7 @@ MC_MAYBE_UNUSED static void int4_rows_scalar(const mc_ctx *c, int64_t lo, int64_
                     d += (float)(q - 8) * x[k];
                     sx += x[k];
                 }
-                s += c->scale[n * ng + g] * d + c->zero[n * ng + g] * sx;
+                s += mc_h2f(c->hscale[n * ng + g]) * d + mc_h2f(c->hzero[n * ng + g]) * sx;
             }
             c->y[t * c->N + n] = s;
         }
@@ -36,27 +36,28 @@ MC_MAYBE_UNUSED static void int4_rows_scalar(const mc_ctx *c, int64_t lo, int64_
  * G = 32 lanes 0-3 of the block's results belong to its first group and lanes 4-7 to the second
  * (both kernels below arrange their lanes that way). */
 
-MC_INLINE __m256 int4_scale_vec(const float *sc_row, int64_t k, const int GS)
+MC_INLINE __m256 int4_scale_vec(const uint16_t *sc_row, int64_t k, const int GS)
 {
-    if (GS >= 64) return _mm256_set1_ps(sc_row[(uint64_t)k / GS]);
-    return _mm256_setr_m128(_mm_set1_ps(sc_row[(uint64_t)k / 32]), _mm_set1_ps(sc_row[(uint64_t)k / 32 + 1]));
+    if (GS >= 64) return _mm256_set1_ps(mc_h2f(sc_row[(uint64_t)k / GS]));
+    return _mm256_setr_m128(_mm_set1_ps(mc_h2f(sc_row[(uint64_t)k / 32])),
+                            _mm_set1_ps(mc_h2f(sc_row[(uint64_t)k / 32 + 1])));
 }
 
 /* y = partial + sum_g (zero_g - 8 * scale_g) * sum_{k in g} x_k */
 MC_INLINE void int4_epi(const mc_ctx *c, int64_t n, const int T, const float *part)
 {
     const int64_t ng = c->K / c->G;
-    const float *sc = c->scale + n * ng, *zp = c->zero + n * ng;
+    const uint16_t *sc = c->hscale + n * ng, *zp = c->hzero + n * ng;
     for (int t = 0; t < T; t++) {
         const float *xs = c->xs + t * ng;
         __m256 z = _mm256_setzero_ps();
         int64_t g = 0;
         for (; g + 8 <= ng; g += 8) {
-            __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), _mm256_loadu_ps(sc + g), _mm256_loadu_ps(zp + g));
+            __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), mc_h2f8(sc + g), mc_h2f8(zp + g));
             z = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs + g), z);
         }
         float s = part[t] + hsum8(z);
-        for (; g < ng; g++) s += (zp[g] - 8.f * sc[g]) * xs[g];
+        for (; g < ng; g++) s += (mc_h2f(zp[g]) - 8.f * mc_h2f(sc[g])) * xs[g];
         c->y[t * c->N + n] = s;
     }
 }
@@ -103,7 +104,7 @@ MC_INLINE void int4_block(const mc_ctx *c, int64_t n0, int64_t k0, int64_t k1, c
             }
         }
         MC_UNROLL for (int r = 0; r < R; r++) {
-            __m256 sv = int4_scale_vec(c->scale + (n0 + r) * ng, k, GS);
+            __m256 sv = int4_scale_vec(c->hscale + (n0 + r) * ng, k, GS);
             MC_UNROLL for (int t = 0; t < T; t++) {
                 __m256 a = acc[0][r][t];
                 MC_UNROLL for (int s = 1; s < S; s++) a = _mm256_add_ps(a, acc[s][r][t]);
@@ -164,15 +165,16 @@ static void prep_int4(const float *x, int T, int64_t K, float *xp)
  * (VNNI: vpdpbusd for each half; BW: vpmaddubsw, add, vpmaddwd, as in AVX2), each lane converted and scaled
  * by x's and w's block scales, as in AVX2; only the order of the fp32 additions across lanes differs.
  * `full` = 0: the last 64 columns of a row alone (K % 128 == 64, groups of 32 or 64), upper lanes zero. */
-MC_INLINE __m512 int4_scale_vec512(const float *sc_row, int64_t k, const int GS, const int full)
+MC_INLINE __m512 int4_scale_vec512(const uint16_t *sc_row, int64_t k, const int GS, const int full)
 {
     const uint64_t g = (uint64_t)k / GS;
-    if (GS == 128) return _mm512_set1_ps(sc_row[g]);
+    if (GS == 128) return _mm512_set1_ps(mc_h2f(sc_row[g]));
     if (GS == 64)
-        return _mm512_mask_blend_ps((__mmask16)0xff00, _mm512_set1_ps(sc_row[g]),
-                                    _mm512_set1_ps(full ? sc_row[g + 1] : 0.f));
-    /* GS == 32: lanes 4L..4L+3 take block L's scale */
-    __m128 s4 = full ? _mm_loadu_ps(sc_row + g) : _mm_maskz_loadu_ps((__mmask8)0x3, sc_row + g);
+        return _mm512_mask_blend_ps((__mmask16)0xff00, _mm512_set1_ps(mc_h2f(sc_row[g])),
+                                    _mm512_set1_ps(full ? mc_h2f(sc_row[g + 1]) : 0.f));
+    /* GS == 32: lanes 4L..4L+3 take block L's scale (four fp16, or two where the row ends) */
+    __m128 s4 = _mm_cvtph_ps(full ? _mm_loadl_epi64((const __m128i *)(sc_row + g))
+                                  : _mm_maskz_loadu_epi16((__mmask8)0x3, sc_row + g));
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
                                  _mm512_castps128_ps512(s4));
 }
@@ -190,7 +192,7 @@ MC_INLINE void int4q8_step512(const mc_ctx *c, const uint8_t *w, int64_t n0, int
         MC_REG(v);
         ql[r] = _mm512_and_si512(v, lo_mask);
         qh[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
-        sv[r] = int4_scale_vec512(c->scale + (n0 + r) * ng, k, GS, full);
+        sv[r] = int4_scale_vec512(c->hscale + (n0 + r) * ng, k, GS, full);
     }
     MC_UNROLL for (int t = 0; t < T; t++) {
         const int8_t *xb = c->xq + t * K + k;
@@ -262,7 +264,7 @@ MC_INLINE void int4q8_step(const mc_ctx *c, const uint8_t *w, int64_t n0, int64_
         MC_REG(v);
         ql[r] = _mm256_and_si256(v, lo_mask);
         qh[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo_mask);
-        sv[r] = int4_scale_vec(c->scale + (n0 + r) * ng, k, GS);
+        sv[r] = int4_scale_vec(c->hscale + (n0 + r) * ng, k, GS);
     }
     MC_UNROLL for (int t = 0; t < T; t++) {
         const int8_t *xb = c->xq + t * K + k;
@@ -299,7 +301,7 @@ MC_INLINE void int4q8_step128(const mc_ctx *c, const uint8_t *w, int64_t n0, int
             ql[r][h] = _mm256_and_si256(v, lo_mask);
             qh[r][h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo_mask);
         }
-        sv[r] = _mm256_set1_ps(c->scale[(n0 + r) * ng + (uint64_t)k / 128]);
+        sv[r] = _mm256_set1_ps(mc_h2f(c->hscale[(n0 + r) * ng + (uint64_t)k / 128]));
     }
     MC_UNROLL for (int t = 0; t < T; t++) {
         const int8_t *xb = c->xq + t * K + k;

@@ -19,7 +19,7 @@ MC_MAYBE_UNUSED static int group_index(int G) { return G == 32 ? 0 : G == 64 ? 1
  * which drafting's verify pass needs to reproduce plain decoding; otherwise each row count gets the
  * accumulator layout that is fastest for it, which changes the order of the fp32 sums. */
 static int one_pass(int kind, const float *x, int T, int64_t K, int n, const void *const *w,
-                    const float *const *scale, const float *const *zero, int G, const int64_t *N, float *const *y,
+                    const void *const *scale, const void *const *zero, int G, const int64_t *N, float *const *y,
                     int exact)
 {
 #ifndef MC_INT4_UNSLICED
@@ -76,8 +76,11 @@ static int one_pass(int kind, const float *x, int T, int64_t K, int n, const voi
             jobs[i].c.N = N[i];
             /* the kernels index y[t * N + n]: a slice of rows of x is a slice of rows of y */
             jobs[i].c.y = y[i] + (int64_t)t0 * N[i];
-            if (kind >= 1) jobs[i].c.scale = scale[i];
-            if (kind == 2) jobs[i].c.zero = zero[i];
+            if (kind == 1) jobs[i].c.scale = (const float *)scale[i];
+            if (kind == 2) {
+                jobs[i].c.hscale = (const uint16_t *)scale[i];
+                jobs[i].c.hzero = (const uint16_t *)zero[i];
+            }
         }
         mc_run_jobs(jobs, n);
     }
@@ -159,7 +162,8 @@ MC_API int mc_linear_int8_q8(const float *x, int T, int64_t K, const int8_t *q, 
     if (T >= g_gemm_min_rows || K % 32) return mc_linear_int8(x, T, K, q, scale, N, y);
 #if MC_AVX2
     const void *wv = q;
-    return one_pass(1, x, T, K, 1, &wv, &scale, NULL, 0, &N, &y, 0);
+    const void *sv = scale;
+    return one_pass(1, x, T, K, 1, &wv, &sv, NULL, 0, &N, &y, 0);
 #else
     float *xr = (float *)mc_scratch((size_t)T * (size_t)K * sizeof(float));
     if (!xr) return MC_ENOMEM;
@@ -173,13 +177,13 @@ static int int4_args_ok(int T, int64_t K, int64_t N, int G)
     return T >= 1 && N >= 1 && K >= 64 && K % 64 == 0 && (G == 32 || G == 64 || G == 128) && K % G == 0;
 }
 
-MC_API int mc_linear_int4(const float *x, int T, int64_t K, const uint8_t *packed, const float *scale,
-                          const float *zero, int G, int64_t N, float *y)
+MC_API int mc_linear_int4(const float *x, int T, int64_t K, const uint8_t *packed, const uint16_t *scale,
+                          const uint16_t *zero, int G, int64_t N, float *y)
 {
     if (!int4_args_ok(T, K, N, G)) return MC_EBADARG;
 #if MC_AVX2
     if (T >= g_gemm_min_rows) { /* exact x: rounding it buys nothing once FMAs, not bytes, are the limit */
-        mc_ctx c = {.x = x, .w = packed, .scale = scale, .zero = zero, .y = y, .N = N, .K = K, .T = T, .G = G};
+        mc_ctx c = {.x = x, .w = packed, .hscale = scale, .hzero = zero, .y = y, .N = N, .K = K, .T = T, .G = G};
         return gemm_run(&c, pack_int4);
     }
     const int64_t ng = K / G;
@@ -192,27 +196,27 @@ MC_API int mc_linear_int4(const float *x, int T, int64_t K, const uint8_t *packe
         const float *xt = x + (int64_t)t0 * K;
         prep_int4(xt, tt, K, xp);
         group_sums(xt, tt, K, G, xs);
-        mc_ctx c = {.x = xt, .xp = xp, .xs = xs, .w = packed, .scale = scale, .zero = zero,
+        mc_ctx c = {.x = xt, .xp = xp, .xs = xs, .w = packed, .hscale = scale, .hzero = zero,
                     .y = y + (int64_t)t0 * N, .N = N, .K = K, .KC = K, .T = tt, .G = G};
         mc_run(int4_fns[group_index(G)][tt], &c, 0);
     }
 #else
-    mc_ctx c = {.x = x, .w = packed, .scale = scale, .zero = zero, .y = y, .N = N, .K = K, .T = T, .G = G};
+    mc_ctx c = {.x = x, .w = packed, .hscale = scale, .hzero = zero, .y = y, .N = N, .K = K, .T = T, .G = G};
     mc_run(int4_rows_scalar, &c, 0);
 #endif
     return 0;
 }
 
-MC_API int mc_linear_int4_q8(const float *x, int T, int64_t K, const uint8_t *packed, const float *scale,
-                             const float *zero, int G, int64_t N, float *y)
+MC_API int mc_linear_int4_q8(const float *x, int T, int64_t K, const uint8_t *packed, const uint16_t *scale,
+                             const uint16_t *zero, int G, int64_t N, float *y)
 {
     if (!int4_args_ok(T, K, N, G)) return MC_EBADARG;
 #if MC_AVX2
     /* Every row count: integer multiply-adds on 8 rows of x per pass beat the fp32 GEMM on prompts too
      * (126-141 against 113-116 GFLOP/s on a 7B's shapes at T = 128, 2 cores), unlike int8, whose GEMM
      * converts a byte per weight with no unpacking to share. */
-    const void *wv = packed;
-    return one_pass(2, x, T, K, 1, &wv, &scale, &zero, G, &N, &y, 0);
+    const void *wv = packed, *sv = scale, *zv = zero;
+    return one_pass(2, x, T, K, 1, &wv, &sv, &zv, G, &N, &y, 0);
 #else
     /* Same rounding of x as the SIMD path (so results do not depend on the build), then the scalar
      * exact kernel on the rounded values. */
@@ -261,12 +265,13 @@ static int multi_args_ok(int kind, int T, int64_t K, int n, int G, const int64_t
 }
 
 /* One weight of `kind` through its single entry point (what the multi-weight calls fall back to). */
-static int single_product(int kind, const float *x, int T, int64_t K, const void *w, const float *scale,
-                          const float *zero, int G, int64_t N, float *y)
+static int single_product(int kind, const float *x, int T, int64_t K, const void *w, const void *scale,
+                          const void *zero, int G, int64_t N, float *y)
 {
     return kind == 0   ? mc_linear_bf16(x, T, K, (const uint16_t *)w, N, y)
-           : kind == 1 ? mc_linear_int8_q8(x, T, K, (const int8_t *)w, scale, N, y)
-                       : mc_linear_int4_q8(x, T, K, (const uint8_t *)w, scale, zero, G, N, y);
+           : kind == 1 ? mc_linear_int8_q8(x, T, K, (const int8_t *)w, (const float *)scale, N, y)
+                       : mc_linear_int4_q8(x, T, K, (const uint8_t *)w, (const uint16_t *)scale,
+                                           (const uint16_t *)zero, G, N, y);
 }
 
 /* Several products of the same x, in one thread region (see mc_run_jobs): y_i = x w_i^T for
@@ -274,7 +279,7 @@ static int single_product(int kind, const float *x, int T, int64_t K, const void
  * (scale[i]); 2: int4 as mc_linear_int4_q8 (scale[i], zero[i], G). x is prepared once for all of them.
  * From the GEMM's row count on, or without AVX2, the single entry points run in turn. */
 MC_API int mc_linear_multi(int kind, const float *x, int T, int64_t K, int n, const void *const *w,
-                           const float *const *scale, const float *const *zero, int G, const int64_t *N,
+                           const void *const *scale, const void *const *zero, int G, const int64_t *N,
                            float *const *y)
 {
     if (!multi_args_ok(kind, T, K, n, G, N)) return MC_EBADARG;
@@ -294,7 +299,7 @@ MC_API int mc_linear_multi(int kind, const float *x, int T, int64_t K, int n, co
  * verify pass. Slower per row than mc_linear_multi's layouts for T > 1, still one read of each weight per
  * 8 rows. Without AVX2 (or for int8 with K % 32 != 0) the rows go one at a time through the entry points. */
 MC_API int mc_linear_rows(int kind, const float *x, int T, int64_t K, int n, const void *const *w,
-                          const float *const *scale, const float *const *zero, int G, const int64_t *N,
+                          const void *const *scale, const void *const *zero, int G, const int64_t *N,
                           float *const *y)
 {
     if (!multi_args_ok(kind, T, K, n, G, N)) return MC_EBADARG;

@@ -14,6 +14,7 @@ This package re-exports what the rest of mixchat, the tests and the benchmarks c
 from mixchat.speed.kernels.decode import DecodeLayer, DecodeMoe, Slots
 from mixchat.speed.kernels.formats import (
     INT4_GROUPS,
+    INT4_PARAMS,
     dequantize_int4,
     pack_int4,
     q8_block,
@@ -52,7 +53,8 @@ from mixchat.speed.kernels.loader import (
 from mixchat.speed.kernels.loader import _compiler as _compiler  # tests skip builds without one
 
 __all__ = [
-    "FLAGS", "GEMM_MIN_ROWS", "INT4_GROUPS", "ISAS", "MULTI_MAX", "SIMD_LEVELS", "DecodeLayer", "DecodeMoe", "Slots",
+    "FLAGS", "GEMM_MIN_ROWS", "INT4_GROUPS", "INT4_PARAMS", "ISAS", "MULTI_MAX", "SIMD_LEVELS", "DecodeLayer",
+    "DecodeMoe", "Slots",
     "KernelError", "available", "bf16_x", "bf16dot", "build", "cache_root", "dequantize_int4", "forced_isa",
     "get_gemm_min_rows", "get_num_threads", "isa_flags", "library", "linear_bf16", "linear_int4", "linear_int8",
     "linear_many", "pack_int4", "q8_block", "quantize_x_q8", "read_probe", "reapply_settings", "reason",

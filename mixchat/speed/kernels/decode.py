@@ -11,6 +11,7 @@ import ctypes
 
 import torch
 
+from mixchat.speed.kernels.formats import INT4_PARAMS
 from mixchat.speed.kernels.linear import _MULTI_KINDS, _check_int4_k, _check_weight
 from mixchat.speed.kernels.loader import KernelError, _call, _get
 
@@ -65,7 +66,7 @@ def _check_parts(kind: str, parts: list[tuple[torch.Tensor, ...]], shapes: list[
         if tuple(p[0].shape) != (n, k // wide):
             raise ValueError(f"weight of shape {list(p[0].shape)} where the layer needs {[n, k // wide]}")
         for t in p[1:]:
-            _check_weight(t, "scale", torch.float32, dim=t.dim())
+            _check_weight(t, "scale", INT4_PARAMS if kind == "int4" else torch.float32, dim=t.dim())
 
 
 class DecodeLayer:

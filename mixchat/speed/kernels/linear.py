@@ -2,7 +2,7 @@
 
     linear_bf16(x, w)                          w bfloat16 [N, K], or the transpose of a contiguous [K, N]
     linear_int8(x, q, scale)                   q int8 [N, K], scale fp32 [N]
-    linear_int4(x, packed, scale, zero, group) packed uint8 [N, K/2] (formats.pack_int4), scale/zero fp32 [N, K/G]
+    linear_int4(x, packed, scale, zero, group) packed uint8 [N, K/2] (formats.pack_int4), scale/zero fp16 [N, K/G]
     linear_many(x, kind, weights, group)       several weights of one format in one call
 
 Decoding reads every weight once per token, so a token costs (weight bytes) / (memory bandwidth). On AVX2
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mixchat.speed.kernels import loader
-from mixchat.speed.kernels.formats import INT4_GROUPS, dequantize_int4, q8_block, quantize_x_q8
+from mixchat.speed.kernels.formats import INT4_GROUPS, INT4_PARAMS, dequantize_int4, q8_block, quantize_x_q8
 from mixchat.speed.kernels.loader import KernelError, _call, _get, get_gemm_min_rows
 
 
@@ -140,7 +140,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
                 exact: bool = False) -> torch.Tensor:
     """y = x @ w.T with w = (q - 8) * scale + zero per group of `group` along K, in fp32.
 
-    packed uint8 [N, K/2] (see pack_int4), scale and zero float32 [N, K/G]; K % 64 == 0, group in 32/64/128.
+    packed uint8 [N, K/2] (see pack_int4), scale and zero float16 [N, K/G]; K % 64 == 0, group in 32/64/128.
 
     By default x is rounded to int8 in blocks of 32 (one fp32 scale per block, llama.cpp's Q8_0; for
     groups of 128 one scale per group, see q8_block) so the dot products run as integer multiply-adds:
@@ -156,7 +156,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     k = 2 * half
     _check_int4_k(k, group)
     for name, t in (("scale", scale), ("zero", zero)):
-        _check_weight(t, name, torch.float32)
+        _check_weight(t, name, INT4_PARAMS)
         if t.shape != (n, k // group):
             raise ValueError(f"{name} must be [{n}, {k // group}], not {tuple(t.shape)}")
     x2 = _rows(x, k)
@@ -198,7 +198,7 @@ def linear_many(x: torch.Tensor, kind: str, weights: list[tuple[torch.Tensor, ..
         _check_int4_k(k, group)
     for parts in weights:
         for name, t in zip(("scale", "zero"), parts[1:], strict=False):
-            _check_weight(t, name, torch.float32, dim=1 if kind == "int8" else 2)
+            _check_weight(t, name, torch.float32 if kind == "int8" else INT4_PARAMS, dim=1 if kind == "int8" else 2)
             if t.shape[0] != parts[0].shape[0]:
                 raise ValueError(f"{name} has {t.shape[0]} rows, the weight {parts[0].shape[0]}")
     return linear_many_lib(_get(), x, kind, weights, group, k, exact_rows)

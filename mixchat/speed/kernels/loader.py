@@ -56,7 +56,7 @@ def _source_files() -> list[Path]:
 
 ISAS = ("native", "avx2", "portable")
 _COMMON = ("-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fvisibility=hidden")
-ABI_VERSION = 11  # must match MC_ABI_VERSION in csrc/common.h
+ABI_VERSION = 12  # must match MC_ABI_VERSION in csrc/common.h
 GEMM_MIN_ROWS = 12  # the C side's default (mc_get_gemm_min_rows)
 # mc_simd_level(): which row kernels the compiler's feature macros chose for this build.
 SIMD_LEVELS = {0: "scalar code", 1: "AVX2+FMA code", 2: "AVX-512 code", 3: "AVX-512 code with VNNI"}

@@ -36,6 +36,7 @@ import torch
 from mixchat.paths import env_choice
 from mixchat.speed import hugepages
 from mixchat.speed.kernels import measured
+from mixchat.speed.kernels.formats import INT4_PARAMS
 
 FILE = "row-prefetch.json"
 FORMATS = ("bf16", "int8", "int4")  # MC_FMT_* in csrc/common.h, in order
@@ -211,8 +212,8 @@ def _product(fmt: str, cols: int, lib: object) -> tuple[Callable[[], int], int]:
         fn = lib.mc_linear_int8_q8
     else:
         group = 128
-        w = (_weight((rows, cols // 2), torch.uint8, 1), _weight((rows, cols // group), torch.float32, 1),
-             _weight((rows, cols // group), torch.float32, 0))
+        w = (_weight((rows, cols // 2), torch.uint8, 1), _weight((rows, cols // group), INT4_PARAMS, 1),
+             _weight((rows, cols // group), INT4_PARAMS, 0))
         args = (x.data_ptr(), 1, cols, w[0].data_ptr(), w[1].data_ptr(), w[2].data_ptr(), group, rows,
                 y.data_ptr())
         fn = lib.mc_linear_int4_q8
@@ -220,7 +221,7 @@ def _product(fmt: str, cols: int, lib: object) -> tuple[Callable[[], int], int]:
     def run(_alive: tuple = (x, y, w)) -> int:  # the tensors live as long as the call holding their pointers
         return fn(*args)
 
-    # every byte read: int4's fp32 scale and zero per group of 128 add 12.5 % to its nibbles, as in `bench`
+    # every byte read: int4's fp16 scale and zero per group of 128 add 6.25 % to its nibbles, as in `bench`
     return run, sum(t.numel() * t.element_size() for t in w)
 
 

@@ -7,7 +7,15 @@ import ctypes
 
 import torch
 
-from mixchat.speed.kernels.formats import INT4_GROUPS, dequantize_int4, pack_int4, q8_block, quantize_x_q8, unpack_int4
+from mixchat.speed.kernels.formats import (
+    INT4_GROUPS,
+    INT4_PARAMS,
+    dequantize_int4,
+    pack_int4,
+    q8_block,
+    quantize_x_q8,
+    unpack_int4,
+)
 from mixchat.speed.kernels.linear import _ptr, bf16_x, linear_many_lib
 from mixchat.speed.kernels.loader import KernelError
 
@@ -37,7 +45,7 @@ def _int4_abs(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     q = unpack_int4(packed).float()
     n, k = q.shape
     q = q.view(n, k // group, group)
-    s, z = scale[..., None], zero[..., None]
+    s, z = scale.float()[..., None], zero.float()[..., None]
     return torch.maximum(s.abs() * q + (z - 8 * s).abs(), (s * (q - 8)).abs() + z.abs()).view(n, k)
 
 
@@ -71,8 +79,8 @@ def self_check(lib: ctypes.CDLL) -> None:
                     if k % g:
                         continue
                     packed = pack_int4(torch.randint(0, 16, (n, k), generator=gen))
-                    sc = torch.rand(n, k // g, generator=gen) + 0.1
-                    zp = torch.randn(n, k // g, generator=gen)
+                    sc = (torch.rand(n, k // g, generator=gen) + 0.1).to(INT4_PARAMS)
+                    zp = torch.randn(n, k // g, generator=gen).to(INT4_PARAMS)
                     w4, w4_abs = dequantize_int4(packed, sc, zp, g), _int4_abs(packed, sc, zp, g)
                     for fn, xr in (("mc_linear_int4", x), ("mc_linear_int4_q8", quantize_x_q8(x, q8_block(g)))):
                         if getattr(lib, fn)(_ptr(x), t, k, _ptr(packed), _ptr(sc), _ptr(zp), g, n, _ptr(y)) != 0:
@@ -87,8 +95,9 @@ def self_check(lib: ctypes.CDLL) -> None:
               for n in (24, 40)]
         for got, (q, s) in zip(linear_many_lib(lib, x, "int8", qs), qs, strict=True):
             _close("multi int8", got, quantize_x_q8(x), q.float() * s[:, None])
-        p4 = [(pack_int4(torch.randint(0, 16, (n, 128), generator=gen)), torch.rand(n, 4, generator=gen) + 0.1,
-               torch.randn(n, 4, generator=gen)) for n in (24, 40)]
+        p4 = [(pack_int4(torch.randint(0, 16, (n, 128), generator=gen)),
+               (torch.rand(n, 4, generator=gen) + 0.1).to(INT4_PARAMS),
+               torch.randn(n, 4, generator=gen).to(INT4_PARAMS)) for n in (24, 40)]
         for got, (pk, sc, zp) in zip(linear_many_lib(lib, x, "int4", p4, 32), p4, strict=True):
             _close("multi int4", got, quantize_x_q8(x), dequantize_int4(pk, sc, zp, 32), _int4_abs(pk, sc, zp, 32))
         # The GEMM path (many rows of x): partial tiles in T and N, K not a multiple of its block.
@@ -113,7 +122,8 @@ def self_check(lib: ctypes.CDLL) -> None:
             lib.mc_linear_bf16_t(_ptr(x), rows, k, _ptr(wt), n, _ptr(y))
             _close(f"bf16 transposed T={rows} N={n} K={k}", y[:rows], x[:rows], wt.float().T)
         packed = pack_int4(torch.randint(0, 16, (n, k), generator=gen))
-        sc, zp = torch.rand(n, k // 64, generator=gen) + 0.1, torch.randn(n, k // 64, generator=gen)
+        sc = (torch.rand(n, k // 64, generator=gen) + 0.1).to(INT4_PARAMS)
+        zp = torch.randn(n, k // 64, generator=gen).to(INT4_PARAMS)
         w4, w4_abs = dequantize_int4(packed, sc, zp, 64), _int4_abs(packed, sc, zp, 64)
         lib.mc_linear_int4(_ptr(x), t, k, _ptr(packed), _ptr(sc), _ptr(zp), 64, n, _ptr(y))
         _close(f"int4 GEMM T={t} N={n} K={k}", y, x, w4, w4_abs)
