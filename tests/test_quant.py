@@ -91,9 +91,10 @@ def test_int4_refuses_weights_beyond_fp16_with_the_tensors_name():
     w[2, 5] = 1e5
     with pytest.raises(MixchatError, match=r"layers\.0\.attention\.wq\.weight .*--quant int8"):
         quant.quantize_tensor(w, QuantSpec("int4", 128), "layers.0.attention.wq.weight")
-    w[2, 5] = float("inf")
-    with pytest.raises(MixchatError, match="fp16"):
-        quantize_int4(w, 128)
+    for bad in (float("inf"), float("nan")):
+        w[2, 5] = bad
+        with pytest.raises(MixchatError, match="NaN or infinite.*mixchat verify"):
+            quantize_int4(w, 128)
 
 
 def test_a_cache_of_an_older_format_is_quantized_again(monkeypatch):
@@ -272,6 +273,21 @@ def test_cli_one_shot_and_inspect_with_quant(capsys):
     assert '"done": true' in out[-1]
     assert main(["inspect", str(DEMO)]) == 0
     assert "int8" in capsys.readouterr().out
+
+
+def test_int4_of_a_release_with_weights_past_fp16_is_one_line_and_no_cache(make_release, capsys):
+    from mixchat.dev.synthetic import random_state
+    from mixchat.frontends.cli import main
+
+    args = tiny_args()
+    state = random_state(args)
+    state["layers.1.feed_forward.w2.weight"][3, 7] = 1e5  # bf16 holds it; an fp16 scale cannot
+    folder = make_release(args, state=state)
+    assert main(["-m", str(folder), "--quant", "int4-32", "--no-save", "--max-tokens", "2", "-p", "Hi"]) != 0
+    err = capsys.readouterr().err
+    assert "layers.1.feed_forward.w2.weight" in err and "--quant int8" in err and "Traceback" not in err
+    assert not list(quant.cache_dir().glob("*int4*"))  # nothing half-written is left to be trusted later
+    assert main(["-m", str(folder), "--quant", "int8", "--no-save", "--max-tokens", "2", "-p", "Hi"]) == 0
 
 
 def test_a_quantized_load_warms_the_embedding_table_not_the_file(monkeypatch):

@@ -71,11 +71,13 @@ def quantize_int4(w: torch.Tensor, group: int,
         raise MixchatError(f"int4 group {group} does not divide the input dimension {k}; choose int4-32")
     g = w.float().view(n, k // group, group)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scale32 = (hi - lo) / 15.0
-    if not bool(torch.isfinite(scale32).all()) or float(hi.abs().max()) > _FP16_MAX or \
-            float(lo.abs().max()) > _FP16_MAX:
+    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+        raise MixchatError(f"{name} holds NaN or infinite values, which int4 cannot store: the release is damaged "
+                           "or not a real one; check it with `mixchat verify`")
+    if max(float(hi.abs().max()), float(lo.abs().max())) > _FP16_MAX:
         raise MixchatError(f"{name} has weights beyond fp16's range (+-65504), where int4 keeps its scales; "
                            "quantize this model with --quant int8, or run it unquantized")
+    scale32 = (hi - lo) / 15.0
     # the smallest fp16 subnormal: a constant group keeps a scale q can be divided by
     scale = scale32.clamp(min=2.0**-24).to(INT4_PARAMS)
     zero = (lo + 8.0 * scale.float()).to(INT4_PARAMS)
@@ -338,11 +340,15 @@ def quantize_state(state: dict[str, torch.Tensor], spec: QuantSpec, fingerprint:
                 os.replace(tmp, path)
                 checksum.stamp(path)  # just written from memory: no need to read it back at the next start
                 return Quantized(names, spec, path)
-            except OSError as e:
+            except BaseException as e:
+                # A refused weight (MixchatError), Ctrl+C or a full disk: the partial file goes now, not at the
+                # next start (a 7B's is gigabytes, and the TUI may run for days).
                 try:
                     tmp.unlink(missing_ok=True)
                 except OSError:
                     pass
+                if not isinstance(e, OSError):
+                    raise
                 print(f"mixchat: could not write the quantized weights to {path} ({e.strerror or e}); quantizing "
                       "in memory, again at every start", file=sys.stderr)
                 bar.done = 0
