@@ -749,8 +749,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "even ones), and report medians: this machine's memory speed drifts by 20%% over minutes, so "
                     "one run of each can mislead (default 1)")
     ap.add_argument("--mixchat-int4", default="int4", metavar="CHOICE",
-                    help="mixchat's --quant for int4 (default int4: groups of 128, as many bits per weight as "
-                    "Q4_0; int4-32/int4-64 spend more)")
+                    help="mixchat's --quant for int4 (default int4: groups of 128, 4.25 bits per weight against "
+                    "Q4_0's 4.5; int4-64 spends as many as Q4_0, int4-32 more)")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                     help=f"llama.cpp download, build and GGUF files (default {DEFAULT_CACHE})")
     ap.add_argument("--jobs", type=positive, default=os.cpu_count() or 1, help="parallel compile jobs")

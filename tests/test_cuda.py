@@ -11,7 +11,7 @@ from mixchat.engine.engine import Engine
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 
-@pytest.mark.parametrize("quant", [None, "int8"])
+@pytest.mark.parametrize("quant", [None, "int8", "int4-32"])  # int4-32: the tiny model's dim is 64
 @pytest.mark.parametrize("layout", ["dense", "experts"])
 def test_gpu_logits_match_the_cpu(make_release, layout, quant):
     args = tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2}) if layout == "experts" else tiny_args()

@@ -75,14 +75,18 @@ def test_int4_round_trip_error_is_within_half_a_step(group):
 def test_int4_keeps_fp16_scales_and_fits_q_to_them():
     # 0.8.0: fp16 scale and zero (6 % of int4's bytes at groups of 128, not 11 %); q is chosen against the
     # rounded values, so the half-step bound above holds for what is stored, constant groups included
-    w = torch.randn(8, 256) * 0.02
-    w[0, :128] = 0.25  # a constant group: its scale is fp16's smallest, not zero
+    w = torch.randn(10, 256) * 0.02
+    w[0, :128] = 0.25  # a constant group fp16 holds: exact
+    w[0, 128:] = 0.1  # one fp16 does not hold: its zero is off by half an ulp, the scale covers it
     w[1] = torch.linspace(-3e4, 3e4, 256)  # near fp16's range
+    w[2, :128] = 1000.3  # rounds to 1000.5 in fp16
+    w[3] = 1.0 + torch.linspace(0, 1e-3, 256)  # a narrow range far from zero
+    w[4, :128] = torch.linspace(0, 15 * 1.45 * 2.0**-24, 128)  # a scale that would round down to fp16's least
     packed, scale, zero = quantize_int4(w, 128)
     assert scale.dtype == zero.dtype == torch.float16 and bool(torch.isfinite(scale).all())
     back = dequantize({"q": packed, "scale": scale, "zero": zero})
     step = scale.float().repeat_interleave(128, dim=1)
-    assert ((back - w).abs() <= step / 2 + 1e-6 * w.abs()).all()
+    assert ((back - w).abs() <= step / 2 * (1 + 1e-5)).all()
     assert torch.equal(back[0, :128], w[0, :128])
 
 
@@ -175,8 +179,8 @@ def bf16_reference():
 
 
 # Measured on the shipped demo model (tests/data/austen_heldout.txt, 250 tokens): perplexity vs bf16
-# -0.15 % (int8), +1.13 % (int4: groups of 128), -0.58 % (int4-32), +0.60 % (int4-64); top-1 agreement
-# with bf16 0.992, 0.940, 0.964, 0.964 (0.8.0, int4 with fp16 scales and zeros; with fp32 ones +1.20 %,
+# -0.15 % (int8), +1.05 % (int4: groups of 128), -0.61 % (int4-32), +0.45 % (int4-64); top-1 agreement
+# with bf16 0.992, 0.940, 0.964, 0.968 (0.8.0, int4 with fp16 scales and zeros; with fp32 ones +1.20 %,
 # -0.67 %, +0.62 % and 0.931, 0.972, 0.964). int4 prompts round x to int8 as decode does (per 128 columns for
 # groups of 128, per 32 otherwise; kernels.q8_block): before that, with exact x, int4 measured -1.21 % and
 # 0.960. The bounds are the issue's: 1 % and 5 %.
@@ -205,7 +209,7 @@ def bf16_decoded():
 
 # Decoding (one token at a time) rounds the activations to int8 too, as llama.cpp's Q8_0 and Q4_0 do (int8
 # per 32 columns; the int8 prompt path keeps x exact). Measured over the first 160 tokens of the passage:
-# -0.34 % / agreement 0.994 (int8), +0.89 % / 0.950 (int4; 0.7.9's fp32 scales: +1.19 % / 0.950). The bounds
+# -0.34 % / agreement 0.994 (int8), +1.05 % / 0.950 (int4; 0.7.9's fp32 scales: +1.19 % / 0.950). The bounds
 # are the issue's 1 % and 5 %.
 @pytest.mark.parametrize("name,ppl_max,agree_min", [("int8", 0.01, 0.95), ("int4", 0.05, 0.88)])
 def test_quality_when_decoding_token_by_token(name, ppl_max, agree_min, bf16_decoded):

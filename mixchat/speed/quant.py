@@ -64,8 +64,10 @@ def quantize_int4(w: torch.Tensor, group: int,
                   name: str = "a weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[N, K] float -> (packed uint8 [N, K/2], scale fp16 [N, K/G], zero fp16 [N, K/G]).
 
-    The scale and zero are rounded to fp16 first and q is chosen against those rounded values, so the
-    stored grid (q - 8) * scale + zero is the one q was fitted to."""
+    The zero is rounded to fp16 first, then the scale is the smallest fp16 whose grid (q - 8) * scale + zero
+    still reaches the group's least and greatest weight (rounded up, never down), and q is the nearest grid
+    point: so every stored weight is within half a stored step of the original, constant and tiny groups
+    included (rounding the scale to nearest could leave a group's ends off the grid)."""
     n, k = w.shape
     if k % group:
         raise MixchatError(f"int4 group {group} does not divide the input dimension {k}; choose int4-32")
@@ -77,11 +79,13 @@ def quantize_int4(w: torch.Tensor, group: int,
     if max(float(hi.abs().max()), float(lo.abs().max())) > _FP16_MAX:
         raise MixchatError(f"{name} has weights beyond fp16's range (+-65504), where int4 keeps its scales; "
                            "quantize this model with --quant int8, or run it unquantized")
-    scale32 = (hi - lo) / 15.0
-    # the smallest fp16 subnormal: a constant group keeps a scale q can be divided by
-    scale = scale32.clamp(min=2.0**-24).to(INT4_PARAMS)
-    zero = (lo + 8.0 * scale.float()).to(INT4_PARAMS)
-    s, z = scale.float()[..., None], zero.float()[..., None]
+    zero = (lo + 8.0 * ((hi - lo) / 15.0)).to(INT4_PARAMS)
+    z32 = zero.float()
+    # at least fp16's smallest subnormal: a constant group keeps a scale q can be divided by
+    need = torch.maximum((hi - z32) / 7.0, (z32 - lo) / 8.0).clamp(min=2.0**-24)
+    scale = need.to(INT4_PARAMS)
+    scale = torch.where(scale.float() < need, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    s, z = scale.float()[..., None], z32[..., None]
     q = torch.round((g - z) / s + 8.0).clamp_(0, 15).to(torch.uint8).view(n, k)
     return pack_int4(q), scale, zero
 

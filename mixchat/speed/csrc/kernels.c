@@ -38,7 +38,7 @@
  *         activations (exact); mc_linear_int8_q8 rounds x to int8 per 32 columns (K % 32 == 0) and
  *         uses integer multiply-adds, the only way a core keeps up with the memory read rate.
  *   int4  packed uint8 [N, K/2] (low nibble = even k, high nibble = odd k, values 0..15), scale and zero
- *         fp32 [N, K/G]: w = (q - 8) * scale + zero. K % 64 == 0 and G in {32, 64, 128}.
+ *         fp16 [N, K/G] (uint16 bits, widened exactly; fp32 before ABI 12): w = (q - 8) * scale + zero. K % 64 == 0 and G in {32, 64, 128}.
  *         mc_linear_int4 keeps fp32 activations (exact). mc_linear_int4_q8 rounds x to int8 in blocks
  *         of 32 (one fp32 scale each, like llama.cpp's Q8_0) and uses integer multiply-adds: turning
  *         nibbles into fp32 costs more ALU time than half a byte per weight of memory traffic leaves,

@@ -3,9 +3,10 @@
 int4: per row, q in 0..15 two to a byte, q[:, 2j] in the low nibble and q[:, 2j+1] in the high one; per
 group of G columns (INT4_GROUPS) an fp16 scale and zero (INT4_PARAMS), w = (q - 8) * scale + zero in fp32.
 fp16 rather than fp32 (0.8.0): at groups of 128 the scales and zeros were 11 % of what a decoded token reads,
-now 6 %, and fp16's 11-bit mantissa keeps them to within 0.05 % (llama.cpp's Q4_1 stores its scale and
-minimum the same way). csrc reads exactly this layout, mixchat.speed.quant writes it (and caches it on
-disk), tests and benchmarks build it here.
+now 6 % (llama.cpp's Q4_1 stores its scale and minimum the same way). quant.quantize_int4 rounds the scale
+up to the next fp16, so each weight stays within half a stored step whatever the rounding (below 6.1e-5 fp16
+scales are subnormal, spaced 6e-8 apart: only groups whose range is under 1e-3 meet that). csrc reads exactly
+this layout, mixchat.speed.quant writes it (and caches it on disk), tests and benchmarks build it here.
 mixchat.speed.qformat, which must import without torch, only counts its bytes.
 
 Q8 (llama.cpp's Q8_0): x rounded to int8 per block of columns with one fp32 scale (max|x| / 127), what

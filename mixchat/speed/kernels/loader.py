@@ -291,7 +291,7 @@ def _open(isa: str) -> tuple[ctypes.CDLL, str]:
         if lib.mc_bf16dot():
             notes[-1] += "; vdpbf16ps for bf16"
         if isa == "native" and not lib.mc_simd():
-            notes[-1] += ": the CPU or compiler lacks AVX2+FMA"
+            notes[-1] += ": the CPU or compiler lacks AVX2+FMA+F16C"
         if attempt != flags:
             notes.append(f"built without {' '.join(sorted(set(flags) - set(attempt)))}")
         _opened[isa] = lib, f"ok ({'; '.join(notes)})"
