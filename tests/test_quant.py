@@ -101,13 +101,16 @@ def test_int4_refuses_weights_beyond_fp16_with_the_tensors_name():
             quantize_int4(w, 128)
 
 
-def test_a_cache_of_an_older_format_is_quantized_again(monkeypatch):
+def test_a_cache_of_an_older_format_is_quantized_again(monkeypatch, capsys):
     monkeypatch.setattr(quant, "FORMAT_VERSION", 1)  # what 0.7 wrote: fp32 scales and zeros
     old = Engine.load(DEMO, quant="int4", show_progress=False)
     path = quant.cache_path(old.fingerprint, old.quant)
     monkeypatch.setattr(quant, "FORMAT_VERSION", 2)
+    capsys.readouterr()
     again = Engine.load(DEMO, quant="int4", show_progress=False)
     assert not again.quant_cached and path.is_file()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "format '1'" in err[0] and "quantizing again" in err[0]
     assert Engine.load(DEMO, quant="int4", show_progress=False).quant_cached
 
 

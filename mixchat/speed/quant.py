@@ -294,8 +294,12 @@ def _cache_is_valid(path: Path, fingerprint: str, spec: QuantSpec, names: list[s
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             keys = set(f.keys())
-            if (meta.get("fingerprint"), meta.get("quant"), meta.get("version")) != (
-                    fingerprint, spec.name, str(FORMAT_VERSION)) or not all(f"{n}.q" in keys for n in names):
+            if (meta.get("fingerprint"), meta.get("quant")) == (fingerprint, spec.name) and \
+                    meta.get("version") != str(FORMAT_VERSION):
+                return reject(f"holds format {str(meta.get('version'))[:8]!r}, not this mixchat's {FORMAT_VERSION} "
+                              "(0.8.0 keeps int4's scales in fp16)")
+            if (meta.get("fingerprint"), meta.get("quant")) != (fingerprint, spec.name) or \
+                    not all(f"{n}.q" in keys for n in names):
                 return False
             crcs = checksum.parse_metadata(meta)
             if crcs is None or set(crcs) != keys:
