@@ -197,7 +197,7 @@ def test_the_command_under_torchrun_answers_as_one_process_and_continues_from_it
     v2, f2, proc = answer(TWO, tmp_path / "two", "-c", "And the rivers?", *other)
     v1, f1, _ = answer(ONE, tmp_path / "one", "-c", "And the rivers?")
     assert v1 == v2 and f2["cached_tokens"] == 0 and f1["cached_tokens"] > 0
-    assert "another model, dtype or split" in proc.stderr
+    assert "another model, dtype, quantization or split" in proc.stderr
 
 
 def rank_pid(parent: subprocess.Popen, rank: int) -> int | None:

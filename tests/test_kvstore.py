@@ -56,6 +56,21 @@ def test_cache_from_another_model_is_discarded_with_a_note(engine, tmp_path):
     assert fresh.cache.pos == 0 and fresh.tokens == [] and not (tmp_path / "c.safetensors").exists()
 
 
+def test_cache_from_another_quantization_is_discarded(make_release, tmp_path):
+    # the keys and values depend on the weights: a history cached under int8 and continued unquantized (or
+    # the other way) would answer differently from the same history read again
+    folder = make_release(tiny_args(), seed=23, std=0.15)
+    plain = Engine.load(folder, dtype="fp32", warm=False)
+    int8 = Engine.load(folder, dtype="fp32", quant="int8", warm=False, show_progress=False)
+    assert kvstore.cache_fingerprint(plain) == f"{plain.fingerprint}:float32"  # what 0.7 wrote: still valid
+    s = Session(int8)
+    turn(s, [1, 415, 1369])
+    kvstore.save(tmp_path / "c.safetensors", s, kvstore.cache_fingerprint(int8))
+    fresh = Session(plain)
+    assert "quantization" in kvstore.load(tmp_path / "c.safetensors", fresh, kvstore.cache_fingerprint(plain))
+    assert fresh.cache.pos == 0 and not (tmp_path / "c.safetensors").exists()
+
+
 def test_truncated_cache_file_is_discarded_with_a_note(engine, tmp_path):
     fp = kvstore.cache_fingerprint(engine)
     s = Session(engine)

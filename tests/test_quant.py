@@ -99,18 +99,25 @@ def test_int4_refuses_weights_beyond_fp16_with_the_tensors_name():
         w[2, 5] = bad
         with pytest.raises(MixchatError, match="NaN or infinite.*mixchat verify"):
             quantize_int4(w, 128)
+        # int8 (and int4's int8 output layer) refuses them too, by name, rather than storing NaN scales
+        with pytest.raises(MixchatError, match=r"^output\.weight holds NaN or infinite values, which int8"):
+            quant.quantize_tensor(w, QuantSpec("int8"), "output.weight")
 
 
 def test_a_cache_of_an_older_format_is_quantized_again(monkeypatch, capsys):
-    monkeypatch.setattr(quant, "FORMAT_VERSION", 1)  # what 0.7 wrote: fp32 scales and zeros
+    monkeypatch.setitem(quant.FORMAT_VERSIONS, "int4", 1)  # what 0.7 wrote: fp32 scales and zeros
     old = Engine.load(DEMO, quant="int4", show_progress=False)
     path = quant.cache_path(old.fingerprint, old.quant)
-    monkeypatch.setattr(quant, "FORMAT_VERSION", 2)
+    monkeypatch.setitem(quant.FORMAT_VERSIONS, "int4", 2)
     capsys.readouterr()
     again = Engine.load(DEMO, quant="int4", show_progress=False)
     assert not again.quant_cached and path.is_file()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0] and "format '1'" in err[0] and "quantizing again" in err[0]
+    # int8's format did not change: its cache from before 0.8.0 (version 1) stays valid
+    assert quant.FORMAT_VERSIONS["int8"] == 1
+    Engine.load(DEMO, quant="int8", show_progress=False)
+    assert Engine.load(DEMO, quant="int8", show_progress=False).quant_cached
     assert Engine.load(DEMO, quant="int4", show_progress=False).quant_cached
 
 

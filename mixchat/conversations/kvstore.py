@@ -41,9 +41,13 @@ def disk_budget() -> int:
 
 
 def cache_fingerprint(engine: Engine) -> str:
-    """The model, the dtype and, across ranks, the split (each rank's file holds its own layers)."""
+    """The model, the dtype, the quantization (the keys and values depend on the weights they were computed
+    with: a history cached under int4 and continued without it would answer differently from one read
+    again) and, across ranks, the split (each rank's file holds its own layers). Unquantized, the string is
+    what mixchat wrote before it had the quantization in it, so those caches stay valid."""
+    quant = f":{engine.quant.name}" if engine.quant else ""
     split = f":{engine.split}" if engine.split else ""
-    return f"{engine.fingerprint}:{str(engine.dtype).removeprefix('torch.')}{split}"
+    return f"{engine.fingerprint}:{str(engine.dtype).removeprefix('torch.')}{quant}{split}"
 
 
 def _tmp(path: Path) -> Path:
@@ -85,7 +89,7 @@ def read_file(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | str:
             meta = f.metadata() or {}
             crcs = checksum.parse_metadata(meta)
             if meta.get("fingerprint") != fingerprint:
-                return "it was made by another model, dtype or split"
+                return "it was made by another model, dtype, quantization or split"
             if crcs is None:
                 return "it carries no checksum (an older mixchat wrote it)"
             state = {k: f.get_tensor(k) for k in f.keys()}

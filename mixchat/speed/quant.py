@@ -44,13 +44,21 @@ from mixchat.speed.kernels.formats import INT4_PARAMS, dequantize_int4, pack_int
 from mixchat.speed.linear import fp32_scratch, kernels_or_none
 from mixchat.speed.qformat import QuantSpec, quantizable, spec_for
 
-# 2 (0.8.0): int4's scale and zero are fp16; a cache written before is quantized again.
-FORMAT_VERSION = 2
+# The cache file's format per kind, written into its metadata: a file of another version is quantized again.
+# int4 2 (0.8.0): fp16 scales and zeros. int8 is still what mixchat first wrote, so its caches stay valid.
+FORMAT_VERSIONS = {"int8": 1, "int4": 2}
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _refuse_non_finite(w: torch.Tensor, name: str, kind: str) -> None:
+    if not bool(torch.isfinite(w).all()):
+        raise MixchatError(f"{name} holds NaN or infinite values, which {kind} cannot store: the release is damaged "
+                           "or not a real one (`mixchat verify` compares its files with RELEASE's checksums)")
+
+
+def quantize_int8(w: torch.Tensor, name: str = "a weight") -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] float -> (q int8 [N, K], scale fp32 [N]); w ~= q * scale[:, None]."""
     w = w.float()
+    _refuse_non_finite(w, name, "int8")
     scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
@@ -73,9 +81,8 @@ def quantize_int4(w: torch.Tensor, group: int,
         raise MixchatError(f"int4 group {group} does not divide the input dimension {k}; choose int4-32")
     g = w.float().view(n, k // group, group)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
-        raise MixchatError(f"{name} holds NaN or infinite values, which int4 cannot store: the release is damaged "
-                           "or not a real one; check it with `mixchat verify`")
+    _refuse_non_finite(lo, name, "int4")  # a NaN or infinity in a group reaches its min or max
+    _refuse_non_finite(hi, name, "int4")
     if max(float(hi.abs().max()), float(lo.abs().max())) > _FP16_MAX:
         raise MixchatError(f"{name} has weights beyond fp16's range (+-65504), where int4 keeps its scales; "
                            "quantize this model with --quant int8, or run it unquantized")
@@ -170,7 +177,7 @@ class QuantLinear(nn.Module):
 
 def quantize_tensor(w: torch.Tensor, spec: QuantSpec, name: str = "a weight") -> dict[str, torch.Tensor]:
     if spec.kind == "int8":
-        q, scale = quantize_int8(w)
+        q, scale = quantize_int8(w, name)
         return {"q": q, "scale": scale}
     q, scale, zero = quantize_int4(w, spec.group, name)
     return {"q": q, "scale": scale, "zero": zero}
@@ -295,9 +302,10 @@ def _cache_is_valid(path: Path, fingerprint: str, spec: QuantSpec, names: list[s
             meta = f.metadata() or {}
             keys = set(f.keys())
             if (meta.get("fingerprint"), meta.get("quant")) == (fingerprint, spec.name) and \
-                    meta.get("version") != str(FORMAT_VERSION):
-                return reject(f"holds format {str(meta.get('version'))[:8]!r}, not this mixchat's {FORMAT_VERSION} "
-                              "(0.8.0 keeps int4's scales in fp16)")
+                    meta.get("version") != str(FORMAT_VERSIONS[spec.kind]):
+                why = " (0.8.0 keeps int4's scales in fp16)" if spec.kind == "int4" else ""
+                return reject(f"holds format {str(meta.get('version'))[:8]!r}, not this mixchat's "
+                              f"{FORMAT_VERSIONS[spec.kind]}{why}")
             if (meta.get("fingerprint"), meta.get("quant")) != (fingerprint, spec.name) or \
                     not all(f"{n}.q" in keys for n in names):
                 return False
@@ -340,7 +348,7 @@ def quantize_state(state: dict[str, torch.Tensor], spec: QuantSpec, fingerprint:
         if fingerprint and use_cache:
             # Atomically: a crash mid-write leaves no half file that a later start would trust.
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            meta = {"fingerprint": fingerprint, "quant": spec.name, "version": str(FORMAT_VERSION)}
+            meta = {"fingerprint": fingerprint, "quant": spec.name, "version": str(FORMAT_VERSIONS[spec.kind])}
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _write_streaming(tmp, state, names, spec, meta, advance)
