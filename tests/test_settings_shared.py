@@ -79,6 +79,19 @@ def test_saved_sampling_wins_over_the_demos_recommendation_and_flags_win_over_bo
     assert ask("--seed", "3") == ask("--temperature", "0", "--repeat-penalty", "1")
 
 
+def test_one_shot_loads_the_model_as_the_app_saved_it():
+    # the app's F2 sheet saved int4-64: a one-shot answer quantizes the same way, unless a flag says otherwise
+    from mixchat.speed import quant
+
+    write_settings({"quant": "int4-64", "temperature": 0})
+    ask()
+    assert [p.name.split("-", 1)[1] for p in quant.cache_dir().glob("*.safetensors")] == ["int4-g64.safetensors"]
+    for p in quant.cache_dir().glob("*.safetensors"):
+        p.unlink()
+    ask("--quant", "none")
+    assert not list(quant.cache_dir().glob("*.safetensors"))  # a flag given now wins over the saved value
+
+
 def test_line_mode_starts_from_the_saved_settings(make_release):
     from conftest import tiny_args
     from test_repl import ENTER, drive, errors, namespace

@@ -89,6 +89,22 @@ def sampling_from(ns: Namespace, recommended: dict | None = None, source: str = 
     return s
 
 
+def apply_saved_load_options(ns: Any, saved: Any) -> None:
+    """How the app (F2) loads a model, where no flag says otherwise now: its dtype, threads, quantization,
+    memory budget and context, by the app's own rule (cli._interactive: a flag given now wins, then the saved
+    value; the saved defaults, auto/0/none, change nothing)."""
+    if getattr(ns, "dtype", "auto") == "auto" and saved.dtype != "auto":
+        ns.dtype = saved.dtype
+    if not getattr(ns, "threads", None) and saved.threads:
+        ns.threads = saved.threads
+    if not getattr(ns, "quant", None) and saved.quant != "none":
+        ns.quant = saved.quant
+    if not getattr(ns, "memory_budget", None) and saved.memory_budget_gb:
+        ns.memory_budget = saved.memory_budget_gb
+    if not getattr(ns, "context", None) and saved.context:
+        ns.context = saved.context
+
+
 def saved_settings() -> tuple[Any, dict[str, Any], frozenset[str]]:
     """settings.json as every front end reads it: the settings, and the sampling values the user
     saved (those win over a folder's recommendation; defaults do not)."""
@@ -177,6 +193,7 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
     out, err = out or sys.stdout, err or sys.stderr  # looked up now: tests and callers may swap them
     sampling_from(ns)  # fail on a bad flag before the model loads; the real settings come after
     saved, saved_sampling, saved_keys = saved_settings()
+    apply_saved_load_options(ns, saved)
     when_full = when_full_from(ns, saved, saved_keys)
     continuing = bool(ns.cont or ns.cid)
     if ns.raw and continuing:

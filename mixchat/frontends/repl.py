@@ -436,6 +436,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
     from mixchat.engine.engine import Engine, load_options
     from mixchat.frontends.oneshot import (
         _resolve_conversation,
+        apply_saved_load_options,
         recommended_sampling,
         sampling_from,
         saved_settings,
@@ -446,6 +447,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
     out = out or sys.stdout
     sampling_from(ns)  # fail on a bad flag before the model loads; the real settings come after
     saved, saved_sampling, saved_keys = saved_settings()
+    apply_saved_load_options(ns, saved)
     when_full = when_full_from(ns, saved, saved_keys)
     continuing = bool(ns.cont or ns.cid)
     store = Store(paths.store_path()) if (not ns.no_save or continuing) else None
