@@ -45,19 +45,25 @@ def config_dir() -> Path:
 
 
 def make_private_dir(folder: Path) -> None:
-    """Create `folder` (and its parents) if missing; the folder itself 0700, since it holds
-    conversations and their caches. A folder that already exists keeps the mode its owner gave it.
-    OSError (a file in the way, no permission) is the caller's to explain."""
-    if folder.is_dir():
-        return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        folder.mkdir(mode=0o700)
-    except FileExistsError:
-        if not folder.is_dir():  # a file, not another process that just made the folder
-            raise
-        return
-    os.chmod(folder, 0o700)  # mkdir's mode passes through the umask, which could take u+w away
+    """Create `folder` and whichever of its parents are missing, each 0700: it holds conversations, their
+    caches or quantized weights, and a parent made here may be the folder the store goes in later (a first
+    `--quant --no-save` run makes $MIXCHAT_HOME as the parent of its cache). A folder that already exists
+    keeps the mode its owner gave it. OSError (a file in the way, no permission) is the caller's to explain."""
+    missing = []
+    at = folder
+    while not at.is_dir():
+        missing.append(at)
+        if at.parent == at:
+            break
+        at = at.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            if not d.is_dir():  # a file, not another process that just made the folder
+                raise
+            continue
+        os.chmod(d, 0o700)  # mkdir's mode passes through the umask, which could take u+w away
 
 
 def store_path() -> Path:

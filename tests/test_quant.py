@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 
 import pytest
@@ -243,6 +244,20 @@ def test_quantized_weights_are_cached_and_reused(tmp_path):
     # int8 is a different file; the int4 one is untouched
     Engine.load(DEMO, quant="int8", show_progress=False)
     assert quant.cache_path(first.fingerprint, parse_quant("int8")).is_file() and path.is_file()
+
+
+def test_the_first_quantization_makes_its_folders_private(tmp_path, monkeypatch):
+    # a first `--quant --no-save` run makes $MIXCHAT_HOME as the cache's parent: the store goes there later,
+    # so every folder made on the way is 0700, not the umask's 0755
+    home = tmp_path / "fresh" / "home"
+    monkeypatch.setenv("MIXCHAT_HOME", str(home))
+    old = os.umask(0o022)
+    try:
+        Engine.load(DEMO, quant="int8", show_progress=False)
+    finally:
+        os.umask(old)
+    for folder in (quant.cache_dir(), quant.cache_dir().parent, home, home.parent):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
 
 
 def test_a_truncated_cache_file_is_rebuilt_not_trusted(capsys):

@@ -350,7 +350,9 @@ def quantize_state(state: dict[str, torch.Tensor], spec: QuantSpec, fingerprint:
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             meta = {"fingerprint": fingerprint, "quant": spec.name, "version": str(FORMAT_VERSIONS[spec.kind])}
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                from mixchat.paths import make_private_dir
+
+                make_private_dir(path.parent)
                 _write_streaming(tmp, state, names, spec, meta, advance)
                 checksum.unstamp(path)
                 os.replace(tmp, path)
