@@ -180,7 +180,7 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
             print(note)
         return repl.run(ns)
     from mixchat.engine.engine import load_options
-    from mixchat.frontends.oneshot import recommended_sampling, sampling_from
+    from mixchat.frontends.oneshot import load_flags_given, recommended_sampling, sampling_from
     from mixchat.frontends.tui.app import MixchatApp
 
     load_options(ns)  # the model and sampling flags are checked as in every other front end, by name
@@ -201,16 +201,8 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
     for key in ("temperature", "top_p", "top_k", "repeat_penalty", "seed", "max_tokens", "draft", "system"):
         if getattr(ns, key, None) is not None:  # flags given now win over the saved settings
             setattr(settings, key, getattr(ns, key))
-    if ns.dtype != "auto":
-        settings.dtype = ns.dtype
-    if ns.threads:
-        settings.threads = ns.threads
-    if ns.quant:
-        settings.quant = ns.quant
-    if ns.memory_budget:
-        settings.memory_budget_gb = ns.memory_budget
-    if ns.context:
-        settings.context = ns.context
+    for key, value in load_flags_given(ns).items():
+        setattr(settings, key, value)
     if ns.when_full is not None:
         settings.when_full = ns.when_full
     settings.check()

@@ -89,20 +89,24 @@ def sampling_from(ns: Namespace, recommended: dict | None = None, source: str = 
     return s
 
 
+# The model-loading flags and the settings.json keys (the app's F2 sheet) they stand for.
+LOAD_FLAGS = (("dtype", "dtype"), ("threads", "threads"), ("quant", "quant"), ("memory_budget", "memory_budget_gb"),
+              ("context", "context"))
+
+
+def load_flags_given(ns: Any) -> dict[str, Any]:
+    """The model-loading flags given now, by settings key (their defaults, None and auto, are not given)."""
+    return {key: value for flag, key in LOAD_FLAGS if (value := getattr(ns, flag, None)) and value != "auto"}
+
+
 def apply_saved_load_options(ns: Any, saved: Any) -> None:
     """How the app (F2) loads a model, where no flag says otherwise now: its dtype, threads, quantization,
     memory budget and context, by the app's own rule (cli._interactive: a flag given now wins, then the saved
     value; the saved defaults, auto/0/none, change nothing)."""
-    if getattr(ns, "dtype", "auto") == "auto" and saved.dtype != "auto":
-        ns.dtype = saved.dtype
-    if not getattr(ns, "threads", None) and saved.threads:
-        ns.threads = saved.threads
-    if not getattr(ns, "quant", None) and saved.quant != "none":
-        ns.quant = saved.quant
-    if not getattr(ns, "memory_budget", None) and saved.memory_budget_gb:
-        ns.memory_budget = saved.memory_budget_gb
-    if not getattr(ns, "context", None) and saved.context:
-        ns.context = saved.context
+    given = load_flags_given(ns)
+    for flag, key in LOAD_FLAGS:
+        if key not in given and (value := getattr(saved, key)) and value not in ("auto", "none"):
+            setattr(ns, flag, value)
 
 
 def saved_settings() -> tuple[Any, dict[str, Any], frozenset[str]]:

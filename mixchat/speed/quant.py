@@ -40,7 +40,14 @@ from torch import nn
 from mixchat.errors import MixchatError
 from mixchat.release import checksum
 from mixchat.speed import weights_replaced
-from mixchat.speed.kernels.formats import INT4_PARAMS, dequantize_int4, pack_int4, unpack_int4
+from mixchat.speed.kernels.formats import (
+    INT4_PARAMS,
+    PARAM_DTYPES,
+    WEIGHT_DTYPES,
+    dequantize_int4,
+    pack_int4,
+    unpack_int4,
+)
 from mixchat.speed.linear import fp32_scratch, kernels_or_none
 from mixchat.speed.qformat import QuantSpec, quantizable, spec_for
 
@@ -204,12 +211,6 @@ def cache_path(fingerprint: str, spec: QuantSpec) -> Path:
 _ST_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32"}
 
 
-def part_dtype(part: str, spec: QuantSpec) -> torch.dtype:
-    if part == "q":
-        return torch.int8 if spec.kind == "int8" else torch.uint8
-    return torch.float32 if spec.kind == "int8" else INT4_PARAMS
-
-
 def part_shapes(shape: tuple[int, ...], spec: QuantSpec) -> dict[str, tuple[int, ...]]:
     n, k = shape
     if spec.kind == "int8":
@@ -231,7 +232,7 @@ def _write_streaming(path: Path, state: dict[str, torch.Tensor], names: list[str
     for n in names:
         sp = spec_for(n, spec)
         for p, shape in part_shapes(tuple(state[n].shape), sp).items():
-            dtype = part_dtype(p, sp)
+            dtype = WEIGHT_DTYPES[sp.kind] if p == "q" else PARAM_DTYPES[sp.kind]
             size = math.prod(shape) * dtype.itemsize
             header[f"{n}.{p}"] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
                                   "data_offsets": [offset, offset + size]}

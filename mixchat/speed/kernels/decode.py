@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from mixchat.speed.kernels.formats import INT4_PARAMS
+from mixchat.speed.kernels.formats import PARAM_DTYPES, WEIGHT_DTYPES
 from mixchat.speed.kernels.linear import _MULTI_KINDS, _check_int4_k, _check_weight
 from mixchat.speed.kernels.loader import KernelError, _call, _get
 
@@ -60,13 +60,12 @@ def _check_parts(kind: str, parts: list[tuple[torch.Tensor, ...]], shapes: list[
     """Kernel parts (see linear_many) in `kind` for weights of logical shapes [N, K]; parts[transposed], if
     given, is the [N, K] view of a contiguous bf16 [K, N] tensor (the torrent layout's w2)."""
     wide = 2 if kind == "int4" else 1
-    dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[kind]
     for i, (p, (n, k)) in enumerate(zip(parts, shapes, strict=True)):
-        _check_weight(p[0].t() if i == transposed else p[0], "w", dtype)
+        _check_weight(p[0].t() if i == transposed else p[0], "w", WEIGHT_DTYPES[kind])
         if tuple(p[0].shape) != (n, k // wide):
             raise ValueError(f"weight of shape {list(p[0].shape)} where the layer needs {[n, k // wide]}")
         for t in p[1:]:
-            _check_weight(t, "scale", INT4_PARAMS if kind == "int4" else torch.float32, dim=t.dim())
+            _check_weight(t, "scale", PARAM_DTYPES[kind], dim=t.dim())
 
 
 class DecodeLayer:

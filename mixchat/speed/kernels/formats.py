@@ -19,6 +19,9 @@ import torch
 
 INT4_GROUPS = (32, 64, 128)
 INT4_PARAMS = torch.float16  # int4's scale and zero
+# What each format's tensors are stored as: the weight itself, and its scale (and, for int4, zero)
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
+PARAM_DTYPES = {"int8": torch.float32, "int4": INT4_PARAMS}
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

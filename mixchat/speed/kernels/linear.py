@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from mixchat.speed.kernels import loader
-from mixchat.speed.kernels.formats import INT4_GROUPS, INT4_PARAMS, dequantize_int4, q8_block, quantize_x_q8
+from mixchat.speed.kernels.formats import (
+    INT4_GROUPS,
+    INT4_PARAMS,
+    PARAM_DTYPES,
+    WEIGHT_DTYPES,
+    dequantize_int4,
+    q8_block,
+    quantize_x_q8,
+)
 from mixchat.speed.kernels.loader import KernelError, _call, _get, get_gemm_min_rows
 
 
@@ -188,9 +196,8 @@ def linear_many(x: torch.Tensor, kind: str, weights: list[tuple[torch.Tensor, ..
         raise ValueError(f"kind must be one of {sorted(_MULTI_KINDS)}, not {kind!r}")
     if not 1 <= len(weights) <= MULTI_MAX:
         raise ValueError(f"between 1 and {MULTI_MAX} weights, not {len(weights)}")
-    dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[kind]
     for parts in weights:
-        _check_weight(parts[0], "w", dtype)
+        _check_weight(parts[0], "w", WEIGHT_DTYPES[kind])
     k = weights[0][0].shape[1] * (2 if kind == "int4" else 1)
     if any(p[0].shape[1] * (2 if kind == "int4" else 1) != k for p in weights):
         raise ValueError("the weights of linear_many must share K")
@@ -198,7 +205,7 @@ def linear_many(x: torch.Tensor, kind: str, weights: list[tuple[torch.Tensor, ..
         _check_int4_k(k, group)
     for parts in weights:
         for name, t in zip(("scale", "zero"), parts[1:], strict=False):
-            _check_weight(t, name, torch.float32 if kind == "int8" else INT4_PARAMS, dim=1 if kind == "int8" else 2)
+            _check_weight(t, name, PARAM_DTYPES[kind], dim=1 if kind == "int8" else 2)
             if t.shape[0] != parts[0].shape[0]:
                 raise ValueError(f"{name} has {t.shape[0]} rows, the weight {parts[0].shape[0]}")
     return linear_many_lib(_get(), x, kind, weights, group, k, exact_rows)
