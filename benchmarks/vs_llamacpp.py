@@ -598,7 +598,7 @@ def mixchat_quant_flag(precision: str, choices: set[str], int4: str) -> list[str
 
 
 def mixchat_weights_gb(folder: Path, quant: str | None) -> float:
-    """The weight bytes mixchat keeps for `quant` (its bench's "quant" name, e.g. int4-g64; None
+    """The weight bytes mixchat keeps for `quant` (its bench's "quant" name, e.g. int4-64; None
     for the release dtype): `mixchat inspect`'s estimate, else the release file's size."""
     from mixchat.release.folder import Release
 

@@ -14,6 +14,7 @@ from mistral_common.protocol.instruct.messages import UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from mixchat.errors import MixchatError
 from mixchat.text.tokenizer import Tokenizer
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
@@ -213,9 +214,9 @@ def test_when_full_is_parsed_and_checked(capsys):
     assert parse_args(["-p", "x"]).when_full is None
     assert parse_args(["--when-full", "drop", "q"]).when_full == "drop"
     assert parse_args(["--when-full", "stop", "-i"]).when_full == "stop"
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(MixchatError, match="invalid choice: 'later'") as refused:
         parse_args(["--when-full", "later", "q"])
-    assert exit_.value.code == 2 and "invalid choice: 'later'" in capsys.readouterr().err
+    assert refused.value.exit_code == 2 and capsys.readouterr().err == ""  # main prints it, as one line
 
 
 def test_help_says_how_a_prompt_and_a_command_are_told_apart():
@@ -271,3 +272,16 @@ def test_plain_line_mode_refuses_a_pipe_instead_of_sending_it_as_one_message(mix
     proc = mixchat("--plain", "--model", str(mixtral), stdin=b"hello\nsecond message\n/bye\n")
     assert proc.returncode == 2 and "--plain is the line mode" in one_error_line(proc)
     assert mixchat("list").stdout.decode().startswith("no conversations")  # nothing was sent or saved
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--temperature"], "--temperature: expected one argument (see mixchat --help)"),
+    (["--bogus", "-p", "hi"], "unrecognized arguments: --bogus"),
+    (["--quant", "int3", "-p", "hi"], "invalid choice: 'int3'"),
+    (["bench", "--runs", "x"], "--runs: invalid int value: 'x' (see mixchat bench --help)"),
+    (["rm"], "required: id (see mixchat rm --help)"),
+])
+def test_a_bad_flag_is_one_line_naming_the_help(args, words):
+    proc = mixchat(*args)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert words in one_error_line(proc)

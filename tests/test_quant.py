@@ -23,12 +23,13 @@ from tolerance import (
     q8_shift,
 )
 
+from mixchat import paths
 from mixchat.engine.engine import Engine, model_fingerprint
 from mixchat.errors import MixchatError
 from mixchat.paths import demo_model
 from mixchat.release.folder import model_state, open_release
 from mixchat.speed import kernels, quant
-from mixchat.speed.qformat import QuantSpec, memory_estimates, model_bytes, parse_quant, quantizable
+from mixchat.speed.qformat import CHOICES, QuantSpec, memory_estimates, model_bytes, parse_quant, quantizable
 from mixchat.speed.quant import QuantLinear, dequantize, quantize_int4, quantize_int8
 
 DEMO = demo_model()
@@ -39,6 +40,9 @@ def test_parse_quant_names_and_errors():
     assert parse_quant("int8") == QuantSpec("int8")
     assert parse_quant("int4") == QuantSpec("int4", 128)
     assert parse_quant("int4-32").group == 32 and parse_quant("int4-g128").group == 128
+    # what status, inspect and bench show is a --quant choice that gives the same spec back
+    assert [parse_quant(c).label for c in CHOICES[1:]] == ["int8", "int4-128", "int4-32", "int4-64", "int4-128"]
+    assert all(parse_quant(parse_quant(c).label) == parse_quant(c) for c in CHOICES[1:])
     for bad in ("int3", "int4-48", "fp8"):
         with pytest.raises(MixchatError, match="--quant"):
             parse_quant(bad)
@@ -175,7 +179,7 @@ def test_memory_estimate_equals_what_the_engine_holds(name):
     shapes = {n: tuple(t.shape) for n, t in model_state(opened.state, opened.args, opened.layout).items()}
     assert model_bytes(shapes, 2, parse_quant(name)) == held
     est = memory_estimates(shapes)
-    assert est["bf16"] > est["int8"] > est["int4-g32"] > est["int4-g64"] > est["int4-g128"]
+    assert est["bf16"] > est["int8"] > est["int4-32"] > est["int4-64"] > est["int4-128"]
 
 
 def _heldout_nats(engine: Engine) -> tuple[float, torch.Tensor]:
@@ -338,3 +342,13 @@ def test_a_quantized_load_warms_the_embedding_table_not_the_file(monkeypatch):
     assert len(touched) == 1 and len(warmed) == 1  # unquantized: the whole file is warmed instead
     Engine.load(demo_model(), quant="int8", show_progress=False)
     assert len(touched) == 1 and len(warmed) == 1  # copied into huge pages: the copy is the read
+
+
+def test_quant_cache_goes_where_MIXCHAT_QUANT_CACHE_says(tmp_path, monkeypatch):
+    assert quant.cache_dir() == paths.home_override() / "cache" / "quant"  # under --home / MIXCHAT_HOME
+    elsewhere = tmp_path / "big disk" / "q"
+    monkeypatch.setenv("MIXCHAT_QUANT_CACHE", str(elsewhere))
+    state = {"layers.0.attention.wq.weight": torch.randn(8, 128)}
+    quant.quantize_state(state, parse_quant("int8"), fingerprint="f" * 16, show=False)
+    assert (elsewhere / f"{'f' * 16}-int8.safetensors").is_file()
+    assert not (paths.home_override() / "cache" / "quant").exists()

@@ -169,6 +169,32 @@ def test_continue_flag_reopens_the_latest_conversation(model):
     assert conv.system == "Be brief." and msgs[3].timings["cached_tokens"] > 0
 
 
+def test_plain_continue_without_a_model_flag_takes_the_conversations_own(model, monkeypatch):
+    """`mixchat --plain -c`: the conversation's model (and its KV cache), not the demo or the saved one."""
+    from mixchat.frontends import cli
+
+    drive(namespace("-m", str(model), "--temperature", "0", "--max-tokens", "4"), "hello" + ENTER + "/bye" + ENTER)
+    real = repl.run
+
+    def run(ns, **kw):
+        with create_pipe_input() as inp, deadline(120):
+            inp.send_text("again" + ENTER + "/bye" + ENTER)
+            return real(ns, input=inp, output=DummyOutput(), out=io.StringIO())
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(repl, "run", run)
+    monkeypatch.setattr("sys.stdin", Terminal())
+    monkeypatch.delenv("MIXCHAT_MODEL", raising=False)
+    assert cli.main(["--plain", "-c", "--dtype", "fp32", "--temperature", "0", "--max-tokens", "4"]) == 0
+    conv = store().latest()
+    msgs = store().messages(conv.id)
+    assert len(store().list()) == 1 and [m.content for m in msgs if m.role == "user"] == ["hello", "again"]
+    assert conv.model_path == str(model) and msgs[3].timings["cached_tokens"] > 0  # its cache, so its model
+
+
 def test_multiline_input_and_the_history_file(model):
     ns = namespace("-m", str(model), "--temperature", "0", "--max-tokens", "2")
     keys = "line one\\" + ENTER + "line two" + ENTER + "alpha" + META_ENTER + "beta" + ENTER + "/help" + ENTER

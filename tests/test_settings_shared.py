@@ -117,3 +117,30 @@ def test_line_mode_starts_from_the_saved_settings(make_release):
                      ENTER.join(["/set", "hello", "/bye"]) + ENTER)
     assert rc == 0 and "temperature=0.5" in text and "top_k=7" in text
     assert store.latest().system == "Be long."
+
+
+def test_one_shot_answers_with_the_model_saved_in_the_settings(make_release, tmp_path, monkeypatch):
+    from conftest import tiny_args
+
+    from mixchat.conversations.store import Store
+
+    monkeypatch.delenv("MIXCHAT_MODEL", raising=False)
+    model = make_release(tiny_args(), seed=5, std=0.15)
+
+    def one_shot(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mixchat", "--max-tokens", "3", *args], input=b"hi",
+                              capture_output=True, timeout=120)
+
+    write_settings({"model": str(model)})  # chosen in the app's settings (F2): no --model now
+    proc = one_shot()
+    assert proc.returncode == 0, proc.stderr
+    assert Store(paths.store_path()).latest().model_path == str(model)  # not the demo
+
+    gone = tmp_path / "moved away"
+    write_settings({"model": str(gone)})
+    proc = one_shot("--no-save")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "saved in the settings" in err and str(gone) in err and "--model DIR" in err
+    proc = one_shot("--no-save", "-m", str(DEMO))  # a flag given now wins over the saved folder
+    assert proc.returncode == 0, proc.stderr

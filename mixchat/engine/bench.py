@@ -236,7 +236,7 @@ def run(ns: Namespace) -> int:
     result = {
         "model": str(engine.release.folder), "layout": engine.layout, "dtype": str(engine.dtype).removeprefix("torch."),
         "device": str(engine.device), "threads": torch.get_num_threads(),
-        "quant": engine.quant.name if engine.quant else None,
+        "quant": engine.quant.label if engine.quant else None,
         "load_seconds": round(load_s, 2),
         # The whole process's peak, loading included: quantizing reads every bf16 page of the release,
         # and those file-backed pages count while mapped. The memory a chat needs is nearer
@@ -346,9 +346,9 @@ def prompt_gemm_line(engine: Engine) -> str:
     if not kernels.available():
         return f"torch ({kernels.reason()})"
     if engine.quant is not None:
-        if engine.quant.name == "int8":
+        if engine.quant.kind == "int8":
             return f"int8 weights: the kernels' {dot} GEMM"
-        return f"{engine.quant.name} weights: the kernels' 8-bit-activation kernel"
+        return f"{engine.quant.label} weights: the kernels' 8-bit-activation kernel"
     if engine.dtype != torch.bfloat16:
         return f"{str(engine.dtype).removeprefix('torch.')} weights: torch"
     choice = linear.prompt_gemm()

@@ -18,13 +18,13 @@ from mixchat.errors import MixchatError
 from mixchat.model.cache import DEFAULT_CHUNK, KVCache, available_memory, choose_context, kv_bytes, kv_memory
 from mixchat.model.model import FeedForward, Transformer
 from mixchat.paths import env_flag
-from mixchat.progress import Progress, human_bytes
+from mixchat.progress import Progress, ProgressListener, human_bytes
 from mixchat.release.config import ModelArgs
 from mixchat.release.folder import Release, model_state, open_release
 from mixchat.speed import heap, hugepages, linear
 from mixchat.speed.decoder import FusedDecoder
 from mixchat.speed.experts import ExpertCache, offload
-from mixchat.speed.qformat import QuantSpec, expert_bytes, model_bytes, parse_quant
+from mixchat.speed.qformat import QuantSpec, expert_bytes, model_bytes, parse_quant, quantized_bytes, spec_for
 from mixchat.speed.quant import install, quantize_state
 from mixchat.text.tokenizer import TextTokenizer
 
@@ -90,8 +90,7 @@ def keep_thread_serial(threads: int = 1) -> bool:
     return True
 
 
-def warm_page_cache(path: Path, show: bool | None = None,
-                    on_progress: Callable[[int, int], None] | None = None) -> None:
+def warm_page_cache(path: Path, show: bool | None = None, on_progress: ProgressListener | None = None) -> None:
     """Fault the whole file into the page cache before the first token, with a progress bar.
 
     The mapped weights would be paged in anyway by the first forward pass, but in layer order
@@ -108,7 +107,7 @@ def warm_page_cache(path: Path, show: bool | None = None,
         return
     step = 256 << 20
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm, \
-            Progress(f"reading {path.name}", size, enabled=show) as bar:
+            Progress(f"reading {path.name}", size, enabled=show, listener=on_progress) as bar:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "buffer is not writable": it is only read here
             data = torch.frombuffer(mm, dtype=torch.uint8)
@@ -117,8 +116,6 @@ def warm_page_cache(path: Path, show: bool | None = None,
                 mm.madvise(mmap.MADV_WILLNEED, start, min(2 * step, size - start))
             data[start : start + step : mmap.PAGESIZE].sum()  # one byte per page
             bar.update(min(start + step, size))
-            if on_progress is not None:
-                on_progress(min(start + step, size), size)
         del data
 
 
@@ -261,13 +258,16 @@ class Engine:
     @classmethod
     def load(cls, folder: str | Path, dtype: str = "auto", device: str = "cpu", threads: int | None = None,
              warm: bool = True, show_progress: bool | None = None,
-             on_progress: Callable[[int, int], None] | None = None, quant: str | None = None,
+             on_progress: ProgressListener | None = None, quant: str | None = None,
              memory_budget: float | None = None, prefetch: bool = True, huge_pages: bool | None = None,
              context: int | None = None, fused_decode: bool = True, part: Part | None = None,
-             rank_layers: list[int] | None = None, split: str | None = None) -> Engine:
-        """`on_progress(bytes_done, bytes_total)` reports reading, converting or quantizing the
+             rank_layers: list[int] | None = None, split: str | None = None,
+             on_note: Callable[[str], None] | None = None) -> Engine:
+        """`on_progress(label, bytes_done, bytes_total)` reports reading, converting or quantizing the
         weights (the TUI's progress bar); `show_progress` draws a bar on stderr (default: when it is
-        a tty). `quant` is 'int8', 'int4' or 'int4-G' (see mixchat.speed.quant); None keeps the weights.
+        a tty). `on_note(text)` gets what loading has to tell the user (a quantized cache made again, and
+        why); by default it goes to stderr.
+        `quant` is 'int8', 'int4' or 'int4-G' (see mixchat.speed.quant); None keeps the weights.
         `memory_budget` (bytes of weights) keeps a MoE model's experts in an LRU cache that fits
         it, loading the others when tokens are routed to them (mixchat.speed.experts). `huge_pages` copies
         the weights into huge pages when they fit in free memory (default: yes on Linux, unless the
@@ -322,12 +322,18 @@ class Engine:
             # Quantized weights replace their bf16 originals, which are then never read: do not warm them.
             # A rank's share is cached apart from the whole model's: neither may stand for the other.
             key = fingerprint if part is None else f"{fingerprint}-{part.label().replace(' ', '')}"
-            store = quantize_state({**state, **offloaded}, spec, key, on_progress, show_progress)
+            store = quantize_state({**state, **offloaded}, spec, key, on_progress, show_progress, say=on_note)
             cached = store.cached
-            for name in store.names:
-                if name in state:
+            held = [n for n in store.names if n in state]
+            # Read from the cache file (gigabytes for a 7B), unless they were just quantized in memory.
+            with Progress(f"reading the {spec.label} weights", sum(
+                    quantized_bytes(tuple(state[n].shape), spec_for(n, spec)) for n in held),
+                    enabled=show_progress if store.path is not None else False,
+                    listener=on_progress if store.path is not None else None) as bar:
+                for name in held:
                     del state[name]
                     quantized[name] = {p: t.to(dev) for p, t in store.get(name).items()}
+                    bar.advance(sum(t.nbytes for t in quantized[name].values()))
             warm = False
         if capacity is not None:
             warm = False  # the point of a budget: the whole file need not (or cannot) be in memory
@@ -354,12 +360,10 @@ class Engine:
         else:
             # A dtype or device change copies every tensor: show it, it takes a while on 14 GB.
             with Progress(f"converting to {str(dt).removeprefix('torch.')} on {dev}", state_bytes,
-                          enabled=show_progress) as bar:
+                          enabled=show_progress, listener=on_progress) as bar:
                 for name, t in state.items():
                     state[name] = t.to(device=dev, dtype=dt)
                     bar.advance(state[name].nbytes)
-                    if on_progress is not None:
-                        on_progress(int(bar.done), int(bar.total))
         with torch.device("meta"):
             model = Transformer(args)
         if quantized:
@@ -395,8 +399,8 @@ class Engine:
             experts = offload(model, load_expert, _expert_bytes(args, dt, spec), capacity, prefetch,
                               part.experts if part is not None else None)
         if pin:
-            state = hugepages.copy_into_huge_pages(state, f"reading {release.weights_label.name} into memory",
-                                                   show=show_progress, on_progress=on_progress,
+            state = hugepages.copy_into_huge_pages(state, f"reading {release.weights_label.name}",
+                                                   show=show_progress, listener=on_progress,
                                                    dtypes=convert, release_sources=True)
         # assign=True makes the parameters *be* these tensors (mapped or pinned) instead of copies.
         if part is None:

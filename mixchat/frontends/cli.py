@@ -140,16 +140,36 @@ def _rename(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _model_folder(ns: argparse.Namespace) -> str:
+def _chosen_model(ns: argparse.Namespace) -> tuple[str | None, str | None, bool]:
+    """The model to load, a note to show with it, and whether it is the one saved in the settings:
+    --model, else $MIXCHAT_MODEL, else the folder saved in the settings (F2), else the demo model
+    (with a note saying what it is). Every front end picks it this way, so a question piped in is
+    answered by the model the app would open."""
     folder = ns.model or os.environ.get("MIXCHAT_MODEL")
-    if not folder:
-        from mixchat import paths
+    if folder:
+        return folder, None, False
+    from mixchat import paths
+    from mixchat import settings as settings_mod
 
-        demo = paths.demo_model()
-        if demo is None:
-            raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) "
-                               "or set MIXCHAT_MODEL")
-        folder = str(demo)
+    saved = settings_mod.load().model
+    if saved:
+        return saved, None, True
+    demo = paths.demo_model()
+    return (str(demo), DEMO_NOTE, False) if demo else (None, None, False)
+
+
+def _model_folder(ns: argparse.Namespace) -> str:
+    """The model for a command with no screen to fix a setting in (one-shot, bench): a saved folder
+    that has gone is an error that says where it was saved (the app opens and shows it instead)."""
+    folder, _, saved = _chosen_model(ns)
+    if not folder:
+        raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
+    if saved and not Path(folder).is_dir():
+        from mixchat.safetext import one_line
+        from mixchat.settings import settings_path
+
+        raise MixchatError(f"the model folder saved in the settings ({settings_path()}), {one_line(folder)}, is not "
+                           "a folder; pass --model DIR, or choose another in the app's settings (F2)")
     return folder
 
 
@@ -162,17 +182,14 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
     """The TUI, or line mode when asked for or when the terminal cannot draw it."""
     from mixchat import settings as settings_mod
 
-    configured = settings_mod.load().model
-    model = ns.model or os.environ.get("MIXCHAT_MODEL") or configured or None
-    note = None
-    if not model:
-        from mixchat import paths
-
-        demo = paths.demo_model()
-        model, note = (str(demo), DEMO_NOTE) if demo else (None, None)
+    model, note, _ = _chosen_model(ns)
     from mixchat.frontends import repl
 
     if ns.plain or repl.wants_plain():
+        if (ns.cont or ns.cid) and not (ns.model or os.environ.get("MIXCHAT_MODEL")):
+            # going on with a conversation: its own model, unless a flag names one (as in one-shot)
+            ns.model, ns.default_model = None, model
+            return repl.run(ns)
         ns.model = model
         if not model:
             raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder)")
@@ -253,8 +270,9 @@ def _chat(ns: argparse.Namespace) -> int:
         return _interactive(ns, None)
     if not (ns.cont or ns.cid):
         ns.model = _model_folder(ns)
-    else:
-        ns.model = ns.model or os.environ.get("MIXCHAT_MODEL")  # else the conversation's own model
+    else:  # else the conversation's own model; one it does not name (an import) takes the usual choice
+        ns.model = ns.model or os.environ.get("MIXCHAT_MODEL")
+        ns.default_model = _chosen_model(ns)[0]
     return oneshot.run(ns, text)
 
 
@@ -297,18 +315,28 @@ EPILOG = ("PROMPT is the message, as one argument (quote it), like -p; stdin is 
           "after signal N stopped a reply (130: Ctrl+C). search exits 0 also when nothing matched.")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line like every other expected failure (argparse prints
+    its two-line usage first), naming where the full usage is."""
+
+    def error(self, message: str):
+        from mixchat.safetext import one_line
+
+        raise MixchatError(f"{one_line(message)} (see {self.prog} --help)")
+
+
 def build_parser(prompt: bool = False) -> argparse.ArgumentParser:
     """The command line. prompt=True: the options and a positional PROMPT, without the commands
     (main picks it when the first positional argument is not a command's name)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mixchat", usage=USAGE, epilog=EPILOG,
         description="Chat with Mistral and Mixtral release folders, with mixchat's own model code. "
         "Ask with mixchat \"QUESTION\", -p QUESTION or a pipe (echo hi | mixchat -m DIR); the answer streams "
         "to stdout. Without a question, in a terminal, mixchat opens the app.",
     )
     parser.add_argument("--version", action="version", version=f"mixchat {__version__}")
-    parser.add_argument("--home", metavar="DIR", help="keep conversations and caches here (default: $MIXCHAT_HOME, "
-                        "else the per-user data folder)")
+    parser.add_argument("--home", metavar="DIR", help="keep conversations, settings and quantized weights here "
+                        "(default: $MIXCHAT_HOME, else the per-user folders)")
     if prompt:
         parser.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="the message to answer, like -p")
     _model_options(parser)
@@ -347,7 +375,7 @@ def build_parser(prompt: bool = False) -> argparse.ArgumentParser:
     if prompt:
         return parser
 
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="mixchat")
     p = sub.add_parser("inspect", help="show what a release folder holds (shapes, params, memory) in a blink")
     p.add_argument("folder", help="release folder (params.json, consolidated weights, tokenizer)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -458,7 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     from mixchat.safetext import visible
     from mixchat.signals import Terminated
 
-    ns = parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        ns = parse_args(sys.argv[1:] if argv is None else list(argv))
+    except MixchatError as exc:  # a bad flag: before anything else is set up
+        _stderr(f"mixchat: error: {visible(str(exc))}")
+        return exc.exit_code
     if ns.home:
         os.environ["MIXCHAT_HOME"] = ns.home
     from mixchat.speed import heap

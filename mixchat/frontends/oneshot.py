@@ -205,7 +205,7 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
     save = not (ns.no_save or ns.raw)  # plain completions are not conversations
     store = Store(paths.store_path()) if (save or continuing) else None
     conv = _resolve_conversation(ns, store) if continuing else None
-    model = ns.model or (conv.model_path if conv else None)
+    model = ns.model or (conv.model_path if conv else None) or getattr(ns, "default_model", None)
     if not model:
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
 

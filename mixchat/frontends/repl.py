@@ -452,7 +452,8 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
     continuing = bool(ns.cont or ns.cid)
     store = Store(paths.store_path()) if (not ns.no_save or continuing) else None
     conv = _resolve_conversation(ns, store) if continuing else None
-    model = ns.model or os.environ.get("MIXCHAT_MODEL") or (conv.model_path if conv else None)
+    model = ns.model or os.environ.get("MIXCHAT_MODEL") or (conv.model_path if conv else None) or \
+        getattr(ns, "default_model", None)
     if not model:
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
     engine = Engine.load(model, **load_options(ns))

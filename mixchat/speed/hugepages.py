@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from mixchat.progress import Progress
+from mixchat.progress import Progress, ProgressListener
 
 HUGE = 2 << 20
 _ALIGN = 64  # each tensor starts on a cache line
@@ -124,7 +124,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Ten
 
 
 def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading weights into memory",
-                         show: bool | None = None, on_progress: Callable[[int, int], None] | None = None,
+                         show: bool | None = None, listener: ProgressListener | None = None,
                          dtypes: dict[str, torch.dtype] | None = None,
                          release_sources: bool = False) -> dict[str, torch.Tensor]:
     """The same tensors (same shapes and strides), copied into one huge-page region, in order, and
@@ -150,7 +150,7 @@ def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading
         return out
     raw = _region(total)
     release = _releaser(tensors, [p[0] for p in plan]) if release_sources else None
-    with Progress(label, sum(size(n, tensors[n]) for n, *_ in plan), enabled=show) as bar:
+    with Progress(label, sum(size(n, tensors[n]) for n, *_ in plan), enabled=show, listener=listener) as bar:
         for name, offset, shape, transposed in plan:
             t = tensors[name]
             dst = raw[offset: offset + size(name, t)].view(dtypes.get(name, t.dtype)).view(shape)
@@ -161,8 +161,6 @@ def copy_into_huge_pages(tensors: dict[str, torch.Tensor], label: str = "loading
             if release is not None:
                 release(name)
             bar.advance(size(name, t))
-            if on_progress is not None:
-                on_progress(int(bar.done), int(bar.total))
         if release is not None:
             release(None)
     return {n: out[n] for n in tensors}  # in the caller's order

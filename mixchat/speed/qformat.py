@@ -25,7 +25,14 @@ class QuantSpec:
 
     @property
     def name(self) -> str:
+        """The key quantized caches and KV caches are stored under (int4-g128); kept as it was so
+        that they stay valid. People see `label`."""
         return self.kind if self.kind == "int8" else f"int4-g{self.group}"
+
+    @property
+    def label(self) -> str:
+        """The name people read: the --quant choice that gives this spec (int8, int4-32 ... int4-128)."""
+        return self.kind if self.kind == "int8" else f"int4-{self.group}"
 
     def bits_per_weight(self) -> float:
         # int4 stores an fp16 scale and zero per group (fp32 before 0.8.0)
@@ -87,7 +94,7 @@ def memory_estimates(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     out = {"bf16": model_bytes(shapes, 2, None)}
     for name in ("int8", "int4-32", "int4-64", "int4-128"):
         spec = parse_quant(name)
-        out[spec.name] = model_bytes(shapes, 2, spec)
+        out[spec.label] = model_bytes(shapes, 2, spec)
     return out
 
 

@@ -25,6 +25,7 @@ dequantizes the weight into a reused fp32 buffer for torch's fp32 GEMM.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixchat.errors import MixchatError
+from mixchat.progress import ProgressListener
 from mixchat.release import checksum
 from mixchat.speed import weights_replaced
 from mixchat.speed.kernels.formats import (
@@ -284,8 +286,15 @@ class Quantized:
         return {p: self._file.get_tensor(f"{name}.{p}") for p in keys}
 
 
+def print_note(text: str) -> None:
+    """A note for the user while loading, where no front end takes it: one line on stderr."""
+    from mixchat.safetext import visible
+
+    print(f"mixchat: {visible(text)}", file=sys.stderr, flush=True)
+
+
 def _cache_is_valid(path: Path, fingerprint: str, spec: QuantSpec, names: list[str],
-                    show: bool | None = None) -> bool:
+                    show: bool | None = None, say: Callable[[str], None] = print_note) -> bool:
     """The cached file is this model's, under this spec, whole, and its bytes match their CRCs. The
     CRCs are read through once per file version (checksum.stamp remembers a file that passed)."""
     if not path.is_file():
@@ -295,7 +304,7 @@ def _cache_is_valid(path: Path, fingerprint: str, spec: QuantSpec, names: list[s
     from mixchat.progress import Progress
 
     def reject(why: str) -> bool:
-        print(f"mixchat: the quantized cache {path} {why}; quantizing again", file=sys.stderr)
+        say(f"the quantized cache {path} {why}; quantizing again")
         return False
 
     try:
@@ -327,24 +336,23 @@ def _cache_is_valid(path: Path, fingerprint: str, spec: QuantSpec, names: list[s
 
 
 def quantize_state(state: dict[str, torch.Tensor], spec: QuantSpec, fingerprint: str | None = None,
-                   on_progress: Callable[[int, int], None] | None = None, show: bool | None = None,
-                   use_cache: bool = True) -> Quantized:
+                   on_progress: ProgressListener | None = None, show: bool | None = None,
+                   use_cache: bool = True, say: Callable[[str], None] | None = None) -> Quantized:
     """Quantize the quantizable tensors of `state`, or find them in the cache from an earlier start
-    (keyed by the model fingerprint and the spec). Progress counts source bytes."""
+    (keyed by the model fingerprint and the spec). Progress counts source bytes. `say` gets the notes
+    for the user (a cache made again, one that cannot be written); default: stderr."""
     from mixchat.progress import Progress
 
     names = [n for n in state if quantizable(n)]
     if fingerprint and use_cache:
         path = cache_path(fingerprint, spec)
         checksum.remove_stale_temporaries(path.parent, "*.safetensors.tmp*")  # left by a killed quantization
-        if _cache_is_valid(path, fingerprint, spec, names, show):
+        if _cache_is_valid(path, fingerprint, spec, names, show, say or print_note):
             return Quantized(names, spec, path, cached=True)
     total = sum(state[n].nbytes for n in names)
-    with Progress(f"quantizing to {spec.name}", total, enabled=show) as bar:
+    with Progress(f"quantizing to {spec.label}", total, enabled=show, listener=on_progress) as bar:
         def advance(nbytes: int) -> None:
             bar.advance(nbytes)
-            if on_progress is not None:
-                on_progress(int(bar.done), total)
 
         if fingerprint and use_cache:
             # Atomically: a crash mid-write leaves no half file that a later start would trust.
@@ -368,8 +376,11 @@ def quantize_state(state: dict[str, torch.Tensor], spec: QuantSpec, fingerprint:
                     pass
                 if not isinstance(e, OSError):
                     raise
-                print(f"mixchat: could not write the quantized weights to {path} ({e.strerror or e}); quantizing "
-                      "in memory, again at every start", file=sys.stderr)
+                full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+                (say or print_note)(
+                    f"could not write the quantized weights to {path} ({e.strerror or e}){full}; quantizing in memory "
+                    "for this run only, and trying to write them again at the next start (free space there, or set "
+                    "MIXCHAT_QUANT_CACHE to a folder that has it)")
                 bar.done = 0
         parts = {}
         for n in names:

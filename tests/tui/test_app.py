@@ -241,3 +241,40 @@ def test_edit_the_last_message_from_the_keyboard(mixtral):
             assert pane.stats["cached"] > 0  # BOS and "[INST]" came from the cache
 
     asyncio.run(scenario())
+
+
+def test_loading_says_what_it_does_and_its_notes_reach_the_screen(mixtral):
+    """A quantized cache that fails its checksum: the app's user sees why it is quantized again (a
+    toast; stderr is not theirs while the app draws) and what each bar measures, not a bare %."""
+    from mixchat.engine.engine import Engine
+    from mixchat.frontends.tui.messages import ModelProgress
+    from mixchat.speed import quant
+
+    Engine.load(mixtral, dtype="fp32", quant="int8", show_progress=False)
+    (path,) = quant.cache_dir().glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-4096:-4096 + 64] = b"\x7f" * 64
+    path.write_bytes(bytes(data))
+
+    async def scenario():
+        steps: list[tuple[str, int, int]] = []
+        shown: list[str] = []
+
+        class Watched(MixchatApp):
+            def on_model_progress(self, msg: ModelProgress) -> None:
+                super().on_model_progress(msg)
+                steps.append((msg.label, msg.done, msg.total))
+                shown.append(status(self))
+
+        app = Watched(model=str(mixtral), settings=settings(quant="int8"))
+        async with app.run_test(size=(100, 30), notifications=True) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            notes = [n.message for n in app._notifications]
+            assert any("does not match its checksum" in n and "quantizing again" in n for n in notes), notes
+            labels = {label for label, *_ in steps}
+            assert "quantizing to int8" in labels and "reading the int8 weights" in labels, labels
+            assert all(0 <= done <= total for _, done, total in steps)
+            assert any("quantizing to int8" in s and "loading" in s for s in shown), shown
+            assert "quantizing" not in status(app)  # loaded: the step is gone from the status bar
+
+    asyncio.run(scenario())

@@ -290,3 +290,36 @@ def test_the_status_bar_shows_what_drafting_kept():
     assert "drafts 31/40 kept" in text and "9.50 tok/s" in text
     pane.stats = {**stats, "drafted": 0, "accepted": 0}
     assert "drafts" not in "".join(t.plain for _, t in _speed(pane))  # nothing drafted: nothing said
+
+
+def test_settings_sheet_at_80x24_shows_a_refused_value_and_the_demos_memory(monkeypatch):
+    """On the demo (empty model field) the sheet still says what each quant choice keeps in memory, and a
+    value Ctrl+S refuses is said on screen, its field focused, however far down the form it is."""
+    from mixchat import paths
+    from mixchat.frontends.tui.screens import SettingsScreen
+
+    demo = str(paths.demo_model())
+
+    async def scenario():
+        app = MixchatApp(model=demo, settings=settings(), demo_note="demo")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await pilot.press("f2")
+            sheet = app.screen
+            assert isinstance(sheet, SettingsScreen) and sheet.value("model") == ""
+            check = sheet.query_one("#model-check")
+            await wait_until(pilot, lambda: "weights in memory" in str(check.content), timeout=20)
+            assert "empty: the app keeps" in str(check.content) and "int4-128" in str(check.content)
+            budget = sheet.query_one("#set-memory_budget_gb")
+            budget.value = "lots"
+            sheet.query_one("#set-model").focus()  # at the top of the form; the bad field is below the fold
+            await pilot.press("ctrl+s")
+            await pilot.pause(0.2)
+            assert app.screen is sheet  # not saved
+            error = sheet.query_one("#error")
+            assert "memory_budget_gb: 'lots' is not a number" in screen_text(app), screen_text(app)
+            assert 0 <= error.region.y < 24 and error.region.height >= 1
+            assert sheet.focused is budget
+            assert 0 <= budget.region.y < 24  # scrolled into view
+
+    asyncio.run(scenario())

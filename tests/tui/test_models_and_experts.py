@@ -221,28 +221,40 @@ def test_a_conversation_reopens_with_its_own_model(make_release, tmp_path):
             await wait_until(pilot, lambda: app.engine is not None)
             await send(pilot, app, "written with a")
             cid = app.pane.cid
+        from mixchat import paths
+
+        kv_file = paths.kv_dir() / f"{cid}.safetensors"
+        assert kv_file.is_file()
         # Started on b, the restored tab (written with a) asks before going on.
         app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
-        async with app.run_test(size=(80, 24)) as pilot:
+        async with app.run_test(size=(80, 24), notifications=True) as pilot:
             await wait_until(pilot, lambda: asking(app) and app.screen.focused is not None)  # focus comes after mount
             assert app.pane.cid == cid
+            # Nothing is decided while it asks: no "continuing it with b" toast, and a's KV cache is still there.
+            assert not [n.message for n in app._notifications]
+            assert app.pane.chat is None and kv_file.is_file()
             shown = plain(app.screen.query_one("Static"))
             assert f"It was written with: {a}" in shown and f"Loaded now:           {b}" in shown
             assert app.screen.focused.id == "switch"
             await pilot.press("enter")
             await wait_until(pilot, lambda: app.engine is not None and app.engine.release.folder == a)
             assert app.pane.chat is not None and app.pane.chat.id == cid
+            assert app.pane.chat.context_used() > 0  # its own model re-uses its KV cache: no history recomputed
             assert not isinstance(app.screen, ModelMismatchScreen)  # asked once
+            assert not [n.message for n in app._notifications if "another model" in n.message]
         # The folder is gone: it says which model the conversation needs; Esc goes on with this one.
         app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
         a.rename(tmp_path / "moved")
-        async with app.run_test(size=(160, 45)) as pilot:
+        async with app.run_test(size=(160, 45), notifications=True) as pilot:
             await wait_until(pilot, lambda: asking(app))
             assert "not there any more" in plain(app.screen.query_one("Static"))
             assert not app.screen.query("#switch")
             await pilot.press("escape")
             await pilot.pause(0.1)
             assert app.pane.chat is not None and app.engine.release.folder == b
+            # going on with b: now it says so (and that a's cache cannot serve b)
+            notes = [n.message for n in app._notifications]
+            assert any("held with another model" in n for n in notes), notes
 
     asyncio.run(scenario())
 

@@ -65,15 +65,21 @@ def test_main_screen(snap_compare, folder, tmp_path):
     assert snap_compare(make_app(folder, tmp_path), terminal_size=SIZE, run_before=loaded)
 
 
-def test_settings_sheet(snap_compare, folder, tmp_path):
+def test_settings_sheet(snap_compare, folder, tmp_path, monkeypatch):
+    # The model field is empty (no saved model): the sheet shows the running folder's verdict, by the relative
+    # path it was given (tmp_path differs from run to run).
+    monkeypatch.chdir(folder.parent)
+
     async def open_settings(pilot):
         await loaded(pilot)
         await pilot.press("f2")
-        await pilot.pause(0.2)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and "ok:" not in str(pilot.app.screen.query_one("#model-check").content):
+            await pilot.pause(0.05)
         pilot.app.screen.set_focus(None)  # the first field has the focus: a blinking cursor depends on timing
         await pilot.pause(0.1)
 
-    assert snap_compare(make_app(folder, tmp_path), terminal_size=SIZE, run_before=open_settings)
+    assert snap_compare(make_app("tiny-mixtral", tmp_path), terminal_size=SIZE, run_before=open_settings)
 
 
 def test_expert_view(snap_compare, folder, tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ from mixchat.frontends.tui import clipboard, history
 from mixchat.frontends.tui import state as app_state
 from mixchat.frontends.tui.conversations import ConversationsMixin
 from mixchat.frontends.tui.expertpanel import ExpertPanel
-from mixchat.frontends.tui.messages import ModelFailed, ModelLoaded, ModelProgress
+from mixchat.frontends.tui.messages import ModelFailed, ModelLoaded, ModelNote, ModelProgress
 from mixchat.frontends.tui.modelpicker import ModelMismatchScreen, ModelPicker
 from mixchat.frontends.tui.panes import ChatPane
 from mixchat.frontends.tui.quitting import QuittingMixin
@@ -43,6 +43,7 @@ from mixchat.frontends.tui.sending import SendingMixin
 from mixchat.frontends.tui.sidebar import ConversationList, Sidebar
 from mixchat.frontends.tui.status import StatusBar, status_text
 from mixchat.frontends.tui.widgets import LineInput, MessageView, PromptInput
+from mixchat.progress import human_bytes
 from mixchat.safetext import one_line, visible
 from mixchat.settings import Settings
 
@@ -149,6 +150,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         self.engine = None
         self.pool = None
         self.model_error: str | None = None
+        self.load_step: str | None = None  # what loading the model does now, for the status bar
         self.show_experts = False
         self._panes = 0
         self._filter = ""
@@ -244,7 +246,8 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
                                  quant=self.settings.quant, show_progress=False,
                                  memory_budget=self.settings.memory_budget_gb * 1e9 or None,
                                  context=self.settings.context or None,
-                                 on_progress=lambda d, t: self.post_message(ModelProgress(d, t)))
+                                 on_progress=lambda label, d, t: self.post_message(ModelProgress(label, d, t)),
+                                 on_note=lambda text: self.post_message(ModelNote(text)))
         except MixchatError as exc:
             self.post_message(ModelFailed(str(exc)))
             return
@@ -254,12 +257,19 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         bar = self.load_bar
         bar.add_class("active")
         bar.update(total=msg.total, progress=msg.done)
+        # the status bar says what the bar measures ("quantizing to int4-128 1.2 GB/7.2 GB")
+        self.load_step = f"{msg.label} {human_bytes(msg.done)}/{human_bytes(msg.total)}"
+        self.update_status()
+
+    def on_model_note(self, msg: ModelNote) -> None:
+        self.notify(msg.text, title="loading the model", severity="warning", timeout=15)
 
     async def on_model_loaded(self, msg: ModelLoaded) -> None:
         from mixchat import paths
         from mixchat.conversations import kvstore
 
         self.load_bar.remove_class("active")
+        self.load_step = None
         self.engine, self.model_error = msg.engine, None
         self.state.remember_model(str(self.engine.release.folder))
         self._write_state()
@@ -282,6 +292,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
 
     def on_model_failed(self, msg: ModelFailed) -> None:
         self.load_bar.remove_class("active")
+        self.load_step = None
         self.model_error = msg.error
         self.notify(msg.error, title="the model could not be loaded", severity="error", timeout=15)
         self.update_status()
@@ -290,9 +301,18 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         from mixchat.conversations.chat import Chat
 
         conv = self.store.get(pane.cid) if pane.cid else None
+        if conv is not None and pane.id not in self._model_asked and self._other_model(conv.model_path):
+            # Written with another model: nothing is attached until the user has answered (check_model). Going on
+            # with this one discards the conversation's KV cache, which switching to its model would re-use.
+            pane.chat = None
+            return
         pane.chat = Chat(self.engine, self.pool, self.store, conv, self.settings.system or None)
         for note in pane.chat.notes:
             self.notify(note, timeout=10)
+
+    def _other_model(self, wanted: str) -> bool:
+        """Whether a conversation written with `wanted` would go on with another model than the loaded one."""
+        return bool(wanted) and self.engine is not None and not same_folder(wanted, str(self.engine.release.folder))
 
     # -- panes (tabs) ----------------------------------------------------------------------------
 
@@ -367,7 +387,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         # The bar's padding takes a column on each side; before the first layout the app's width stands in.
         width = (self.status_bar.size.width or self.size.width) - 2
         return status_text(self.engine, self.pane, self.model_error, self.model_folder, self._demo_model(),
-                           width=max(width, 20), when_full=self.settings.when_full)
+                           width=max(width, 20), when_full=self.settings.when_full, load_step=self.load_step)
 
     def save_tabs(self) -> None:
         """Keep the open conversations and the active one in the state file, when they changed (a
@@ -615,6 +635,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         except (MixchatError, OSError) as exc:
             self.notify(f"the model is loaded but not remembered: {exc}", severity="warning")
         self.model_folder, self.engine, self.model_error = folder, None, None
+        self.load_step = None
         self._model_asked.clear()
         for p in self.tabs.query(ChatPane):
             p.chat = None
@@ -631,7 +652,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         except MixchatError:
             return
         loaded = str(self.engine.release.folder)
-        if not wanted or same_folder(wanted, loaded):
+        if not self._other_model(wanted):
             return
         self._model_asked.add(pane.id)
 
@@ -640,11 +661,16 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
                 self.switch_model(wanted)
             elif choice == "close":
                 self.run_worker(self._close_pane(pane), group="close")
+            elif self.engine is not None and pane.chat is None and pane.is_attached:
+                self.attach_chat(pane)  # continuing with the loaded model: its notes are said now
+                self.update_status()
+                if self._queued and pane is self.pane:
+                    self.send(self._queued.pop(0))
 
         self.push_screen(ModelMismatchScreen(wanted, loaded, Path(wanted).is_dir()), answered)
 
     def action_settings(self) -> None:
-        self.push_screen(SettingsScreen(self.settings), self._settings_saved)
+        self.push_screen(SettingsScreen(self.settings, self.model_folder), self._settings_saved)
 
     def _settings_saved(self, new: Settings | None) -> None:
         if new is None:

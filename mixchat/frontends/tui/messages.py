@@ -11,8 +11,14 @@ from textual.message import Message
 
 @dataclass
 class ModelProgress(Message):
+    label: str  # what loading is doing: "reading consolidated.00.pth", "quantizing to int4-128"
     done: int
     total: int
+
+
+@dataclass
+class ModelNote(Message):
+    text: str  # something loading tells the user (a quantized cache made again, and why)
 
 
 @dataclass

@@ -72,9 +72,12 @@ class SettingsScreen(FolderCheck, ModalScreen[Settings | None]):
     BINDINGS = [("escape", "cancel", "Cancel"), ("ctrl+s", "save", "Save")]
     AUTO_FOCUS = "#set-model"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, running: str | None = None) -> None:
         super().__init__()
         self.settings = settings
+        # The folder the app runs now (the demo model when none is saved): an empty model field means
+        # "keep that one", and its verdict and per-choice memory are what a choice of quant would cost.
+        self.running = running
         # Inputs draw control characters raw, so a value holding any is shown with them made
         # visible; left as shown, the field keeps its original value (see collect).
         self.shown: dict[str, tuple[str, str]] = {}
@@ -100,22 +103,30 @@ class SettingsScreen(FolderCheck, ModalScreen[Settings | None]):
                                 # The verdict quotes the folder's path and the loader's errors: literal text.
                                 yield Static("", id="model-check")
                             yield Static(FIELD_HELP.get(f.name, ""), classes="help", markup=False)
-                yield Static("", id="error")
+            # Outside the scrolling form: a refused value is said where Ctrl+S was pressed, at any height.
+            yield Static("", id="error")
             with Horizontal():
                 yield Button("Cancel", id="cancel")
                 yield Button("Save", id="save", variant="primary")
 
     def on_mount(self) -> None:
-        self.check_later(self.value("model"), self._show_verdict)
+        self.check_later(self._folder_to_check(), self._show_verdict)
+
+    def _folder_to_check(self) -> str:
+        return self.value("model") or self.running or ""
 
     def _show_verdict(self, folder: str, verdict: tuple[bool, str] | None) -> None:
-        if self.value("model") == folder.strip():
-            self.query_one("#model-check", Static).update(verdict_text(verdict))
+        if self._folder_to_check() != folder.strip():
+            return  # typed on since
+        text = verdict_text(verdict)
+        if verdict is not None and not self.value("model"):
+            text = Text(f"empty: the app keeps {one_line(folder)}\n", style="dim") + text
+        self.query_one("#model-check", Static).update(text)
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "set-model":
             self.query_one("#model-check", Static).update(Text("checking…", style="dim"))
-            self.check_later(self.value("model"), self._show_verdict)
+            self.check_later(self._folder_to_check(), self._show_verdict)
 
     def value(self, name: str) -> str:
         """What field `name` holds: its original value while it still shows that unchanged."""
@@ -151,6 +162,12 @@ class SettingsScreen(FolderCheck, ModalScreen[Settings | None]):
             self.dismiss(self.collect())
         except MixchatError as exc:
             self.query_one("#error", Static).update(literal(str(exc)))
+            # and the field it is about takes the focus, which scrolls the form to it
+            message = str(exc)
+            for f in fields(Settings):
+                if message.startswith((f.name, f.name.replace("_", " "))):
+                    self.query_one(f"#set-{f.name}").focus()
+                    break
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -63,7 +63,7 @@ def _speed(pane) -> list[Piece]:
 def first_line(engine, pane, demo: bool, width: int | None) -> Text:
     e = engine
     name = one_line(Path(str(e.release.folder)).name)
-    weights = e.quant.name if e.quant else str(e.dtype).removeprefix("torch.")
+    weights = e.quant.label if e.quant else str(e.dtype).removeprefix("torch.")
     ranks = f" × {e.world_size} ranks" if getattr(e, "world_size", 1) > 1 else ""
     rest: list[Piece] = [(0, Text(f" · {weights} on {e.device}{ranks}"))]
     if e.experts is not None:  # plain counters, safe to read while the worker updates them
@@ -108,7 +108,7 @@ def context_line(engine, pane, when_full: str, width: int | None) -> Text:
 
 
 def status_text(engine, pane, model_error: str | None, model_folder: str | None, demo: bool = False,
-                width: int | None = None, when_full: str = "drop") -> Text:
+                width: int | None = None, when_full: str = "drop", load_step: str | None = None) -> Text:
     """The two lines of the status bar, from the engine's facts and the pane's live figures, fitted
     to `width` columns (None: not fitted). Built as Text, not markup: the folder name and the error
     come from the user's files."""
@@ -117,6 +117,8 @@ def status_text(engine, pane, model_error: str | None, model_folder: str | None,
             head = Text("model", style="bold") + Text(" " + one_line(model_error))
         else:
             head = Text(f"loading {one_line(str(model_folder))} …")
+            if load_step:  # on the second line: the folder's path may take the whole first one
+                head.append("\n" + one_line(load_step))
         # An error may be long: it gets both lines, wrapped, rather than being cut.
         return head
     out = first_line(engine, pane, demo, width)
