@@ -22,7 +22,10 @@ What it does, caching everything under --cache-dir (default ~/.cache/mixchat-ben
    int4-32/int4-64 spends more bits.
 4. For each precision (bf16 <-> BF16, int8 <-> Q8_0, int4 <-> Q4_0) runs `llama-bench` and then
    `mixchat bench`, never both at once, and prints prefill and decode tokens/s and the ratio
-   mixchat/llama.cpp (above 1 means mixchat is faster).
+   mixchat/llama.cpp (above 1 means mixchat is faster). Around each run it probes the memory read
+   rate (mixchat's read probe, between the runs, the same for both engines) and also gives the decode
+   ratio per probed GB/s: on a VM whose memory speed moves over minutes, the raw ratio of one round
+   says as much about the minute each engine ran in as about the engines (--no-probe skips it).
 
 GGUF files stay in the cache for the next run (their sizes are printed); --clean deletes this
 folder's GGUF files at the end. A 7B model needs about 14.5 + 7.7 + 4.4 GB of disk for all three.
@@ -57,6 +60,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -504,6 +508,45 @@ class Result:
     load_seconds: float | None = None
     raw: Any = None
     round: int = 0  # --rounds: which alternation this run belongs to
+    probe_gbps: float | None = None  # the memory read rate just before and after this run (their mean)
+
+
+class Prober:
+    """The machine's memory read rate around each engine's run: mixchat's read probe (csrc/probe.c, the
+    widest loads the CPU has, 1 GiB, on the benchmark's threads) in this process, between the runs, so both
+    engines are measured against the same yardstick. On a VM whose memory speed moves by half over minutes
+    (33 to 66 GB/s on the 2-core EPYC these figures come from) a round's decode ratio follows which engine
+    ran in the faster minutes; tokens/s per probed GB/s does not. None where the kernels cannot be built."""
+
+    def __init__(self, threads: int, enabled: bool) -> None:
+        self.threads, self.buffer, self.reason = threads, None, None
+        if not enabled:
+            self.reason = "--no-probe"
+            return
+        try:
+            from mixchat.speed import hugepages, kernels
+
+            if not kernels.available():
+                self.reason = kernels.reason()
+                return
+            self.buffer = hugepages.empty((1 << 30,)).fill_(1)
+        except Exception as exc:  # noqa: BLE001 - a figure to print beside the results, never a reason to stop
+            self.reason = f"{type(exc).__name__}: {exc}"
+
+    def rate(self) -> float | None:
+        if self.buffer is None:
+            return None
+        from mixchat.speed import kernels
+
+        return kernels.read_probe(threads=self.threads, reps=3, buffer=self.buffer)
+
+    def around(self, run: Callable[[], Result]) -> Result:
+        before = self.rate()
+        result = run()
+        after = self.rate()
+        if before and after:
+            result.probe_gbps = round((before + after) / 2, 2)
+        return result
 
 
 def vm_hwm_kib(pid: int) -> int:
@@ -653,11 +696,13 @@ def summarize(results: list[Result]) -> tuple[list[Result], dict[str, dict[str, 
         runs = [r for r in results if (r.precision, r.engine) == key]
         first = runs[0]
         rss = [r.peak_rss_gb for r in runs if r.peak_rss_gb is not None]
+        probes = [r.probe_gbps for r in runs if r.probe_gbps]
         merged.append(Result(first.precision, first.engine, first.weights_gb,
                              round(median([r.prefill_tps for r in runs]), 2),
                              round(median([r.decode_tps for r in runs]), 3),
                              peak_rss_gb=max(rss) if rss else None, load_seconds=first.load_seconds,
-                             raw=[r.raw for r in runs] if len(runs) > 1 else first.raw))
+                             raw=[r.raw for r in runs] if len(runs) > 1 else first.raw,
+                             probe_gbps=round(median(probes), 2) if probes else None))
     ratios: dict[str, dict[str, Any]] = {}
     for p in dict.fromkeys(r.precision for r in results):
         pairs = [(m, c) for m in results for c in results if m.precision == c.precision == p
@@ -667,22 +712,28 @@ def summarize(results: list[Result]) -> tuple[list[Result], dict[str, dict[str, 
             dec = [ratio(m.decode_tps, c.decode_tps) for m, c in pairs]
             ratios[p] = {"prefill": round(median(pre), 3), "decode": round(median(dec), 3),
                          "prefill_rounds": pre, "decode_rounds": dec}
+            if all(m.probe_gbps and c.probe_gbps for m, c in pairs):
+                # each engine's decode per GB/s the machine read around its own run
+                fair = [ratio(m.decode_tps / m.probe_gbps, c.decode_tps / c.probe_gbps) for m, c in pairs]
+                ratios[p].update(decode_per_probe=round(median(fair), 3), decode_per_probe_rounds=fair)
     return merged, ratios
 
 
 def print_table(results: list[Result]) -> None:
-    header = ("precision", "engine", "weights GB", "prefill tok/s", "decode tok/s", "peak RSS GB",
-              "prefill ratio", "decode ratio")
+    header = ("precision", "engine", "weights GB", "prefill tok/s", "decode tok/s", "peak RSS GB", "probe GB/s",
+              "prefill ratio", "decode ratio", "per probe")
     rounds = len({r.round for r in results})
     results, ratios = summarize(results)
     rows = []
     for r in results:
         mine = ratios.get(r.precision, {}) if r.engine == "mixchat" else {}
-        pre, dec = mine.get("prefill"), mine.get("decode")
+        pre, dec, fair = mine.get("prefill"), mine.get("decode"), mine.get("decode_per_probe")
         size = f"{r.weights_gb:.2f}" if r.weights_gb >= 1 else f"{r.weights_gb:.3f}"  # tiny test models
         rows.append((r.precision, r.engine, size, f"{r.prefill_tps:.1f}", f"{r.decode_tps:.2f}",
                      "" if r.peak_rss_gb is None else f"{r.peak_rss_gb:.2f}",
-                     "" if pre is None else f"{pre:.2f}x", "" if dec is None else f"{dec:.2f}x"))
+                     "" if r.probe_gbps is None else f"{r.probe_gbps:.1f}",
+                     "" if pre is None else f"{pre:.2f}x", "" if dec is None else f"{dec:.2f}x",
+                     "" if fair is None else f"{fair:.2f}x"))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print()
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
@@ -694,8 +745,14 @@ def print_table(results: list[Result]) -> None:
         print(f"{rounds} rounds, the engines alternating: tok/s are medians over rounds, ratios the median of the "
               "rounds' own ratios:")
         for p, r in ratios.items():
+            fair = r.get("decode_per_probe_rounds")
             print(f"  {p}: prefill {', '.join(f'{x:.2f}' for x in r['prefill_rounds'])}; "
-                  f"decode {', '.join(f'{x:.2f}' for x in r['decode_rounds'])}")
+                  f"decode {', '.join(f'{x:.2f}' for x in r['decode_rounds'])}"
+                  + (f"; decode per probe {', '.join(f'{x:.2f}' for x in fair)}" if fair else ""))
+    if any(r.probe_gbps for r in results):
+        print("probe GB/s: the memory read rate probed just before and after each run (median over rounds); per "
+              "probe: the decode ratio with each engine's tok/s divided by the rate around its own run, so a VM's "
+              "faster or slower minutes do not decide it.")
     print("weights GB: llama.cpp's GGUF file; mixchat's weights in memory (`mixchat inspect`'s estimate).\n")
 
 
@@ -758,6 +815,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--skip-llamacpp", action="store_true", help="only run mixchat (no build, no GGUF)")
     ap.add_argument("--clean", action="store_true", help="delete this folder's cached GGUF files at the end")
     ap.add_argument("--out", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--no-probe", action="store_true",
+                    help="skip the memory read probe around each run (3 passes over 1 GiB before and after; it "
+                    "gives the decode ratio per probed GB/s)")
     ns = ap.parse_args(argv)
     if ns.model is None:
         ap.error("pass the release folder with -m/--model (or set MIXCHAT_MODEL)")
@@ -790,6 +850,9 @@ def run(ns: argparse.Namespace) -> int:
                 log(f"this mixchat's `bench --quant` cannot run {p} (it takes {sorted(choices) or 'no --quant'}); "
                     "llama.cpp only for it")
 
+    prober = Prober(ns.threads, not ns.no_probe)
+    if prober.reason and not ns.no_probe:
+        log(f"no read probe ({prober.reason}): decode ratios are not normalised by the memory rate")
     # Strictly one engine at a time: both want every core and all memory bandwidth.
     try:
         for p in ns.quant:
@@ -797,9 +860,9 @@ def run(ns: argparse.Namespace) -> int:
                 engines = ([] if ns.skip_llamacpp else ["llama.cpp"]) + ([] if flags.get(p) is None else ["mixchat"])
                 for engine in engines if n % 2 == 0 else engines[::-1]:
                     if engine == "llama.cpp":
-                        result = bench_llamacpp(bins["llama-bench"], ggufs[p], p, ns, logs)
+                        result = prober.around(lambda p=p: bench_llamacpp(bins["llama-bench"], ggufs[p], p, ns, logs))
                     else:
-                        result = bench_mixchat(folder, p, flags[p], ns, logs)
+                        result = prober.around(lambda p=p: bench_mixchat(folder, p, flags[p], ns, logs))
                     result.round = n
                     results.append(result)
     finally:

@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "vs_llamacpp.py"
 spec = importlib.util.spec_from_file_location("vs_llamacpp", SCRIPT)
 vs = importlib.util.module_from_spec(spec)
@@ -44,3 +46,34 @@ def test_one_round_prints_the_plain_table(capsys):
                     result("mixchat", 2.0, 1), result("llama.cpp", 2.0, 1)])
     out = capsys.readouterr().out
     assert "2 rounds" in out and "decode 1.50, 1.00" in out and "1.25x" in out
+
+
+def test_decode_per_probe_takes_each_runs_own_memory_rate(capsys):
+    # Round 0: mixchat ran in a fast minute (probe 60 against 40), so its raw ratio is 1.5; per GB/s probed
+    # around each run the engines decode alike. Round 1: the other way round.
+    results = [result("llama.cpp", 4.0, 0), result("mixchat", 6.0, 0),
+               result("mixchat", 4.0, 1), result("llama.cpp", 6.0, 1)]
+    for r, probe in zip(results, (40.0, 60.0, 40.0, 60.0), strict=True):
+        r.probe_gbps = probe
+    merged, ratios = vs.summarize(results)
+    assert ratios["bf16"]["decode_rounds"] == [1.5, 0.667]
+    assert ratios["bf16"]["decode_per_probe_rounds"] == [1.0, 1.0] and ratios["bf16"]["decode_per_probe"] == 1.0
+    assert {r.engine: r.probe_gbps for r in merged} == {"llama.cpp": 50.0, "mixchat": 50.0}
+    vs.print_table(results)
+    out = capsys.readouterr().out
+    assert "decode per probe 1.00, 1.00" in out and "probe GB/s" in out
+    results[0].probe_gbps = None  # a run without its probe: no normalised figure rather than a wrong one
+    assert "decode_per_probe" not in vs.summarize(results)[1]["bf16"]
+
+
+def test_the_prober_reads_around_a_run_or_says_why_not():
+    from mixchat.speed import kernels
+
+    off = vs.Prober(2, enabled=False)
+    assert off.rate() is None and off.reason == "--no-probe"
+    assert off.around(lambda: result("mixchat", 1.0, 0)).probe_gbps is None
+    if not kernels.available():
+        pytest.skip(f"no compiled kernels: {kernels.reason()}")
+    on = vs.Prober(2, enabled=True)
+    r = on.around(lambda: result("mixchat", 1.0, 0))
+    assert r.probe_gbps is not None and 0.5 < r.probe_gbps < 2000
