@@ -24,7 +24,7 @@ from mixchat.release.folder import Release, model_state, open_release
 from mixchat.speed import heap, hugepages, linear
 from mixchat.speed.decoder import FusedDecoder
 from mixchat.speed.experts import ExpertCache, offload
-from mixchat.speed.qformat import QuantSpec, expert_bytes, model_bytes, parse_quant, quantized_bytes, spec_for
+from mixchat.speed.qformat import QuantSpec, expert_bytes, model_bytes, parse_quant
 from mixchat.speed.quant import install, quantize_state
 from mixchat.text.tokenizer import TextTokenizer
 
@@ -326,8 +326,8 @@ class Engine:
             cached = store.cached
             held = [n for n in store.names if n in state]
             # Read from the cache file (gigabytes for a 7B), unless they were just quantized in memory.
-            with Progress(f"reading the {spec.label} weights", sum(
-                    quantized_bytes(tuple(state[n].shape), spec_for(n, spec)) for n in held),
+            with Progress(f"reading the {spec.label} weights", model_bytes({n: tuple(state[n].shape) for n in held},
+                                                                           dt.itemsize, spec),
                     enabled=show_progress if store.path is not None else False,
                     listener=on_progress if store.path is not None else None) as bar:
                 for name in held:

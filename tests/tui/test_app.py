@@ -274,6 +274,9 @@ def test_loading_says_what_it_does_and_its_notes_reach_the_screen(mixtral):
             labels = {label for label, *_ in steps}
             assert "quantizing to int8" in labels and "reading the int8 weights" in labels, labels
             assert all(0 <= done <= total for _, done, total in steps)
+            for label in labels:  # each step ends at its total: the bytes it counts are the bytes it said
+                last = [(done, total) for name, done, total in steps if name == label][-1]
+                assert last[0] == last[1], (label, last)
             assert any("quantizing to int8" in s and "loading" in s for s in shown), shown
             assert "quantizing" not in status(app)  # loaded: the step is gone from the status bar
 
