@@ -66,6 +66,19 @@ def make_private_dir(folder: Path) -> None:
         os.chmod(d, 0o700)  # mkdir's mode passes through the umask, which could take u+w away
 
 
+def private_file(path: Path) -> Path:
+    """`path`, created empty if missing, readable by its owner only (0600; 0600 again if an older mixchat made it
+    0644), in a private folder: it holds what the user typed or their system prompt. OSError is the caller's."""
+    make_private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    return path
+
+
 def store_path() -> Path:
     return data_dir() / "conversations.sqlite3"
 

@@ -6,12 +6,14 @@ the window title with OSC 0, write the clipboard with OSC 52), a carriage return
 what was printed, or C1 controls that some terminals obey as CSI. `visible` shows each of them as
 a harmless glyph instead: C0 controls as the Unicode control pictures (ESC as ␛), DEL as ␡, C1
 controls as `<9b>`. Newlines and tabs are kept; a CR that ends a line (CR LF) is dropped, any other
-CR shown as ␍. JSON output needs none of this: json.dumps escapes every control character.
+CR shown as ␍. JSON output keeps the exact text, every control character escaped (`json_text`).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 _CONTROL = re.compile(r"\r\n|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -26,6 +28,15 @@ def _picture(m: re.Match) -> str:
     if code == 0x7F:
         return "\u2421"  # ␡
     return f"<{code:02x}>"  # C1: no control picture exists
+
+
+_JSON_UNESCAPED = re.compile(r"[\x7f-\x9f]")
+
+
+def json_text(obj: Any, **kw: Any) -> str:
+    """json.dumps keeping non-ASCII text readable, with DEL and the C1 controls escaped too (json.dumps escapes
+    only those below U+0020, and a terminal may obey U+009B as CSI when the JSON is read on one)."""
+    return _JSON_UNESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False, **kw))
 
 
 def visible(text: str) -> str:

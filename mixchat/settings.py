@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -89,20 +90,54 @@ def load() -> Settings:
 def load_with_keys() -> tuple[Settings, frozenset[str]]:
     """The saved settings, and which of them the file actually holds: a value the user saved wins
     over a release folder's recommendation, a default does not (see `choose`)."""
+    s, keys, _ = read()
+    return s, keys
+
+
+def _read_raw(path: Path) -> dict[str, Any]:
+    """settings.json as a dict ({} when there is none); MixchatError, naming the file, when it is not one."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except UnicodeDecodeError:
+        raise MixchatError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise MixchatError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MixchatError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(raw, dict):
+        raise MixchatError(f"{path} holds a JSON {type(raw).__name__}, not an object of settings")
+    return raw
+
+
+def read() -> tuple[Settings, frozenset[str], list[str]]:
+    """The saved settings, the keys the file holds, and what is wrong with it, one line each.
+
+    A broken settings file must not keep any front end from starting, nor cost the user the settings
+    that are fine: a value that does not check out is left out (its default applies) and named; a file
+    that cannot be read at all gives the defaults. The front ends say so; the file itself is only
+    replaced when the user saves settings again, and then an unreadable one is kept aside (save)."""
     path = settings_path()
     try:
-        if not path.is_file():
-            return Settings(), frozenset()
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        known = {f.name for f in fields(Settings)}
-        given = {k: v for k, v in raw.items() if k in known}
-        s = Settings(**given)
-        s.check()
-        return s, frozenset(given)
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError, AttributeError, OSError, MixchatError):
-        # A broken settings file must not keep any front end from starting; the defaults are used
-        # and the file is only replaced when the user saves settings again.
-        return Settings(), frozenset()
+        raw = _read_raw(path)
+    except MixchatError as exc:
+        return Settings(), frozenset(), [f"{exc}; the default settings are used until you save them again"]
+    kept: dict[str, Any] = {}
+    problems = []
+    for key in (f.name for f in fields(Settings)):
+        if key not in raw:
+            continue
+        try:
+            Settings(**{**kept, key: raw[key]}).check()
+        except (MixchatError, TypeError, ValueError, OverflowError) as exc:
+            why = str(exc) if isinstance(exc, MixchatError) else f"{key} {str(raw[key])[:20]!r} is not a valid value"
+            problems.append(f"{path}: {why}; the default ({getattr(Settings(), key)!r}) is used instead")
+            continue
+        kept[key] = raw[key]
+    return Settings(**kept), frozenset(kept), problems
 
 
 def choose(key: str, flags: dict[str, Any], saved: Settings, saved_keys: frozenset[str],
@@ -128,15 +163,28 @@ def apply_recommended(s: Settings, saved_keys: frozenset[str], recommended: dict
     return s
 
 
-def save(s: Settings) -> None:
-    """Write atomically; a folder that cannot be written is a MixchatError (the settings stay in use)."""
+def save(s: Settings) -> str | None:
+    """Write atomically, readable by the user only (it holds the system prompt); a folder that cannot
+    be written is a MixchatError (the settings stay in use). Keys this mixchat does not know (a newer
+    one's) are kept. A file that cannot be read as settings is not overwritten but renamed aside first:
+    returns a line saying where it went, else None."""
     s.check()
     path = settings_path()
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    note = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        paths.make_private_dir(path.parent)
         checksum.remove_stale_temporaries(path.parent, "settings.json.tmp*")
-        tmp.write_text(json.dumps(asdict(s), indent=2), encoding="utf-8")
+        try:
+            others = {k: v for k, v in _read_raw(path).items() if k not in {f.name for f in fields(Settings)}}
+        except MixchatError as exc:
+            others = {}
+            aside = path.with_name(f"settings.json.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            note = f"{exc}: kept as {aside}, and the settings saved anew"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps({**others, **asdict(s)}, indent=2))
         tmp.replace(path)
     except OSError as exc:
         try:
@@ -145,3 +193,4 @@ def save(s: Settings) -> None:
             pass
         raise MixchatError(f"{path}: cannot save the settings ({exc.strerror or exc}); they apply until mixchat "
                            "closes — make the folder writable to keep them") from None
+    return note

@@ -285,3 +285,13 @@ def test_a_bad_flag_is_one_line_naming_the_help(args, words):
     proc = mixchat(*args)
     assert proc.returncode == 2 and proc.stdout == b""
     assert words in one_error_line(proc)
+
+
+def test_an_empty_cid_is_refused_not_a_new_conversation(mixtral, tmp_path):
+    from mixchat import paths
+    from mixchat.conversations.store import Store
+
+    for args in (["--cid", ""], ["--cid", "  "], ["--plain", "--cid", ""]):
+        proc = mixchat("--model", str(mixtral), "--max-tokens", "2", *args, "-p", "hi")
+        assert proc.returncode == 2 and "--cid is empty" in one_error_line(proc)
+    assert not paths.store_path().exists() or Store(paths.store_path()).list() == []

@@ -155,3 +155,19 @@ def test_no_save_and_corrupt_store(model):
     paths.store_path().write_bytes(b"garbage" * 200)
     proc = mixchat("list")
     assert proc.returncode == 2 and "cannot open the conversation store" in one_error_line(proc)
+
+
+def test_json_output_escapes_every_control_character_c1_included(model):
+    """`--json` and `export --format json` keep the exact text, but no byte of it may act on a terminal that shows
+    the JSON: U+009B is CSI to some terminals, and json.dumps(ensure_ascii=False) left it raw."""
+    from mixchat.safetext import json_text
+
+    text = "csi \x9b2J esc \x1b[2J del \x7f é 🌊"
+    assert json.loads(json_text({"t": text})) == {"t": text}
+    assert not any(0x7f <= ord(c) <= 0x9f or ord(c) < 0x20 for c in json_text({"t": text}, indent=2).replace("\n", ""))
+    assert "é 🌊" in json_text(text)  # other text stays readable
+    proc = mixchat("-m", str(model), *ARGS, "--max-tokens", "2", "-p", text)  # ARGS hold --json
+    assert proc.returncode == 0 and not any(0x7f <= ord(c) <= 0x9f for c in proc.stdout.decode())
+    cid = json.loads(proc.stdout.decode().splitlines()[-1])["conversation"]
+    raw = mixchat("export", cid, "--format", "json").stdout.decode()
+    assert "\\u009b" in raw and "\x9b" not in raw and json.loads(raw)["messages"][0]["content"] == text

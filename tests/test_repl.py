@@ -195,6 +195,33 @@ def test_plain_continue_without_a_model_flag_takes_the_conversations_own(model, 
     assert conv.model_path == str(model) and msgs[3].timings["cached_tokens"] > 0  # its cache, so its model
 
 
+def test_piped_first_message_with_plain_i_is_sent_first(model, monkeypatch):
+    """`cat notes | mixchat --plain -i`: the notes are the first message (they were dropped), then the chat goes on."""
+    from mixchat.frontends import cli
+
+    real = repl.run
+    seen = {}
+
+    def run(ns, first=None, **kw):
+        seen["first"] = first
+        with create_pipe_input() as inp, deadline(120):
+            inp.send_text("/bye" + ENTER)
+            out = io.StringIO()
+            rc = real(ns, input=inp, output=DummyOutput(), out=out, first=first)
+            seen["text"] = out.getvalue()
+            return rc
+
+    monkeypatch.setattr(repl, "run", run)
+    monkeypatch.setattr(cli, "_reattach_terminal", lambda: None)  # no /dev/tty in a test
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"/notes about Bingley\nand Darcy\n")))
+    assert cli.main(["--plain", "-i", "-m", str(model), "--dtype", "fp32", "--max-tokens", "3"]) == 0
+    assert seen["first"] == "/notes about Bingley\nand Darcy\n"  # as piped, as the app and one-shot take it
+    msgs = store().messages(store().latest().id)
+    # sent as a message (not read as a /command), answered, saved; shown as if typed
+    assert [m.role for m in msgs] == ["user", "assistant"] and msgs[0].content.startswith("/notes about Bingley\nand")
+    assert ">>> /notes about Bingley\n... and Darcy" in seen["text"] and msgs[1].content in seen["text"]
+
+
 def test_multiline_input_and_the_history_file(model):
     ns = namespace("-m", str(model), "--temperature", "0", "--max-tokens", "2")
     keys = "line one\\" + ENTER + "line two" + ENTER + "alpha" + META_ENTER + "beta" + ENTER + "/help" + ENTER
@@ -204,6 +231,7 @@ def test_multiline_input_and_the_history_file(model):
     assert [m.content for m in msgs if m.role == "user"] == ["line one\nline two", "alpha\nbeta"]
     assert "backslash" in text and "Meta+Enter" in text  # /help says how
     history = paths.input_history_path().read_text()
+    assert oct(paths.input_history_path().stat().st_mode & 0o777) == oct(0o600)  # everything typed: the owner's only
     assert "+line one\n+line two\n" in history and "+alpha\n+beta\n" in history and "+/bye\n" in history
     # The next session recalls it: Up twice brings back /help (Up once would be /bye).
     rc, text = drive(ns, "\x1b[A\x1b[A" + ENTER + "/bye" + ENTER)

@@ -144,3 +144,73 @@ def test_one_shot_answers_with_the_model_saved_in_the_settings(make_release, tmp
     assert "saved in the settings" in err and str(gone) in err and "--model DIR" in err
     proc = one_shot("--no-save", "-m", str(DEMO))  # a flag given now wins over the saved folder
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_saved_quant_that_cannot_apply_is_blamed_on_the_settings(make_release, monkeypatch):
+    from conftest import tiny_args
+
+    from mixchat.release.inspection import inspect_release
+
+    model = make_release(tiny_args(), seed=5, std=0.15)  # dim 64: groups of 128 cannot divide it
+    assert "int4-128" not in inspect_release(model)["memory_estimate_bytes"]  # not offered where it cannot apply
+    assert "int4-32" in inspect_release(model)["memory_estimate_bytes"]
+    write_settings({"quant": "int4"})
+    proc = subprocess.run([sys.executable, "-m", "mixchat", "-m", str(model), "--no-save", "-p", "hi"],
+                          capture_output=True, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "do not divide" in err and "use --quant int4-32" in err  # the largest group that fits, as inspect offers
+    assert f"the saved settings, {settings_path()}, chose --quant int4" in err
+    proc = subprocess.run([sys.executable, "-m", "mixchat", "-m", str(model), "--no-save", "--quant", "int4-32",
+                           "--max-tokens", "2", "-p", "hi"], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr  # a flag given now overrides the saved choice
+
+
+def test_a_settings_value_that_does_not_check_out_is_named_and_the_rest_kept(make_release, tmp_path, monkeypatch):
+    """One bad value used to throw every saved setting away without a word (the saved model too), and the app's
+    next save overwrote the file: now the bad value alone is left out and named, and an unreadable file is kept
+    aside before a save writes a new one."""
+    import os
+    import stat
+
+    from conftest import tiny_args
+
+    from mixchat.conversations.store import Store
+
+    monkeypatch.delenv("MIXCHAT_MODEL", raising=False)
+    model = make_release(tiny_args(), seed=5, std=0.15)
+    write_settings({"model": str(model), "temperature": "hot", "top_k": 3, "from_a_newer_mixchat": True})
+    s, keys, problems = settings.read()
+    assert s.model == str(model) and s.top_k == 3 and s.temperature == Settings().temperature
+    assert keys == {"model", "top_k"} and len(problems) == 1 and "temperature 'hot'" in problems[0]
+    proc = subprocess.run([sys.executable, "-m", "mixchat", "--max-tokens", "2", "-p", "hi"], capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert Store(paths.store_path()).latest().model_path == str(model)  # the saved model is still the one used
+    err = proc.stderr.decode()
+    assert "temperature 'hot'" in err and str(settings_path()) in err and "Traceback" not in err
+
+    assert settings.save(s) is None  # a readable file: rewritten, keeping what this mixchat does not know
+    assert json.loads(settings_path().read_text())["from_a_newer_mixchat"] is True
+    assert stat.S_IMODE(os.stat(settings_path()).st_mode) == 0o600  # it holds the system prompt
+
+    write_settings('{"model": "/somewhere", "temperature": ')  # cut short
+    s, keys, problems = settings.read()
+    assert s == Settings() and "not valid JSON" in problems[0]
+    note = settings.save(Settings(top_k=5))
+    (aside,) = settings_path().parent.glob("settings.json.unreadable-*")
+    assert str(aside) in note and aside.read_text() == '{"model": "/somewhere", "temperature": '  # nothing lost
+    assert settings.read()[0].top_k == 5
+
+
+def test_an_input_history_an_older_mixchat_left_readable_is_made_private(tmp_path):
+    import os
+
+    from mixchat.frontends.tui import history
+
+    path = paths.input_history_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n# 2026-01-01\n+an old prompt\n")
+    os.chmod(path, 0o644)
+    history.append("a new one")
+    assert path.stat().st_mode & 0o777 == 0o600 and history.load() == ["an old prompt", "a new one"]

@@ -2,7 +2,7 @@
 --format markdown|json` and `import FILE.json`.
 
 Markdown is for people, so control characters in it are made visible; JSON is for programs and
-keeps the exact text (json.dumps escapes every control character). An imported file is someone
+keeps the exact text (safetext.json_text escapes every control character, C1 included). An imported file is someone
 else's data: everything in it is checked before anything is written, and it is written whole, in
 one transaction, as a new conversation.
 """
@@ -26,7 +26,7 @@ from mixchat.conversations.store import (
     short_id,
 )
 from mixchat.errors import MixchatError
-from mixchat.safetext import one_line, visible
+from mixchat.safetext import json_text, one_line, visible
 
 # Bounds on an imported file. The largest real conversation is a few MB (a 128k-token context of
 # text, token ids and routing); these leave room for that and refuse what only fills memory.
@@ -110,7 +110,7 @@ def export_json(store: Store, cid: str) -> dict[str, Any]:
 
 
 def dumps(data: dict[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, indent=2)
+    return json_text(data, indent=2)
 
 
 class ImportRefused(MixchatError):

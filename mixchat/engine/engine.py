@@ -24,7 +24,7 @@ from mixchat.release.folder import Release, model_state, open_release
 from mixchat.speed import heap, hugepages, linear
 from mixchat.speed.decoder import FusedDecoder
 from mixchat.speed.experts import ExpertCache, offload
-from mixchat.speed.qformat import QuantSpec, expert_bytes, model_bytes, parse_quant
+from mixchat.speed.qformat import QuantSpec, expert_bytes, fits, model_bytes, parse_quant
 from mixchat.speed.quant import install, quantize_state
 from mixchat.text.tokenizer import TextTokenizer
 
@@ -173,6 +173,16 @@ def load_options(ns) -> dict:
             "split": getattr(ns, "split", None)}
 
 
+def check_quant_fits(spec: QuantSpec, shapes: dict[str, tuple[int, ...]], folder: Path) -> None:
+    """Refuse, before anything is read, an int4 group size that does not divide every matrix's input dimension,
+    naming the largest that does (the choice `inspect` would offer), else int8."""
+    if fits(shapes, spec):
+        return
+    smaller = [c for c in ("int4-64", "int4-32") if parse_quant(c).group < spec.group and fits(shapes, parse_quant(c))]
+    raise MixchatError(f"--quant {spec.label}: groups of {spec.group} do not divide every input dimension of "
+                       f"{folder.name}'s matrices; use --quant {smaller[0] if smaller else 'int8'}")
+
+
 def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> int:
     return expert_bytes(args.dim, args.hidden_dim, dt.itemsize, spec)
 
@@ -294,6 +304,8 @@ class Engine:
         opened = open_release(folder)
         release, args, layout = opened.release, opened.args, opened.layout
         state = model_state(opened.state, args, layout)
+        if spec is not None:
+            check_quant_fits(spec, {n: tuple(t.shape) for n, t in state.items()}, release.folder)
         fingerprint = model_fingerprint(release)
         pipeline = None
         if part is None and (group := dist_group.current()) is not None and group.rank == 0:

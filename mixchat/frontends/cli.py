@@ -189,20 +189,20 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
         if (ns.cont or ns.cid) and not (ns.model or os.environ.get("MIXCHAT_MODEL")):
             # going on with a conversation: its own model, unless a flag names one (as in one-shot)
             ns.model, ns.default_model = None, model
-            return repl.run(ns)
+            return repl.run(ns, first=first_message)
         ns.model = model
         if not model:
             raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder)")
         if note:
             print(note)
-        return repl.run(ns)
+        return repl.run(ns, first=first_message)
     from mixchat.engine.engine import load_options
     from mixchat.frontends.oneshot import load_flags_given, recommended_sampling, sampling_from
     from mixchat.frontends.tui.app import MixchatApp
 
     load_options(ns)  # the model and sampling flags are checked as in every other front end, by name
     sampling_from(ns)
-    settings, saved_keys = settings_mod.load_with_keys()
+    settings, saved_keys, problems = settings_mod.read()
     params = Path(model) / "params.json" if model else None
     if params is not None and params.is_file():
         # A folder's recommended sampling (the demo's: it loops when greedy) fills in what the user did
@@ -223,7 +223,7 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
     if ns.when_full is not None:
         settings.when_full = ns.when_full
     settings.check()
-    app = MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note)
+    app = MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note, notes=problems)
     app.run()
     # 0 after Ctrl+Q, 128 + the signal after SIGTERM/SIGHUP (replies saved first), 1 after a crash
     # (Textual sets it on an unhandled exception and prints the traceback once the terminal is back).
@@ -250,6 +250,10 @@ def _chat(ns: argparse.Namespace) -> int:
         if ns.prompt is not None:
             raise MixchatError("the message is given twice, as PROMPT and with -p; give it once")
         ns.prompt, source = positional, "PROMPT"
+    if ns.cid is not None and not ns.cid.strip():
+        # `--cid "$ID"` with ID unset must not start a new conversation where the script meant an old one
+        raise MixchatError("--cid is empty: give a conversation id (`mixchat list` shows them), or leave --cid out "
+                           "to start a new conversation")
     if ns.system:
         oneshot.check_text(ns.system, "--system", "give the system prompt's text, or leave --system out")
     if ns.interactive:

@@ -9,7 +9,7 @@ from argparse import Namespace
 from typing import Any, TextIO
 
 from mixchat.errors import MixchatError
-from mixchat.safetext import visible
+from mixchat.safetext import json_text, visible
 from mixchat.signals import StopOnSignals
 
 # 64 MB of text is millions of tokens, beyond every context; reading more only fills memory.
@@ -99,14 +99,35 @@ def load_flags_given(ns: Any) -> dict[str, Any]:
     return {key: value for flag, key in LOAD_FLAGS if (value := getattr(ns, flag, None)) and value != "auto"}
 
 
-def apply_saved_load_options(ns: Any, saved: Any) -> None:
+def apply_saved_load_options(ns: Any, saved: Any) -> dict[str, Any]:
     """How the app (F2) loads a model, where no flag says otherwise now: its dtype, threads, quantization,
     memory budget and context, by the app's own rule (cli._interactive: a flag given now wins, then the saved
-    value; the saved defaults, auto/0/none, change nothing)."""
+    value; the saved defaults, auto/0/none, change nothing). Returns the flags set from the saved values."""
     given = load_flags_given(ns)
+    applied = {}
     for flag, key in LOAD_FLAGS:
         if key not in given and (value := getattr(saved, key)) and value not in ("auto", "none"):
             setattr(ns, flag, value)
+            applied[flag] = value
+    return applied
+
+
+def load_engine(model: str, ns: Any, from_saved: dict[str, Any]):
+    """Engine.load with the flags; a failure while saved settings chose some of them says so (the user gave no
+    flag: `quant int4` came from settings.json, and a flag overrides it)."""
+    from mixchat.engine.engine import Engine, load_options
+    from mixchat.settings import settings_path
+
+    try:
+        return Engine.load(model, **load_options(ns))
+    except MixchatError as exc:
+        if not from_saved:
+            raise
+        chosen = ", ".join(f"--{flag.replace('_', '-')} {value}" for flag, value in from_saved.items())
+        blamed = MixchatError(f"{exc} (the saved settings, {settings_path()}, chose {chosen}; a flag given now "
+                              "overrides them)")
+        blamed.exit_code = exc.exit_code
+        raise blamed from None
 
 
 def saved_settings() -> tuple[Any, dict[str, Any], frozenset[str]]:
@@ -114,7 +135,9 @@ def saved_settings() -> tuple[Any, dict[str, Any], frozenset[str]]:
     saved (those win over a folder's recommendation; defaults do not)."""
     from mixchat import settings as settings_mod
 
-    saved, keys = settings_mod.load_with_keys()
+    saved, keys, problems = settings_mod.read()
+    for problem in problems:  # a value left out is said, not silently replaced by its default
+        _say(sys.stderr, f"note: {problem}")
     return saved, {k: getattr(saved, k) for k in settings_mod.SAMPLING_KEYS if k in keys}, keys
 
 
@@ -190,14 +213,13 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
     from mixchat.conversations import kvstore
     from mixchat.conversations.chat import Chat, ContextTrimmed
     from mixchat.conversations.store import Store
-    from mixchat.engine.engine import Engine, load_options
     from mixchat.engine.generation import Done, TokenEvent
     from mixchat.settings import settings_path
 
     out, err = out or sys.stdout, err or sys.stderr  # looked up now: tests and callers may swap them
     sampling_from(ns)  # fail on a bad flag before the model loads; the real settings come after
     saved, saved_sampling, saved_keys = saved_settings()
-    apply_saved_load_options(ns, saved)
+    from_saved = apply_saved_load_options(ns, saved)
     when_full = when_full_from(ns, saved, saved_keys)
     continuing = bool(ns.cont or ns.cid)
     if ns.raw and continuing:
@@ -209,7 +231,7 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
     if not model:
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
 
-    engine = Engine.load(model, **load_options(ns))
+    engine = load_engine(model, ns, from_saved)
     settings = sampling_from(ns, recommended_sampling(engine), str(engine.release.params), saved_sampling,
                              str(settings_path()))
     show_stats = ns.stats or err.isatty()
@@ -234,7 +256,7 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
                     line = {"token": event.id, "text": event.text}
                     if event.experts is not None:
                         line["experts"] = event.experts
-                    output.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    output.write(json_text(line) + "\n")
                 else:
                     output.write(visible(event.text))  # model text is data: no escape sequence acts
             elif isinstance(event, Done):

@@ -326,14 +326,21 @@ class Repl:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def loop(self, session) -> int:
+    def loop(self, session, first: str | None = None) -> int:
+        """Read and answer lines until /bye, Ctrl+D or two Ctrl+C; `first` (`cat notes | mixchat --plain -i`)
+        is sent before the first prompt, shown as if typed."""
         with TerminateOnSignals():
-            return self._loop(session)
+            return self._loop(session, first)
 
-    def _loop(self, session) -> int:
+    def _loop(self, session, first: str | None = None) -> int:
         while True:
             try:
-                line = session.prompt()
+                if first is not None:
+                    line, first = first, None
+                    self.say(PROMPT + line.replace("\n", "\n... "))
+                    line = "/" + line if line.startswith("/") else line  # "//…" is a message, never a command
+                else:
+                    line = session.prompt()
             except KeyboardInterrupt:  # Ctrl+C on an empty line
                 if self.armed:
                     return 0
@@ -413,7 +420,8 @@ def _history(no_save: bool):
     from mixchat import paths
 
     path = paths.input_history_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not no_save:
+        paths.private_file(path)  # every prompt typed: the owner's only (--no-save only reads it, if it is there)
 
     class ReadOnlyHistory(FileHistory):
         """--no-save: earlier input can be recalled, but nothing typed now is written."""
@@ -424,19 +432,19 @@ def _history(no_save: bool):
     return (ReadOnlyHistory if no_save else FileHistory)(str(path))
 
 
-def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) -> int:
+def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None, first: str | None = None) -> int:
     """The line-mode REPL. `input`/`output` are prompt_toolkit Input/Output (None: the terminal);
-    replies, command output and errors go to `out` (default: stdout)."""
+    replies, command output and errors go to `out` (default: stdout). `first` is sent as the first message."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.utils import is_dumb_terminal
 
     from mixchat import paths
     from mixchat.conversations import kvstore
     from mixchat.conversations.store import Store
-    from mixchat.engine.engine import Engine, load_options
     from mixchat.frontends.oneshot import (
         _resolve_conversation,
         apply_saved_load_options,
+        load_engine,
         recommended_sampling,
         sampling_from,
         saved_settings,
@@ -447,7 +455,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
     out = out or sys.stdout
     sampling_from(ns)  # fail on a bad flag before the model loads; the real settings come after
     saved, saved_sampling, saved_keys = saved_settings()
-    apply_saved_load_options(ns, saved)
+    from_saved = apply_saved_load_options(ns, saved)
     when_full = when_full_from(ns, saved, saved_keys)
     continuing = bool(ns.cont or ns.cid)
     store = Store(paths.store_path()) if (not ns.no_save or continuing) else None
@@ -456,7 +464,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
         getattr(ns, "default_model", None)
     if not model:
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
-    engine = Engine.load(model, **load_options(ns))
+    engine = load_engine(model, ns, from_saved)
     settings = sampling_from(ns, recommended_sampling(engine), str(engine.release.params), saved_sampling,
                              str(settings_path()))
     pool = kvstore.SessionPool(engine, paths.kv_dir())
@@ -469,4 +477,4 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None) ->
     repl.session = PromptSession(PROMPT, history=_history(ns.no_save), key_bindings=_key_bindings(repl, dumb),
                                  prompt_continuation=CONTINUATION, input=input, output=output)
     repl.banner()
-    return repl.loop(repl.session)
+    return repl.loop(repl.session, first)

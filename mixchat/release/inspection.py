@@ -123,7 +123,9 @@ def inspect_release(folder: str | Path) -> dict[str, Any]:
     roles: dict[tuple, int] = Counter((_role(k), t.shape, t.dtype) for k, t in sd.items())
     n_params = sum(t.numel for t in sd.values())
     n_bytes = sum(t.nbytes for t in sd.values())
-    estimates = memory_estimates({k: tuple(t.shape) for k, t in sd.items()})
+    # the input dimensions of the model's matrices (wq/wk/wv/w1/w3; wo; w2), whatever layout stores them
+    estimates = memory_estimates({k: tuple(t.shape) for k, t in sd.items()},
+                                 {args.dim, args.n_heads * args.head_dim, args.hidden_dim})
 
     try:
         validate(sd, args, release.weights_label, release.params)

@@ -89,12 +89,24 @@ def expert_bytes(dim: int, hidden_dim: int, dtype_bytes: int, spec: QuantSpec | 
     return model_bytes(shapes, dtype_bytes, spec)
 
 
-def memory_estimates(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """Weight bytes each --quant choice keeps resident (what `inspect` and the settings sheet show)."""
+def fits(shapes: dict[str, tuple[int, ...]], spec: QuantSpec) -> bool:
+    """Whether `spec` can quantize these tensors: int4's groups must divide every input dimension."""
+    return spec.kind != "int4" or all(shape[1] % spec_for(name, spec).group == 0 for name, shape in shapes.items()
+                                      if quantizable(name) and len(shape) == 2 and spec_for(name, spec).kind == "int4")
+
+
+def memory_estimates(shapes: dict[str, tuple[int, ...]], input_dims: set[int] | None = None) -> dict[str, int]:
+    """Weight bytes each --quant choice keeps resident (what `inspect` and the settings sheet show); a choice
+    the model does not allow (int4 groups that do not divide an input dimension) is left out. `input_dims`:
+    the matrices' input dimensions, where the shapes are a file's rather than the model's (the torrent
+    layout stores w2 transposed and the experts stacked)."""
     out = {"bf16": model_bytes(shapes, 2, None)}
     for name in ("int8", "int4-32", "int4-64", "int4-128"):
         spec = parse_quant(name)
-        out[spec.label] = model_bytes(shapes, 2, spec)
+        allowed = fits(shapes, spec) if input_dims is None else \
+            spec.kind != "int4" or all(k % spec.group == 0 for k in input_dims)
+        if allowed:
+            out[spec.label] = model_bytes(shapes, 2, spec)
     return out
 
 

@@ -87,7 +87,9 @@ def quantize_int4(w: torch.Tensor, group: int,
     included (rounding the scale to nearest could leave a group's ends off the grid)."""
     n, k = w.shape
     if k % group:
-        raise MixchatError(f"int4 group {group} does not divide the input dimension {k}; choose int4-32")
+        fits = [g for g in (64, 32) if g < group and k % g == 0]
+        raise MixchatError(f"int4 groups of {group} do not divide {name}'s input dimension {k}; choose "
+                           + (f"--quant int4-{fits[0]}" if fits else "--quant int8"))
     g = w.float().view(n, k // group, group)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     _refuse_non_finite(lo, name, "int4")  # a NaN or infinity in a group reaches its min or max

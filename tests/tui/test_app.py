@@ -281,3 +281,25 @@ def test_loading_says_what_it_does_and_its_notes_reach_the_screen(mixtral):
             assert "quantizing" not in status(app)  # loaded: the step is gone from the status bar
 
     asyncio.run(scenario())
+
+
+def test_a_new_quant_with_the_model_field_empty_reloads_the_running_model(mixtral):
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(max_tokens=4))  # from --model: the field is empty
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await send(pilot, app, "hi")
+            await wait_until(pilot, lambda: not app.pane.busy and app.pane.stats.get("decode_tps") is not None)
+            first = app.engine
+            await pilot.press("f2")
+            sheet = app.screen
+            assert sheet.value("model") == ""
+            sheet.query_one("#set-quant").value = "int8"
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: app.engine is not None and app.engine is not first)
+            assert app.engine.quant.label == "int8" and str(app.engine.release.folder) == str(mixtral)
+            assert app.settings.model == "" and app.pane.stats.get("decode_tps") is None  # not the old model's
+            app.update_status()
+            assert "int8 on cpu" in status(app) and "tok/s" not in status(app)
+
+    asyncio.run(scenario())

@@ -317,9 +317,31 @@ def test_settings_sheet_at_80x24_shows_a_refused_value_and_the_demos_memory(monk
             await pilot.pause(0.2)
             assert app.screen is sheet  # not saved
             error = sheet.query_one("#error")
-            assert "memory_budget_gb: 'lots' is not a number" in screen_text(app), screen_text(app)
+            assert "memory budget gb: 'lots' is not a number" in screen_text(app), screen_text(app)
             assert 0 <= error.region.y < 24 and error.region.height >= 1
             assert sheet.focused is budget
             assert 0 <= budget.region.y < 24  # scrolled into view
+
+    asyncio.run(scenario())
+
+
+def test_a_tiny_terminal_gives_the_conversation_the_width(long_named, tmp_path):
+    """At 40 columns the 32-column sidebar left 8 for the chat: it makes way below 64 and comes back when
+    the terminal is wide again; Ctrl+B still shows it on demand."""
+    async def scenario():
+        app = MixchatApp(model=str(long_named), settings=settings(), store=Store(tmp_path / "s.sqlite3"))
+        async with app.run_test(size=(40, 10)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await pilot.pause(0.1)
+            assert app.sidebar.has_class("hidden") and app.prompt.region.width >= 36
+            await pilot.resize_terminal(100, 30)
+            await pilot.pause(0.2)
+            assert not app.sidebar.has_class("hidden") and app.sidebar.region.width == 32
+            await pilot.resize_terminal(40, 10)
+            await pilot.pause(0.2)
+            assert app.sidebar.has_class("hidden")
+            await pilot.press("ctrl+b")
+            await pilot.pause(0.1)
+            assert not app.sidebar.has_class("hidden")  # asked for: shown
 
     asyncio.run(scenario())

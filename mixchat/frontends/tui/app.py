@@ -51,6 +51,7 @@ CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
 
 NARROW = 120  # below this many columns the expert panel is compact and the sidebar makes way for it
+TINY = 64  # below this the sidebar's 32 columns would leave the conversation too few: it makes way for that too
 
 # What a new tab shows until its first message: where to type and where the help is.
 HINT = ("Type your message in the box below and press Enter to send it (Ctrl+J starts a new line).\n"
@@ -131,7 +132,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
     ]
 
     def __init__(self, model: str | None = None, settings: Settings | None = None, first_message: str | None = None,
-                 store=None, demo_note: str | None = None) -> None:
+                 store=None, demo_note: str | None = None, notes: list[str] | None = None) -> None:
         super().__init__()
         from mixchat.engine.engine import keep_thread_serial
 
@@ -140,6 +141,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         self.model_folder = model or self.settings.model
         self.first_message = first_message
         self.demo_note = demo_note
+        self.start_notes = list(notes or [])  # shown once the screen is up (a settings value left out, ...)
         self._demo_folder = self.model_folder if demo_note else None
         if store is None:
             from mixchat import paths
@@ -208,6 +210,8 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             self.model_error = "no model: press Ctrl+L or F2 and choose a model folder (a Mistral/Mixtral release)"
         self._fit_width(self.size.width)
         self.update_status()
+        for note in self.start_notes:
+            self.notify(note, title="settings", severity="warning", timeout=20)
 
     async def _restore_tabs(self) -> None:
         """Reopen the tabs open when the app last closed; one whose conversation is gone is skipped."""
@@ -421,8 +425,11 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         """Narrow terminals: a compact expert panel, and the sidebar out of its way while it shows."""
         narrow = width < NARROW
         self.expert_panel.set_class(narrow, "narrow")
-        if narrow and self.show_experts:
+        if (narrow and self.show_experts) or width < TINY:
             self._make_way()
+        elif self._sidebar_made_way:  # wide enough again for what it made way for: back as it was
+            self._sidebar_made_way = False
+            self.sidebar.remove_class("hidden")
         self.refresh_experts()
 
     def _make_way(self) -> None:
@@ -452,7 +459,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         self.expert_panel.set_class(self.show_experts, "shown")
         if self.show_experts and self.size.width < NARROW:
             self._make_way()
-        elif not self.show_experts and self._sidebar_made_way:
+        elif not self.show_experts and self._sidebar_made_way and self.size.width >= TINY:
             self._sidebar_made_way = False
             self.sidebar.remove_class("hidden")  # it was hidden for the panel: back as it was
         self._recolour()
@@ -631,7 +638,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             return False
         self.settings.model = folder
         try:
-            settings_mod.save(self.settings)
+            self._saved_note(settings_mod.save(self.settings))
         except (MixchatError, OSError) as exc:
             self.notify(f"the model is loaded but not remembered: {exc}", severity="warning")
         self.model_folder, self.engine, self.model_error = folder, None, None
@@ -639,6 +646,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         self._model_asked.clear()
         for p in self.tabs.query(ChatPane):
             p.chat = None
+            p.stats = {}  # the last reply's speed was the old model's (no reply is being written: checked above)
         self.load_model(folder)
         self.update_status()
         return True
@@ -669,6 +677,10 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
 
         self.push_screen(ModelMismatchScreen(wanted, loaded, Path(wanted).is_dir()), answered)
 
+    def _saved_note(self, note: str | None) -> None:
+        if note:  # an unreadable settings file was kept aside rather than overwritten
+            self.notify(note, title="settings", severity="warning", timeout=20)
+
     def action_settings(self) -> None:
         self.push_screen(SettingsScreen(self.settings, self.model_folder), self._settings_saved)
 
@@ -682,7 +694,9 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
                 self.notify(str(exc), title="context not changed", severity="error", timeout=12)
                 new.context = self.settings.context
         reload = ("model", "dtype", "threads", "quant", "memory_budget_gb")
-        if any(getattr(new, k) != getattr(self.settings, k) for k in reload) and new.model and \
+        # An empty model field keeps the folder running now (the demo, or --model): a new dtype or quant reloads it.
+        folder = new.model or self.model_folder
+        if any(getattr(new, k) != getattr(self.settings, k) for k in reload) and folder and \
                 getattr(self.engine, "pipeline", None) is not None and any(p.busy for p in self.tabs.query(ChatPane)):
             # Under torchrun the other ranks are in the middle of this reply: a new model now would put them out
             # of step. (One process keeps the old model for the reply being written.)
@@ -691,22 +705,30 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             self.notify("a reply is being written across the ranks: stop it (Esc), then change the model settings",
                         severity="warning")
         old, self.settings = self.settings, new
-        settings_mod.save(new)
+        saved = True
+        try:
+            self._saved_note(settings_mod.save(new))
+        except MixchatError as exc:  # an unwritable folder: they apply until the app closes, and it says so
+            saved = False
+            self.notify(str(exc), title="settings not saved", severity="error", timeout=15)
         pane = self.pane
         if pane and pane.chat:
             pane.chat.system = new.system or None  # the open conversation takes the new system prompt
             if pane.chat.id:
                 self.store.update_settings(pane.chat.id, pane.chat.system, vars(new.sampling()))
-        if any(getattr(new, k) != getattr(old, k) for k in reload) and new.model:
-            self.model_folder, self.engine = new.model, None
+        if any(getattr(new, k) != getattr(old, k) for k in reload) and folder:
+            self.model_folder, self.engine = folder, None
             self._model_asked.clear()
             for p in self.tabs.query(ChatPane):
                 p.chat = None
-            self.load_model(new.model)
+                if not p.busy:
+                    p.stats = {}  # the last reply's speed was the old model's
+            self.load_model(folder)
         if self.pool:
             self.pool.memory_budget = int(new.kv_memory_gb * 1e9)
         self.refresh_experts()
-        self.notify("settings saved")
+        if saved:
+            self.notify("settings saved")
 
 
 def same_folder(a: str, b: str) -> bool:

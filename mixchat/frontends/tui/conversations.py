@@ -170,6 +170,7 @@ class ConversationsMixin(MessagePump):
 
     def action_toggle_sidebar(self) -> None:
         self.sidebar.toggle_class("hidden")
+        self._sidebar_made_way = False  # the user's choice now, not one a resize undoes
 
     async def action_focus_sidebar(self) -> None:
         self.sidebar.remove_class("hidden")

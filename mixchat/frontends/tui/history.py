@@ -25,7 +25,6 @@ def load(limit: int = 500) -> list[str]:
 
 
 def append(text: str) -> None:
-    path = paths.input_history_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = paths.private_file(paths.input_history_path())  # every prompt typed: the owner's only
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + "".join(f"+{x}\n" for x in text.split("\n")))

@@ -161,13 +161,14 @@ class SettingsScreen(FolderCheck, ModalScreen[Settings | None]):
         try:
             self.dismiss(self.collect())
         except MixchatError as exc:
-            self.query_one("#error", Static).update(literal(str(exc)))
-            # and the field it is about takes the focus, which scrolls the form to it
             message = str(exc)
             for f in fields(Settings):
-                if message.startswith((f.name, f.name.replace("_", " "))):
+                if message.startswith(f.name):
+                    # named as its label reads, and the field takes the focus, which scrolls the form to it
+                    message = f.name.replace("_", " ") + message[len(f.name):]
                     self.query_one(f"#set-{f.name}").focus()
                     break
+            self.query_one("#error", Static).update(literal(message))
 
     def action_cancel(self) -> None:
         self.dismiss(None)
