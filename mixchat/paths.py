@@ -73,7 +73,10 @@ def private_file(path: Path) -> Path:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+            except PermissionError:  # not ours to change (a shared home): written to as before
+                pass
     finally:
         os.close(fd)
     return path

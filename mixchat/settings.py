@@ -70,8 +70,10 @@ class Settings:
             if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
                     or not math.isfinite(value) or value < 0:
                 raise MixchatError(f"{name} {str(value)[:20]}: must be a {'whole ' if whole else ''}number, 0 or more")
-        if self.threads > 1024 or self.kv_memory_gb <= 0:
-            raise MixchatError("threads must be at most 1024, and kv_memory_gb more than 0")
+        if self.threads > 1024:
+            raise MixchatError(f"threads {self.threads}: at most 1024")
+        if self.kv_memory_gb <= 0:
+            raise MixchatError(f"kv_memory_gb {self.kv_memory_gb}: must be more than 0")
         if self.context == 1 or self.context > 1 << 24:
             raise MixchatError(f"context {self.context}: 0 (what fits), or from 2 to the model's max_seq_len tokens")
         if self.when_full not in WHEN_FULL:

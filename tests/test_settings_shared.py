@@ -159,8 +159,11 @@ def test_a_saved_quant_that_cannot_apply_is_blamed_on_the_settings(make_release,
                           capture_output=True, timeout=120)
     err = proc.stderr.decode()
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert "do not divide" in err and "use --quant int4-32" in err  # the largest group that fits, as inspect offers
+    assert "do not divide" in err and "choose int4-32" in err  # the largest group that fits, as inspect offers
     assert f"the saved settings, {settings_path()}, chose --quant int4" in err
+    proc = subprocess.run([sys.executable, "-m", "mixchat", "-m", str(model / "nowhere"), "--no-save", "-p", "hi"],
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 2 and "saved settings" not in proc.stderr.decode()  # not blamed for what they did not do
     proc = subprocess.run([sys.executable, "-m", "mixchat", "-m", str(model), "--no-save", "--quant", "int4-32",
                            "--max-tokens", "2", "-p", "hi"], capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr  # a flag given now overrides the saved choice

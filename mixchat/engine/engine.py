@@ -173,14 +173,19 @@ def load_options(ns) -> dict:
             "split": getattr(ns, "split", None)}
 
 
+class QuantDoesNotFit(MixchatError):
+    """A --quant choice the model's shapes do not allow (one-shot blames the settings when they chose it)."""
+
+
 def check_quant_fits(spec: QuantSpec, shapes: dict[str, tuple[int, ...]], folder: Path) -> None:
     """Refuse, before anything is read, an int4 group size that does not divide every matrix's input dimension,
     naming the largest that does (the choice `inspect` would offer), else int8."""
     if fits(shapes, spec):
         return
     smaller = [c for c in ("int4-64", "int4-32") if parse_quant(c).group < spec.group and fits(shapes, parse_quant(c))]
-    raise MixchatError(f"--quant {spec.label}: groups of {spec.group} do not divide every input dimension of "
-                       f"{folder.name}'s matrices; use --quant {smaller[0] if smaller else 'int8'}")
+    raise QuantDoesNotFit(f"quant {spec.label}: groups of {spec.group} do not divide every input dimension of "
+                          f"{folder.name}'s matrices; choose {smaller[0] if smaller else 'int8'} (--quant, or quant in "
+                          "the settings)")
 
 
 def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> int:

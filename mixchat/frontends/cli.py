@@ -164,7 +164,7 @@ def _model_folder(ns: argparse.Namespace) -> str:
     folder, _, saved = _chosen_model(ns)
     if not folder:
         raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
-    if saved and not Path(folder).is_dir():
+    if saved and not Path(folder).expanduser().is_dir():
         from mixchat.safetext import one_line
         from mixchat.settings import settings_path
 

@@ -113,17 +113,17 @@ def apply_saved_load_options(ns: Any, saved: Any) -> dict[str, Any]:
 
 
 def load_engine(model: str, ns: Any, from_saved: dict[str, Any]):
-    """Engine.load with the flags; a failure while saved settings chose some of them says so (the user gave no
-    flag: `quant int4` came from settings.json, and a flag overrides it)."""
-    from mixchat.engine.engine import Engine, load_options
+    """Engine.load with the flags; a quantization the model's shapes refuse says so when the saved settings
+    chose it (the user gave no flag: `quant int4` came from settings.json, and a flag overrides it)."""
+    from mixchat.engine.engine import Engine, QuantDoesNotFit, load_options
     from mixchat.settings import settings_path
 
     try:
         return Engine.load(model, **load_options(ns))
-    except MixchatError as exc:
-        if not from_saved:
+    except QuantDoesNotFit as exc:
+        if "quant" not in from_saved:
             raise
-        chosen = ", ".join(f"--{flag.replace('_', '-')} {value}" for flag, value in from_saved.items())
+        chosen = f"--quant {from_saved['quant']}"
         blamed = MixchatError(f"{exc} (the saved settings, {settings_path()}, chose {chosen}; a flag given now "
                               "overrides them)")
         blamed.exit_code = exc.exit_code

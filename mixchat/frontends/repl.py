@@ -337,7 +337,7 @@ class Repl:
             try:
                 if first is not None:
                     line, first = first, None
-                    self.say(PROMPT + line.replace("\n", "\n... "))
+                    self.say(PROMPT + line.rstrip("\n").replace("\n", "\n" + CONTINUATION))
                     line = "/" + line if line.startswith("/") else line  # "//…" is a message, never a command
                 else:
                     line = session.prompt()

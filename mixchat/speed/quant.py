@@ -292,7 +292,9 @@ def print_note(text: str) -> None:
     """A note for the user while loading, where no front end takes it: one line on stderr."""
     from mixchat.safetext import visible
 
-    print(f"mixchat: {visible(text)}", file=sys.stderr, flush=True)
+    # a bar being drawn on the terminal (quantizing) has no newline yet: the note starts a line of its own
+    lead = "\n" if sys.stderr.isatty() else ""
+    print(f"{lead}mixchat: {visible(text)}", file=sys.stderr, flush=True)
 
 
 def _cache_is_valid(path: Path, fingerprint: str, spec: QuantSpec, names: list[str],

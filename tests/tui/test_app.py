@@ -303,3 +303,22 @@ def test_a_new_quant_with_the_model_field_empty_reloads_the_running_model(mixtra
             assert "int8 on cpu" in status(app) and "tok/s" not in status(app)
 
     asyncio.run(scenario())
+
+
+def test_emptying_the_model_field_keeps_the_running_model_loaded(mixtral):
+    from mixchat import settings as settings_mod
+
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(model=str(mixtral), max_tokens=4))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            first = app.engine
+            await pilot.press("f2")
+            sheet = app.screen
+            sheet.query_one("#set-model").value = ""
+            await pilot.press("ctrl+s")
+            await pilot.pause(0.3)
+            assert app.engine is first and app.pane.chat is not None  # "empty: the app keeps" it: no reload
+            assert settings_mod.load().model == ""
+
+    asyncio.run(scenario())

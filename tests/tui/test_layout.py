@@ -343,5 +343,8 @@ def test_a_tiny_terminal_gives_the_conversation_the_width(long_named, tmp_path):
             await pilot.press("ctrl+b")
             await pilot.pause(0.1)
             assert not app.sidebar.has_class("hidden")  # asked for: shown
+            await pilot.resize_terminal(41, 10)
+            await pilot.pause(0.2)
+            assert not app.sidebar.has_class("hidden")  # and a resize does not take it away again
 
     asyncio.run(scenario())

@@ -305,3 +305,31 @@ def test_settings_sheet_has_choices_and_checks_the_folder_off_the_ui_thread(mixt
             assert isinstance(app.pane, ChatPane)
 
     asyncio.run(scenario())
+
+
+def test_a_message_typed_while_loading_waits_for_the_other_model_question(make_release, tmp_path):
+    """Typed (or piped) while the model loaded, for a restored tab written with another model: it is sent once
+    the question is answered, not pushed back with "the model is still loading"."""
+    a = make_release(tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15)
+    b = make_release(tiny_args(n_layers=2), seed=3, std=0.15)
+    store_path = tmp_path / "s.sqlite3"
+
+    async def scenario():
+        app = MixchatApp(model=str(a), settings=settings(), store=Store(store_path))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await send(pilot, app, "written with a")
+            cid = app.pane.cid
+        app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
+        async with app.run_test(size=(80, 24), notifications=True) as pilot:
+            app._queued.append("typed while it loaded")
+            await wait_until(pilot, lambda: asking(app))
+            await pilot.pause(0.2)
+            assert app._queued == ["typed while it loaded"] and app.prompt.text == ""  # waiting, not rotated
+            assert not [n.message for n in app._notifications if "still loading" in n.message]
+            await pilot.press("escape")  # continue with b
+            await wait_until(pilot, lambda: app.pane.chat is not None and not app.pane.busy
+                             and len(Store(store_path).messages(cid)) == 4)
+            assert Store(store_path).messages(cid)[2].content == "typed while it loaded" and not app._queued
+
+    asyncio.run(scenario())

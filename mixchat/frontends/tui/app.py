@@ -169,6 +169,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         self._selected: tuple | None = None  # the pinned token (clicked), else None: follow the newest
         self._selected_at: tuple[int, int] | None = None
         self._sidebar_made_way = False  # the sidebar was hidden to make room for the expert panel
+        self._sidebar_chosen = False  # shown by the user (Ctrl+B, Ctrl+O) where it would make way: a resize keeps it
         self._model_asked: set[str] = set()  # panes already asked about the model they were written with
 
     # -- layout ----------------------------------------------------------------------------------
@@ -288,11 +289,18 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         if self.first_message:
             self._queued.insert(0, self.first_message)
             self.first_message = None
+        self._send_queued()
+
+    def _send_queued(self) -> None:
+        """What was typed while the model loaded, once the active tab can take it (not while it asks which
+        model a conversation goes on with: then after the answer)."""
+        pane = self.pane
+        if not self._queued or pane is None or pane.chat is None:
+            return
+        self.send(self._queued.pop(0))  # one at a time: the rest were typed while it loaded
         if self._queued:
-            self.send(self._queued.pop(0))  # one at a time: the rest were typed while it loaded
-            if self._queued:
-                self.prompt.load_text("\n\n".join(self._queued))
-                self._queued.clear()
+            self.prompt.load_text("\n\n".join(self._queued))
+            self._queued.clear()
 
     def on_model_failed(self, msg: ModelFailed) -> None:
         self.load_bar.remove_class("active")
@@ -426,7 +434,8 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         narrow = width < NARROW
         self.expert_panel.set_class(narrow, "narrow")
         if (narrow and self.show_experts) or width < TINY:
-            self._make_way()
+            if not self._sidebar_chosen:
+                self._make_way()
         elif self._sidebar_made_way:  # wide enough again for what it made way for: back as it was
             self._sidebar_made_way = False
             self.sidebar.remove_class("hidden")
@@ -458,6 +467,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         self.show_experts = not self.show_experts
         self.expert_panel.set_class(self.show_experts, "shown")
         if self.show_experts and self.size.width < NARROW:
+            self._sidebar_chosen = False  # the panel is the newer choice
             self._make_way()
         elif not self.show_experts and self._sidebar_made_way and self.size.width >= TINY:
             self._sidebar_made_way = False
@@ -666,14 +676,17 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
 
         def answered(choice: str | None) -> None:
             if choice == "switch":
-                self.switch_model(wanted)
+                if not self.switch_model(wanted):  # refused (a reply is being written): ask again next time
+                    self._model_asked.discard(pane.id)
             elif choice == "close":
+                if self._queued:  # typed while it loaded, for the tab now closing: back in the input, not lost
+                    self.prompt.load_text("\n\n".join(self._queued))
+                    self._queued.clear()
                 self.run_worker(self._close_pane(pane), group="close")
             elif self.engine is not None and pane.chat is None and pane.is_attached:
                 self.attach_chat(pane)  # continuing with the loaded model: its notes are said now
                 self.update_status()
-                if self._queued and pane is self.pane:
-                    self.send(self._queued.pop(0))
+                self._send_queued()
 
         self.push_screen(ModelMismatchScreen(wanted, loaded, Path(wanted).is_dir()), answered)
 
@@ -694,17 +707,21 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
                 self.notify(str(exc), title="context not changed", severity="error", timeout=12)
                 new.context = self.settings.context
         reload = ("model", "dtype", "threads", "quant", "memory_budget_gb")
-        # An empty model field keeps the folder running now (the demo, or --model): a new dtype or quant reloads it.
+        # An empty model field keeps the folder running now (the demo, or --model): a new dtype or quant reloads it,
+        # emptying the field alone does not.
         folder = new.model or self.model_folder
-        if any(getattr(new, k) != getattr(self.settings, k) for k in reload) and folder and \
+        changed = bool(folder) and (any(getattr(new, k) != getattr(self.settings, k) for k in reload[1:])
+                                    or not same_folder(folder, self.model_folder or ""))
+        if changed and \
                 getattr(self.engine, "pipeline", None) is not None and any(p.busy for p in self.tabs.query(ChatPane)):
             # Under torchrun the other ranks are in the middle of this reply: a new model now would put them out
             # of step. (One process keeps the old model for the reply being written.)
             for k in reload:
                 setattr(new, k, getattr(self.settings, k))
+            changed = False
             self.notify("a reply is being written across the ranks: stop it (Esc), then change the model settings",
                         severity="warning")
-        old, self.settings = self.settings, new
+        self.settings = new
         saved = True
         try:
             self._saved_note(settings_mod.save(new))
@@ -716,7 +733,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             pane.chat.system = new.system or None  # the open conversation takes the new system prompt
             if pane.chat.id:
                 self.store.update_settings(pane.chat.id, pane.chat.system, vars(new.sampling()))
-        if any(getattr(new, k) != getattr(old, k) for k in reload) and folder:
+        if changed:
             self.model_folder, self.engine = folder, None
             self._model_asked.clear()
             for p in self.tabs.query(ChatPane):

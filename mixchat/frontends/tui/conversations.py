@@ -171,8 +171,11 @@ class ConversationsMixin(MessagePump):
     def action_toggle_sidebar(self) -> None:
         self.sidebar.toggle_class("hidden")
         self._sidebar_made_way = False  # the user's choice now, not one a resize undoes
+        self._sidebar_chosen = not self.sidebar.has_class("hidden")
 
     async def action_focus_sidebar(self) -> None:
+        if self.sidebar.has_class("hidden"):
+            self._sidebar_made_way, self._sidebar_chosen = False, True  # asked for: a resize keeps it
         self.sidebar.remove_class("hidden")
         await self.refresh_sidebar()
         self.screen.set_focus(self.conversations)  # now: the keys typed next must find it there

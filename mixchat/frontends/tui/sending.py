@@ -53,7 +53,10 @@ class SendingMixin(MessagePump):
 
     @on(PromptInput.Submitted)
     def prompt_submitted(self, event: PromptInput.Submitted) -> None:
-        history.append(event.text)
+        try:
+            history.append(event.text)
+        except OSError as exc:  # the message still goes; only its Up-arrow recall is lost
+            self.notify(f"could not add it to the input history: {exc.strerror or exc}", severity="warning")
         self.send(event.text)
 
     def send(self, text: str) -> None:
@@ -68,6 +71,10 @@ class SendingMixin(MessagePump):
             if self.model_error:
                 self.notify(self.model_error, severity="error")
                 self.prompt.load_text(text)  # nothing typed is lost
+            elif self.engine is not None:
+                # loaded, but this conversation was written with another model and the question is unanswered
+                self.prompt.load_text(text)
+                self.check_model(pane)
             else:
                 self._queued.append(text)
                 self.notify("the model is still loading: your message is sent as soon as it is ready")
