@@ -223,7 +223,15 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
     if ns.when_full is not None:
         settings.when_full = ns.when_full
     settings.check()
-    app = MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note, notes=problems)
+    opened = None
+    if ns.cont or ns.cid:  # `mixchat -c` / `--cid ID` in a terminal: the app opens on that conversation
+        from mixchat import paths
+        from mixchat.conversations.store import Store
+        from mixchat.frontends.oneshot import _resolve_conversation
+
+        opened = _resolve_conversation(ns, Store(paths.store_path(), readonly=True)).id
+    app = MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note, notes=problems,
+                     open_cid=opened)
     app.run()
     # 0 after Ctrl+Q, 128 + the signal after SIGTERM/SIGHUP (replies saved first), 1 after a crash
     # (Textual sets it on an unhandled exception and prints the traceback once the terminal is back).

@@ -322,3 +322,32 @@ def test_emptying_the_model_field_keeps_the_running_model_loaded(mixtral):
             assert settings_mod.load().model == ""
 
     asyncio.run(scenario())
+
+
+def test_continue_flag_opens_the_app_on_that_conversation(mixtral, tmp_path, monkeypatch):
+    """`mixchat -c` (or --cid) in a terminal: the app opens with that conversation as the active tab (-c was
+    ignored: the app showed its saved tabs)."""
+    from mixchat import paths
+    from mixchat.conversations.store import Store
+    from mixchat.frontends import cli
+    from mixchat.frontends.tui import app as app_mod
+
+    store = Store(paths.store_path())
+    older = store.create(str(mixtral), "fp", title="older")
+    newer = store.create(str(mixtral), "fp", title="newer")
+    opened = {}
+    monkeypatch.setattr(app_mod.MixchatApp, "run", lambda self: opened.setdefault("cid", self.open_cid))
+    monkeypatch.setattr("mixchat.frontends.repl.wants_plain", lambda: False)
+    for args, want in ((["-c"], newer.id), (["--cid", older.id[-8:]], older.id), ([], None)):
+        opened.clear()
+        assert cli._interactive(cli.parse_args(["-m", str(mixtral), *args]), None) == 0
+        assert opened["cid"] == want
+
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(max_tokens=3), store=Store(paths.store_path()),
+                         open_cid=older.id)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            assert app.pane.cid == older.id and app.pane.chat is not None
+
+    asyncio.run(scenario())

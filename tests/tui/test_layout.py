@@ -348,3 +348,29 @@ def test_a_tiny_terminal_gives_the_conversation_the_width(long_named, tmp_path):
             assert not app.sidebar.has_class("hidden")  # and a resize does not take it away again
 
     asyncio.run(scenario())
+
+
+def test_settings_sheet_refuses_a_quant_the_model_cannot_take(make_release, tmp_path):
+    """dim 64 (hidden 96 here): groups of 128 and 64 cannot divide it. The sheet says so at Ctrl+S, naming what
+    fits, instead of saving a choice whose reload then fails."""
+    model = make_release(tiny_args(), seed=5, std=0.15)
+
+    async def scenario():
+        app = MixchatApp(model=str(model), settings=settings(), store=Store(tmp_path / "s.sqlite3"))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await pilot.press("f2")
+            sheet = app.screen
+            await wait_until(pilot, lambda: "weights in memory" in str(sheet.query_one("#model-check").content))
+            sheet.query_one("#set-quant").value = "int4"
+            await pilot.press("ctrl+s")
+            await pilot.pause(0.2)
+            assert app.screen is sheet and app.settings.quant == "none"
+            shown = " ".join(screen_text(app).split())
+            assert "quant int4: groups of 128 do not divide" in shown and "choose int4-32 or int8" in shown, shown
+            sheet.query_one("#set-quant").value = "int4-32"
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: app.screen is not sheet)
+            assert app.settings.quant == "int4-32"
+
+    asyncio.run(scenario())

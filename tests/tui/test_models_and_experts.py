@@ -264,9 +264,9 @@ def test_settings_sheet_has_choices_and_checks_the_folder_off_the_ui_thread(mixt
     checks: list[tuple[str, bool]] = []
     real = modelpicker.folder_verdict
 
-    def recording(folder):
+    def recording(folder, *more):
         checks.append((folder, threading.current_thread() is threading.main_thread()))
-        return real(folder)
+        return real(folder, *more)
 
     monkeypatch.setattr(modelpicker, "folder_verdict", recording)
 

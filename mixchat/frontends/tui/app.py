@@ -132,7 +132,8 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
     ]
 
     def __init__(self, model: str | None = None, settings: Settings | None = None, first_message: str | None = None,
-                 store=None, demo_note: str | None = None, notes: list[str] | None = None) -> None:
+                 store=None, demo_note: str | None = None, notes: list[str] | None = None,
+                 open_cid: str | None = None) -> None:
         super().__init__()
         from mixchat.engine.engine import keep_thread_serial
 
@@ -142,6 +143,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         self.first_message = first_message
         self.demo_note = demo_note
         self.start_notes = list(notes or [])  # shown once the screen is up (a settings value left out, ...)
+        self.open_cid = open_cid  # -c / --cid: the conversation to open (as the active tab)
         self._demo_folder = self.model_folder if demo_note else None
         if store is None:
             from mixchat import paths
@@ -222,7 +224,13 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             except MixchatError:  # deleted since (`mixchat rm`), or the store is another one now
                 continue
             await self.new_pane(conv.id, conv.title)
-        if self.first_message or not list(self.tabs.query(ChatPane)):
+        if self.open_cid is not None:  # -c / --cid: that conversation, in its tab if one is open, and active
+            pane = next((p for p in self.tabs.query(ChatPane) if p.holds(self.open_cid)), None)
+            if pane is None:
+                conv = self.store.get(self.open_cid)
+                pane = await self.new_pane(conv.id, conv.title)
+            self.tabs.active = pane.id
+        elif self.first_message or not list(self.tabs.query(ChatPane)):
             await self.new_pane()  # the piped first message gets a tab of its own
         elif self.state.active:
             for pane in self.tabs.query(ChatPane):

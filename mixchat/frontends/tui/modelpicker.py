@@ -29,8 +29,9 @@ CHECK_DELAY = 0.3  # seconds without typing before a folder is checked
 MAX_ENTRIES = 2000  # a folder with more entries is not listed for completion: the UI thread waits on it
 
 
-def folder_verdict(folder: str) -> tuple[bool, str]:
-    """The loader's verdict on a release folder from its headers: (usable, one or two lines)."""
+def folder_verdict(folder: str, quants: set[str] | None = None) -> tuple[bool, str]:
+    """The loader's verdict on a release folder from its headers: (usable, one or two lines). `quants`, if
+    given, receives the --quant choices the folder's shapes allow (int8, int4-32 ...)."""
     from mixchat.release.inspection import inspect_release
 
     try:
@@ -41,6 +42,8 @@ def folder_verdict(folder: str) -> tuple[bool, str]:
         return False, f"{folder}: {exc.strerror or exc}"
     if r["problem"]:
         return False, r["problem"]
+    if quants is not None:
+        quants.update(k for k in r["memory_estimate_bytes"] if k != "bf16")
     memory = ", ".join(f"{k} {human_bytes(v)}" for k, v in r["memory_estimate_bytes"].items())
     return True, f"ok: {r['family']}, {r['layout']} layout\nweights in memory: {memory}"
 
@@ -87,10 +90,15 @@ class FolderCheck:
 
     def _check_now(self, folder: str, show) -> None:
         def work() -> None:
-            verdict = folder_verdict(folder)
+            verdict = self.check_folder(folder)
             self.app.call_from_thread(show, folder, verdict)
 
         self.run_worker(work, thread=True, exclusive=True, group="folder-check")
+
+
+    def check_folder(self, folder: str) -> tuple[bool, str]:
+        """The verdict, in the worker thread (a screen may keep more of what the check found)."""
+        return folder_verdict(folder)
 
 
 def verdict_text(verdict: tuple[bool, str] | None) -> Text:

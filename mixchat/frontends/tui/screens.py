@@ -13,12 +13,13 @@ from textual.widgets import Button, Input, Label, Markdown, Select, Static
 
 from mixchat import settings as settings_mod
 from mixchat.errors import MixchatError
+from mixchat.frontends.tui import modelpicker
 from mixchat.frontends.tui.literal import literal
 from mixchat.frontends.tui.modelpicker import FolderCheck, verdict_text
 from mixchat.frontends.tui.widgets import LineInput
 from mixchat.safetext import one_line, visible
 from mixchat.settings import Settings
-from mixchat.speed.qformat import CHOICES
+from mixchat.speed.qformat import CHOICES, parse_quant
 
 FIELD_HELP = {
     "model": "release folder (params.json, consolidated weights, tokenizer.model or tekken.json); Ctrl+L lists "
@@ -78,6 +79,7 @@ class SettingsScreen(FolderCheck, ModalScreen[Settings | None]):
         # The folder the app runs now (the demo model when none is saved): an empty model field means
         # "keep that one", and its verdict and per-choice memory are what a choice of quant would cost.
         self.running = running
+        self.quants: dict[str, frozenset[str]] = {}  # per checked folder: the --quant choices its shapes allow
         # Inputs draw control characters raw, so a value holding any is shown with them made
         # visible; left as shown, the field keeps its original value (see collect).
         self.shown: dict[str, tuple[str, str]] = {}
@@ -111,6 +113,13 @@ class SettingsScreen(FolderCheck, ModalScreen[Settings | None]):
 
     def on_mount(self) -> None:
         self.check_later(self._folder_to_check(), self._show_verdict)
+
+    def check_folder(self, folder: str) -> tuple[bool, str]:
+        allowed: set[str] = set()
+        verdict = modelpicker.folder_verdict(folder, allowed)
+        if verdict[0]:
+            self.quants[folder.strip()] = frozenset(allowed)
+        return verdict
 
     def _folder_to_check(self) -> str:
         return self.value("model") or self.running or ""
@@ -159,7 +168,15 @@ class SettingsScreen(FolderCheck, ModalScreen[Settings | None]):
 
     def action_save(self) -> None:
         try:
-            self.dismiss(self.collect())
+            settings = self.collect()
+            allowed = self.quants.get(self._folder_to_check())
+            spec = parse_quant(settings.quant)
+            if spec is not None and allowed is not None and spec.label not in allowed:
+                # refused now, not after a reload that would then fail
+                fitting = " or ".join(q for q in ("int4-64", "int4-32", "int8") if q in allowed)
+                raise MixchatError(f"quant {settings.quant}: groups of {spec.group} do not divide this model's input "
+                                   f"dimensions; choose {fitting}")
+            self.dismiss(settings)
         except MixchatError as exc:
             message = str(exc)
             for f in fields(Settings):
