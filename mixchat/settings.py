@@ -109,7 +109,7 @@ def _read_raw(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MixchatError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        raise MixchatError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise MixchatError(f"{path} holds a JSON {type(raw).__name__}, not an object of settings")
     return raw
@@ -165,11 +165,13 @@ def apply_recommended(s: Settings, saved_keys: frozenset[str], recommended: dict
     return s
 
 
-def save(s: Settings) -> str | None:
+def save(s: Settings, keys: frozenset[str] | set[str] | None = None) -> str | None:
     """Write atomically, readable by the user only (it holds the system prompt); a folder that cannot
-    be written is a MixchatError (the settings stay in use). Keys this mixchat does not know (a newer
-    one's) are kept. A file that cannot be read as settings is not overwritten but renamed aside first:
-    returns a line saying where it went, else None."""
+    be written is a MixchatError (the settings stay in use). `keys`: the settings the user chose (saved
+    before or changed now), the only ones written, so that a value the app took from a release folder's
+    recommendation does not become the user's choice for every other folder (None: all of them). Keys this
+    mixchat does not know (a newer one's) are kept. A file that cannot be read as settings is not
+    overwritten but renamed aside first: returns a line saying where it went, else None."""
     s.check()
     path = settings_path()
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -186,7 +188,8 @@ def save(s: Settings) -> str | None:
             note = f"{exc}: kept as {aside}, and the settings saved anew"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps({**others, **asdict(s)}, indent=2))
+            chosen = asdict(s) if keys is None else {k: v for k, v in asdict(s).items() if k in keys}
+            f.write(json.dumps({**others, **chosen}, indent=2))
         tmp.replace(path)
     except OSError as exc:
         try:

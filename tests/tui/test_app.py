@@ -351,3 +351,32 @@ def test_continue_flag_opens_the_app_on_that_conversation(mixtral, tmp_path, mon
             assert app.pane.cid == older.id and app.pane.chat is not None
 
     asyncio.run(scenario())
+
+
+def test_saving_the_sheet_writes_only_what_the_user_chose(mixtral):
+    """The app starts from a release's recommended sampling (the demo's repeat penalty); saving the sheet for
+    another reason must not make those the user's choice for every folder."""
+    import json
+
+    from mixchat import settings as settings_mod
+
+    async def scenario():
+        recommended = settings(temperature=0.8, repeat_penalty=1.15, max_tokens=4)
+        app = MixchatApp(model=str(mixtral), settings=recommended, saved_keys=frozenset())
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await pilot.press("f2")
+            app.screen.query_one("#set-system").value = "Be brief."
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: settings_mod.settings_path().is_file())
+            saved = json.loads(settings_mod.settings_path().read_text())
+            assert saved == {"system": "Be brief."}
+            await pilot.press("f2")
+            app.screen.query_one("#set-temperature").value = "0.3"
+            await pilot.press("ctrl+s")
+            await pilot.pause(0.2)
+            saved = json.loads(settings_mod.settings_path().read_text())
+            assert saved == {"system": "Be brief.", "temperature": 0.3}
+            assert app.settings.repeat_penalty == 1.15  # still in use, as the folder's recommendation
+
+    asyncio.run(scenario())

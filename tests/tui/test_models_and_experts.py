@@ -241,6 +241,9 @@ def test_a_conversation_reopens_with_its_own_model(make_release, tmp_path):
             assert app.pane.chat is not None and app.pane.chat.id == cid
             assert app.pane.chat.context_used() > 0  # its own model re-uses its KV cache: no history recomputed
             assert not isinstance(app.screen, ModelMismatchScreen)  # asked once
+            from mixchat import settings as settings_mod
+
+            assert settings_mod.load().model == ""  # loaded for this conversation, not made the app's default
             assert not [n.message for n in app._notifications if "another model" in n.message]
         # The folder is gone: it says which model the conversation needs; Esc goes on with this one.
         app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
@@ -255,6 +258,14 @@ def test_a_conversation_reopens_with_its_own_model(make_release, tmp_path):
             # going on with b: now it says so (and that a's cache cannot serve b)
             notes = [n.message for n in app._notifications]
             assert any("held with another model" in n for n in notes), notes
+            # b again in another quantization: the question was answered for b, and is not asked again
+            first = app.engine
+            await pilot.press("f2")
+            app.screen.query_one("#set-quant").value = "int8"
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: app.engine is not None and app.engine is not first)
+            await pilot.pause(0.2)
+            assert not asking(app) and app.pane.chat is not None
 
     asyncio.run(scenario())
 

@@ -16,6 +16,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
 
 from rich.text import Text
@@ -133,7 +134,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
 
     def __init__(self, model: str | None = None, settings: Settings | None = None, first_message: str | None = None,
                  store=None, demo_note: str | None = None, notes: list[str] | None = None,
-                 open_cid: str | None = None) -> None:
+                 open_cid: str | None = None, saved_keys: frozenset[str] | None = None) -> None:
         super().__init__()
         from mixchat.engine.engine import keep_thread_serial
 
@@ -144,6 +145,13 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         self.demo_note = demo_note
         self.start_notes = list(notes or [])  # shown once the screen is up (a settings value left out, ...)
         self.open_cid = open_cid  # -c / --cid: the conversation to open (as the active tab)
+        # The settings the user chose (in settings.json, or changed in the sheet since): the only ones saved. The
+        # rest are defaults or a release folder's recommendation (the demo's repeat penalty), which must not
+        # become the user's choice for every folder because the sheet was saved once.
+        # (Given settings without their keys, as tests and embedders build the app: all of them are the user's.)
+        if saved_keys is None:
+            saved_keys = settings_mod.load_with_keys()[1] if settings is None else {f.name for f in fields(Settings)}
+        self.saved_keys = set(saved_keys)
         self._demo_folder = self.model_folder if demo_note else None
         if store is None:
             from mixchat import paths
@@ -649,16 +657,19 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         if folder:
             self.switch_model(folder)
 
-    def switch_model(self, folder: str) -> bool:
-        """Load another release folder for every tab (saved as the model the app starts with)."""
+    def switch_model(self, folder: str, remember: bool = True) -> bool:
+        """Load another release folder for every tab; `remember`: saved as the model the app starts with (the
+        model picker), not when a conversation's own model is loaded for it (the other-model question)."""
         if any(p.busy for p in self.tabs.query(ChatPane)):
             self.notify("a reply is being written: stop it (Esc) before switching the model", severity="warning")
             return False
-        self.settings.model = folder
-        try:
-            self._saved_note(settings_mod.save(self.settings))
-        except (MixchatError, OSError) as exc:
-            self.notify(f"the model is loaded but not remembered: {exc}", severity="warning")
+        if remember:
+            self.settings.model = folder
+            self.saved_keys.add("model")
+            try:
+                self._saved_note(settings_mod.save(self.settings, self.saved_keys))
+            except (MixchatError, OSError) as exc:
+                self.notify(f"the model is loaded but not remembered: {exc}", severity="warning")
         self.model_folder, self.engine, self.model_error = folder, None, None
         self.load_step = None
         self._model_asked.clear()
@@ -684,7 +695,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
 
         def answered(choice: str | None) -> None:
             if choice == "switch":
-                if not self.switch_model(wanted):  # refused (a reply is being written): ask again next time
+                if not self.switch_model(wanted, remember=False):  # refused (a reply is being written): ask again
                     self._model_asked.discard(pane.id)
             elif choice == "close":
                 if self._queued:  # typed while it loaded, for the tab now closing: back in the input, not lost
@@ -729,10 +740,11 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             changed = False
             self.notify("a reply is being written across the ranks: stop it (Esc), then change the model settings",
                         severity="warning")
+        self.saved_keys |= {f.name for f in fields(Settings) if getattr(new, f.name) != getattr(self.settings, f.name)}
         self.settings = new
         saved = True
         try:
-            self._saved_note(settings_mod.save(new))
+            self._saved_note(settings_mod.save(new, self.saved_keys))
         except MixchatError as exc:  # an unwritable folder: they apply until the app closes, and it says so
             saved = False
             self.notify(str(exc), title="settings not saved", severity="error", timeout=15)
@@ -742,8 +754,9 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             if pane.chat.id:
                 self.store.update_settings(pane.chat.id, pane.chat.system, vars(new.sampling()))
         if changed:
+            if not same_folder(folder, self.model_folder or ""):
+                self._model_asked.clear()  # another folder: each conversation's question is a new one
             self.model_folder, self.engine = folder, None
-            self._model_asked.clear()
             for p in self.tabs.query(ChatPane):
                 p.chat = None
                 if not p.busy:

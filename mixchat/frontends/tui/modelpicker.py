@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.suggester import Suggester
 from textual.timer import Timer
@@ -213,8 +213,8 @@ class ModelMismatchScreen(ModalScreen[str | None]):
 
     DEFAULT_CSS = """
     ModelMismatchScreen { align: center middle; }
-    ModelMismatchScreen > Vertical { width: 90%; max-width: 90; height: auto; border: thick $warning;
-        background: $surface; padding: 1 2; }
+    ModelMismatchScreen > VerticalScroll { width: 90%; max-width: 90; height: auto; max-height: 100%;
+        border: thick $warning; background: $surface; padding: 1 2; }
     ModelMismatchScreen Horizontal { height: auto; align: right middle; margin-top: 1; }
     ModelMismatchScreen Button { margin-left: 1; }
     """
@@ -225,12 +225,13 @@ class ModelMismatchScreen(ModalScreen[str | None]):
         self.wanted, self.loaded, self.available = wanted, loaded, available
 
     def compose(self) -> ComposeResult:
-        with Vertical():
+        with VerticalScroll():  # scrolls on a small terminal: every answer stays reachable
             text = Text("This conversation was written with another model.\n\n", style="bold")
             text.append(f"It was written with: {one_line(self.wanted)}\n")
             text.append(f"Loaded now:           {one_line(self.loaded)}\n\n")
             if self.available:
-                text.append("Switch to its model (every tab then uses it), or go on with the loaded one: "
+                text.append("Switch to its model (every tab then uses it; the model the app starts with stays as "
+                            "saved), or go on with the loaded one: "
                             "the model would read a history another model wrote.")
             else:
                 text.append("Its folder is not there any more (moved or deleted). Go on with the loaded model, "
