@@ -210,17 +210,28 @@ def test_model_picker_lists_recent_folders_and_loads_the_chosen_one(make_release
     asyncio.run(scenario())
 
 
-def test_a_conversation_reopens_with_its_own_model(make_release, tmp_path):
-    a = make_release(tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15)
-    b = make_release(tiny_args(n_layers=2), seed=3, std=0.15)
+@pytest.fixture
+def two_models(make_release):
+    """Two release folders: a (a Mixtral) and b (dense)."""
+    return (make_release(tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15),
+            make_release(tiny_args(n_layers=2), seed=3, std=0.15))
+
+
+async def written_with(folder, store_path) -> str:
+    """A conversation of one exchange written with `folder`, its tab left open; its id."""
+    app = MixchatApp(model=str(folder), settings=settings(), store=Store(store_path))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, f"written with {folder.name}")
+        return app.pane.cid
+
+
+def test_a_conversation_reopens_with_its_own_model(two_models, tmp_path):
+    a, b = two_models
     store_path = tmp_path / "s.sqlite3"
 
     async def scenario():
-        app = MixchatApp(model=str(a), settings=settings(), store=Store(store_path))
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_until(pilot, lambda: app.engine is not None)
-            await send(pilot, app, "written with a")
-            cid = app.pane.cid
+        cid = await written_with(a, store_path)
         from mixchat import paths
 
         kv_file = paths.kv_dir() / f"{cid}.safetensors"
@@ -318,19 +329,14 @@ def test_settings_sheet_has_choices_and_checks_the_folder_off_the_ui_thread(mixt
     asyncio.run(scenario())
 
 
-def test_a_message_typed_while_loading_waits_for_the_other_model_question(make_release, tmp_path):
+def test_a_message_typed_while_loading_waits_for_the_other_model_question(two_models, tmp_path):
     """Typed (or piped) while the model loaded, for a restored tab written with another model: it is sent once
     the question is answered, not pushed back with "the model is still loading"."""
-    a = make_release(tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15)
-    b = make_release(tiny_args(n_layers=2), seed=3, std=0.15)
+    a, b = two_models
     store_path = tmp_path / "s.sqlite3"
 
     async def scenario():
-        app = MixchatApp(model=str(a), settings=settings(), store=Store(store_path))
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_until(pilot, lambda: app.engine is not None)
-            await send(pilot, app, "written with a")
-            cid = app.pane.cid
+        cid = await written_with(a, store_path)
         app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
         async with app.run_test(size=(80, 24), notifications=True) as pilot:
             app._queued.append("typed while it loaded")
