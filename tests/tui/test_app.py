@@ -380,3 +380,25 @@ def test_saving_the_sheet_writes_only_what_the_user_chose(mixtral):
             assert app.settings.repeat_penalty == 1.15  # still in use, as the folder's recommendation
 
     asyncio.run(scenario())
+
+
+def test_a_reopened_conversation_shows_its_latest_exchange(mixtral):
+    from mixchat import paths
+    from mixchat.conversations.store import Store
+
+    store = Store(paths.store_path())
+    conv = store.create(str(mixtral), "fp", title="long")
+    for i in range(20):
+        store.add_message(conv.id, "user", f"question {i}\n" * 3)
+        store.add_message(conv.id, "assistant", f"answer {i}\n" * 3)
+
+    async def scenario():
+        app = MixchatApp(model=str(mixtral), settings=settings(max_tokens=3), store=Store(paths.store_path()),
+                         open_cid=conv.id)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            await pilot.pause(0.3)
+            log = app.pane.log_view
+            assert log.max_scroll_y > 0 and log.scroll_y == log.max_scroll_y  # at the end, not the first exchange
+
+    asyncio.run(scenario())

@@ -371,7 +371,9 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
                 if m.experts:
                     for e in m.experts:
                         pane.count_usage(e)
-            pane.log_view.scroll_end(animate=False)
+            # once the messages are laid out (now the log's height is not known yet, and scrolling to its end
+            # left a reopened conversation at its first exchange)
+            self.call_after_refresh(pane.log_view.scroll_end, animate=False)
         if self.engine is not None:
             self.attach_chat(pane)
             pane.last_token = self._last_token(pane)
