@@ -81,6 +81,9 @@ class Settings:
                                "stop (a full conversation refuses new messages)")
 
 
+KEYS = tuple(f.name for f in fields(Settings))  # what settings.json may hold, in the sheet's order
+
+
 def settings_path() -> Path:
     return paths.config_dir() / "settings.json"
 
@@ -129,7 +132,7 @@ def read() -> tuple[Settings, frozenset[str], list[str]]:
         return Settings(), frozenset(), [f"{exc}; the default settings are used until you save them again"]
     kept: dict[str, Any] = {}
     problems = []
-    for key in (f.name for f in fields(Settings)):
+    for key in KEYS:
         if key not in raw:
             continue
         try:
@@ -180,7 +183,7 @@ def save(s: Settings, keys: frozenset[str] | set[str] | None = None) -> str | No
         paths.make_private_dir(path.parent)
         checksum.remove_stale_temporaries(path.parent, "settings.json.tmp*")
         try:
-            others = {k: v for k, v in _read_raw(path).items() if k not in {f.name for f in fields(Settings)}}
+            others = {k: v for k, v in _read_raw(path).items() if k not in KEYS}
         except MixchatError as exc:
             others = {}
             aside = path.with_name(f"settings.json.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")

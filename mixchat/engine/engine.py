@@ -24,7 +24,7 @@ from mixchat.release.folder import Release, model_state, open_release
 from mixchat.speed import heap, hugepages, linear
 from mixchat.speed.decoder import FusedDecoder
 from mixchat.speed.experts import ExpertCache, offload
-from mixchat.speed.qformat import QuantSpec, expert_bytes, fits, model_bytes, parse_quant
+from mixchat.speed.qformat import QuantSpec, expert_bytes, fits, fitting_choices, model_bytes, parse_quant
 from mixchat.speed.quant import install, quantize_state
 from mixchat.text.tokenizer import TextTokenizer
 
@@ -182,10 +182,9 @@ def check_quant_fits(spec: QuantSpec, shapes: dict[str, tuple[int, ...]], folder
     naming the largest that does (the choice `inspect` would offer), else int8."""
     if fits(shapes, spec):
         return
-    smaller = [c for c in ("int4-64", "int4-32") if parse_quant(c).group < spec.group and fits(shapes, parse_quant(c))]
+    best = fitting_choices(spec, lambda other: fits(shapes, other))[0]
     raise QuantDoesNotFit(f"quant {spec.label}: groups of {spec.group} do not divide every input dimension of "
-                          f"{folder.name}'s matrices; choose {smaller[0] if smaller else 'int8'} (--quant, or quant in "
-                          "the settings)")
+                          f"{folder.name}'s matrices; choose {best} (--quant, or quant in the settings)")
 
 
 def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> int:

@@ -9,6 +9,7 @@ which needs torch: this module only counts its bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mixchat.errors import MixchatError
@@ -93,6 +94,12 @@ def fits(shapes: dict[str, tuple[int, ...]], spec: QuantSpec) -> bool:
     """Whether `spec` can quantize these tensors: int4's groups must divide every input dimension."""
     return spec.kind != "int4" or all(shape[1] % spec_for(name, spec).group == 0 for name, shape in shapes.items()
                                       if quantizable(name) and len(shape) == 2 and spec_for(name, spec).kind == "int4")
+
+
+def fitting_choices(spec: QuantSpec, fit: Callable[[QuantSpec], bool]) -> list[str]:
+    """Where `spec`'s int4 groups do not divide the input dimensions: the choices to name instead, best first (the
+    int4 groups below its own that `fit(QuantSpec)` allows, largest first, then int8, which always fits)."""
+    return [c for c in ("int4-64", "int4-32") if parse_quant(c).group < spec.group and fit(parse_quant(c))] + ["int8"]
 
 
 def memory_estimates(shapes: dict[str, tuple[int, ...]], input_dims: set[int] | None = None) -> dict[str, int]:

@@ -51,7 +51,7 @@ from mixchat.speed.kernels.formats import (
     unpack_int4,
 )
 from mixchat.speed.linear import fp32_scratch, kernels_or_none
-from mixchat.speed.qformat import QuantSpec, quantizable, spec_for
+from mixchat.speed.qformat import QuantSpec, fitting_choices, quantizable, spec_for
 
 # The cache file's format per kind, written into its metadata: a file of another version is quantized again.
 # int4 2 (0.8.0): fp16 scales and zeros. int8 is still what mixchat first wrote, so its caches stay valid.
@@ -87,9 +87,8 @@ def quantize_int4(w: torch.Tensor, group: int,
     included (rounding the scale to nearest could leave a group's ends off the grid)."""
     n, k = w.shape
     if k % group:
-        fits = [g for g in (64, 32) if g < group and k % g == 0]
-        raise MixchatError(f"int4 groups of {group} do not divide {name}'s input dimension {k}; choose "
-                           + (f"--quant int4-{fits[0]}" if fits else "--quant int8"))
+        best = fitting_choices(QuantSpec("int4", group), lambda other: k % other.group == 0)[0]
+        raise MixchatError(f"int4 groups of {group} do not divide {name}'s input dimension {k}; choose --quant {best}")
     g = w.float().view(n, k // group, group)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     _refuse_non_finite(lo, name, "int4")  # a NaN or infinity in a group reaches its min or max
@@ -347,11 +346,12 @@ def quantize_state(state: dict[str, torch.Tensor], spec: QuantSpec, fingerprint:
     for the user (a cache made again, one that cannot be written); default: stderr."""
     from mixchat.progress import Progress
 
+    say = say or print_note
     names = [n for n in state if quantizable(n)]
     if fingerprint and use_cache:
         path = cache_path(fingerprint, spec)
         checksum.remove_stale_temporaries(path.parent, "*.safetensors.tmp*")  # left by a killed quantization
-        if _cache_is_valid(path, fingerprint, spec, names, show, say or print_note):
+        if _cache_is_valid(path, fingerprint, spec, names, show, say):
             return Quantized(names, spec, path, cached=True)
     total = sum(state[n].nbytes for n in names)
     with Progress(f"quantizing to {spec.label}", total, enabled=show, listener=on_progress) as bar:
@@ -381,7 +381,7 @@ def quantize_state(state: dict[str, torch.Tensor], spec: QuantSpec, fingerprint:
                 if not isinstance(e, OSError):
                     raise
                 full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-                (say or print_note)(
+                say(
                     f"could not write the quantized weights to {path} ({e.strerror or e}){full}; quantizing in memory "
                     "for this run only, and trying to write them again at the next start (free space there, or set "
                     "MIXCHAT_QUANT_CACHE to a folder that has it)")

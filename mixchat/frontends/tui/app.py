@@ -16,7 +16,6 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import fields
 from pathlib import Path
 
 from rich.text import Text
@@ -150,7 +149,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         # become the user's choice for every folder because the sheet was saved once.
         # (Given settings without their keys, as tests and embedders build the app: all of them are the user's.)
         if saved_keys is None:
-            saved_keys = settings_mod.load_with_keys()[1] if settings is None else {f.name for f in fields(Settings)}
+            saved_keys = settings_mod.load_with_keys()[1] if settings is None else settings_mod.KEYS
         self.saved_keys = set(saved_keys)
         self._demo_folder = self.model_folder if demo_note else None
         if store is None:
@@ -742,7 +741,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             changed = False
             self.notify("a reply is being written across the ranks: stop it (Esc), then change the model settings",
                         severity="warning")
-        self.saved_keys |= {f.name for f in fields(Settings) if getattr(new, f.name) != getattr(self.settings, f.name)}
+        self.saved_keys |= {k for k in settings_mod.KEYS if getattr(new, k) != getattr(self.settings, k)}
         self.settings = new
         saved = True
         try:

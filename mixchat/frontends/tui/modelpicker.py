@@ -95,7 +95,6 @@ class FolderCheck:
 
         self.run_worker(work, thread=True, exclusive=True, group="folder-check")
 
-
     def check_folder(self, folder: str) -> tuple[bool, str]:
         """The verdict, in the worker thread (a screen may keep more of what the check found)."""
         return folder_verdict(folder)

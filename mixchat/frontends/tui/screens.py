@@ -19,7 +19,7 @@ from mixchat.frontends.tui.modelpicker import FolderCheck, verdict_text
 from mixchat.frontends.tui.widgets import LineInput
 from mixchat.safetext import one_line, visible
 from mixchat.settings import Settings
-from mixchat.speed.qformat import CHOICES, parse_quant
+from mixchat.speed.qformat import CHOICES, fitting_choices, parse_quant
 
 FIELD_HELP = {
     "model": "release folder (params.json, consolidated weights, tokenizer.model or tekken.json); Ctrl+L lists "
@@ -173,7 +173,7 @@ class SettingsScreen(FolderCheck, ModalScreen[Settings | None]):
             spec = parse_quant(settings.quant)
             if spec is not None and allowed is not None and spec.label not in allowed:
                 # refused now, not after a reload that would then fail
-                fitting = " or ".join(q for q in ("int4-64", "int4-32", "int8") if q in allowed)
+                fitting = " or ".join(fitting_choices(spec, lambda other: other.label in allowed))
                 raise MixchatError(f"quant {settings.quant}: groups of {spec.group} do not divide this model's input "
                                    f"dimensions; choose {fitting}")
             self.dismiss(settings)
