@@ -239,7 +239,7 @@ def test_a_conversation_reopens_with_its_own_model(two_models, tmp_path):
         # Started on b, the restored tab (written with a) asks before going on.
         app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
         async with app.run_test(size=(80, 24), notifications=True) as pilot:
-            await wait_until(pilot, lambda: asking(app) and app.screen.focused is not None)  # focus comes after mount
+            await wait_until(pilot, lambda: asking(app) and app.screen.focused is not None)  # its default answer takes the focus as it composes
             assert app.pane.cid == cid
             # Nothing is decided while it asks: no "continuing it with b" toast, and a's KV cache is still there.
             assert not [n.message for n in app._notifications]
