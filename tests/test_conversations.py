@@ -71,6 +71,14 @@ def test_cid_with_another_model_discards_the_cache_with_a_note(model, make_relea
     err = proc.stderr.decode()
     assert "was held with another model" in err and "made by another model" in err
     assert d2["cached_tokens"] == 0 and d2["prefilled_tokens"] == len(d2["prompt_tokens"])
+    # Its latest turn and its cache are the other model's now: the store names that model, so `-c`
+    # goes on with it (re-using the cache it wrote, not asked about the first model), and `list` shows it.
+    conv = store().get(d1["conversation"])
+    assert conv.model_path == str(other.resolve()) and conv.model_path != str(model.resolve())
+    _, d3, proc = ask("-c", *ARGS, "--max-tokens", "4", text="and again")
+    assert "another model" not in proc.stderr.decode()
+    assert d3["cached_tokens"] == len(d2["prompt_tokens"]) + d2["generated_tokens"]
+    assert other.name in mixchat("list").stdout.decode()
 
 
 def test_truncated_cache_file_is_rebuilt(model):

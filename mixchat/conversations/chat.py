@@ -287,6 +287,7 @@ class Chat:
                     if reply_id is not None:
                         self.store.update_message(reply_id, event.text, event.generated, experts or None,
                                                   event.stop, event.timings)
+                        self._record_model()
                         if note := self.pool.save(self.conversation.id):
                             event.notes.append(note)
                 yield event
@@ -311,12 +312,21 @@ class Chat:
                 self._keep_partial(reply_id, text, ids, experts, "error")
             raise
 
+    def _record_model(self) -> None:
+        """A conversation held with another model, continued with this one: its latest turn and the
+        cache saved next are this model's, so the store names it from now on."""
+        conv = self.conversation
+        if conv.model_fingerprint != self.engine.fingerprint or conv.model_path != str(self.engine.release.folder):
+            self.store.set_model(conv.id, str(self.engine.release.folder), self.engine.fingerprint)
+            conv.model_path, conv.model_fingerprint = str(self.engine.release.folder), self.engine.fingerprint
+
     def _keep_partial(self, reply_id, text: str, ids: list[int], experts: list, stop: str) -> None:
         self.messages.append(Message("assistant", text, ids=list(ids)))
         if reply_id is None:
             return
         try:
             self.store.update_message(reply_id, text, ids, experts or None, stop)
+            self._record_model()
             self.pool.save(self.conversation.id)
         except MixchatError:
             pass  # the store itself failed; what was committed every few tokens stays

@@ -284,6 +284,15 @@ class Store:
             if cur.rowcount == 0:
                 raise self._deleted(cid, "where its context starts was not saved")
 
+    def set_model(self, cid: str, model_path: str, fingerprint: str) -> None:
+        """Record the model that wrote the conversation's latest turn (and its KV cache), so that it is
+        the one `-c`, the sidebar and the next start's question name."""
+        with self.file.tx() as db:
+            cur = db.execute("UPDATE conversations SET model_path = ?, model_fingerprint = ? WHERE id = ?",
+                             (model_path, fingerprint, cid))
+            if cur.rowcount == 0:
+                raise self._deleted(cid, "the model it was continued with was not recorded")
+
     def delete(self, cid: str) -> Conversation:
         """Returns what it deleted, for the caller to say so."""
         with self.file.tx() as db:

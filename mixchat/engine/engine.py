@@ -174,7 +174,12 @@ def load_options(ns) -> dict:
 
 
 class QuantDoesNotFit(MixchatError):
-    """A --quant choice the model's shapes do not allow (one-shot blames the settings when they chose it)."""
+    """A --quant choice the model's shapes do not allow (the front ends say who chose it: a flag or the
+    settings). `problem` is what is wrong, `best` the largest choice that fits."""
+
+    def __init__(self, problem: str, best: str) -> None:
+        super().__init__(f"{problem}; choose {best} (--quant, or quant in the settings)")
+        self.problem, self.best = problem, best
 
 
 def check_quant_fits(spec: QuantSpec, shapes: dict[str, tuple[int, ...]], folder: Path) -> None:
@@ -184,7 +189,7 @@ def check_quant_fits(spec: QuantSpec, shapes: dict[str, tuple[int, ...]], folder
         return
     best = fitting_choices(spec, lambda other: fits(shapes, other))[0]
     raise QuantDoesNotFit(f"quant {spec.label}: groups of {spec.group} do not divide every input dimension of "
-                          f"{folder.name}'s matrices; choose {best} (--quant, or quant in the settings)")
+                          f"{folder.name}'s matrices", best)
 
 
 def _expert_bytes(args: ModelArgs, dt: torch.dtype, spec: QuantSpec | None) -> int:

@@ -236,7 +236,7 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
 
         opened = _resolve_conversation(ns, Store(paths.store_path(), readonly=True)).id
     app = MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note, notes=problems,
-                     open_cid=opened, saved_keys=saved_keys)
+                     open_cid=opened, saved_keys=saved_keys, flag_keys=frozenset(load_flags_given(ns)))
     app.run()
     # 0 after Ctrl+Q, 128 + the signal after SIGTERM/SIGHUP (replies saved first), 1 after a crash
     # (Textual sets it on an unhandled exception and prints the traceback once the terminal is back).

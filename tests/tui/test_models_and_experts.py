@@ -239,13 +239,14 @@ def test_a_conversation_reopens_with_its_own_model(two_models, tmp_path):
         # Started on b, the restored tab (written with a) asks before going on.
         app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
         async with app.run_test(size=(80, 24), notifications=True) as pilot:
-            await wait_until(pilot, lambda: asking(app) and app.screen.focused is not None)  # its default answer takes the focus as it composes
+            # its default answer takes the focus as it composes
+            await wait_until(pilot, lambda: asking(app) and app.screen.focused is not None)
             assert app.pane.cid == cid
             # Nothing is decided while it asks: no "continuing it with b" toast, and a's KV cache is still there.
             assert not [n.message for n in app._notifications]
             assert app.pane.chat is None and kv_file.is_file()
             shown = plain(app.screen.query_one("Static"))
-            assert f"It was written with: {a}" in shown and f"Loaded now:           {b}" in shown
+            assert f"Last written with: {a}" in shown and f"Loaded now:        {b}" in shown
             assert app.screen.focused.id == "switch"
             await pilot.press("enter")
             await wait_until(pilot, lambda: app.engine is not None and app.engine.release.folder == a)
@@ -348,5 +349,49 @@ def test_a_message_typed_while_loading_waits_for_the_other_model_question(two_mo
             await wait_until(pilot, lambda: app.pane.chat is not None and not app.pane.busy
                              and len(Store(store_path).messages(cid)) == 4)
             assert Store(store_path).messages(cid)[2].content == "typed while it loaded" and not app._queued
+            assert Store(store_path).get(cid).model_path == str(b.resolve())  # its latest turn is b's
+        # Started on b again, the tab goes on without asking, re-using the cache b wrote.
+        app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
+        async with app.run_test(size=(80, 24), notifications=True) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None and app.pane.chat is not None)
+            await pilot.pause(0.2)
+            assert not asking(app) and app.pane.cid == cid and app.pane.chat.context_used() > 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("by_flag", [False, True])
+def test_a_quant_the_folder_refuses_names_who_chose_it(make_release, tmp_path, monkeypatch, by_flag):
+    """int4 (groups of 128) saved for a wider model, then a folder of dim 64 loaded: the app says who chose it
+    (the settings file, or --quant on the command line) and that the sheet fixes it; it said
+    "--quant, or quant in the settings" either way."""
+    from mixchat.frontends import cli
+    from mixchat.frontends.tui import app as app_mod
+    from mixchat.settings import settings_path
+
+    model = make_release(tiny_args(), seed=5, std=0.15)  # dim 64: groups of 128 do not divide it
+    settings_path().parent.mkdir(parents=True, exist_ok=True)
+    settings_path().write_text('{"quant": "none"}' if by_flag else '{"quant": "int4"}')
+    built = {}
+    monkeypatch.setattr(app_mod.MixchatApp, "run", lambda self: built.setdefault("app", self))
+    monkeypatch.setattr("mixchat.frontends.repl.wants_plain", lambda: False)
+    flags = ["--quant", "int4"] if by_flag else []
+    assert cli._interactive(cli.parse_args(["-m", str(model), "--dtype", "fp32", *flags]), None) == 0
+    app = built["app"]
+    assert app.settings.quant == "int4" and app.flag_keys == ({"quant", "dtype"} if by_flag else {"dtype"})
+    app.store = Store(tmp_path / "s.sqlite3")
+
+    async def scenario():
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.model_error is not None)
+            err = app.model_error
+            assert "groups of 128 do not divide" in err and "choose int4-32 in the settings (F2)" in err, err
+            assert ("--quant int4 was given on the command line" in err) == by_flag, err
+            assert (f"the settings ({settings_path()}) chose quant int4" in err) == (not by_flag), err
+            await pilot.press("f2")
+            app.screen.query_one("#set-quant").value = "int4-32"
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: app.engine is not None)
+            assert app.engine.quant.label == "int4-32" and "quant" not in app.flag_keys  # the sheet chose it now
 
     asyncio.run(scenario())

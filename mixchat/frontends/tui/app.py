@@ -133,7 +133,8 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
 
     def __init__(self, model: str | None = None, settings: Settings | None = None, first_message: str | None = None,
                  store=None, demo_note: str | None = None, notes: list[str] | None = None,
-                 open_cid: str | None = None, saved_keys: frozenset[str] | None = None) -> None:
+                 open_cid: str | None = None, saved_keys: frozenset[str] | None = None,
+                 flag_keys: frozenset[str] = frozenset()) -> None:
         super().__init__()
         from mixchat.engine.engine import keep_thread_serial
 
@@ -151,6 +152,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         if saved_keys is None:
             saved_keys = settings_mod.load_with_keys()[1] if settings is None else settings_mod.KEYS
         self.saved_keys = set(saved_keys)
+        self.flag_keys = set(flag_keys)  # the settings a command-line flag chose (until the sheet changes them)
         self._demo_folder = self.model_folder if demo_note else None
         if store is None:
             from mixchat import paths
@@ -259,7 +261,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
 
     @work(thread=True, exclusive=True, group="load")
     def load_model(self, folder: str) -> None:
-        from mixchat.engine.engine import Engine
+        from mixchat.engine.engine import Engine, QuantDoesNotFit
 
         try:
             engine = Engine.load(folder, dtype=self.settings.dtype, threads=self.settings.threads or None,
@@ -268,10 +270,23 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
                                  context=self.settings.context or None,
                                  on_progress=lambda label, d, t: self.post_message(ModelProgress(label, d, t)),
                                  on_note=lambda text: self.post_message(ModelNote(text)))
+        except QuantDoesNotFit as exc:
+            self.post_message(ModelFailed(self._quant_refused(exc)))
+            return
         except MixchatError as exc:
             self.post_message(ModelFailed(str(exc)))
             return
         self.post_message(ModelLoaded(engine))
+
+    def _quant_refused(self, exc) -> str:
+        """A quantization the folder's shapes refuse: who chose it (a flag, or the settings: a choice that fit
+        the model it was saved with), and the fix, which here is the sheet whoever chose it."""
+        from mixchat.settings import settings_path
+
+        quant = self.settings.quant
+        chosen = (f"--quant {quant} was given on the command line" if "quant" in self.flag_keys else
+                  f"the settings ({settings_path()}) chose quant {quant}")
+        return f"{exc.problem}: {chosen}; choose {exc.best} in the settings (F2)"
 
     def on_model_progress(self, msg: ModelProgress) -> None:
         bar = self.load_bar
@@ -741,7 +756,9 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             changed = False
             self.notify("a reply is being written across the ranks: stop it (Esc), then change the model settings",
                         severity="warning")
-        self.saved_keys |= {k for k in settings_mod.KEYS if getattr(new, k) != getattr(self.settings, k)}
+        chosen = {k for k in settings_mod.KEYS if getattr(new, k) != getattr(self.settings, k)}
+        self.saved_keys |= chosen
+        self.flag_keys -= chosen
         self.settings = new
         saved = True
         try:

@@ -229,8 +229,8 @@ class ModelMismatchScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll():  # scrolls on a small terminal: every answer stays reachable
             text = Text("This conversation was written with another model.\n\n", style="bold")
-            text.append(f"It was written with: {one_line(self.wanted)}\n")
-            text.append(f"Loaded now:           {one_line(self.loaded)}\n\n")
+            text.append(f"Last written with: {one_line(self.wanted)}\n")
+            text.append(f"Loaded now:        {one_line(self.loaded)}\n\n")
             if self.available:
                 text.append("Switch to its model (every tab then uses it; the model the app starts with stays as "
                             "saved), or go on with the loaded one: "
