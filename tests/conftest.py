@@ -37,6 +37,16 @@ def make_release(tmp_path, v1_tokenizer):
     return make
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_built():
+    """The C kernels compiled once, before any test times a model load: on a clean machine the first
+    load compiles them (~15 s on 2 cores), which fell inside whichever wait came first (the e2e tests'
+    wait for the loaded screen). The build is cached for the subprocesses too."""
+    from mixchat.speed import kernels
+
+    kernels.available()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXCHAT_HOME", str(tmp_path / "home"))

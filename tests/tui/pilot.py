@@ -29,10 +29,16 @@ async def send(pilot, app, text: str) -> None:
     """Type `text` in the prompt, press Enter, and wait until its reply is written and saved."""
     app.prompt.focus()
     app.prompt.load_text(text)
+    before = app.pane.reply if app.pane is not None else None
     await pilot.press("enter")
     pane = app.pane
-    await wait_until(pilot, lambda: not pane.busy and pane.reply is not None and not pane.reply.streaming
-                     and pane.cid is not None)
+    # A new reply: the previous turn's finished one would satisfy the rest before Enter has travelled
+    # to the app on a starved machine.
+    await wait_until(pilot, lambda: not pane.busy and pane.reply is not None and pane.reply is not before
+                     and not pane.reply.streaming and pane.cid is not None)
+    # What the reply's end queued (the sidebar's new rows compose a loop turn later, the reply's last
+    # state) has run before the test reads it.
+    await pilot.pause()
 
 
 def region_lines(app, widget) -> list[str]:

@@ -313,6 +313,9 @@ def test_settings_sheet_has_choices_and_checks_the_folder_off_the_ui_thread(mixt
             checks.clear()
             box = sheet.query_one("#set-model")
             box.value = ""
+            # A pause between two keys longer than the check's delay (a GC pass, a busy machine) checks a
+            # prefix: typing is given a second per key, so the count measures the debounce, not the machine.
+            monkeypatch.setattr(modelpicker, "CHECK_DELAY", 1.0)
             await pilot.press(*str(tmp_path / "nope"))
             await wait_until(pilot, lambda: "nope" in plain(sheet.query_one("#model-check")), timeout=10)
             await pilot.pause(0.5)
