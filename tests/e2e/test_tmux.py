@@ -87,8 +87,11 @@ def test_piped_notes_then_keep_chatting(make_release, tmp_path):
         term.wait_for("Meeting notes: ship the demo on Friday.")  # sent as the first message
         term.wait_for("first token")  # the reply is done (the status shows its final figures)
         term.keys("-l", "And after that?")
+        assert term.screen().count("assistant") == 1
         term.keys("Enter")
-        screen = term.wait_for("And after that?")
-        assert "Meeting notes" in screen
+        end = time.time() + 60  # sent and answered: a second reply (typed text alone shows in the input box)
+        while (screen := term.screen()).count("assistant") < 2 and time.time() < end:
+            time.sleep(0.2)
+        assert screen.count("assistant") == 2 and "And after that?" in screen and "Meeting notes" in screen, screen
     finally:
         term.close()
