@@ -104,3 +104,11 @@ def demo_model() -> Path | None:
         if (folder / "params.json").is_file():
             return folder
     return None
+
+
+def same_folder(a: str, b: str) -> bool:
+    """Whether two paths name one release folder (one may be relative, or through a link)."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return a == b

@@ -40,3 +40,38 @@ def test_regenerate_and_edit_replace_the_tail(make_release):
     history = len(first.prompt_tokens) + len(first.generated)
     assert edited.cached_tokens >= history  # everything up to the edited message came from the cache
     assert [m.content for m in chat.messages] == [m.content for m in msgs]
+
+
+def test_the_model_that_wrote_the_latest_reply_is_the_conversations(make_release, monkeypatch):
+    """Continued with another model, the conversation is that model's once it has a reply from it (its saved
+    cache is that model's); a turn stopped before the other model wrote a token changes nothing; a relative
+    folder is kept absolute, and the same folder spelt another way is not a change."""
+    import threading
+
+    a = make_release(tiny_args(sliding_window=32), seed=41, std=0.15)
+    b = make_release(tiny_args(sliding_window=32), seed=42, std=0.15)
+    monkeypatch.chdir(a.parent)
+    first = Engine.load(a.name, dtype="fp32", warm=False)  # relative, as `cd models && mixchat -m m` gives it
+    store = Store(paths.store_path())
+    chat = Chat(first, kvstore.SessionPool(first, paths.kv_dir()), store)
+    last(chat.send("Tell me about the sea.", GREEDY))
+    cid = chat.id
+    assert store.get(cid).model_path == str(a.absolute())  # another working directory finds it too
+
+    second = Engine.load(str(b), dtype="fp32", warm=False)
+    pool = kvstore.SessionPool(second, paths.kv_dir())
+    stopped = threading.Event()
+    stopped.set()  # stopped before its first token: b wrote nothing
+    done = last(Chat(second, pool, store, store.get(cid)).send("And the sky?", GREEDY, cancel=stopped))
+    assert not done.generated
+    assert store.get(cid).model_path == str(a.absolute()) and store.get(cid).model_fingerprint == first.fingerprint
+    done = last(Chat(second, pool, store, store.get(cid)).send("And the sky?", GREEDY))
+    assert done.generated
+    conv = store.get(cid)
+    assert conv.model_path == str(b) and conv.model_fingerprint == second.fingerprint
+
+    link = b.parent / "through-a-link"
+    link.symlink_to(b)
+    again = Engine.load(str(link), dtype="fp32", warm=False)  # the same folder, spelt another way
+    last(Chat(again, kvstore.SessionPool(again, paths.kv_dir()), store, store.get(cid)).send("More?", GREEDY))
+    assert store.get(cid).model_path == str(b)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from mixchat.conversations.kvstore import SessionPool
 from mixchat.conversations.store import Conversation, Store
@@ -21,6 +22,7 @@ from mixchat.engine.engine import Engine
 from mixchat.engine.generation import Done, PrefillProgress, Session, TokenEvent
 from mixchat.engine.sampling import SamplingSettings
 from mixchat.errors import ContextError, MixchatError, NonFiniteError
+from mixchat.paths import same_folder
 from mixchat.settings import WHEN_FULL
 from mixchat.text.chat_format import Message, encode_chat
 
@@ -208,7 +210,7 @@ class Chat:
         save = save and self.store is not None
         created = False
         if save and self.conversation is None:
-            self.conversation = self.store.create(str(self.engine.release.folder), self.engine.fingerprint,
+            self.conversation = self.store.create(self._folder(), self.engine.fingerprint,
                                                   self.system, asdict(settings))
             self.pool.adopt(self.conversation.id, self.session)
             created = True
@@ -287,9 +289,10 @@ class Chat:
                     if reply_id is not None:
                         self.store.update_message(reply_id, event.text, event.generated, experts or None,
                                                   event.stop, event.timings)
-                        self._record_model()
                         if note := self.pool.save(self.conversation.id):
                             event.notes.append(note)
+                        if event.generated:
+                            self._record_model()
                 yield event
         except GeneratorExit:
             # The consumer stopped reading (stdout closed, the terminal hung up): what was written is
@@ -312,13 +315,19 @@ class Chat:
                 self._keep_partial(reply_id, text, ids, experts, "error")
             raise
 
+    def _folder(self) -> str:
+        """The model's folder as the store keeps it: absolute (a relative one would name another folder from
+        another working directory), links kept as given."""
+        return str(Path(self.engine.release.folder).absolute())
+
     def _record_model(self) -> None:
-        """A conversation held with another model, continued with this one: its latest turn and the
-        cache saved next are this model's, so the store names it from now on."""
+        """A conversation held with another model, continued with this one: its latest reply and its saved
+        cache are this model's, so the store names it from now on. (The same folder under another spelling,
+        the same model: nothing changes.)"""
         conv = self.conversation
-        if conv.model_fingerprint != self.engine.fingerprint or conv.model_path != str(self.engine.release.folder):
-            self.store.set_model(conv.id, str(self.engine.release.folder), self.engine.fingerprint)
-            conv.model_path, conv.model_fingerprint = str(self.engine.release.folder), self.engine.fingerprint
+        if conv.model_fingerprint != self.engine.fingerprint or not same_folder(conv.model_path, self._folder()):
+            self.store.set_model(conv.id, self._folder(), self.engine.fingerprint)
+            conv.model_path, conv.model_fingerprint = self._folder(), self.engine.fingerprint
 
     def _keep_partial(self, reply_id, text: str, ids: list[int], experts: list, stop: str) -> None:
         self.messages.append(Message("assistant", text, ids=list(ids)))
@@ -326,8 +335,9 @@ class Chat:
             return
         try:
             self.store.update_message(reply_id, text, ids, experts or None, stop)
-            self._record_model()
             self.pool.save(self.conversation.id)
+            if ids:
+                self._record_model()
         except MixchatError:
             pass  # the store itself failed; what was committed every few tokens stays
 

@@ -220,13 +220,17 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
             recommended = {}  # the app says what is wrong with the folder when it loads it
         sampling_from(ns, recommended, str(params))  # a bad value is blamed on the file
         settings_mod.apply_recommended(settings, saved_keys, recommended)
+    flagged = set()  # the settings flags chose for this run: the app does not save them as the user's choice
     for key in ("temperature", "top_p", "top_k", "repeat_penalty", "seed", "max_tokens", "draft", "system"):
         if getattr(ns, key, None) is not None:  # flags given now win over the saved settings
             setattr(settings, key, getattr(ns, key))
+            flagged.add(key)
     for key, value in load_flags_given(ns).items():
         setattr(settings, key, value)
+        flagged.add(key)
     if ns.when_full is not None:
         settings.when_full = ns.when_full
+        flagged.add("when_full")
     settings.check()
     opened = None
     if ns.cont or ns.cid:  # `mixchat -c` / `--cid ID` in a terminal: the app opens on that conversation
@@ -236,7 +240,7 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
 
         opened = _resolve_conversation(ns, Store(paths.store_path(), readonly=True)).id
     app = MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note, notes=problems,
-                     open_cid=opened, saved_keys=saved_keys, flag_keys=frozenset(load_flags_given(ns)))
+                     open_cid=opened, saved_keys=saved_keys, flag_keys=frozenset(flagged))
     app.run()
     # 0 after Ctrl+Q, 128 + the signal after SIGTERM/SIGHUP (replies saved first), 1 after a crash
     # (Textual sets it on an unhandled exception and prints the traceback once the terminal is back).

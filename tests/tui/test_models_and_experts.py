@@ -398,3 +398,65 @@ def test_a_quant_the_folder_refuses_names_who_chose_it(make_release, tmp_path, m
             assert app.engine.quant.label == "int4-32" and "quant" not in app.flag_keys  # the sheet chose it now
 
     asyncio.run(scenario())
+
+
+def test_the_question_focuses_its_answer_with_the_window_in_the_background(two_models, tmp_path):
+    """Textual's AUTO_FOCUS does nothing while the terminal window has not the focus (a long load, the user in
+    another window): the question still focuses its default answer, so Enter answers it."""
+    a, b = two_models
+    store_path = tmp_path / "s.sqlite3"
+
+    async def scenario():
+        await written_with(a, store_path)
+        app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
+        async with app.run_test(size=(80, 24)) as pilot:
+            app.app_focus = False  # as the terminal's focus report says when the window is in the background
+            await wait_until(pilot, lambda: asking(app) and app.screen.focused is not None)
+            assert app.screen.focused.id == "switch"
+
+    asyncio.run(scenario())
+
+
+def test_flags_given_for_a_run_are_not_saved_as_the_users_choice(make_release, tmp_path, monkeypatch):
+    """`mixchat --quant int4-32 --temperature 0.9` for one run, then a change in the sheet: settings.json keeps
+    the quant and temperature it held (the app wrote the flags' values over them), and takes the change."""
+    import json
+
+    from mixchat.frontends import cli
+    from mixchat.frontends.tui import app as app_mod
+    from mixchat.settings import settings_path
+
+    model = make_release(tiny_args(), seed=5, std=0.15)
+    settings_path().parent.mkdir(parents=True, exist_ok=True)
+    settings_path().write_text(json.dumps({"quant": "int8", "temperature": 0.5, "max_tokens": 8}))
+    built = {}
+    monkeypatch.setattr(app_mod.MixchatApp, "run", lambda self: built.setdefault("app", self))
+    monkeypatch.setattr("mixchat.frontends.repl.wants_plain", lambda: False)
+    args = ["-m", str(model), "--dtype", "fp32", "--quant", "int4-32", "--temperature", "0.9"]
+    assert cli._interactive(cli.parse_args(args), None) == 0
+    app = built["app"]
+    app.store = Store(tmp_path / "s.sqlite3")
+
+    async def scenario():
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.engine is not None)
+            assert app.engine.quant.label == "int4-32" and app.settings.temperature == 0.9
+            await pilot.press("f2")
+            await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+            app.screen.query_one("#set-max_tokens").value = "12"
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+            await pilot.pause(0.2)
+            saved = json.loads(settings_path().read_text())
+            assert saved == {"quant": "int8", "temperature": 0.5, "max_tokens": 12}, saved
+            assert app.settings.temperature == 0.9 and app.engine.quant.label == "int4-32"  # this run keeps them
+            # Chosen in the sheet, a flag's setting is the user's, and saved.
+            await pilot.press("f2")
+            await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+            app.screen.query_one("#set-temperature").value = "0.7"
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+            await pilot.pause(0.2)
+            assert json.loads(settings_path().read_text())["temperature"] == 0.7
+
+    asyncio.run(scenario())

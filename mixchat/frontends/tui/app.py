@@ -16,6 +16,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from rich.text import Text
@@ -43,6 +44,7 @@ from mixchat.frontends.tui.sending import SendingMixin
 from mixchat.frontends.tui.sidebar import ConversationList, Sidebar
 from mixchat.frontends.tui.status import StatusBar, status_text
 from mixchat.frontends.tui.widgets import LineInput, MessageView, PromptInput
+from mixchat.paths import same_folder
 from mixchat.progress import human_bytes
 from mixchat.safetext import one_line, visible
 from mixchat.settings import Settings
@@ -683,7 +685,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
             self.settings.model = folder
             self.saved_keys.add("model")
             try:
-                self._saved_note(settings_mod.save(self.settings, self.saved_keys))
+                self._saved_note(self._write_settings(self.settings))
             except (MixchatError, OSError) as exc:
                 self.notify(f"the model is loaded but not remembered: {exc}", severity="warning")
         self.model_folder, self.engine, self.model_error = folder, None, None
@@ -725,6 +727,15 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
 
         self.push_screen(ModelMismatchScreen(wanted, loaded, Path(wanted).is_dir()), answered)
 
+    def _write_settings(self, new: Settings) -> str | None:
+        """settings.json gets the values the user chose; a flag given now is for this run, so a key the file
+        holds keeps the file's value (`--quant int4` for a run, then a new temperature, wrote int4)."""
+        kept = self.flag_keys & self.saved_keys
+        if kept:
+            on_disk = settings_mod.read()[0]
+            new = replace(new, **{k: getattr(on_disk, k) for k in kept})
+        return settings_mod.save(new, self.saved_keys)
+
     def _saved_note(self, note: str | None) -> None:
         if note:  # an unreadable settings file was kept aside rather than overwritten
             self.notify(note, title="settings", severity="warning", timeout=20)
@@ -762,7 +773,7 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         self.settings = new
         saved = True
         try:
-            self._saved_note(settings_mod.save(new, self.saved_keys))
+            self._saved_note(self._write_settings(new))
         except MixchatError as exc:  # an unwritable folder: they apply until the app closes, and it says so
             saved = False
             self.notify(str(exc), title="settings not saved", severity="error", timeout=15)
@@ -785,11 +796,3 @@ class MixchatApp(ConversationsMixin, SendingMixin, QuittingMixin, App):
         self.refresh_experts()
         if saved:
             self.notify("settings saved")
-
-
-def same_folder(a: str, b: str) -> bool:
-    """Whether two paths name one release folder (one may be relative, or through a link)."""
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except (OSError, RuntimeError):
-        return a == b

@@ -222,8 +222,8 @@ class ModelMismatchScreen(ModalScreen[str | None]):
     def __init__(self, wanted: str, loaded: str, available: bool) -> None:
         super().__init__()
         self.wanted, self.loaded, self.available = wanted, loaded, available
-        # AUTO_FOCUS, not focus() in on_mount: that is queued, and the screen's resume could focus the
-        # scrolling box first (a race the test suite lost on CI).
+        # AUTO_FOCUS, not focus() in on_mount alone: that is queued, and the screen's default auto-focus
+        # gave the scrolling box the focus first (a race the test suite lost on CI).
         self.AUTO_FOCUS = "#switch" if available else "#continue"
 
     def compose(self) -> ComposeResult:
@@ -244,6 +244,10 @@ class ModelMismatchScreen(ModalScreen[str | None]):
                     yield Button("Switch model", id="switch", variant="primary")
                 yield Button("Continue with the loaded model", id="continue")
                 yield Button("Close the tab", id="close")
+
+    def on_mount(self) -> None:
+        if self.focused is None:  # AUTO_FOCUS does nothing while the terminal window is in the background
+            self.query_one(self.AUTO_FOCUS, Button).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id)
