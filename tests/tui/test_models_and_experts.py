@@ -179,7 +179,7 @@ def test_folder_verdicts_and_directory_completion(mixtral, tmp_path):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_model_picker_lists_recent_folders_and_loads_the_chosen_one(make_release, tmp_path, size):
+def test_model_picker_lists_recent_folders_and_loads_the_chosen_one(make_release, tmp_path, size, monkeypatch):
     a = make_release(tiny_args(moe=MOE, n_layers=3), "torrent", seed=2, std=0.15)
     b = make_release(tiny_args(n_layers=2), seed=3, std=0.15)
 
@@ -197,9 +197,11 @@ def test_model_picker_lists_recent_folders_and_loads_the_chosen_one(make_release
             first, second = (plain(item.query_one(".row")) for item in items)
             assert "(loaded now)" in first and "ok: Mixtral" in first
             assert "gone" in second and not picker.verdicts[str(tmp_path / "gone")][0]
-            # Typing a path: checked a moment later, in a worker.
+            # Typing a path: checked a moment later, in a worker. A relative one is remembered absolute (saved,
+            # it would name another folder when the app starts elsewhere).
             assert app.screen.focused.id == "picker-path"
-            await pilot.press(*str(b))
+            monkeypatch.chdir(b.parent)
+            await pilot.press(*b.name)
             check = picker.query_one("#picker-path-check")
             await wait_until(pilot, lambda: "ok: Mistral-style dense model" in plain(check))
             await pilot.press("enter")
@@ -320,12 +322,14 @@ def test_settings_sheet_has_choices_and_checks_the_folder_off_the_ui_thread(mixt
             await wait_until(pilot, lambda: "nope" in plain(sheet.query_one("#model-check")), timeout=10)
             await pilot.pause(0.5)
             assert checks and len(checks) < 5 and not any(on_main for _, on_main in checks)
-            box.value = str(mixtral)
+            monkeypatch.chdir(mixtral.parent)
+            box.value = mixtral.name  # relative: saved absolute, for a start from any other directory
             sheet.query_one("#set-dtype", Select).value = "bf16"
             sheet.query_one("#set-when_full", Select).value = "stop"
             await pilot.press("ctrl+s")
             await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
             assert app.settings.dtype == "bf16" and app.settings.when_full == "stop"
+            assert app.settings.model == str(mixtral)
             await wait_until(pilot, lambda: app.engine is not None)
             assert "bfloat16" in str(app.engine.dtype)
             assert isinstance(app.pane, ChatPane)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields
+from pathlib import Path
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -158,6 +159,8 @@ class SettingsScreen(FolderCheck, ModalScreen[Settings | None]):
                     values[f.name] = int(raw or 0)
                 elif kind.startswith("float"):
                     values[f.name] = float(raw)
+                elif f.name == "model" and raw:  # saved: a relative folder would be another one elsewhere
+                    values[f.name] = str(Path(raw).expanduser().absolute())
                 else:
                     values[f.name] = raw
             except ValueError:
