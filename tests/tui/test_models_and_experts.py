@@ -367,24 +367,44 @@ def test_a_message_typed_while_loading_waits_for_the_other_model_question(two_mo
     asyncio.run(scenario())
 
 
+def app_from_command_line(monkeypatch, args: list[str], saved: dict):
+    """The app as `mixchat ARGS` in a terminal builds it, with settings.json holding `saved` (not run)."""
+    import json
+
+    from mixchat.frontends import cli
+    from mixchat.frontends.tui import app as app_mod
+    from mixchat.settings import settings_path
+
+    settings_path().parent.mkdir(parents=True, exist_ok=True)
+    settings_path().write_text(json.dumps(saved))
+    built = {}
+    monkeypatch.setattr(app_mod.MixchatApp, "run", lambda self: built.setdefault("app", self))
+    monkeypatch.setattr("mixchat.frontends.repl.wants_plain", lambda: False)
+    assert cli._interactive(cli.parse_args(args), None) == 0
+    return built["app"]
+
+
+async def save_in_sheet(pilot, app, field: str, value: str) -> None:
+    """F2, one field changed, Ctrl+S."""
+    await pilot.press("f2")
+    await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+    app.screen.query_one(f"#set-{field}").value = value
+    await pilot.press("ctrl+s")
+    await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+    await pilot.pause(0.2)
+
+
 @pytest.mark.parametrize("by_flag", [False, True])
 def test_a_quant_the_folder_refuses_names_who_chose_it(make_release, tmp_path, monkeypatch, by_flag):
     """int4 (groups of 128) saved for a wider model, then a folder of dim 64 loaded: the app says who chose it
     (the settings file, or --quant on the command line) and that the sheet fixes it; it said
     "--quant, or quant in the settings" either way."""
-    from mixchat.frontends import cli
-    from mixchat.frontends.tui import app as app_mod
     from mixchat.settings import settings_path
 
     model = make_release(tiny_args(), seed=5, std=0.15)  # dim 64: groups of 128 do not divide it
-    settings_path().parent.mkdir(parents=True, exist_ok=True)
-    settings_path().write_text('{"quant": "none"}' if by_flag else '{"quant": "int4"}')
-    built = {}
-    monkeypatch.setattr(app_mod.MixchatApp, "run", lambda self: built.setdefault("app", self))
-    monkeypatch.setattr("mixchat.frontends.repl.wants_plain", lambda: False)
     flags = ["--quant", "int4"] if by_flag else []
-    assert cli._interactive(cli.parse_args(["-m", str(model), "--dtype", "fp32", *flags]), None) == 0
-    app = built["app"]
+    app = app_from_command_line(monkeypatch, ["-m", str(model), "--dtype", "fp32", *flags],
+                                {"quant": "none"} if by_flag else {"quant": "int4"})
     assert app.settings.quant == "int4" and app.flag_keys == ({"quant", "dtype"} if by_flag else {"dtype"})
     app.store = Store(tmp_path / "s.sqlite3")
 
@@ -395,9 +415,7 @@ def test_a_quant_the_folder_refuses_names_who_chose_it(make_release, tmp_path, m
             assert "groups of 128 do not divide" in err and "choose int4-32 in the settings (F2)" in err, err
             assert ("--quant int4 was given on the command line" in err) == by_flag, err
             assert (f"the settings ({settings_path()}) chose quant int4" in err) == (not by_flag), err
-            await pilot.press("f2")
-            app.screen.query_one("#set-quant").value = "int4-32"
-            await pilot.press("ctrl+s")
+            await save_in_sheet(pilot, app, "quant", "int4-32")
             await wait_until(pilot, lambda: app.engine is not None)
             assert app.engine.quant.label == "int4-32" and "quant" not in app.flag_keys  # the sheet chose it now
 
@@ -426,41 +444,23 @@ def test_flags_given_for_a_run_are_not_saved_as_the_users_choice(make_release, t
     the quant and temperature it held (the app wrote the flags' values over them), and takes the change."""
     import json
 
-    from mixchat.frontends import cli
-    from mixchat.frontends.tui import app as app_mod
     from mixchat.settings import settings_path
 
     model = make_release(tiny_args(), seed=5, std=0.15)
-    settings_path().parent.mkdir(parents=True, exist_ok=True)
-    settings_path().write_text(json.dumps({"quant": "int8", "temperature": 0.5, "max_tokens": 8}))
-    built = {}
-    monkeypatch.setattr(app_mod.MixchatApp, "run", lambda self: built.setdefault("app", self))
-    monkeypatch.setattr("mixchat.frontends.repl.wants_plain", lambda: False)
     args = ["-m", str(model), "--dtype", "fp32", "--quant", "int4-32", "--temperature", "0.9"]
-    assert cli._interactive(cli.parse_args(args), None) == 0
-    app = built["app"]
+    app = app_from_command_line(monkeypatch, args, {"quant": "int8", "temperature": 0.5, "max_tokens": 8})
     app.store = Store(tmp_path / "s.sqlite3")
 
     async def scenario():
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_until(pilot, lambda: app.engine is not None)
             assert app.engine.quant.label == "int4-32" and app.settings.temperature == 0.9
-            await pilot.press("f2")
-            await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
-            app.screen.query_one("#set-max_tokens").value = "12"
-            await pilot.press("ctrl+s")
-            await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
-            await pilot.pause(0.2)
+            await save_in_sheet(pilot, app, "max_tokens", "12")
             saved = json.loads(settings_path().read_text())
             assert saved == {"quant": "int8", "temperature": 0.5, "max_tokens": 12}, saved
             assert app.settings.temperature == 0.9 and app.engine.quant.label == "int4-32"  # this run keeps them
             # Chosen in the sheet, a flag's setting is the user's, and saved.
-            await pilot.press("f2")
-            await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
-            app.screen.query_one("#set-temperature").value = "0.7"
-            await pilot.press("ctrl+s")
-            await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
-            await pilot.pause(0.2)
+            await save_in_sheet(pilot, app, "temperature", "0.7")
             assert json.loads(settings_path().read_text())["temperature"] == 0.7
 
     asyncio.run(scenario())
