@@ -64,9 +64,16 @@ def test_continue_reuses_the_saved_cache_and_matches_a_fresh_run(model):
     assert msgs[1].token_ids == reply1 and msgs[3].stop in ("eos", "length") and msgs[3].timings
 
 
-def test_cid_with_another_model_discards_the_cache_with_a_note(model, make_release):
+def test_cid_with_another_model_does_not_use_the_cache_with_a_note(model, make_release):
     _, d1, _ = ask("-m", str(model), *ARGS, "--max-tokens", "4", text="hello")
     other = make_release(tiny_args(sliding_window=24), seed=99, std=0.15)
+    # Opened with the other model, refused before a token (too long): the first model's cache is still there.
+    proc = mixchat("--cid", d1["conversation"][:12], "-m", str(other), "--context", "64", *ARGS,
+                   stdin=("word " * 200).encode())
+    assert proc.returncode != 0 and "context holds" in proc.stderr.decode()
+    _, d1b, _ = ask("-c", *ARGS, "--max-tokens", "4", text="still yours")
+    assert d1b["cached_tokens"] == len(d1["prompt_tokens"]) + d1["generated_tokens"]
+    d1 = d1b
     _, d2, proc = ask("--cid", d1["conversation"][:12], "-m", str(other), *ARGS, "--max-tokens", "4", text="again")
     err = proc.stderr.decode()
     assert "was held with another model" in err and "made by another model" in err

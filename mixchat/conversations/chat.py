@@ -10,11 +10,11 @@ It is also where a full context is handled (`when_full`): see Chat.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from mixchat.conversations.kvstore import SessionPool
 from mixchat.conversations.store import Conversation, Store
@@ -289,10 +289,8 @@ class Chat:
                     if reply_id is not None:
                         self.store.update_message(reply_id, event.text, event.generated, experts or None,
                                                   event.stop, event.timings)
-                        if note := self.pool.save(self.conversation.id):
+                        if note := self._save_cache(wrote=bool(event.generated)):
                             event.notes.append(note)
-                        if event.generated:
-                            self._record_model()
                 yield event
         except GeneratorExit:
             # The consumer stopped reading (stdout closed, the terminal hung up): what was written is
@@ -318,16 +316,25 @@ class Chat:
     def _folder(self) -> str:
         """The model's folder as the store keeps it: absolute (a relative one would name another folder from
         another working directory), links kept as given."""
-        return str(Path(self.engine.release.folder).absolute())
+        return os.path.abspath(self.engine.release.folder)  # "../m2" tidied: the folder it starts from may go
 
-    def _record_model(self) -> None:
-        """A conversation held with another model, continued with this one: its latest reply and its saved
-        cache are this model's, so the store names it from now on. (The same folder under another spelling,
-        the same model: nothing changes.)"""
+    def _other_model(self) -> bool:
+        """Whether the conversation was last written by another model (the same folder spelt another way,
+        e.g. through a link, with the same fingerprint, is the same model)."""
         conv = self.conversation
-        if conv.model_fingerprint != self.engine.fingerprint or not same_folder(conv.model_path, self._folder()):
-            self.store.set_model(conv.id, self._folder(), self.engine.fingerprint)
-            conv.model_path, conv.model_fingerprint = self._folder(), self.engine.fingerprint
+        return conv.model_fingerprint != self.engine.fingerprint or not same_folder(conv.model_path, self._folder())
+
+    def _save_cache(self, wrote: bool) -> str | None:
+        """Save the cache after a turn, and the model that made it once that model wrote a token: its latest
+        reply and its cache are then this model's, and `-c`, `list` and the sidebar name it. A turn another
+        model stopped before its first token leaves the conversation, and its cache on disk, its own model's."""
+        if not wrote and self._other_model():
+            return None
+        note = self.pool.save(self.conversation.id)
+        if wrote and self._other_model():
+            self.store.set_model(self.conversation.id, self._folder(), self.engine.fingerprint)
+            self.conversation.model_path, self.conversation.model_fingerprint = self._folder(), self.engine.fingerprint
+        return note
 
     def _keep_partial(self, reply_id, text: str, ids: list[int], experts: list, stop: str) -> None:
         self.messages.append(Message("assistant", text, ids=list(ids)))
@@ -335,9 +342,7 @@ class Chat:
             return
         try:
             self.store.update_message(reply_id, text, ids, experts or None, stop)
-            self.pool.save(self.conversation.id)
-            if ids:
-                self._record_model()
+            self._save_cache(wrote=bool(ids))
         except MixchatError:
             pass  # the store itself failed; what was committed every few tokens stays
 

@@ -74,6 +74,7 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -
     return path.stat().st_size
 
 
+OTHER_MODEL = "it was made by another model, dtype, quantization or split"
 _READ_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError, json.JSONDecodeError)
 
 
@@ -89,7 +90,7 @@ def read_file(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | str:
             meta = f.metadata() or {}
             crcs = checksum.parse_metadata(meta)
             if meta.get("fingerprint") != fingerprint:
-                return "it was made by another model, dtype, quantization or split"
+                return OTHER_MODEL
             if crcs is None:
                 return "it carries no checksum (an older mixchat wrote it)"
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -114,7 +115,9 @@ def save(path: Path, session: Session, fingerprint: str) -> int:
 
 def load(path: Path, session: Session, fingerprint: str) -> str | None:
     """Restore `session` from `path`. Returns None when restored (or when there is no file), else a
-    note saying why the file was discarded (it is then deleted; the history is prefilled again)."""
+    note saying why the file was not used (the history is prefilled again). A damaged file is deleted;
+    another model's is kept: opening a conversation with another model and leaving it unanswered must
+    not cost the cache its own model made (the next save replaces it)."""
     if not path.is_file():
         return None
     vocab = session.engine.args.vocab_size
@@ -137,6 +140,9 @@ def load(path: Path, session: Session, fingerprint: str) -> str | None:
             session.cache.reset()
             session.tokens = []
             reason = f"it is damaged ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})"
+    if reason == OTHER_MODEL:
+        return (f"note: not using the saved KV cache {path.name}: {reason}; the history will be re-read (the "
+                "file is replaced once this model has written a reply)")
     try:
         path.unlink(missing_ok=True)
     except OSError:

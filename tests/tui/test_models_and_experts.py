@@ -323,7 +323,7 @@ def test_settings_sheet_has_choices_and_checks_the_folder_off_the_ui_thread(mixt
             await pilot.pause(0.5)
             assert checks and len(checks) < 5 and not any(on_main for _, on_main in checks)
             monkeypatch.chdir(mixtral.parent)
-            box.value = mixtral.name  # relative: saved absolute, for a start from any other directory
+            box.value = f"{mixtral.name}/../{mixtral.name}"  # relative: saved absolute and tidied
             sheet.query_one("#set-dtype", Select).value = "bf16"
             sheet.query_one("#set-when_full", Select).value = "stop"
             await pilot.press("ctrl+s")

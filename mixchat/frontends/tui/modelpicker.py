@@ -194,7 +194,7 @@ class ModelPicker(FolderCheck, ModalScreen[str | None]):
     def _choose(self, folder: str) -> None:
         folder = folder.strip()
         if folder:
-            self.dismiss(str(Path(folder).expanduser().absolute()))  # saved: valid from any working directory
+            self.dismiss(os.path.abspath(Path(folder).expanduser()))  # saved: valid from any working directory
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "pick-load":

@@ -160,7 +160,7 @@ class SettingsScreen(FolderCheck, ModalScreen[Settings | None]):
                 elif kind.startswith("float"):
                     values[f.name] = float(raw)
                 elif f.name == "model" and raw:  # saved: a relative folder would be another one elsewhere
-                    values[f.name] = str(Path(raw).expanduser().absolute())
+                    values[f.name] = os.path.abspath(Path(raw).expanduser())
                 else:
                     values[f.name] = raw
             except ValueError:
