@@ -207,6 +207,17 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
 
     load_options(ns)  # the model and sampling flags are checked as in every other front end, by name
     sampling_from(ns)
+    opened = None
+    if ns.cont or ns.cid:  # `mixchat -c` / `--cid ID` in a terminal: the app opens on that conversation
+        from mixchat import paths
+        from mixchat.conversations.store import Store
+        from mixchat.frontends.oneshot import _resolve_conversation
+
+        conv = _resolve_conversation(ns, Store(paths.store_path(), readonly=True))
+        opened = conv.id
+        if not _model_given(ns) and conv.model_path and Path(conv.model_path).is_dir():
+            # its own model, as in one-shot and line mode (loading another first would cost a 7B's load, then ask)
+            model, note = conv.model_path, None
     settings, saved_keys, problems = settings_mod.read()
     params = Path(model) / "params.json" if model else None
     if params is not None and params.is_file():
@@ -232,13 +243,6 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
         settings.when_full = ns.when_full
         flagged.add("when_full")
     settings.check()
-    opened = None
-    if ns.cont or ns.cid:  # `mixchat -c` / `--cid ID` in a terminal: the app opens on that conversation
-        from mixchat import paths
-        from mixchat.conversations.store import Store
-        from mixchat.frontends.oneshot import _resolve_conversation
-
-        opened = _resolve_conversation(ns, Store(paths.store_path(), readonly=True)).id
     app = MixchatApp(model=model, settings=settings, first_message=first_message, demo_note=note, notes=problems,
                      open_cid=opened, saved_keys=saved_keys, flag_keys=frozenset(flagged))
     app.run()

@@ -412,3 +412,28 @@ def test_a_reopened_conversation_shows_its_latest_exchange(mixtral):
             assert log.max_scroll_y > 0 and log.scroll_y == log.max_scroll_y  # at the end, not the first exchange
 
     asyncio.run(scenario())
+
+
+def test_continue_flag_opens_the_app_with_the_conversations_own_model(mixtral, make_release, monkeypatch):
+    """`mixchat -c` in a terminal loads the model the conversation was last written with, as one-shot and line
+    mode do (the app loaded the saved or demo model, then asked: a 7B's load for nothing); a model given as a flag
+    wins, and a folder that has gone leaves the usual choice (the app then says so)."""
+    from mixchat import paths
+    from mixchat.conversations.store import Store
+    from mixchat.frontends import cli
+    from mixchat.frontends.tui import app as app_mod
+
+    other = make_release(tiny_args(n_layers=2), seed=3, std=0.15)
+    store = Store(paths.store_path())
+    conv = store.create(str(other), "fp", title="written with the other")
+    gone = store.create(str(other / "gone"), "fp", title="its folder has gone")
+    built = {}
+    monkeypatch.setattr(app_mod.MixchatApp, "run", lambda self: built.update(model=self.model_folder,
+                                                                             cid=self.open_cid))
+    monkeypatch.setattr("mixchat.frontends.repl.wants_plain", lambda: False)
+    monkeypatch.delenv("MIXCHAT_MODEL", raising=False)
+    for args, want in ((["--cid", conv.id], str(other)), (["--cid", conv.id, "-m", str(mixtral)], str(mixtral)),
+                       (["--cid", gone.id], str(paths.demo_model()))):
+        built.clear()
+        assert cli._interactive(cli.parse_args(args), None) == 0
+        assert built["model"] == want and built["cid"] == args[1], args

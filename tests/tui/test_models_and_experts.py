@@ -464,3 +464,53 @@ def test_flags_given_for_a_run_are_not_saved_as_the_users_choice(make_release, t
             assert json.loads(settings_path().read_text())["temperature"] == 0.7
 
     asyncio.run(scenario())
+
+
+def test_the_apps_keys_wait_while_the_question_is_up(two_models, tmp_path):
+    """Ctrl+O (a priority key) moved the focus to the conversation list behind the question, and what was typed
+    next filtered it; Ctrl+N opened a tab behind it. While it asks, those keys do nothing and Enter answers."""
+    a, b = two_models
+    store_path = tmp_path / "s.sqlite3"
+
+    async def scenario():
+        await written_with(a, store_path)
+        app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_until(pilot, lambda: asking(app) and app.screen.focused is not None)
+            question, tabs = app.screen, len(app.tabs.query(ChatPane))
+            await pilot.press("ctrl+o", *"Bath", "ctrl+n")
+            await pilot.pause(0.2)
+            assert app.screen is question and question.focused.id == "switch"
+            assert len(app.tabs.query(ChatPane)) == tabs and "Bath" not in app.query_one("#filter").value
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.engine is not None and app.engine.release.folder == a)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("size", [(40, 12), (80, 24), (100, 30)])
+def test_every_answer_to_the_question_can_be_seen_when_focused(size):
+    """Side by side at 40 columns the third answer was cut off unseen, and Tab, Tab, Enter closed the tab. Each
+    answer, once focused, is whole on screen (stacked on a narrow terminal, scrolled to)."""
+    from textual.app import App
+
+    class Host(App):
+        def on_mount(self) -> None:
+            self.push_screen(ModelMismatchScreen("/models/mistral-7b-instruct-v0.3", "/models/demo", True))
+
+    async def scenario():
+        app = Host()
+        async with app.run_test(size=size) as pilot:
+            await wait_until(pilot, lambda: isinstance(app.screen, ModelMismatchScreen))
+            await pilot.pause(0.1)
+            for answer in ("switch", "continue", "close"):
+                assert app.screen.focused.id == answer
+                await pilot.pause(0.1)
+                r = app.screen.focused.region
+                assert r.width > 0 and r.right <= size[0] and r.bottom <= size[1], (answer, r)
+                label = str(app.screen.focused.label)
+                assert label in "".join(region_lines(app, app.screen.focused)).replace("  ", " ") or \
+                    all(word in "".join(region_lines(app, app.screen.focused)) for word in label.split()), label
+                await pilot.press("tab")
+
+    asyncio.run(scenario())

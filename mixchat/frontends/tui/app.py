@@ -25,7 +25,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.notifications import SeverityLevel
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, ProgressBar, Static, TabbedContent
 
 from mixchat import settings as settings_mod
@@ -128,6 +128,14 @@ class MixchatApp(ModelsMixin, ConversationsMixin, SendingMixin, QuittingMixin, A
         Binding("ctrl+o", "focus_sidebar", "Conversations", priority=True, show=False),
         Binding("ctrl+q", "quit", "Quit", show=False),
     ]
+
+    # While a question or a sheet is up, the keys are its own: Ctrl+O moved the focus to the list behind the
+    # other-model question (what was typed next filtered the list, Enter and Esc no longer answered it), Ctrl+N
+    # opened a tab behind it. Quitting still works (Ctrl+Q saves and leaves); Tab and Ctrl+P are Textual's.
+    ANSWER_FIRST = frozenset(b.action.split("(")[0] for b in BINDINGS) - {"quit"}
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return not (action in self.ANSWER_FIRST and isinstance(self.screen, ModalScreen))
 
     def __init__(self, model: str | None = None, settings: Settings | None = None, first_message: str | None = None,
                  store=None, demo_note: str | None = None, notes: list[str] | None = None,

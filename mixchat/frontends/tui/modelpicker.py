@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
@@ -216,7 +216,10 @@ class ModelMismatchScreen(ModalScreen[str | None]):
         border: thick $warning; background: $surface; padding: 1 2; }
     ModelMismatchScreen Horizontal { height: auto; align: right middle; margin-top: 1; }
     ModelMismatchScreen Button { margin-left: 1; }
+    ModelMismatchScreen Horizontal.stacked { layout: vertical; }
+    ModelMismatchScreen Horizontal.stacked Button { width: 100%; margin-left: 0; }
     """
+    STACK_BELOW = 90  # columns under which the three answers stack (side by side, the last was cut off unseen)
     BINDINGS = [("escape", "go_on", "Continue")]
 
     def __init__(self, wanted: str, loaded: str, available: bool) -> None:
@@ -246,8 +249,15 @@ class ModelMismatchScreen(ModalScreen[str | None]):
                 yield Button("Close the tab", id="close")
 
     def on_mount(self) -> None:
+        self._fit(self.app.size.width)
         if self.focused is None:  # AUTO_FOCUS does nothing while the terminal window is in the background
             self.query_one(self.AUTO_FOCUS, Button).focus()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit(event.size.width)
+
+    def _fit(self, width: int) -> None:
+        self.query_one(Horizontal).set_class(width < self.STACK_BELOW, "stacked")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id)
