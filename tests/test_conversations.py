@@ -186,3 +186,17 @@ def test_json_output_escapes_every_control_character_c1_included(model):
     cid = json.loads(proc.stdout.decode().splitlines()[-1])["conversation"]
     raw = mixchat("export", cid, "--format", "json").stdout.decode()
     assert "\\u009b" in raw and "\x9b" not in raw and json.loads(raw)["messages"][0]["content"] == text
+
+
+def test_continuing_a_conversation_whose_folder_has_gone_says_so(model, make_release, tmp_path):
+    """-c when the model that last wrote the conversation has been moved: one line naming the conversation, the
+    folder and the way on (it said only "no such folder", as if the user had typed it); -m goes on."""
+    folder = make_release(tiny_args(sliding_window=24), seed=7, std=0.15)
+    _, d1, _ = ask("-m", str(folder), *ARGS, "--max-tokens", "4", text="hello")
+    folder.rename(tmp_path / "moved")
+    proc = mixchat("-c", *ARGS, stdin=b"again")  # (line mode asks the same oneshot.model_for)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert short_id(d1["conversation"]) in err and str(folder) in err and "--model DIR" in err, err
+    _, d2, _ = ask("-c", "-m", str(model), *ARGS, "--max-tokens", "4", text="again")
+    assert d2["conversation"] == d1["conversation"]

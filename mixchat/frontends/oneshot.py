@@ -112,6 +112,27 @@ def apply_saved_load_options(ns: Any, saved: Any) -> dict[str, Any]:
     return applied
 
 
+def model_for(given: str | None, conv: Any, default: str | None) -> str:
+    """The model a turn runs on: the one given (--model, $MIXCHAT_MODEL), else the one that last wrote the
+    conversation being continued, else the usual choice. A conversation's folder that has gone says so, with
+    the way to go on (it said only "no such folder", as if the user had named it)."""
+    if given:
+        return given
+    if conv is not None and conv.model_path:
+        from pathlib import Path
+
+        if Path(conv.model_path).expanduser().is_dir():
+            return conv.model_path
+        from mixchat.conversations.store import short_id
+        from mixchat.safetext import one_line
+
+        raise MixchatError(f"conversation {short_id(conv.id)} was last written with {one_line(conv.model_path)}, "
+                           "which is not a folder any more; pass --model DIR to go on with another model")
+    if not default:
+        raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
+    return default
+
+
 def load_engine(model: str, ns: Any, from_saved: dict[str, Any]):
     """Engine.load with the flags; a quantization the model's shapes refuse says so when the saved settings
     chose it (the user gave no flag: `quant int4` came from settings.json, and a flag overrides it)."""
@@ -227,9 +248,7 @@ def run(ns: Namespace, text: str, out: TextIO | None = None, err: TextIO | None 
     save = not (ns.no_save or ns.raw)  # plain completions are not conversations
     store = Store(paths.store_path()) if (save or continuing) else None
     conv = _resolve_conversation(ns, store) if continuing else None
-    model = ns.model or (conv.model_path if conv else None) or getattr(ns, "default_model", None)
-    if not model:
-        raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
+    model = model_for(ns.model, conv, getattr(ns, "default_model", None))
 
     engine = load_engine(model, ns, from_saved)
     settings = sampling_from(ns, recommended_sampling(engine), str(engine.release.params), saved_sampling,

@@ -445,6 +445,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None, fi
         _resolve_conversation,
         apply_saved_load_options,
         load_engine,
+        model_for,
         recommended_sampling,
         sampling_from,
         saved_settings,
@@ -460,10 +461,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None, fi
     continuing = bool(ns.cont or ns.cid)
     store = Store(paths.store_path()) if (not ns.no_save or continuing) else None
     conv = _resolve_conversation(ns, store) if continuing else None
-    model = ns.model or os.environ.get("MIXCHAT_MODEL") or (conv.model_path if conv else None) or \
-        getattr(ns, "default_model", None)
-    if not model:
-        raise MixchatError("no model given: pass --model DIR (a Mistral/Mixtral release folder) or set MIXCHAT_MODEL")
+    model = model_for(ns.model or os.environ.get("MIXCHAT_MODEL"), conv, getattr(ns, "default_model", None))
     engine = load_engine(model, ns, from_saved)
     settings = sampling_from(ns, recommended_sampling(engine), str(engine.release.params), saved_sampling,
                              str(settings_path()))
