@@ -51,3 +51,13 @@ def test_inspect_flags_params_that_contradict_the_shapes(make_release):
     assert proc.returncode == 1
     assert "BAD n_kv_heads * head_dim  params.json 64" in proc.stdout
     assert "verdict: " in proc.stdout and "layers.0.attention.wk.weight has shape [32, 64]" in proc.stdout
+
+
+def test_a_folder_name_with_control_characters_is_one_visible_line(make_release, tmp_path):
+    """The header names the folder: a newline in its name broke it over two lines (ESC was already shown as ␛)."""
+    folder = make_release(tiny_args())
+    odd = folder.rename(tmp_path / "ev\x1b[31mil\nx")
+    proc = run_cli("inspect", str(odd))
+    assert proc.returncode == 0, proc.stderr
+    header = proc.stdout.splitlines()[0]
+    assert "\x1b" not in proc.stdout and header.endswith("ev␛[31mil x"), header

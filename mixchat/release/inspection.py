@@ -25,7 +25,7 @@ from mixchat.release.folder import (
     text_model,
     validate,
 )
-from mixchat.safetext import visible
+from mixchat.safetext import one_line, visible
 from mixchat.speed.qformat import memory_estimates
 
 
@@ -228,7 +228,7 @@ def format_report(r: dict[str, Any]) -> str:
     p = r["params"]
     files = r["weights"]["files"]
     lines = [
-        f"{visible(r['folder'])}",
+        f"{one_line(r['folder'])}",
         f"  family         {r['family']}",
         f"  architecture   {r['architecture']}, {r['layout']} layout",
         f"  weights        {r['weights']['file']} ({human_bytes(r['weights']['bytes'])}"
