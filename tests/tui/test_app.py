@@ -142,6 +142,21 @@ def test_bad_model_folder_shows_the_error_and_the_app_stays_up(tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_saved_model_folder_that_has_gone_names_the_settings(tmp_path):
+    """settings.json names a folder that is not there (moved, or a relative path written by hand): the app says it
+    came from the settings and where to choose another, as one-shot does (it said only "no such folder")."""
+    from mixchat.settings import settings_path
+
+    async def scenario():
+        app = MixchatApp(settings=settings(model="models/gone"))
+        async with app.run_test(size=(100, 24)) as pilot:
+            await wait_until(pilot, lambda: app.model_error is not None)
+            assert f"saved in the settings ({settings_path()}), models/gone" in app.model_error
+            assert "Ctrl+L or F2" in app.model_error and app.is_running
+
+    asyncio.run(scenario())
+
+
 def test_settings_change_takes_effect_and_is_saved(mixtral):
     from mixchat import settings as settings_mod
 

@@ -17,6 +17,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 from rich.text import Text
 from textual import events
@@ -34,6 +35,7 @@ from mixchat.frontends.tui import clipboard, history
 from mixchat.frontends.tui import state as app_state
 from mixchat.frontends.tui.conversations import ConversationsMixin
 from mixchat.frontends.tui.expertpanel import ExpertPanel
+from mixchat.frontends.tui.messages import ModelFailed
 from mixchat.frontends.tui.models import ModelsMixin
 from mixchat.frontends.tui.panes import ChatPane
 from mixchat.frontends.tui.quitting import QuittingMixin
@@ -222,7 +224,13 @@ class MixchatApp(ModelsMixin, ConversationsMixin, SendingMixin, QuittingMixin, A
         # went to the list and the prompt took the focus back from under the typing).
         self.screen.set_focus(self.prompt)
         self.set_interval(0.25, self.update_status)
-        if self.model_folder:
+        if self.model_folder and self.model_folder == self.settings.model and \
+                not Path(self.model_folder).expanduser().is_dir():
+            # said as one-shot says it: where the folder came from, and where to choose another
+            self.post_message(ModelFailed(f"the model folder saved in the settings ({settings_mod.settings_path()}), "
+                                          f"{one_line(self.model_folder)}, is not a folder: choose one with Ctrl+L "
+                                          "or F2"))
+        elif self.model_folder:
             self.load_model(self.model_folder)
         else:
             self.model_error = "no model: press Ctrl+L or F2 and choose a model folder (a Mistral/Mixtral release)"
