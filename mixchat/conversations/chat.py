@@ -328,12 +328,14 @@ class Chat:
         """Save the cache after a turn, and the model that made it once that model wrote a token: its latest
         reply and its cache are then this model's, and `-c`, `list` and the sidebar name it. A turn another
         model stopped before its first token leaves the conversation, and its cache on disk, its own model's."""
-        if not wrote and self._other_model():
+        other = self._other_model()
+        if other and not wrote:
             return None
         note = self.pool.save(self.conversation.id)
-        if wrote and self._other_model():
-            self.store.set_model(self.conversation.id, self._folder(), self.engine.fingerprint)
-            self.conversation.model_path, self.conversation.model_fingerprint = self._folder(), self.engine.fingerprint
+        if other:
+            folder = self._folder()
+            self.store.set_model(self.conversation.id, folder, self.engine.fingerprint)
+            self.conversation.model_path, self.conversation.model_fingerprint = folder, self.engine.fingerprint
         return note
 
     def _keep_partial(self, reply_id, text: str, ids: list[int], experts: list, stop: str) -> None:

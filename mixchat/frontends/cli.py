@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mixchat import __version__
 from mixchat.errors import MixchatError
+from mixchat.frontends.oneshot import model_given
 from mixchat.speed.qformat import CHOICES
 
 
@@ -140,17 +141,12 @@ def _rename(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _model_given(ns: argparse.Namespace) -> str | None:
-    """The folder --model or $MIXCHAT_MODEL names, if any: it wins over every saved or remembered one."""
-    return ns.model or os.environ.get("MIXCHAT_MODEL")
-
-
 def _chosen_model(ns: argparse.Namespace) -> tuple[str | None, str | None, bool]:
     """The model to load, a note to show with it, and whether it is the one saved in the settings:
     --model, else $MIXCHAT_MODEL, else the folder saved in the settings (F2), else the demo model
     (with a note saying what it is). Every front end picks it this way, so a question piped in is
     answered by the model the app would open."""
-    folder = _model_given(ns)
+    folder = model_given(ns)
     if folder:
         return folder, None, False
     from mixchat import paths
@@ -191,7 +187,7 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
     from mixchat.frontends import repl
 
     if ns.plain or repl.wants_plain():
-        if (ns.cont or ns.cid) and not _model_given(ns):
+        if (ns.cont or ns.cid) and not model_given(ns):
             # going on with a conversation: its own model, unless a flag names one (as in one-shot)
             ns.model, ns.default_model = None, model
             return repl.run(ns, first=first_message)
@@ -215,7 +211,7 @@ def _interactive(ns: argparse.Namespace, first_message: str | None) -> int:
 
         conv = _resolve_conversation(ns, Store(paths.store_path(), readonly=True))
         opened = conv.id
-        if not _model_given(ns) and conv.model_path and Path(conv.model_path).is_dir():
+        if not model_given(ns) and conv.model_path and Path(conv.model_path).is_dir():
             # its own model, as in one-shot and line mode (loading another first would cost a 7B's load, then ask)
             model, note = conv.model_path, None
     settings, saved_keys, problems = settings_mod.read()
@@ -296,7 +292,7 @@ def _chat(ns: argparse.Namespace) -> int:
     if not (ns.cont or ns.cid):
         ns.model = _model_folder(ns)
     else:  # else the conversation's own model; one it does not name (an import) takes the usual choice
-        ns.model = _model_given(ns)
+        ns.model = model_given(ns)
         ns.default_model = _chosen_model(ns)[0]
     return oneshot.run(ns, text)
 

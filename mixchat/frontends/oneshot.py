@@ -112,6 +112,13 @@ def apply_saved_load_options(ns: Any, saved: Any) -> dict[str, Any]:
     return applied
 
 
+def model_given(ns: Any) -> str | None:
+    """The folder --model or $MIXCHAT_MODEL names, if any: it wins over every saved or remembered one."""
+    import os
+
+    return ns.model or os.environ.get("MIXCHAT_MODEL")
+
+
 def model_for(given: str | None, conv: Any, default: str | None) -> str:
     """The model a turn runs on: the one given (--model, $MIXCHAT_MODEL), else the one that last wrote the
     conversation being continued, else the usual choice. A conversation's folder that has gone says so, with

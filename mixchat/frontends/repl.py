@@ -446,6 +446,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None, fi
         apply_saved_load_options,
         load_engine,
         model_for,
+        model_given,
         recommended_sampling,
         sampling_from,
         saved_settings,
@@ -461,7 +462,7 @@ def run(ns: Namespace, input=None, output=None, *, out: TextIO | None = None, fi
     continuing = bool(ns.cont or ns.cid)
     store = Store(paths.store_path()) if (not ns.no_save or continuing) else None
     conv = _resolve_conversation(ns, store) if continuing else None
-    model = model_for(ns.model or os.environ.get("MIXCHAT_MODEL"), conv, getattr(ns, "default_model", None))
+    model = model_for(model_given(ns), conv, getattr(ns, "default_model", None))
     engine = load_engine(model, ns, from_saved)
     settings = sampling_from(ns, recommended_sampling(engine), str(engine.release.params), saved_sampling,
                              str(settings_path()))
