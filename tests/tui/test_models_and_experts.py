@@ -6,6 +6,7 @@ model and the settings sheet, whose folder check runs off the UI thread."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import threading
@@ -228,6 +229,18 @@ async def written_with(folder, store_path) -> str:
         return app.pane.cid
 
 
+@contextlib.asynccontextmanager
+async def asking_about(a, b, store_path, size, in_background: bool = False):
+    """A conversation written with `a`, then the app started on `b` until its question is up and focused; yields
+    (app, pilot). `in_background`: as the terminal reports a window without the focus."""
+    await written_with(a, store_path)
+    app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
+    async with app.run_test(size=size) as pilot:
+        app.app_focus = not in_background
+        await wait_until(pilot, lambda: asking(app) and app.screen.focused is not None)
+        yield app, pilot
+
+
 def test_a_conversation_reopens_with_its_own_model(two_models, tmp_path):
     a, b = two_models
     store_path = tmp_path / "s.sqlite3"
@@ -426,14 +439,9 @@ def test_the_question_focuses_its_answer_with_the_window_in_the_background(two_m
     """Textual's AUTO_FOCUS does nothing while the terminal window has not the focus (a long load, the user in
     another window): the question still focuses its default answer, so Enter answers it."""
     a, b = two_models
-    store_path = tmp_path / "s.sqlite3"
 
     async def scenario():
-        await written_with(a, store_path)
-        app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
-        async with app.run_test(size=(80, 24)) as pilot:
-            app.app_focus = False  # as the terminal's focus report says when the window is in the background
-            await wait_until(pilot, lambda: asking(app) and app.screen.focused is not None)
+        async with asking_about(a, b, tmp_path / "s.sqlite3", (80, 24), in_background=True) as (app, _):
             assert app.screen.focused.id == "switch"
 
     asyncio.run(scenario())
@@ -470,13 +478,9 @@ def test_the_apps_keys_wait_while_the_question_is_up(two_models, tmp_path):
     """Ctrl+O (a priority key) moved the focus to the conversation list behind the question, and what was typed
     next filtered it; Ctrl+N opened a tab behind it. While it asks, those keys do nothing and Enter answers."""
     a, b = two_models
-    store_path = tmp_path / "s.sqlite3"
 
     async def scenario():
-        await written_with(a, store_path)
-        app = MixchatApp(model=str(b), settings=settings(), store=Store(store_path))
-        async with app.run_test(size=(100, 30)) as pilot:
-            await wait_until(pilot, lambda: asking(app) and app.screen.focused is not None)
+        async with asking_about(a, b, tmp_path / "s.sqlite3", (100, 30)) as (app, pilot):
             question, tabs = app.screen, len(app.tabs.query(ChatPane))
             await pilot.press("ctrl+o", *"Bath", "ctrl+n")
             await pilot.pause(0.2)
